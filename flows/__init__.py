@@ -1,0 +1,1 @@
+"""TuneFactory flows: how stages compose into runs, and the `tunefactory` command line."""

@@ -1,0 +1,105 @@
+"""`tunefactory`: run a recipe through the DAG, or plan it with --dry-run.
+
+User mistakes print one line and exit 1; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+QUIET_DEFAULTS = {  # no phoning home from a machine that may have no network
+    "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
+    # The ephemeral Prefect server can take a while to start on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="tunefactory", description="Fine-tune language models through a cached DAG.")
+    top.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = top.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a recipe end to end (cached stages are reused)")
+    run.add_argument("recipe", help="recipe YAML (LlamaFactory keys)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key (repeatable)")
+    run.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the planned DAG; build nothing")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return top
+
+
+class HideUserErrorTracebacks(logging.Filter):
+    """On the console a user mistake is the CLI's one line, not a Prefect traceback (the API log keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.core.errors import TuneFactoryError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], TuneFactoryError))
+
+
+def quiet_user_errors() -> None:
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(HideUserErrorTracebacks())
+
+
+def dry_run(recipe, home: str | None) -> str:
+    from flows.plan import plan_run
+    from tasks.core.store import ArtifactStore
+
+    store = ArtifactStore(home)
+    lines = [f"store: {store.root}", f"{'stage':<28} {'key':<12} status"]
+    for step in plan_run(recipe):
+        spec = step.spec
+        cached = not step.force and store.lookup(spec.stage, spec.key) is not None
+        lines.append(f"{spec.label:<28} {spec.short:<12} {'cached' if cached else 'to build'}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tasks.core.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(dry_run(recipe, args.home))
+        return 0
+    from flows.finetune import finetune
+    from flows.plan import plan_run
+
+    plan_run(recipe)  # recipe and data-path mistakes fail here, before Prefect starts
+    if not args.debug:
+        quiet_user_errors()
+
+    summary = finetune(recipe, home=str(Path(args.home).resolve()) if args.home else None)
+    print(summary.table())
+    print(f"\nMLflow run: {summary.mlflow_run_id}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    for name, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    args = parser().parse_args(argv)
+    from tasks.core.errors import TuneFactoryError
+
+    try:
+        return run(args)
+    except TuneFactoryError as exc:
+        if args.debug:
+            raise
+        print(f"tunefactory: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())
