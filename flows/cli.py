@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 QUIET_DEFAULTS = {  # no phoning home from a machine that may have no network
-    "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
     # The ephemeral Prefect server can take a while to start on a busy 2-core machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
@@ -25,8 +28,14 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a recipe end to end (cached stages are reused)")
     run.add_argument("recipe", help="recipe YAML (LlamaFactory keys)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe key (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key (repeatable)",
+    )
     run.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
     run.add_argument("--dry-run", action="store_true", help="validate and print the planned DAG; build nothing")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")

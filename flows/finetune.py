@@ -42,27 +42,41 @@ class RunSummary(BaseModel):
     def table(self) -> str:
         """The stage table and base-vs-tuned metrics, as plain text for the terminal."""
         lines = [f"{'stage':<28} {'status':<7} {'key':<12} {'seconds':>8}"]
-        lines += [f"{s.label:<28} {'cached' if s.cached else 'built':<7} {s.key[:12]:<12} {s.seconds:>8.1f}"
-                  for s in self.stages]
+        lines += [
+            f"{s.label:<28} {'cached' if s.cached else 'built':<7} {s.key[:12]:<12} {s.seconds:>8.1f}"
+            for s in self.stages
+        ]
         if self.metrics:
             roles = list(self.metrics)
-            names = [k for k in ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity", "eval_loss")
-                     if any(k in m for m in self.metrics.values())]
+            names = [
+                k
+                for k in ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity", "eval_loss")
+                if any(k in m for m in self.metrics.values())
+            ]
             lines += ["", f"{'metric':<12}" + "".join(f"{r:>12}" for r in roles)]
-            lines += [f"{n:<12}" + "".join(f"{self.metrics[r].get(n, float('nan')):>12.3f}" for r in roles)
-                      for n in names]
+            lines += [
+                f"{n:<12}" + "".join(f"{self.metrics[r].get(n, float('nan')):>12.3f}" for r in roles) for n in names
+            ]
         return "\n".join(lines)
 
 
 def runtime_for(recipe: Recipe, home: Path) -> Runtime:
     t = recipe.training
     report_to = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to)
-    return Runtime(home=str(home), logging_steps=t.logging_steps, save_steps=t.save_steps,
-                   save_total_limit=t.save_total_limit, gradient_checkpointing=not t.disable_gradient_checkpointing,
-                   num_workers=recipe.data.preprocessing_num_workers, plot_loss=t.plot_loss,
-                   report_to=[r for r in report_to if r not in ("none", "mlflow")],
-                   dataloader_num_workers=t.dataloader_num_workers, save_only_model=t.save_only_model,
-                   ddp_timeout=t.ddp_timeout, resume_from_checkpoint=t.resume_from_checkpoint)
+    return Runtime(
+        home=str(home),
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        gradient_checkpointing=not t.disable_gradient_checkpointing,
+        num_workers=recipe.data.preprocessing_num_workers,
+        plot_loss=t.plot_loss,
+        report_to=[r for r in report_to if r not in ("none", "mlflow")],
+        dataloader_num_workers=t.dataloader_num_workers,
+        save_only_model=t.save_only_model,
+        ddp_timeout=t.ddp_timeout,
+        resume_from_checkpoint=t.resume_from_checkpoint,
+    )
 
 
 def run_step(step: Step, store: ArtifactStore, runtime: Runtime, parent_run: str) -> StageResult:
@@ -73,19 +87,32 @@ def run_step(step: Step, store: ArtifactStore, runtime: Runtime, parent_run: str
     started = time.monotonic()
     try:
         state = step.task.with_options(refresh_cache=not valid, task_run_name=spec.label)(
-            spec=spec, runtime=runtime.model_copy(update={"mlflow_run_id": stage_run, "force": step.force}),
-            return_state=True)
+            spec=spec,
+            runtime=runtime.model_copy(update={"mlflow_run_id": stage_run, "force": step.force}),
+            return_state=True,
+        )
         state.result()  # re-raises the task's exception
     except BaseException:
         tracking.finish(stage_run, ok=False)
         raise
     if valid:
         manifest = store.lookup(spec.stage, spec.key, verify=False)
-        tracking.set_tags(stage_run, {**hit_tags(manifest.mlflow_run_id if manifest else None),
-                                      "prefect_task_run_id": str(state.state_details.task_run_id)})
+        tracking.set_tags(
+            stage_run,
+            {
+                **hit_tags(manifest.mlflow_run_id if manifest else None),
+                "prefect_task_run_id": str(state.state_details.task_run_id),
+            },
+        )
     tracking.finish(stage_run, ok=True)
-    return StageResult(label=spec.label, stage=spec.stage, key=spec.key, cached=valid, prefect_state=state.name,
-                       seconds=round(time.monotonic() - started, 2))
+    return StageResult(
+        label=spec.label,
+        stage=spec.stage,
+        key=spec.key,
+        cached=valid,
+        prefect_state=state.name,
+        seconds=round(time.monotonic() - started, 2),
+    )
 
 
 def export_artifact(source: Path, target: str, artifact_id: str) -> None:
@@ -103,8 +130,11 @@ def finetune(recipe: Recipe, home: str | None = None) -> RunSummary:
     store = ArtifactStore(home)
     steps = plan_run(recipe)
     runtime = runtime_for(recipe, store.root)
-    parent = tracking.start_parent(recipe.training.run_name, recipe.flat(),
-                                   {"prefect_flow_run_id": str(flow_run.id or ""), "store": str(store.root)})
+    parent = tracking.start_parent(
+        recipe.training.run_name,
+        recipe.flat(),
+        {"prefect_flow_run_id": str(flow_run.id or ""), "store": str(store.root)},
+    )
     results: list[StageResult] = []
     try:
         for step in steps:
@@ -114,8 +144,11 @@ def finetune(recipe: Recipe, home: str | None = None) -> RunSummary:
         raise
     by_label = {s.spec.label: s.spec for s in steps}
     artifacts = {label: str(store.path(spec.stage, spec.key)) for label, spec in by_label.items()}
-    metrics = {by_label[r.label].locators["role"]: json.loads((Path(artifacts[r.label]) / "metrics.json").read_text())
-               for r in results if r.stage == "evaluate"}
+    metrics = {
+        by_label[r.label].locators["role"]: json.loads((Path(artifacts[r.label]) / "metrics.json").read_text())
+        for r in results
+        if r.stage == "evaluate"
+    }
     for role, values in metrics.items():
         tracking.log_metrics(parent, {f"{role}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
     if recipe.training.output_dir and "train" in by_label:
@@ -126,8 +159,11 @@ def finetune(recipe: Recipe, home: str | None = None) -> RunSummary:
         export_artifact(Path(artifacts["merge"]) / "model", recipe.export.export_dir, f"merge/{by_label['merge'].key}")
     summary = RunSummary(stages=results, metrics=metrics, mlflow_run_id=parent, artifacts=artifacts)
     tracking.finish(parent, ok=True)
-    create_markdown_artifact(key="finetune-summary", markdown=f"```\n{summary.table()}\n```",
-                             description="Stages (cached or built) and evaluation metrics")
+    create_markdown_artifact(
+        key="finetune-summary",
+        markdown=f"```\n{summary.table()}\n```",
+        description="Stages (cached or built) and evaluation metrics",
+    )
     return summary
 
 

@@ -17,9 +17,15 @@ from tasks.core.registry import resolve_datasets
 from tasks.core.store import StageSpec
 
 DATA_STAGES = {"fetch", "align", "tokenize"}
-TASKS: dict[str, Any] = {"fetch": fetch.fetch_task, "align": align.align_task, "tokenize": tokenize.tokenize_task,
-                         "model": model.model_task, "train": train.train_task, "merge": merge.merge_task,
-                         "evaluate": evaluate.evaluate_task}
+TASKS: dict[str, Any] = {
+    "fetch": fetch.fetch_task,
+    "align": align.align_task,
+    "tokenize": tokenize.tokenize_task,
+    "model": model.model_task,
+    "train": train.train_task,
+    "merge": merge.merge_task,
+    "evaluate": evaluate.evaluate_task,
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,11 @@ def check_export_dirs(recipe: Recipe) -> None:
     """output_dir / export_dir may be written only if empty, ours from an earlier run, or overwrite is on."""
     for key, value in (("output_dir", recipe.training.output_dir), ("export_dir", recipe.export.export_dir)):
         path = Path(value) if value else None
-        if path and path.is_dir() and any(path.iterdir()) and not (path / MARKER).exists() \
-                and not recipe.training.overwrite_output_dir:
+        if (
+            path
+            and path.is_dir()
+            and any(path.iterdir())
+            and not (path / MARKER).exists()
+            and not recipe.training.overwrite_output_dir
+        ):
             raise RecipeError(f"key '{key}': {path} already holds files; empty it or set overwrite_output_dir: true")

@@ -6,8 +6,9 @@ Unified row: `messages` (alternating user/assistant turns, ending with assistant
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import task
 
@@ -19,8 +20,15 @@ from tasks.core.store import ArtifactRef, StageSpec
 STAGE = "align"
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None}
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None}
-SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
 
 
 class RowError(ValueError):
@@ -62,8 +70,12 @@ def align_sharegpt(row: dict[str, Any], columns: dict[str, str | None], tags: di
     turns = row.get(columns["messages"])
     if not isinstance(turns, list) or not turns:
         raise RowError(f"field '{columns['messages']}' must be a non-empty list of turns")
-    roles = {tags["user_tag"]: "user", tags["observation_tag"]: "user",
-             tags["assistant_tag"]: "assistant", tags["function_tag"]: "assistant"}
+    roles = {
+        tags["user_tag"]: "user",
+        tags["observation_tag"]: "user",
+        tags["assistant_tag"]: "assistant",
+        tags["function_tag"]: "assistant",
+    }
     system = text(row, columns["system"], "system", required=False)
     if turns[0].get(tags["role_tag"]) == tags["system_tag"]:
         system, turns = turns[0].get(tags["content_tag"]) or "", turns[1:]
@@ -72,8 +84,10 @@ def align_sharegpt(row: dict[str, Any], columns: dict[str, str | None], tags: di
         role = roles.get(turn.get(tags["role_tag"]))
         expected = "user" if index % 2 == 0 else "assistant"
         if role != expected:
-            raise RowError(f"turn {index} of '{columns['messages']}' has role {turn.get(tags['role_tag'])!r}, "
-                           f"expected a {expected} turn")
+            raise RowError(
+                f"turn {index} of '{columns['messages']}' has role {turn.get(tags['role_tag'])!r}, "
+                f"expected a {expected} turn"
+            )
         content = turn.get(tags["content_tag"])
         if not isinstance(content, str) or not content.strip():
             raise RowError(f"turn {index} of '{columns['messages']}' has empty '{tags['content_tag']}'")
@@ -93,17 +107,23 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     import datasets
 
     if config["ranking"]:
-        raise DataError(f"dataset '{ctx.spec.locators['name']}': preference (ranking) data needs a "
-                        "preference stage (dpo/rm), which this version does not run")
+        raise DataError(
+            f"dataset '{ctx.spec.locators['name']}': preference (ranking) data needs a "
+            "preference stage (dpo/rm), which this version does not run"
+        )
     align_row, default_columns = FORMATS[config["formatting"]]
     columns = {**default_columns, **config["columns"]}
     tags = {**SHAREGPT_TAGS, **config["tags"]}
+    # map() would otherwise write its cache file into the input artifact's folder, damaging it.
+    datasets.disable_caching()
     rows = datasets.load_from_disk(str(ctx.inputs["rows"] / "rows"))
     where = f"dataset '{ctx.spec.locators['name']}' ({ctx.spec.locators['source']})"
     for field, column in columns.items():
         if column and column not in rows.column_names and field in ("prompt", "response", "messages"):
-            raise DataError(f"{where}: column '{column}' (the '{field}' field) not found; "
-                            f"columns present: {rows.column_names}; set 'columns' in dataset_info.json")
+            raise DataError(
+                f"{where}: column '{column}' (the '{field}' field) not found; "
+                f"columns present: {rows.column_names}; set 'columns' in dataset_info.json"
+            )
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
         try:
@@ -111,8 +131,9 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         except RowError as exc:
             raise DataError(f"{where}, row {index}: {exc}") from None
 
-    aligned = rows.map(convert, with_indices=True, remove_columns=rows.column_names,
-                       num_proc=ctx.runtime.num_workers, desc="align")
+    aligned = rows.map(
+        convert, with_indices=True, remove_columns=rows.column_names, num_proc=ctx.runtime.num_workers, desc="align"
+    )
     aligned.save_to_disk(str(out / "rows"))
     ctx.log.info("aligned %d rows", len(aligned))
     return {"rows": len(aligned)}

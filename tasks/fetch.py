@@ -33,8 +33,10 @@ def source_digest(entry: DatasetEntry) -> str:
     try:
         info = HfApi().dataset_info(entry.hf_hub_url, revision=entry.revision)
     except Exception as exc:  # offline, private, or no such repo
-        raise DataError(f"dataset '{entry.name}': cannot resolve hub dataset {entry.hf_hub_url}"
-                        f"@{entry.revision or 'main'} ({type(exc).__name__}); use a local file_name") from None
+        raise DataError(
+            f"dataset '{entry.name}': cannot resolve hub dataset {entry.hf_hub_url}"
+            f"@{entry.revision or 'main'} ({type(exc).__name__}); use a local file_name"
+        ) from None
     return f"hub:{info.sha}"
 
 
@@ -91,8 +93,13 @@ def load_local(path: Path, name: str):
 def load_hub(entry: dict[str, Any], source: str):
     import datasets
 
-    return datasets.load_dataset(entry["hf_hub_url"], name=entry["subset"], data_dir=entry["folder"],
-                                 split=entry["split"], revision=source.removeprefix("hub:"))
+    return datasets.load_dataset(
+        entry["hf_hub_url"],
+        name=entry["subset"],
+        data_dir=entry["folder"],
+        split=entry["split"],
+        revision=source.removeprefix("hub:"),
+    )
 
 
 def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:

@@ -16,8 +16,14 @@ STAGE = "merge"
 
 
 def plan(recipe, model: StageSpec, trained: StageSpec) -> StageSpec:
-    return make_spec(STAGE, "merge", recipe.slice_for(STAGE), {"model": model, "train": trained}, ["tasks.merge"],
-                     ("torch", "transformers", "peft", "safetensors"))
+    return make_spec(
+        STAGE,
+        "merge",
+        recipe.slice_for(STAGE),
+        {"model": model, "train": trained},
+        ["tasks.merge"],
+        ("torch", "transformers", "peft", "safetensors"),
+    )
 
 
 def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
@@ -32,8 +38,11 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(ctx.inputs["train"] / "model"))
-    model.save_pretrained(str(out / "model"), max_shard_size=f"{config['export_size']}GB",
-                          safe_serialization=not config["export_legacy_format"])
+    model.save_pretrained(
+        str(out / "model"),
+        max_shard_size=f"{config['export_size']}GB",
+        safe_serialization=not config["export_legacy_format"],
+    )
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out / "model"))
     ctx.log.info("merged model written (%s)", "adapter merged" if adapter_dir.is_dir() else "full weights")
     return {"merged_adapter": adapter_dir.is_dir()}

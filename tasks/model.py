@@ -37,8 +37,12 @@ def resolve_source(name_or_path: str | None, gguf_file: str | None, revision: st
     """Where the weights are: {'kind': gguf|local|hub, 'path', 'gguf_file', 'digest'}."""
     if not name_or_path:
         directory = bundled_model_dir()
-        return {"kind": "gguf", "path": str(directory), "gguf_file": BUNDLED_GGUF,
-                "digest": file_sha256(directory / BUNDLED_GGUF)}
+        return {
+            "kind": "gguf",
+            "path": str(directory),
+            "gguf_file": BUNDLED_GGUF,
+            "digest": file_sha256(directory / BUNDLED_GGUF),
+        }
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return {"kind": "gguf", "path": str(path.parent), "gguf_file": path.name, "digest": file_sha256(path)}
@@ -57,8 +61,10 @@ def resolve_source(name_or_path: str | None, gguf_file: str | None, revision: st
     try:
         sha = HfApi().model_info(name_or_path, revision=revision).sha
     except Exception as exc:
-        raise ModelError(f"key 'model_name_or_path': cannot resolve hub model {name_or_path}@{revision} "
-                         f"({type(exc).__name__}); give a local folder or .gguf file instead") from None
+        raise ModelError(
+            f"key 'model_name_or_path': cannot resolve hub model {name_or_path}@{revision} "
+            f"({type(exc).__name__}); give a local folder or .gguf file instead"
+        ) from None
     return {"kind": "hub", "path": name_or_path, "gguf_file": gguf_file, "digest": f"hub:{sha}"}
 
 
@@ -68,8 +74,9 @@ def plan(recipe) -> StageSpec:
     config = {**recipe.slice_for(STAGE), "dtype": storage_dtype(m.infer_dtype), "source_digest": source["digest"]}
     config["model_name_or_path"] = None  # the digest identifies the weights; the path only locates them
     locators = {k: v or "" for k, v in source.items() if k != "digest"}
-    return make_spec(STAGE, "model", config, {}, ["tasks.model"], ("torch", "transformers", "gguf", "safetensors"),
-                     locators)
+    return make_spec(
+        STAGE, "model", config, {}, ["tasks.model"], ("torch", "transformers", "gguf", "safetensors"), locators
+    )
 
 
 def load_source(source: dict[str, str], config: dict[str, Any]):
@@ -95,8 +102,12 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         tokenizer.pad_token = tokenizer.eos_token
     model.save_pretrained(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
-    info = {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": config["dtype"], "source": ctx.spec.locators}
+    info = {
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": config["dtype"],
+        "source": ctx.spec.locators,
+    }
     (out / "model_info.json").write_text(json.dumps(info, indent=2))
     ctx.log.info("imported %s (%d parameters, %s)", info["architecture"], info["parameters"], info["dtype"])
     return {"model_info": info}

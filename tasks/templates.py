@@ -25,30 +25,55 @@ class Template:
 
 
 def _chatml(name: str, default_system: str = "") -> Template:
-    return Template(name=name, system="<|im_start|>system\n{content}<|im_end|>\n",
-                    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-                    assistant="{content}<|im_end|>\n", default_system=default_system, stop_words=("<|im_end|>",))
+    return Template(
+        name=name,
+        system="<|im_start|>system\n{content}<|im_end|>\n",
+        user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+        assistant="{content}<|im_end|>\n",
+        default_system=default_system,
+        stop_words=("<|im_end|>",),
+    )
 
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in [
-    Template(name="empty", user="{content}", assistant="{content}"),
-    Template(name="default", system="System: {content}\n", user="Human: {content}\nAssistant: ",
-             assistant="{content}{eos_token}\n"),
-    Template(name="alpaca", user="### Instruction:\n{content}\n\n### Response:\n", assistant="{content}{eos_token}\n\n",
-             default_system="Below is an instruction that describes a task. "
-                            "Write a response that appropriately completes the request.\n\n"),
-    Template(name="vicuna", user="USER: {content} ASSISTANT: ", assistant="{content}{eos_token}", system="{content} ",
-             default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
-                            "gives helpful, detailed, and polite answers to the user's questions."),
-    _chatml("chatml"),
-    _chatml("qwen", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
-    _chatml("smollm", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
-    Template(name="llama3", prefix="{bos_token}",
-             system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-             user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n",
-             assistant="{content}<|eot_id|>", stop_words=("<|eot_id|>",)),
-]}
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in [
+        Template(name="empty", user="{content}", assistant="{content}"),
+        Template(
+            name="default",
+            system="System: {content}\n",
+            user="Human: {content}\nAssistant: ",
+            assistant="{content}{eos_token}\n",
+        ),
+        Template(
+            name="alpaca",
+            user="### Instruction:\n{content}\n\n### Response:\n",
+            assistant="{content}{eos_token}\n\n",
+            default_system="Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.\n\n",
+        ),
+        Template(
+            name="vicuna",
+            user="USER: {content} ASSISTANT: ",
+            assistant="{content}{eos_token}",
+            system="{content} ",
+            default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
+            "gives helpful, detailed, and polite answers to the user's questions.",
+        ),
+        _chatml("chatml"),
+        _chatml("qwen", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+        _chatml("smollm", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+        Template(
+            name="llama3",
+            prefix="{bos_token}",
+            system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+            user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            assistant="{content}<|eot_id|>",
+            stop_words=("<|eot_id|>",),
+        ),
+    ]
+}
 
 
 def get_template(name: str) -> Template:
@@ -93,8 +118,9 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return new_source, new_target
 
 
-def supervised_example(pairs: list[tuple[list[int], list[int]]], cutoff_len: int, train_on_prompt: bool,
-                       mask_history: bool) -> tuple[list[int], list[int]]:
+def supervised_example(
+    pairs: list[tuple[list[int], list[int]]], cutoff_len: int, train_on_prompt: bool, mask_history: bool
+) -> tuple[list[int], list[int]]:
     """input_ids and labels (IGNORE_INDEX where no loss is taken) for one conversation."""
     input_ids: list[int] = []
     labels: list[int] = []

@@ -15,17 +15,33 @@ from prefect import task
 
 from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
 from tasks.core.store import ArtifactRef, StageSpec
-from tasks.templates import IGNORE_INDEX, encode_pairs, generation_prompt, get_template, stop_token_ids, supervised_example
+from tasks.templates import (
+    IGNORE_INDEX,
+    encode_pairs,
+    generation_prompt,
+    get_template,
+    stop_token_ids,
+    supervised_example,
+)
 
 STAGE = "tokenize"
 
 
 def plan(recipe, train: list[StageSpec], evaluation: list[StageSpec], model: StageSpec) -> StageSpec:
     get_template(recipe.data.template)  # fail at plan time, not after the model import
-    inputs = {"model": model, **{f"train_{i}": s for i, s in enumerate(train)},
-              **{f"eval_{i}": s for i, s in enumerate(evaluation)}}
-    return make_spec(STAGE, "tokenize", recipe.slice_for(STAGE), inputs,
-                     ["tasks.tokenize", "tasks.templates"], ("transformers", "tokenizers", "datasets"))
+    inputs = {
+        "model": model,
+        **{f"train_{i}": s for i, s in enumerate(train)},
+        **{f"eval_{i}": s for i, s in enumerate(evaluation)},
+    }
+    return make_spec(
+        STAGE,
+        "tokenize",
+        recipe.slice_for(STAGE),
+        inputs,
+        ["tasks.tokenize", "tasks.templates"],
+        ("transformers", "tokenizers", "datasets"),
+    )
 
 
 def load_aligned(ctx: BuildContext, prefix: str, max_samples: int | None):
@@ -49,11 +65,17 @@ def split_validation(rows, val_size: float, seed: int):
 def length_stats(lengths: list[int], trainable: list[int]) -> dict[str, float]:
     if not lengths:
         return {"rows": 0}
-    return {"rows": len(lengths), "tokens": sum(lengths), "mean_len": round(statistics.mean(lengths), 1),
-            "max_len": max(lengths), "trainable_share": round(sum(trainable) / max(sum(lengths), 1), 4)}
+    return {
+        "rows": len(lengths),
+        "tokens": sum(lengths),
+        "mean_len": round(statistics.mean(lengths), 1),
+        "max_len": max(lengths),
+        "trainable_share": round(sum(trainable) / max(sum(lengths), 1), 4),
+    }
 
 
 def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
+    import datasets
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.inputs["model"] / "model"))
@@ -68,9 +90,14 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     def for_eval(row: dict[str, Any]) -> dict[str, Any]:
         pairs = encode_pairs(tokenizer, template, row["messages"], row["system"])
         prompt = generation_prompt(pairs, cutoff)
-        return {**supervised(row), "prompt_ids": prompt, "label_text": row["messages"][-1]["content"],
-                "prompt_text": tokenizer.decode(prompt)}
+        return {
+            **supervised(row),
+            "prompt_ids": prompt,
+            "label_text": row["messages"][-1]["content"],
+            "prompt_text": tokenizer.decode(prompt),
+        }
 
+    datasets.disable_caching()  # map() would otherwise write cache files into the input artifacts
     train = load_aligned(ctx, "train_", config["max_samples"])
     evaluation = load_aligned(ctx, "eval_", config["max_samples"])
     if evaluation is None and config["val_size"] and train is not None:
@@ -87,13 +114,17 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         trainable = [sum(t != IGNORE_INDEX for t in labels) for labels in encoded["labels"]]
         stats["train"] = {**length_stats(lengths, trainable), "dropped_no_target": dropped}
     if evaluation is not None:
-        encoded = evaluation.map(for_eval, remove_columns=evaluation.column_names, num_proc=workers, desc="tokenize eval")
+        encoded = evaluation.map(
+            for_eval, remove_columns=evaluation.column_names, num_proc=workers, desc="tokenize eval"
+        )
         encoded.save_to_disk(str(out / "eval"))
         lengths = [len(ids) for ids in encoded["input_ids"]]
         trainable = [sum(t != IGNORE_INDEX for t in labels) for labels in encoded["labels"]]
         stats["eval"] = length_stats(lengths, trainable)
-    generation = {"stop_token_ids": stop_token_ids(tokenizer, template),
-                  "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    generation = {
+        "stop_token_ids": stop_token_ids(tokenizer, template),
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }
     (out / "generation.json").write_text(json.dumps(generation))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     ctx.log.info("tokenized: %s", json.dumps(stats))

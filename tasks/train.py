@@ -25,10 +25,19 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 def plan(recipe, tokenized: StageSpec, model: StageSpec) -> StageSpec:
     t = recipe.training
-    config = {**recipe.slice_for(STAGE), "precision": mixed_precision(t.bf16, t.fp16),
-              "attn_implementation": attn_implementation(recipe.model.flash_attn)}
-    return make_spec(STAGE, "train", config, {"data": tokenized, "model": model}, ["tasks.train"],
-                     ("torch", "transformers", "peft", "accelerate", "bitsandbytes"))
+    config = {
+        **recipe.slice_for(STAGE),
+        "precision": mixed_precision(t.bf16, t.fp16),
+        "attn_implementation": attn_implementation(recipe.model.flash_attn),
+    }
+    return make_spec(
+        STAGE,
+        "train",
+        config,
+        {"data": tokenized, "model": model},
+        ["tasks.train"],
+        ("torch", "transformers", "peft", "accelerate", "bitsandbytes"),
+    )
 
 
 def latest_complete_checkpoint(staging: Path) -> Path | None:
@@ -49,9 +58,12 @@ def quantization_config(config: dict[str, Any]):
 
     if config["quantization_bit"] == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config["quantization_type"],
-                              bnb_4bit_use_double_quant=config["double_quantization"],
-                              bnb_4bit_compute_dtype=torch_dtype("bfloat16" if config["precision"] == "bf16" else "float32"))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config["quantization_type"],
+        bnb_4bit_use_double_quant=config["double_quantization"],
+        bnb_4bit_compute_dtype=torch_dtype("bfloat16" if config["precision"] == "bf16" else "float32"),
+    )
 
 
 def load_base(model_dir: Path, config: dict[str, Any]):
@@ -80,10 +92,15 @@ def attach_trainable(model, config: dict[str, Any]):
 
         if config["quantization_bit"]:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        lora = LoraConfig(task_type="CAUSAL_LM", r=config["lora_rank"],
-                          lora_alpha=config["lora_alpha"] or config["lora_rank"] * 2,
-                          lora_dropout=config["lora_dropout"], target_modules=lora_targets(config["lora_target"]),
-                          use_dora=config["use_dora"], use_rslora=config["use_rslora"])
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config["lora_rank"],
+            lora_alpha=config["lora_alpha"] or config["lora_rank"] * 2,
+            lora_dropout=config["lora_dropout"],
+            target_modules=lora_targets(config["lora_target"]),
+            use_dora=config["use_dora"],
+            use_rslora=config["use_rslora"],
+        )
         model = get_peft_model(model, lora)
         for param in model.parameters():  # adapters train in fp32 even on a half-precision base
             if param.requires_grad:
@@ -116,19 +133,33 @@ def training_arguments(config: dict[str, Any], staging: Path, runtime: Runtime):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(staging), per_device_train_batch_size=config["per_device_train_batch_size"],
-        gradient_accumulation_steps=config["gradient_accumulation_steps"], learning_rate=config["learning_rate"],
-        num_train_epochs=config["num_train_epochs"], max_steps=config["max_steps"],
+        output_dir=str(staging),
+        per_device_train_batch_size=config["per_device_train_batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        learning_rate=config["learning_rate"],
+        num_train_epochs=config["num_train_epochs"],
+        max_steps=config["max_steps"],
         lr_scheduler_type=config["lr_scheduler_type"],
         # transformers 5 takes a ratio as a float warmup_steps in [0, 1); explicit steps win, as in LlamaFactory.
-        warmup_steps=config["warmup_steps"] or config["warmup_ratio"], weight_decay=config["weight_decay"],
-        max_grad_norm=config["max_grad_norm"], optim=config["optim"], seed=config["seed"],
-        bf16=config["precision"] == "bf16", fp16=config["precision"] == "fp16", use_cpu=not has_cuda(),
-        logging_steps=runtime.logging_steps, save_strategy="steps", save_steps=runtime.save_steps,
-        save_total_limit=runtime.save_total_limit, report_to=runtime.report_to or "none",
-        gradient_checkpointing=runtime.gradient_checkpointing, include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False, dataloader_num_workers=runtime.dataloader_num_workers,
-        save_only_model=runtime.save_only_model, ddp_timeout=runtime.ddp_timeout,
+        warmup_steps=config["warmup_steps"] or config["warmup_ratio"],
+        weight_decay=config["weight_decay"],
+        max_grad_norm=config["max_grad_norm"],
+        optim=config["optim"],
+        seed=config["seed"],
+        bf16=config["precision"] == "bf16",
+        fp16=config["precision"] == "fp16",
+        use_cpu=not has_cuda(),
+        logging_steps=runtime.logging_steps,
+        save_strategy="steps",
+        save_steps=runtime.save_steps,
+        save_total_limit=runtime.save_total_limit,
+        report_to=runtime.report_to or "none",
+        gradient_checkpointing=runtime.gradient_checkpointing,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=runtime.dataloader_num_workers,
+        save_only_model=runtime.save_only_model,
+        ddp_timeout=runtime.ddp_timeout,
     )
 
 
@@ -146,12 +177,16 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     explicit = ctx.runtime.resume_from_checkpoint
     resume = Path(explicit) if explicit else latest_complete_checkpoint(staging)
     trainer = Trainer(
-        model=model, args=training_arguments(config, staging, ctx.runtime), train_dataset=train_rows,
+        model=model,
+        args=training_arguments(config, staging, ctx.runtime),
+        train_dataset=train_rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
         callbacks=[mlflow_step_logger(ctx.runtime.mlflow_run_id)],
     )
     resumed_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
-    tokens_before = json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
+    tokens_before = (
+        json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
+    )
     if resume:
         ctx.log.info("resuming training from %s", resume.name)
     started = time.monotonic()
@@ -163,16 +198,25 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     if config["finetuning_type"] != "lora":
         tokenizer.save_pretrained(str(weights_dir))
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    summary = {"global_step": trainer.state.global_step, "resumed_from_step": resumed_step,
-               "train_loss": result.training_loss, "train_seconds": round(seconds, 2),
-               "tokens_trained": int(tokens), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
-               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    summary = {
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": resumed_step,
+        "train_loss": result.training_loss,
+        "train_seconds": round(seconds, 2),
+        "tokens_trained": int(tokens),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
     (out / "train_results.json").write_text(json.dumps(summary, indent=2))
     ctx.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_step"})
     if ctx.runtime.plot_loss and ctx.runtime.mlflow_run_id:
         plot_loss(trainer.state.log_history, ctx.runtime.mlflow_run_id)
-    ctx.log.info("trained %d steps (resumed at %d), %.1f tokens/s", summary["global_step"], resumed_step,
-                 summary["tokens_per_second"])
+    ctx.log.info(
+        "trained %d steps (resumed at %d), %.1f tokens/s",
+        summary["global_step"],
+        resumed_step,
+        summary["tokens_per_second"],
+    )
     return {"train": summary}
 
 

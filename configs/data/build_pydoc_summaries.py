@@ -99,9 +99,7 @@ def main() -> None:
             if summary in seen_summaries:
                 continue  # the same sentence in two places would leak across the split
             seen_summaries.add(summary)
-            splits[split].append(
-                {"instruction": INSTRUCTION, "input": text, "output": summary, "source": qualname}
-            )
+            splits[split].append({"instruction": INSTRUCTION, "input": text, "output": summary, "source": qualname})
     for split, rows in splits.items():
         path = HERE / f"pydoc_summaries_{split}.jsonl"
         with path.open("w", encoding="utf-8") as handle:

@@ -6,8 +6,9 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 CHUNK = 1 << 20
 
@@ -36,8 +37,9 @@ def tree_files(root: Path) -> list[Path]:
 
 def tree_digest(root: Path) -> str:
     """Digest of a file or directory: relative paths and bytes of every file inside."""
-    return stable_hash({str(p.relative_to(root) if root.is_dir() else p.name): file_sha256(p)
-                        for p in tree_files(root)})
+    return stable_hash(
+        {str(p.relative_to(root) if root.is_dir() else p.name): file_sha256(p) for p in tree_files(root)}
+    )
 
 
 def module_sources(module_names: Iterable[str]) -> list[Path]:
@@ -55,8 +57,7 @@ def module_sources(module_names: Iterable[str]) -> list[Path]:
 
 def code_digest(module_names: Iterable[str]) -> str:
     """Digest of the source of the given modules, so a code change changes the artifact key."""
-    return stable_hash({p.name + ":" + str(i): file_sha256(p)
-                        for i, p in enumerate(module_sources(module_names))})
+    return stable_hash({p.name + ":" + str(i): file_sha256(p) for i, p in enumerate(module_sources(module_names))})
 
 
 def library_versions(distributions: Iterable[str]) -> dict[str, str]:

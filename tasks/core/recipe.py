@@ -28,17 +28,23 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     model_name_or_path: str | None = option(
-        None, "Hub id, local HF directory, or .gguf file. Empty: the bundled SmolLM2-135M-Instruct.", "model")
+        None, "Hub id, local HF directory, or .gguf file. Empty: the bundled SmolLM2-135M-Instruct.", "model"
+    )
     model_revision: str = option("main", "Hub branch, tag or commit to load.", "model")
     gguf_file: str | None = option(None, "GGUF file name inside model_name_or_path, if it is a GGUF source.", "model")
     trust_remote_code: bool = option(False, "Allow model code shipped with a hub checkpoint.", "model")
     infer_dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
-        "auto", "Dtype of the saved base checkpoint; auto picks what the hardware computes fastest.", "model")
+        "auto", "Dtype of the saved base checkpoint; auto picks what the hardware computes fastest.", "model"
+    )
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = option(
-        "auto", "Attention implementation used when the model is loaded for training and evaluation.",
-        "train", "evaluate")
+        "auto",
+        "Attention implementation used when the model is loaded for training and evaluation.",
+        "train",
+        "evaluate",
+    )
     quantization_bit: Literal[4, 8] | None = option(
-        None, "Load the base model in 4- or 8-bit with bitsandbytes for training (QLoRA).", "train")
+        None, "Load the base model in 4- or 8-bit with bitsandbytes for training (QLoRA).", "train"
+    )
     quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit quantization data type.", "train")
     double_quantization: bool = option(True, "Quantize the 4-bit quantization constants too.", "train")
 
@@ -121,8 +127,12 @@ class ExportSection(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {
-    "model": ModelSection, "data": DataSection, "finetuning": FinetuningSection,
-    "training": TrainingSection, "evaluation": EvaluationSection, "export": ExportSection,
+    "model": ModelSection,
+    "data": DataSection,
+    "finetuning": FinetuningSection,
+    "training": TrainingSection,
+    "evaluation": EvaluationSection,
+    "export": ExportSection,
 }
 
 
@@ -137,7 +147,7 @@ class Recipe(Section):
     export: ExportSection = ExportSection()
 
     @classmethod
-    def from_flat(cls, values: dict[str, Any], source: str = "recipe") -> "Recipe":
+    def from_flat(cls, values: dict[str, Any], source: str = "recipe") -> Recipe:
         """Validate LlamaFactory-style flat keys; errors name the key and the source."""
         grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         for key, value in values.items():
@@ -149,7 +159,9 @@ class Recipe(Section):
             recipe = cls(**grouped)
         except ValidationError as exc:
             err = exc.errors()[0]
-            key = next((str(p) for p in reversed(err["loc"]) if str(p) in FIELD_SECTION), ".".join(map(str, err["loc"])))
+            key = next(
+                (str(p) for p in reversed(err["loc"]) if str(p) in FIELD_SECTION), ".".join(map(str, err["loc"]))
+            )
             raise RecipeError(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})") from None
         check_combinations(recipe, source)
         return recipe
@@ -163,7 +175,7 @@ class Recipe(Section):
         flat = self.flat()
         return {k: flat[k] for k in STAGE_FIELDS.get(stage, ())}
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         """A new validated recipe with some flat keys changed."""
         return Recipe.from_flat({**self.flat(), **changes}, source="override")
 

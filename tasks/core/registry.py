@@ -60,7 +60,9 @@ def _read_registry(directory: Path) -> dict[str, DatasetEntry]:
             entries[name] = DatasetEntry(name=name, base_dir=str(directory), **fields)
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise DataError(f"{path}: dataset '{name}', field '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
+            raise DataError(
+                f"{path}: dataset '{name}', field '{'.'.join(map(str, err['loc']))}': {err['msg']}"
+            ) from None
         if not (entries[name].file_name or entries[name].hf_hub_url):
             raise DataError(f"{path}: dataset '{name}' needs 'file_name' or 'hf_hub_url'")
     return entries
@@ -80,7 +82,9 @@ def resolve_datasets(names: str | None, dataset_dir: str | Path, key: str) -> li
     for name in (n.strip() for n in names.split(",") if n.strip()):
         if name not in registry:
             known = ", ".join(sorted(registry)) or "none"
-            raise RecipeError(f"key '{key}': dataset '{name}' is not in {Path(dataset_dir) / REGISTRY_FILE} "
-                              f"or the bundled registry (known: {known})")
+            raise RecipeError(
+                f"key '{key}': dataset '{name}' is not in {Path(dataset_dir) / REGISTRY_FILE} "
+                f"or the bundled registry (known: {known})"
+            )
         entries.append(registry[name])
     return entries

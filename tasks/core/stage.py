@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -62,16 +63,30 @@ class BuildContext:
 BuildFn = Callable[[dict[str, Any], BuildContext, Path], dict[str, Any] | None]
 
 
-def make_spec(stage: str, label: str, config: dict[str, Any], inputs: dict[str, ArtifactRef | StageSpec],
-              code_modules: Iterable[str], libraries: Iterable[str] = CORE_LIBRARIES,
-              locators: dict[str, str] | None = None) -> StageSpec:
+def make_spec(
+    stage: str,
+    label: str,
+    config: dict[str, Any],
+    inputs: dict[str, ArtifactRef | StageSpec],
+    code_modules: Iterable[str],
+    libraries: Iterable[str] = CORE_LIBRARIES,
+    locators: dict[str, str] | None = None,
+) -> StageSpec:
     """Name a stage invocation by the hash of its config, its inputs' keys, its code and libraries."""
     input_ids = {name: f"{ref.stage}/{ref.key}" for name, ref in inputs.items()}
     code = code_digest(code_modules)
     versions = library_versions(libraries)
     key = stable_hash({"stage": stage, "config": config, "inputs": input_ids, "code": code, "versions": versions})
-    return StageSpec(stage=stage, label=label, key=key, config=config, inputs=input_ids, code=code,
-                     versions=versions, locators=locators or {})
+    return StageSpec(
+        stage=stage,
+        label=label,
+        key=key,
+        config=config,
+        inputs=input_ids,
+        code=code,
+        versions=versions,
+        locators=locators or {},
+    )
 
 
 def artifact_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
@@ -107,8 +122,13 @@ def execute(spec: StageSpec, build: BuildFn, runtime: Runtime) -> ArtifactRef:
         if run_id:
             tracking.set_tags(run_id, {"cache": "miss", **prefect_tags()})
             tracking.log_params(run_id, spec.config)
-        ctx = BuildContext(spec=spec, store=store, runtime=runtime, log=log,
-                           inputs={name: store.resolve(value) for name, value in spec.inputs.items()})
+        ctx = BuildContext(
+            spec=spec,
+            store=store,
+            runtime=runtime,
+            log=log,
+            inputs={name: store.resolve(value) for name, value in spec.inputs.items()},
+        )
         started = time.monotonic()
         with store.building(spec) as tmp:
             extra = build(spec.config, ctx, tmp) or {}
@@ -132,6 +152,8 @@ def prefect_tags() -> dict[str, str]:
     try:
         from prefect.runtime import flow_run, task_run
 
-        return {k: str(v) for k, v in {"prefect_flow_run_id": flow_run.id, "prefect_task_run_id": task_run.id}.items() if v}
+        return {
+            k: str(v) for k, v in {"prefect_flow_run_id": flow_run.id, "prefect_task_run_id": task_run.id}.items() if v
+        }
     except Exception:
         return {}

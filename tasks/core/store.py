@@ -11,10 +11,11 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from filelock import FileLock
 from pydantic import BaseModel
@@ -125,12 +126,21 @@ class ArtifactStore:
 
     def publish(self, spec: StageSpec, tmp: Path, extra: dict[str, Any]) -> Manifest:
         """Write the manifest last, then move the directory into place atomically."""
-        files = [{"path": str(p.relative_to(tmp)), "size": p.stat().st_size, "sha256": file_sha256(p)}
-                 for p in tree_files(tmp)]
+        files = [
+            {"path": str(p.relative_to(tmp)), "size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in tree_files(tmp)
+        ]
         manifest = {
-            "key": spec.key, "stage": spec.stage, "label": spec.label, "config": spec.config,
-            "inputs": spec.inputs, "code": spec.code, "versions": spec.versions, "files": files,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+            "key": spec.key,
+            "stage": spec.stage,
+            "label": spec.label,
+            "config": spec.config,
+            "inputs": spec.inputs,
+            "code": spec.code,
+            "versions": spec.versions,
+            "files": files,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         final = self.path(spec.stage, spec.key)

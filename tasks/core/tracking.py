@@ -52,8 +52,7 @@ def start_parent(run_name: str | None, params: dict[str, Any], tags: dict[str, s
 def start_stage(parent_id: str, label: str, tags: dict[str, str]) -> str:
     mlflow = client()
     parent = mlflow.get_run(parent_id)
-    run = mlflow.create_run(parent.info.experiment_id, run_name=label,
-                            tags={"mlflow.parentRunId": parent_id, **tags})
+    run = mlflow.create_run(parent.info.experiment_id, run_name=label, tags={"mlflow.parentRunId": parent_id, **tags})
     return run.info.run_id
 
 

@@ -11,14 +11,15 @@ class Rouge(evaluate.Metric):
             description="ROUGE F-measure (rouge1, rouge2, rougeL), mean over examples.",
             citation="Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries.",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, rouge_types=("rouge1", "rouge2", "rougeL"), use_stemmer=True):
         scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
         totals = {name: 0.0 for name in rouge_types}
-        for prediction, reference in zip(predictions, references):
+        for prediction, reference in zip(predictions, references, strict=True):
             scores = scorer.score(reference, prediction)
             for name in rouge_types:
                 totals[name] += scores[name].fmeasure

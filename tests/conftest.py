@@ -1,0 +1,108 @@
+"""Shared fixtures: isolated Prefect/MLflow/store homes, a tiny random model, recipe writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Isolate Prefect's database and result records, and MLflow, before anything imports them.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="tunefactory-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED_DATA = REPO / "configs" / "data"
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32) with a 600-token byte-level BPE tokenizer trained on the bundled data."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [
+        json.loads(line)["input"] + "\n" + json.loads(line)["output"]
+        for line in (BUNDLED_DATA / "pydoc_summaries_train.jsonl").read_text().splitlines()
+    ]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=600, special_tokens=CHAT_TOKENS, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A fresh working directory with its own artifact store and MLflow database."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUNEFACTORY_HOME", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def tiny_recipe_values(model_dir: Path, **overrides) -> dict:
+    """A fast recipe on the tiny model and a slice of the bundled data."""
+    values = {
+        "model_name_or_path": str(model_dir),
+        "stage": "sft",
+        "finetuning_type": "lora",
+        "lora_rank": 4,
+        "dataset": "pydoc_summaries",
+        "eval_dataset": "pydoc_summaries_test",
+        "template": "chatml",
+        "cutoff_len": 96,
+        "max_samples": 24,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "num_train_epochs": 1.0,
+        "logging_steps": 2,
+        "save_steps": 3,
+        "disable_gradient_checkpointing": True,
+        "per_device_eval_batch_size": 8,
+        "max_new_tokens": 8,
+        "do_sample": False,
+    }
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture
+def write_recipe(workdir, tiny_model_dir):
+    """Write a tiny-model recipe YAML (with overrides) into the working directory; return its path."""
+
+    def write(name: str = "recipe.yaml", **overrides) -> Path:
+        path = workdir / name
+        path.write_text(yaml.safe_dump(tiny_recipe_values(tiny_model_dir, **overrides)))
+        return path
+
+    return write

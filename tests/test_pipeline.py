@@ -1,0 +1,134 @@
+"""The whole DAG on the tiny model: cache hits, targeted invalidation, damage, MLflow structure."""
+
+import json
+import shutil
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from flows.finetune import finetune
+from tasks.core.recipe import load_recipe
+from tests.conftest import BUNDLED_DATA
+
+ALL_STAGES = [
+    "fetch[mine]",
+    "align[mine]",
+    "fetch[pydoc_summaries_test]",
+    "align[pydoc_summaries_test]",
+    "model",
+    "tokenize",
+    "train",
+    "merge",
+    "evaluate[base]",
+    "evaluate[tuned]",
+]
+
+
+@pytest.fixture
+def recipe_path(write_recipe, workdir):
+    folder = workdir / "data"
+    folder.mkdir()
+    shutil.copy(BUNDLED_DATA / "pydoc_summaries_train.jsonl", folder / "mine.jsonl")
+    (folder / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.jsonl"}}))
+    return write_recipe(dataset="mine", dataset_dir=str(folder), output_dir=str(workdir / "saves"))
+
+
+def run(recipe_path, *overrides):
+    return finetune(load_recipe(recipe_path, list(overrides)))
+
+
+def built(summary) -> list[str]:
+    return [s.label for s in summary.stages if not s.cached]
+
+
+def test_cache_hits_and_targeted_invalidation(recipe_path, workdir):
+    first = run(recipe_path)
+    assert [s.label for s in first.stages] == ALL_STAGES and built(first) == ALL_STAGES
+    assert set(first.metrics) == {"base", "tuned"}
+    for role in ("base", "tuned"):
+        metrics = first.metrics[role]
+        assert {"rouge1", "rouge2", "rougeL", "bleu4", "perplexity"} <= set(metrics)
+        assert metrics["model_artifact"].startswith("model/" if role == "base" else "merge/")
+    tuned_dir = workdir / "artifacts" / "evaluate" / next(s.key for s in first.stages if s.label == "evaluate[tuned]")
+    predictions = [json.loads(line) for line in (tuned_dir / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 24 and set(predictions[0]) == {"prompt", "label", "predict"}
+    assert (workdir / "saves" / "adapter_config.json").is_file()  # output_dir receives the final adapter
+
+    started = time.monotonic()
+    second = run(recipe_path)
+    assert built(second) == [] and time.monotonic() - started < 30
+    assert {s.prefect_state for s in second.stages} == {"Cached"}
+    assert [s.key for s in second.stages] == [s.key for s in first.stages]
+
+    assert built(run(recipe_path, "max_new_tokens=4")) == ["evaluate[base]", "evaluate[tuned]"]
+    assert built(run(recipe_path, "lora_rank=8")) == ["train", "merge", "evaluate[tuned]"]
+
+    data_file = workdir / "data" / "mine.jsonl"
+    lines = data_file.read_text().splitlines()
+    row = json.loads(lines[3])
+    row["output"] = "An edited summary."
+    lines[3] = json.dumps(row)
+    data_file.write_text("\n".join(lines) + "\n")
+    assert built(run(recipe_path)) == [
+        "fetch[mine]",
+        "align[mine]",
+        "tokenize",
+        "train",
+        "merge",
+        "evaluate[base]",
+        "evaluate[tuned]",
+    ]
+
+
+def test_damaged_artifact_is_rebuilt(recipe_path, workdir):
+    first = run(recipe_path)
+    train_key = next(s.key for s in first.stages if s.label == "train")
+    adapter = workdir / "artifacts" / "train" / train_key / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-8] + b"\0" * 8)
+    again = run(recipe_path)
+    assert built(again) == ["train"]  # same key, same bytes: downstream stays valid
+    assert next(s.prefect_state for s in again.stages if s.label == "train") == "Completed"
+    manifest = json.loads((adapter.parents[1] / "manifest.json").read_text())
+    entry = next(f for f in manifest["files"] if f["path"] == "adapter/adapter_model.safetensors")
+    assert entry["size"] == adapter.stat().st_size
+
+
+def test_mlflow_run_structure(recipe_path, workdir):
+    first = run(recipe_path)
+    second = run(recipe_path)
+    mlflow = MlflowClient()
+    experiment = mlflow.get_experiment_by_name("tunefactory")
+    runs = mlflow.search_runs([experiment.experiment_id], max_results=100)
+    children = {}
+    for r in runs:
+        parent = r.data.tags.get("mlflow.parentRunId")
+        children.setdefault(parent, {})[r.info.run_name] = r
+    first_stages, second_stages = children[first.mlflow_run_id], children[second.mlflow_run_id]
+    assert set(first_stages) == set(ALL_STAGES) == set(second_stages)
+    train_run = first_stages["train"]
+    assert train_run.data.tags["cache"] == "miss" and train_run.data.tags["artifact_key"]
+    assert train_run.data.params["lora_rank"] == "4" and "logging_steps" not in train_run.data.params
+    assert "prefect_task_run_id" in train_run.data.tags and "prefect_flow_run_id" in train_run.data.tags
+    losses = mlflow.get_metric_history(train_run.info.run_id, "loss")
+    assert len(losses) >= 2 and [m.step for m in losses] == sorted(m.step for m in losses)
+    assert mlflow.get_metric_history(train_run.info.run_id, "learning_rate")
+    hit = second_stages["train"]
+    assert hit.data.tags["cache"] == "hit" and hit.data.tags["built_by_run"] == train_run.info.run_id
+    eval_run = first_stages["evaluate[tuned]"]
+    assert "rougeL" in eval_run.data.metrics and "perplexity" in eval_run.data.metrics
+    parent = mlflow.get_run(first.mlflow_run_id)
+    assert "tuned_rougeL" in parent.data.metrics and parent.data.params["lora_rank"] == "4"
+
+
+def test_dry_run_builds_nothing(capsys, recipe_path, workdir):
+    assert main(["run", "--dry-run", str(recipe_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(label in out for label in ALL_STAGES) and out.count("to build") == len(ALL_STAGES)
+    assert not list((workdir / "artifacts").glob("*/*"))
+    run(recipe_path)
+    assert main(["run", "--dry-run", str(recipe_path), "--set", "lora_rank=8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    status = {line.split()[0]: line.split()[-1] for line in lines[2:]}
+    assert [k for k, v in status.items() if v == "build"] == ["train", "merge", "evaluate[tuned]"]
