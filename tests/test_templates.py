@@ -1,11 +1,20 @@
+import pytest
+
+from tasks.core.errors import DataError, RecipeError
 from tasks.templates import (
     IGNORE_INDEX,
+    TEMPLATES,
+    Template,
     encode_pairs,
+    format_pairs,
     generation_prompt,
     get_template,
     infer_seqlen,
+    stop_token_ids,
     supervised_example,
 )
+from tasks.templates.encode import encode_pieces
+from tasks.templates.show import list_templates, render_sample
 
 CONVERSATION = [
     {"role": "user", "content": "Hi {there}"},
@@ -63,3 +72,91 @@ def test_default_system_prompt_is_used_when_row_has_none(tiny_model_dir):
     assert tokenizer.decode(pairs[0][0]).startswith(
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>"
     )
+
+
+# --- the registry, pure formatting, encoding and the sample view ---------------------------------
+
+REQUIRED = (
+    "llama2 llama3 mistral qwen chatml gemma phi phi4 deepseek deepseek3 yi glm4 baichuan2 alpaca vicuna zephyr "
+    "default empty smollm cohere falcon openchat intern2 auto"
+).split()
+
+
+def test_registry_has_the_common_families_each_described():
+    assert set(REQUIRED) <= set(TEMPLATES)
+    assert len([t for t in TEMPLATES.values() if not t.jinja]) >= 20
+    assert all(t.description and t.name == name for name, t in TEMPLATES.items())
+
+
+def test_unknown_template_names_the_key_and_the_known_names():
+    with pytest.raises(RecipeError, match=r"key 'template': unknown template 'lama3' \(known: .*llama3.*\)"):
+        get_template("lama3")
+
+
+def test_a_turn_format_without_a_content_slot_is_rejected():
+    with pytest.raises(ValueError, match="content"):
+        Template(name="broken", user="USER:", assistant="{content}")
+    with pytest.raises(ValueError, match="system_in_user"):
+        Template(name="broken", user="{content}", assistant="{content}", system_in_user="middle")
+
+
+def test_system_folds_into_the_first_or_last_user_turn():
+    first = format_pairs(get_template("gemma"), CONVERSATION, "Be brief.", "<s>", "</s>")
+    assert first[0][0] == "<s><start_of_turn>user\nBe brief.\n\nHi {there}<end_of_turn>\n<start_of_turn>model\n"
+    assert "Be brief." not in first[1][0]
+    last = format_pairs(get_template("mistral"), CONVERSATION, "Be brief.", "<s>", "</s>")
+    assert last == [("<s>[INST] Hi {there}[/INST]", " Hello.</s>"), ("[INST] Be brief.\n\nSum 2+2?[/INST]", " 4.</s>")]
+
+
+def test_suffix_follows_only_the_last_reply_and_a_trailing_user_turn_is_dropped():
+    pairs = format_pairs(get_template("phi"), [*CONVERSATION, {"role": "user", "content": "more?"}], "", "", "</s>")
+    assert [response for _, response in pairs] == ["Hello.<|end|>\n", "4.<|end|>\n</s>"]
+
+
+def test_tool_roles_use_their_own_formats_and_roles_must_alternate():
+    tools = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "function", "content": '{"name": "weather", "arguments": {}}'},
+        {"role": "observation", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    pairs = format_pairs(get_template("llama3"), tools, "", "", "")
+    assert pairs[0][1] == '{"name": "weather", "arguments": {}}<|eot_id|>'
+    assert pairs[1][0].startswith("<|start_header_id|>ipython<|end_header_id|>\n\nsunny<|eot_id|>")
+    assert format_pairs(get_template("chatml"), tools, "", "", "")[1][0].startswith("<|im_start|>tool\nsunny")
+    with pytest.raises(DataError, match="message 1 has role 'user'"):
+        format_pairs(get_template("chatml"), [CONVERSATION[0], CONVERSATION[0]], "", "", "")
+
+
+def test_pieces_are_tokenized_together_unless_a_token_would_straddle_them(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["<|im_start|>user\nHi there<|im_end|>\n", "Hello. returns the value<|im_end|>\n"]
+    assert sum(encode_pieces(tokenizer, texts), []) == tokenizer("".join(texts), add_special_tokens=False)["input_ids"]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    word = next(w for w in ["returns", "function", "value", "the"] if len(encode(w)) == 1)
+    pieces = encode_pieces(tokenizer, [word[:2], word[2:]])  # one token in the joint text: split per piece
+    assert [tokenizer.decode(p) for p in pieces] == [word[:2], word[2:]]
+
+
+def test_stop_tokens_are_eos_plus_the_known_stop_words(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert stop_token_ids(tokenizer, get_template("llama3")) == [tokenizer.eos_token_id]  # <|eot_id|> not in vocab
+    assert stop_token_ids(tokenizer, get_template("auto")) == [tokenizer.eos_token_id]  # no chat_template: EOS only
+
+
+def test_show_marks_the_trained_spans(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shown = render_sample("chatml", tokenizer)
+    assert shown.startswith("<|im_start|>system\nYou are a concise assistant.<|im_end|>\n")
+    assert "<|im_start|>assistant\n⟦4.<|im_end|>\n⟧<|im_start|>user" in shown and shown.endswith("⟦8.<|im_end|>\n⟧")
+    assert render_sample("llama2").startswith("<bos>[INST] <<SYS>>\nYou are a concise assistant.\n<</SYS>>\n\n")
+    with pytest.raises(RecipeError, match="auto"):
+        render_sample("auto")
+    names = [name for name, _ in list_templates()]
+    assert names == sorted(names) and "auto" in names and "gemma" in names

@@ -1,0 +1,119 @@
+"""`template: auto`: format with the tokenizer's own jinja chat_template, split turn by turn.
+
+Successive prefixes of the conversation are rendered (with the generation prompt after a user-side
+turn); the differences between them are the prompt and response pieces, so labels cover exactly
+what the template writes for each reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tasks.core.errors import RecipeError
+from tasks.templates.base import Template, check_roles
+
+AUTO = Template(
+    name="auto",
+    user="",
+    assistant="",
+    jinja=True,
+    description="the tokenizer's own jinja chat_template, split into prompt/reply turn by turn",
+)
+PICK_NAMED = "set `template` to a named template instead (`tunefactory templates list`)"
+
+
+def tool_calls(content: str) -> list[dict]:
+    """The calls in a function message's JSON ({"name", "arguments"} or a list of them); [] if not JSON calls."""
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return []
+    calls = value if isinstance(value, list) else [value]
+    if not calls or not all(isinstance(call, dict) and "name" in call for call in calls):
+        return []
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
+
+
+def chat_message(message: dict) -> dict:
+    """One of our messages in chat_template terms: observation -> tool, function -> assistant tool_calls."""
+    role, content = message["role"], message["content"]
+    if role == "observation":
+        return {"role": "tool", "content": content}
+    if role == "function":
+        calls = tool_calls(content)
+        return {"role": "assistant", "content": "", "tool_calls": calls} if calls else {**message, "role": "assistant"}
+    return {"role": role, "content": content}
+
+
+def render_chat(tokenizer, conversation: list[dict], generation: bool) -> str:
+    """The tokenizer's chat_template applied to a conversation, as text."""
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation)
+    except Exception as error:  # the template's own raise_exception, or jinja errors
+        raise RecipeError(
+            f"key 'template': the tokenizer's chat_template rejected a conversation ({error}); {PICK_NAMED}"
+        ) from error
+
+
+def token_starts(tokenizer, text: str) -> set[int]:
+    """Character offsets where the tokenizer starts a token in text (every offset for slow tokenizers)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return set(range(len(text) + 1))
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return {start for start, _ in offsets} | {len(text)}
+
+
+def turn_end(tokenizer, full: str, rendered: str, message: dict, start: int) -> int | None:
+    """Where a message's rendering ends inside the full conversation's text; None if it cannot be placed."""
+    if full.startswith(rendered):
+        return len(rendered)
+    # Some templates write the last reply differently from one in history (EOS after the conversation,
+    # an empty thinking block): anchor on the reply's content and keep the whole tokens that both
+    # renderings write after it (the end-of-turn marker).
+    content = message["content"].strip()
+    at_full, at_rendered = full.find(content, start), rendered.rfind(content)
+    if message["role"] != "assistant" or not content or at_full < 0 or at_rendered < 0:
+        return None
+    tail = rendered[at_rendered + len(content) :]
+    shared = len(os.path.commonprefix([full[at_full + len(content) :], tail]))
+    return at_full + len(content) + max(cut for cut in token_starts(tokenizer, tail) if cut <= shared)
+
+
+def chat_template_pairs(tokenizer, messages: list[dict], system: str) -> list[tuple[str, str]]:
+    """(prompt text, response text) per exchange, cut from the tokenizer's chat_template rendering."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(f"key 'template': 'auto' needs the tokenizer's chat_template, but it has none; {PICK_NAMED}")
+    check_roles(messages)
+    messages = messages[: len(messages) // 2 * 2]
+    head = [{"role": "system", "content": system}] if system else []
+    conversation = head + [chat_message(m) for m in messages]
+    full = render_chat(tokenizer, conversation, generation=False)
+    cuts: list[int] = []
+    for index, message in enumerate(messages):
+        rendered = render_chat(tokenizer, conversation[: len(head) + index + 1], generation=index % 2 == 0)
+        cut = turn_end(tokenizer, full, rendered, message, cuts[-1] if cuts else 0)
+        if cut is None or (cuts and cut < cuts[-1]):
+            raise RecipeError(
+                f"key 'template': the tokenizer's chat_template does not render this conversation turn by turn "
+                f"(message {index} changes once later turns are added, e.g. the system prompt moves); {PICK_NAMED}"
+            )
+        cuts.append(cut)
+    if not cuts:
+        return []
+    cuts[-1] = len(full)  # whatever the template writes after the last reply belongs to it
+    pieces = [full[a:b] for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
+    return list(zip(pieces[0::2], pieces[1::2], strict=True))
+
+
+def end_of_turn_tokens(tokenizer) -> tuple[str, ...]:
+    """The special token the chat_template writes right after a reply (e.g. <|eot_id|>), if there is one."""
+    marker = "Reply-7f3a"
+    exchange = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = render_chat(tokenizer, exchange, generation=False)
+    except RecipeError:
+        return ()
+    tail = text[text.rfind(marker) + len(marker) :].lstrip()
+    added = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+    return next(((token,) for token in added if token and tail.startswith(token)), ())

@@ -1,0 +1,103 @@
+"""The Template record and the pure function that writes a conversation out as prompt/response text.
+
+Format strings hold `{content}` and may hold `{bos_token}` / `{eos_token}`, filled from the tokenizer.
+Content is substituted literally (braces in user text are safe). Conventions:
+- `user` ends where the assistant's reply starts (it carries the assistant header), so everything in
+  `assistant` is trained: write what closes the turn there, `{eos_token}` included where the family
+  ends each reply with EOS (for example `"{content}{eos_token}"`).
+- `suffix` is written once, after the last reply: for formats whose turns end without an end token
+  (EOS after the whole conversation, as Phi-3 renders it), so a fine-tuned model still learns to stop.
+- `system_in_user` = "first" / "last" folds the system block into that user turn's content instead of
+  writing it before the first turn (Llama-2, Gemma and Mistral v1 use the first; Mistral v3 the last).
+- Tool turns: `observation` (a tool result, user side) and `function` (a tool call, assistant side);
+  empty means "written like a user turn / an assistant reply". A function message's content is the
+  call as the dataset stores it (usually JSON), written literally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks.core.errors import DataError
+
+IGNORE_INDEX = -100
+USER_ROLES = ("user", "observation")
+ASSISTANT_ROLES = ("assistant", "function")
+SYSTEM_PLACES = ("", "first", "last")
+
+
+@dataclass(frozen=True)
+class Template:
+    """One chat format as data: how each role's turn is written around its content."""
+
+    name: str
+    user: str  # one user turn, ending where the assistant's reply starts
+    assistant: str  # one reply, including whatever closes the turn (all of it is trained)
+    system: str = "{content}"
+    observation: str = ""  # tool result in the user position; "" = written like a user turn
+    function: str = ""  # the assistant's tool call; "" = written like a reply
+    default_system: str = ""  # used when a row has no system prompt
+    prefix: str = ""  # before the first turn (BOS for some families)
+    suffix: str = ""  # after the last reply only
+    system_in_user: str = ""  # "", "first" or "last": which user turn carries the system block
+    stop_words: tuple[str, ...] = ()  # tokens that end a reply at generation time, besides EOS
+    description: str = ""  # one line for `tunefactory templates list`
+    jinja: bool = False  # ignore the formats above and render with the tokenizer's chat_template (auto)
+
+    def __post_init__(self) -> None:
+        if self.system_in_user not in SYSTEM_PLACES:
+            raise ValueError(f"template {self.name}: system_in_user must be one of {SYSTEM_PLACES}")
+        formats = (self.user, self.assistant, self.system, self.observation, self.function)
+        if not self.jinja and any(f and "{content}" not in f for f in formats):
+            raise ValueError(f"template {self.name}: every turn format needs a {{content}} slot")
+
+    def turn_format(self, role: str) -> str:
+        """The format string for one message role."""
+        return {
+            "user": self.user,
+            "observation": self.observation or self.user,
+            "assistant": self.assistant,
+            "function": self.function or self.assistant,
+        }[role]
+
+
+def fill(fmt: str, content: str, bos_token: str = "", eos_token: str = "") -> str:
+    """Fill a format string: special tokens first, then the content taken literally."""
+    return fmt.replace("{bos_token}", bos_token).replace("{eos_token}", eos_token).replace("{content}", content)
+
+
+def check_roles(messages: list[dict]) -> None:
+    """User-side roles at even positions, assistant-side at odd ones; a DataError otherwise."""
+    for index, message in enumerate(messages):
+        allowed = USER_ROLES if index % 2 == 0 else ASSISTANT_ROLES
+        if message["role"] not in allowed:
+            raise DataError(
+                f"message {index} has role {message['role']!r}; expected {' or '.join(allowed)} there "
+                "(turns alternate user|observation, assistant|function, and the system prompt is a separate field)"
+            )
+
+
+def format_pairs(
+    template: Template, messages: list[dict], system: str, bos_token: str = "", eos_token: str = ""
+) -> list[tuple[str, str]]:
+    """(prompt text, response text) per exchange; prefix and system go where the template puts them."""
+    check_roles(messages)
+    count = len(messages) // 2  # a trailing user turn without a reply has nothing to train on
+    system_text = system or template.default_system
+    fold_at = {"first": 0, "last": count - 1}.get(template.system_in_user)
+    system_block = fill(template.system, system_text, bos_token, eos_token) if system_text else ""
+    pairs = []
+    for turn in range(count):
+        query, reply = messages[2 * turn], messages[2 * turn + 1]
+        prompt = ""
+        if turn == 0:
+            prompt = fill(template.prefix, "", bos_token, eos_token)
+            if fold_at is None:
+                prompt += system_block
+        content = system_block + query["content"] if turn == fold_at else query["content"]
+        prompt += fill(template.turn_format(query["role"]), content, bos_token, eos_token)
+        response = fill(template.turn_format(reply["role"]), reply["content"], bos_token, eos_token)
+        if turn == count - 1:
+            response += fill(template.suffix, "", bos_token, eos_token)
+        pairs.append((prompt, response))
+    return pairs

@@ -1,0 +1,28 @@
+"""Meta's Llama chat formats."""
+
+from tasks.templates.base import Template
+
+TEMPLATES = [
+    # meta-llama/Llama-2-*-chat-hf: BOS opens every exchange, the system block sits inside the first [INST].
+    Template(
+        name="llama2",
+        system="<<SYS>>\n{content}\n<</SYS>>\n\n",
+        system_in_user="first",
+        user="{bos_token}[INST] {content} [/INST]",
+        assistant=" {content} {eos_token}",
+        description="Llama-2-chat '[INST] <<SYS>> ... [/INST]'",
+    ),
+    # meta-llama/Meta-Llama-3-8B-Instruct; tool results come back as the 'ipython' role (Llama 3.1).
+    Template(
+        name="llama3",
+        prefix="{bos_token}",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        assistant="{content}<|eot_id|>",
+        observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        stop_words=("<|eot_id|>", "<|eom_id|>"),
+        description="Llama-3 / 3.1 / 3.2 instruct header turns (no date header; use auto for that)",
+    ),
+]
