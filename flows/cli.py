@@ -39,6 +39,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
     run.add_argument("--dry-run", action="store_true", help="validate and print the planned DAG; build nothing")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    data_command = commands.add_parser("data", help="inspect a recipe's data")
+    data = data_command.add_subparsers(dest="data_command", required=True)
+    preview = data.add_parser("preview", help="tokenize the data (cached) and print decoded samples and statistics")
+    preview.add_argument("recipe")
+    preview.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    preview.add_argument("--home")
+    templates = commands.add_parser("templates", help="list chat templates, or show one on a sample conversation")
+    template_commands = templates.add_subparsers(dest="templates_command")
+    show = template_commands.add_parser("show", help="render a sample conversation, trained spans marked ⟦ ⟧")
+    show.add_argument("name")
+    show.add_argument("--model", help="a model folder whose tokenizer renders the sample (needed for 'auto')")
     return top
 
 
@@ -72,6 +83,34 @@ def dry_run(recipe, home: str | None) -> str:
     return "\n".join(lines)
 
 
+def preview_data(args: argparse.Namespace) -> int:
+    from flows.data_preview import data_preview
+    from flows.plan import plan_run
+    from tasks.core.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan_run(recipe)
+    quiet_user_errors()
+    print(data_preview(recipe, home=str(Path(args.home).resolve()) if args.home else None))
+    return 0
+
+
+def templates(args: argparse.Namespace) -> int:
+    from tasks.templates.show import list_templates, render_sample
+
+    if args.templates_command == "show":
+        tokenizer = None
+        if args.model:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        print(render_sample(args.name, tokenizer))
+        return 0
+    for name, description in list_templates():
+        print(f"{name:<14} {description}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from tasks.core.recipe import load_recipe
 
@@ -98,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from tasks.core.errors import TuneFactoryError
 
+    commands = {"run": run, "data": preview_data, "templates": templates}
     try:
-        return run(args)
+        return commands[args.command](args)
     except TuneFactoryError as exc:
         if args.debug:
             raise
@@ -107,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

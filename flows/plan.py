@@ -46,8 +46,12 @@ def plan_run(recipe: Recipe) -> list[Step]:
     def aligned_specs(names: str | None, key: str) -> list[StageSpec]:
         out = []
         for entry in resolve_datasets(names, data.dataset_dir, key):
+            if entry.ranking or "kto_tag" in entry.columns:
+                kind = "preference (ranking)" if entry.ranking else "KTO"
+                raise RecipeError(f"key '{key}': dataset '{entry.name}' holds {kind} data, which stage "
+                                  f"{recipe.finetuning.stage} cannot train on")
             fetched = fetch.plan(entry)
-            out.append(align.plan(entry, fetched))
+            out.append(align.plan(entry, fetched, recipe))
             specs.extend([fetched, out[-1]])
         return out
 

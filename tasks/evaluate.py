@@ -134,7 +134,7 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     generation = json.loads((ctx.inputs["data"] / "generation.json").read_text())
     metrics: dict[str, Any] = perplexity(model, rows, generation["pad_token_id"], config["per_device_eval_batch_size"])
     examples: list[dict[str, str]] = []
-    if config["do_predict"] and config["predict_with_generate"]:
+    if config["do_predict"] and config["predict_with_generate"] and "prompt_ids" in rows.column_names:
         predictions = generate(model, tokenizer, rows["prompt_ids"], config, generation)
         examples = [
             {"prompt": p, "label": label, "predict": pred}

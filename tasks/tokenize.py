@@ -1,13 +1,14 @@
 """Tokenize stage: aligned rows -> train/eval Arrow datasets of input_ids and labels.
 
-Reads the tokenizer from the model artifact; applies the chat template, prompt masking and
-cutoff; splits off a validation set (val_size) or uses eval_dataset; records length statistics.
+Reads the tokenizer from the model artifact. For sft: chat template, prompt masking, cutoff and
+optional packing (neat_packing keeps samples apart). For pt: documents, packed into cutoff_len
+blocks by default. Splits off a validation set (val_size) or uses eval_dataset; reports length
+statistics, padding share and a preview of decoded samples.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,13 @@ from prefect import task
 
 from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
 from tasks.core.store import ArtifactRef, StageSpec
-from tasks.templates import (
-    IGNORE_INDEX,
-    encode_pairs,
-    generation_prompt,
-    get_template,
-    stop_token_ids,
-    supervised_example,
-)
+from tasks.data_report import length_stats, preview_markdown, shuffled_padding_share
+from tasks.encoding import encode_document, encode_for_eval, encode_supervised
+from tasks.packing import neat_pack, pack_pretraining
+from tasks.templates import IGNORE_INDEX, get_template, stop_token_ids
 
 STAGE = "tokenize"
+CODE = ["tasks.tokenize", "tasks.encoding", "tasks.templates", "tasks.data_report", "tasks.packing"]
 
 
 def plan(recipe, train: list[StageSpec], evaluation: list[StageSpec], model: StageSpec) -> StageSpec:
@@ -39,20 +37,21 @@ def plan(recipe, train: list[StageSpec], evaluation: list[StageSpec], model: Sta
         "tokenize",
         recipe.slice_for(STAGE),
         inputs,
-        ["tasks.tokenize", "tasks.templates"],
+        CODE,
         ("transformers", "tokenizers", "datasets"),
     )
 
 
-def load_aligned(ctx: BuildContext, prefix: str, max_samples: int | None):
-    """Concatenate the aligned inputs named prefix_0, prefix_1, ...; each capped at max_samples rows."""
+def load_aligned(ctx: BuildContext, prefix: str, config: dict[str, Any]):
+    """The aligned inputs named prefix_0, prefix_1, ..., each capped at max_samples rows, merged."""
     import datasets
 
     parts = []
-    for name in sorted(n for n in ctx.inputs if n.startswith(prefix)):
+    for name in sorted((n for n in ctx.inputs if n.startswith(prefix)), key=lambda n: int(n.rsplit("_", 1)[1])):
         rows = datasets.load_from_disk(str(ctx.inputs[name] / "rows"))
-        parts.append(rows.select(range(min(max_samples, len(rows)))) if max_samples else rows)
-    return datasets.concatenate_datasets(parts) if parts else None
+        limit = config["max_samples"]
+        parts.append(rows.select(range(min(limit, len(rows)))) if limit else rows)
+    return merge_parts(parts, config["mix_strategy"], config["interleave_probs"], config["seed"]) if parts else None
 
 
 def split_validation(rows, val_size: float, seed: int):
@@ -62,16 +61,72 @@ def split_validation(rows, val_size: float, seed: int):
     return parts["train"], parts["test"]
 
 
-def length_stats(lengths: list[int], trainable: list[int]) -> dict[str, float]:
-    if not lengths:
-        return {"rows": 0}
-    return {
-        "rows": len(lengths),
-        "tokens": sum(lengths),
-        "mean_len": round(statistics.mean(lengths), 1),
-        "max_len": max(lengths),
-        "trainable_share": round(sum(trainable) / max(sum(lengths), 1), 4),
-    }
+def merge_parts(parts: list, strategy: str, probs: str | None, seed: int):
+    """Merge datasets: concatenate, or interleave until the first (under) or last (over) runs out."""
+    import datasets
+
+    if len(parts) == 1 or strategy == "concat":
+        return datasets.concatenate_datasets(parts)
+    weights = [float(p) for p in probs.split(",")] if probs else None
+    stopping = "first_exhausted" if strategy == "interleave_under" else "all_exhausted"
+    return datasets.interleave_datasets(parts, probabilities=weights, seed=seed, stopping_strategy=stopping)
+
+
+def pack_supervised(encoded, cutoff_len: int, isolate: bool):
+    """Several samples per row. isolate: positions restart per sample, so attention stays inside it;
+    otherwise (plain packing, as LlamaFactory's) positions run on and attention crosses samples."""
+    import datasets
+
+    rows = neat_pack(list(zip(encoded["input_ids"], encoded["labels"], strict=True)), cutoff_len)
+    if not isolate:
+        for row in rows:
+            row["position_ids"] = list(range(len(row["input_ids"])))
+    return datasets.Dataset.from_list(rows)
+
+
+def packing_enabled(config: dict[str, Any]) -> bool:
+    """packing defaults to on for pretraining and off for sft, as in LlamaFactory."""
+    return config["packing"] if config["packing"] is not None else config["stage"] == "pt"
+
+
+def encode_train(rows, tokenizer, template, config: dict[str, Any], workers: int | None):
+    """Training rows (input_ids, labels, position_ids when packed) and how many were dropped."""
+    import datasets
+
+    cutoff = config["cutoff_len"]
+    if config["stage"] == "pt":
+        docs = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=rows.column_names,
+                        num_proc=workers, desc="tokenize documents")
+        if packing_enabled(config):
+            blocks = pack_pretraining(docs["input_ids"], cutoff, tokenizer.eos_token_id)
+        else:
+            blocks = [ids[:cutoff] for ids in docs["input_ids"]]
+        return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks}), 0
+    encoded = rows.map(encode_supervised, fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config},
+                       remove_columns=rows.column_names, num_proc=workers, desc="tokenize train")
+    keep = [i for i, labels in enumerate(encoded["labels"]) if any(t != IGNORE_INDEX for t in labels)]
+    dropped = len(encoded) - len(keep)
+    encoded = encoded.select(keep)  # a sample with no trainable token carries no signal
+    if config["neat_packing"] or packing_enabled(config):
+        encoded = pack_supervised(encoded, cutoff, isolate=config["neat_packing"])
+    return encoded, dropped
+
+
+def encode_eval(rows, tokenizer, template, config: dict[str, Any], workers: int | None):
+    """Evaluation rows: labels for perplexity and, for sft, the generation prompt and reference reply."""
+    if config["stage"] == "pt":
+        docs = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=rows.column_names,
+                        num_proc=workers, desc="tokenize eval documents")
+        return docs.map(lambda row: {"input_ids": row["input_ids"][: config["cutoff_len"]],
+                                     "labels": row["input_ids"][: config["cutoff_len"]]})
+    return rows.map(encode_for_eval, fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config},
+                    remove_columns=rows.column_names, num_proc=workers, desc="tokenize eval")
+
+
+def split_stats(rows) -> dict[str, Any]:
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    trainable = [sum(t != IGNORE_INDEX for t in labels) for labels in rows["labels"]]
+    return length_stats(lengths, trainable) | {"_lengths": lengths}
 
 
 def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
@@ -80,56 +135,52 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
 
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.inputs["model"] / "model"))
     template = get_template(config["template"])
-    cutoff = config["cutoff_len"]
-
-    def supervised(row: dict[str, Any]) -> dict[str, Any]:
-        pairs = encode_pairs(tokenizer, template, row["messages"], row["system"])
-        input_ids, labels = supervised_example(pairs, cutoff, config["train_on_prompt"], config["mask_history"])
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
-
-    def for_eval(row: dict[str, Any]) -> dict[str, Any]:
-        pairs = encode_pairs(tokenizer, template, row["messages"], row["system"])
-        prompt = generation_prompt(pairs, cutoff)
-        return {
-            **supervised(row),
-            "prompt_ids": prompt,
-            "label_text": row["messages"][-1]["content"],
-            "prompt_text": tokenizer.decode(prompt),
-        }
-
+    workers = ctx.runtime.num_workers
     datasets.disable_caching()  # map() would otherwise write cache files into the input artifacts
-    train = load_aligned(ctx, "train_", config["max_samples"])
-    evaluation = load_aligned(ctx, "eval_", config["max_samples"])
+    train = load_aligned(ctx, "train_", config)
+    evaluation = load_aligned(ctx, "eval_", config)
     if evaluation is None and config["val_size"] and train is not None:
         train, evaluation = split_validation(train, config["val_size"], config["seed"])
     stats: dict[str, Any] = {}
-    workers = ctx.runtime.num_workers
     if train is not None:
-        encoded = train.map(supervised, remove_columns=train.column_names, num_proc=workers, desc="tokenize train")
-        has_target = [any(t != IGNORE_INDEX for t in labels) for labels in encoded["labels"]]
-        dropped = has_target.count(False)
-        encoded = encoded.select([i for i, ok in enumerate(has_target) if ok])  # no trainable token: no signal
+        encoded, dropped = encode_train(train, tokenizer, template, config, workers)
         encoded.save_to_disk(str(out / "train"))
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        trainable = [sum(t != IGNORE_INDEX for t in labels) for labels in encoded["labels"]]
-        stats["train"] = {**length_stats(lengths, trainable), "dropped_no_target": dropped}
+        stats["train"] = split_stats(encoded)
+        lengths = stats["train"].pop("_lengths")
+        padding = shuffled_padding_share(lengths, config["per_device_train_batch_size"], config["seed"])
+        stats["train"] |= {"dropped_no_target": dropped, "padding_share": padding}
     if evaluation is not None:
-        encoded = evaluation.map(
-            for_eval, remove_columns=evaluation.column_names, num_proc=workers, desc="tokenize eval"
-        )
+        encoded = encode_eval(evaluation, tokenizer, template, config, workers)
         encoded.save_to_disk(str(out / "eval"))
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        trainable = [sum(t != IGNORE_INDEX for t in labels) for labels in encoded["labels"]]
-        stats["eval"] = length_stats(lengths, trainable)
+        stats["eval"] = split_stats(encoded)
+        stats["eval"].pop("_lengths")
     generation = {
         "stop_token_ids": stop_token_ids(tokenizer, template),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     }
     (out / "generation.json").write_text(json.dumps(generation))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    if train is not None:
+        preview = preview_markdown(tokenizer, datasets.load_from_disk(str(out / "train")), stats)
+        (out / "preview.md").write_text(preview)
+        publish_preview(preview, ctx)
     ctx.log.info("tokenized: %s", json.dumps(stats))
     ctx.log_metrics({f"{split}_{k}": v for split, s in stats.items() for k, v in s.items()})
     return {"stats": stats}
+
+
+def publish_preview(preview: str, ctx: BuildContext) -> None:
+    """Show the preview in the Prefect UI (inside a task run) and on the stage's MLflow run."""
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is not None:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(key="tokenized-data-preview", markdown=preview, description="Decoded samples")
+    if ctx.runtime.mlflow_run_id:
+        from tasks.core import tracking
+
+        tracking.client().log_text(ctx.runtime.mlflow_run_id, preview, "preview.md")
 
 
 @task(name="tokenize", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")

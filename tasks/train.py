@@ -35,7 +35,7 @@ def plan(recipe, tokenized: StageSpec, model: StageSpec) -> StageSpec:
         "train",
         config,
         {"data": tokenized, "model": model},
-        ["tasks.train"],
+        ["tasks.train", "tasks.packing"],
         ("torch", "transformers", "peft", "accelerate", "bitsandbytes"),
     )
 
@@ -163,9 +163,20 @@ def training_arguments(config: dict[str, Any], staging: Path, runtime: Runtime):
     )
 
 
+def collator_for(rows, tokenizer):
+    """Packed rows carry position_ids and need no attention mask (see tasks.packing); others pad per batch."""
+    if "position_ids" in rows.column_names:
+        from tasks.packing import PackedCollator
+
+        return PackedCollator(pad_token_id=tokenizer.pad_token_id)
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+
+
 def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
     import datasets
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+    from transformers import AutoTokenizer, Trainer
 
     model_dir = ctx.inputs["model"] / "model"
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -180,7 +191,7 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         model=model,
         args=training_arguments(config, staging, ctx.runtime),
         train_dataset=train_rows,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        data_collator=collator_for(train_rows, tokenizer),
         callbacks=[mlflow_step_logger(ctx.runtime.mlflow_run_id)],
     )
     resumed_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0

@@ -59,13 +59,25 @@ class DataSection(Section):
     mask_history: bool = option(False, "Train only on the last assistant turn.", "tokenize")
     max_samples: int | None = option(None, "Keep at most this many rows of each dataset.", "tokenize", gt=0)
     val_size: float = option(0.0, "Held-out share (<1) or count (>=1) of the training rows.", "tokenize", ge=0)
-    mix_strategy: Literal["concat"] = option("concat", "How several datasets are merged.", "tokenize")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
+        "concat", "How several datasets are merged: concatenated, or interleaved until the first "
+        "(under) or last (over) runs out.", "tokenize")
+    interleave_probs: str | None = option(None, "Comma-separated sampling probabilities for interleaving.", "tokenize")
+    streaming: bool = option(False, "Stream rows instead of materializing them; training then needs max_steps.",
+                             "tokenize")
+    buffer_size: int = option(16384, "Shuffle buffer size in streaming mode.", "tokenize", gt=0)
+    packing: bool | None = option(None, "Concatenate and chunk samples to cutoff_len (default: on for stage pt).",
+                                  "tokenize")
+    neat_packing: bool = option(False, "Pack SFT samples without attention or positions crossing samples.",
+                                "tokenize")
+    on_invalid_row: Literal["fail", "drop"] = option(
+        "fail", "An invalid row stops the run with its location, or is dropped and counted.", "align")
     preprocessing_num_workers: int | None = option(None, "Processes used to tokenize.")
     overwrite_cache: bool = option(False, "Rebuild the data stages even if cached.")
 
 
 class FinetuningSection(Section):
-    stage: Literal["sft"] = option("sft", "Training stage.", "train")
+    stage: Literal["pt", "sft"] = option("sft", "Training stage: pt (pretraining) or sft.", "tokenize", "train")
     do_train: bool = option(True, "Train; false evaluates the base model only.")
     finetuning_type: Literal["lora", "full", "freeze"] = option("lora", "Which weights are trained.", "train")
     lora_rank: int = option(8, "LoRA rank.", "train", gt=0)
@@ -78,7 +90,8 @@ class FinetuningSection(Section):
 
 
 class TrainingSection(Section):
-    per_device_train_batch_size: int = option(1, "Rows per device per step.", "train", gt=0)
+    per_device_train_batch_size: int = option(1, "Rows per device per step (tokenize reports padding at it).",
+                                              "tokenize", "train", gt=0)
     gradient_accumulation_steps: int = option(1, "Steps accumulated per optimizer update.", "train", gt=0)
     learning_rate: float = option(5e-5, "Peak learning rate.", "train", gt=0)
     num_train_epochs: float = option(3.0, "Epochs (ignored when max_steps > 0).", "train", gt=0)

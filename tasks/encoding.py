@@ -1,0 +1,62 @@
+"""Row-level encoding of aligned rows into model inputs; the tokenize stage maps these over datasets,
+and streaming training applies them lazily to the same rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.core.errors import DataError
+from tasks.templates import Template, encode_pairs, generation_prompt, supervised_example
+
+
+def row_kind(row: dict[str, Any]) -> str:
+    """sft, preference, kto or pretrain, read off an aligned row."""
+    if row["kto_tag"] is not None:
+        return "kto"
+    if len(row["response"]) == 2:
+        return "preference"
+    return "sft" if row["response"] else "pretrain"
+
+
+def check_kind(row: dict[str, Any], stage: str) -> None:
+    """Refuse rows the training stage cannot learn from (preference pairs, KTO labels) with their row index."""
+    kind = row_kind(row)
+    if kind in ("preference", "kto"):
+        raise DataError(f"row {row['row']}: {kind} data needs stage {'rm/dpo' if kind == 'preference' else 'kto'}, "
+                        f"which this version does not run; use it with stage sft or pt only after converting it")
+    if stage == "sft" and kind == "pretrain":
+        raise DataError(f"row {row['row']}: a text-only (pretraining) row has no reply to learn; use stage: pt")
+
+
+def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The SFT conversation: the prompt turns and the reply."""
+    return list(row["prompt"]) + list(row["response"][:1])
+
+
+def encode_supervised(row: dict[str, Any], tokenizer, template: Template, config: dict[str, Any]) -> dict[str, Any]:
+    """input_ids and labels of one conversation, masked and truncated as the recipe says."""
+    check_kind(row, "sft")
+    pairs = encode_pairs(tokenizer, template, conversation(row), row["system"])
+    input_ids, labels = supervised_example(pairs, config["cutoff_len"], config["train_on_prompt"],
+                                           config["mask_history"])
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def encode_for_eval(row: dict[str, Any], tokenizer, template: Template, config: dict[str, Any]) -> dict[str, Any]:
+    """encode_supervised plus the generation prompt and the reference reply."""
+    pairs = encode_pairs(tokenizer, template, conversation(row), row["system"])
+    prompt = generation_prompt(pairs, config["cutoff_len"])
+    return {**encode_supervised(row, tokenizer, template, config), "prompt_ids": prompt,
+            "label_text": row["response"][0]["content"], "prompt_text": tokenizer.decode(prompt)}
+
+
+def document_text(row: dict[str, Any]) -> str:
+    """The text a pretraining stage learns from: the document, or every turn of a conversation."""
+    check_kind(row, "pt")
+    return row["text"] or "\n".join(turn["content"] for turn in conversation(row))
+
+
+def encode_document(row: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """Token ids of one document followed by EOS, untruncated (packing chunks them later)."""
+    ids = tokenizer.encode(document_text(row), add_special_tokens=False) + [tokenizer.eos_token_id]
+    return {"input_ids": ids}
