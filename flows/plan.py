@@ -50,7 +50,7 @@ def plan_run(recipe: Recipe) -> list[Step]:
                 kind = "preference (ranking)" if entry.ranking else "KTO"
                 raise RecipeError(f"key '{key}': dataset '{entry.name}' holds {kind} data, which stage "
                                   f"{recipe.finetuning.stage} cannot train on")
-            fetched = fetch.plan(entry)
+            fetched = fetch.plan(entry, recipe)
             out.append(align.plan(entry, fetched, recipe))
             specs.extend([fetched, out[-1]])
         return out

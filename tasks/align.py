@@ -8,6 +8,7 @@ errors can point back at the file). An invalid row stops the run with its locati
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tasks.core.registry import DatasetEntry
 from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
 from tasks.core.store import ArtifactRef, StageSpec
 from tasks.formats import MEDIA, RowError, convert_row, dataset_kind, field_columns
+from tasks.streaming import check_first_rows, open_source
 
 STAGE = "align"
 EXAMPLES = 5  # dropped rows quoted in the manifest, enough to find the pattern
@@ -42,7 +44,7 @@ def plan(entry: DatasetEntry, fetched: StageSpec, recipe: Recipe) -> StageSpec:
         **recipe.slice_for(STAGE),
     }
     locators = {"name": entry.name, "source": entry.description}
-    code = ["tasks.align", "tasks.formats"]
+    code = ["tasks.align", "tasks.formats", "tasks.streaming"]
     return make_spec(STAGE, f"align[{entry.name}]", config, {"rows": fetched}, code, ("datasets",), locators)
 
 
@@ -88,6 +90,8 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     where = f"dataset '{ctx.spec.locators['name']}' ({ctx.spec.locators['source']})"
     formatting, kind, tags = config["formatting"], config["kind"], config["tags"]
     drop = config["on_invalid_row"] == "drop"
+    if (ctx.inputs["rows"] / "source.json").exists():
+        return publish_stream(config, ctx, out, where)
     # map() would otherwise write its cache file into the input artifact's folder, damaging it.
     datasets.disable_caching()
     rows = datasets.load_from_disk(str(ctx.inputs["rows"] / "rows"))
@@ -127,6 +131,19 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         "drop_reasons": dict(reasons.most_common()),
         "drop_examples": dropped[:EXAMPLES],
     }
+
+
+def publish_stream(config: dict[str, Any], ctx: BuildContext, out: Path, where: str) -> dict[str, Any]:
+    """Streaming: check the first rows now and publish the converter settings that train applies lazily."""
+    source = json.loads((ctx.inputs["rows"] / "source.json").read_text())
+    present = list(next(iter(open_source(source))))
+    part = {"source": source, "formatting": config["formatting"], "kind": config["kind"], "tags": config["tags"],
+            "columns": usable_columns(config, present, where), "on_invalid_row": config["on_invalid_row"],
+            "where": where, "present_columns": present}
+    checked = check_first_rows(part)
+    (out / "stream.json").write_text(json.dumps(part))
+    ctx.log.info("%s: streaming; checked the first %d rows", where, checked)
+    return {"streaming": True, "checked_rows": checked, "kind": config["kind"]}
 
 
 @task(name="align", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")

@@ -40,8 +40,8 @@ def source_digest(entry: DatasetEntry) -> str:
     return f"hub:{info.sha}"
 
 
-def plan(entry: DatasetEntry) -> StageSpec:
-    config = {"entry": entry.keyed(), "source": source_digest(entry)}
+def plan(entry: DatasetEntry, recipe) -> StageSpec:
+    config = {"entry": entry.keyed(), "source": source_digest(entry), **recipe.slice_for(STAGE)}
     locators = {"path": str(entry.local_path) if entry.file_name else "", "name": entry.name}
     return make_spec(STAGE, f"fetch[{entry.name}]", config, {}, ["tasks.fetch"], ("datasets", "pyarrow"), locators)
 
@@ -77,34 +77,43 @@ def data_files(path: Path) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]
 
 
-def load_local(path: Path, name: str):
+def load_arguments(entry: dict[str, Any], source: str, where: dict[str, str]) -> dict[str, Any]:
+    """The datasets.load_dataset arguments that open this source (a local file/folder or a hub commit)."""
+    if where["path"]:
+        loader, files = data_files(Path(where["path"]))
+        arguments = {"path": loader, "data_files": files, "split": "train"}
+        if loader == "csv":  # an empty CSV cell is an empty text, not NaN
+            arguments["keep_default_na"] = False
+        return arguments
+    return {"path": entry["hf_hub_url"], "name": entry["subset"], "data_dir": entry["folder"],
+            "split": entry["split"], "revision": source.removeprefix("hub:")}
+
+
+def open_rows(arguments: dict[str, Any], name: str, streaming: bool = False):
+    """load_dataset with a DataError naming the dataset if the source cannot be read."""
     import datasets
 
-    loader, files = data_files(path)
-    if loader == "json":
-        for file in files:
+    if arguments["path"] == "json":
+        for file in arguments["data_files"]:
             check_json_rows(Path(file))
     try:
-        return datasets.load_dataset(loader, data_files=files, split="train")
+        return datasets.load_dataset(**arguments, streaming=streaming)
     except Exception as exc:
-        raise DataError(f"dataset '{name}': cannot read {path}: {exc}".splitlines()[0]) from None
-
-
-def load_hub(entry: dict[str, Any], source: str):
-    import datasets
-
-    return datasets.load_dataset(
-        entry["hf_hub_url"],
-        name=entry["subset"],
-        data_dir=entry["folder"],
-        split=entry["split"],
-        revision=source.removeprefix("hub:"),
-    )
+        raise DataError(f"dataset '{name}': cannot read {arguments['path']}: {exc}".splitlines()[0]) from None
 
 
 def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
     entry, where = config["entry"], ctx.spec.locators
-    rows = load_local(Path(where["path"]), where["name"]) if where["path"] else load_hub(entry, config["source"])
+    arguments = load_arguments(entry, config["source"], where)
+    if config["streaming"]:
+        # Streaming: publish how to open the source, not its rows; one row is read to prove it opens.
+        stream = open_rows(arguments, where["name"], streaming=True)
+        first = next(iter(stream), None)
+        if first is None:
+            raise DataError(f"dataset '{where['name']}': the source has no rows")
+        (out / "source.json").write_text(json.dumps({"load": arguments, "num_samples": entry["num_samples"]}))
+        return {"streaming": True, "columns": list(first)}
+    rows = open_rows(arguments, where["name"])
     if entry["num_samples"]:
         rows = rows.select(range(min(entry["num_samples"], len(rows))))
     rows.save_to_disk(str(out / "rows"))

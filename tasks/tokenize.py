@@ -18,11 +18,14 @@ from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute,
 from tasks.core.store import ArtifactRef, StageSpec
 from tasks.data_report import length_stats, preview_markdown, shuffled_padding_share
 from tasks.encoding import encode_document, encode_for_eval, encode_supervised
+from tasks.mixing import merge_parts
 from tasks.packing import neat_pack, pack_pretraining
+from tasks.streaming import merged_aligned, training_stream
 from tasks.templates import IGNORE_INDEX, get_template, stop_token_ids
 
 STAGE = "tokenize"
-CODE = ["tasks.tokenize", "tasks.encoding", "tasks.templates", "tasks.data_report", "tasks.packing"]
+CODE = ["tasks.tokenize", "tasks.encoding", "tasks.templates", "tasks.data_report", "tasks.packing", "tasks.mixing",
+        "tasks.streaming", "tasks.formats"]
 
 
 def plan(recipe, train: list[StageSpec], evaluation: list[StageSpec], model: StageSpec) -> StageSpec:
@@ -59,17 +62,6 @@ def split_validation(rows, val_size: float, seed: int):
     size = int(val_size) if val_size >= 1 else val_size
     parts = rows.train_test_split(test_size=size, seed=seed)
     return parts["train"], parts["test"]
-
-
-def merge_parts(parts: list, strategy: str, probs: str | None, seed: int):
-    """Merge datasets: concatenate, or interleave until the first (under) or last (over) runs out."""
-    import datasets
-
-    if len(parts) == 1 or strategy == "concat":
-        return datasets.concatenate_datasets(parts)
-    weights = [float(p) for p in probs.split(",")] if probs else None
-    stopping = "first_exhausted" if strategy == "interleave_under" else "all_exhausted"
-    return datasets.interleave_datasets(parts, probabilities=weights, seed=seed, stopping_strategy=stopping)
 
 
 def pack_supervised(encoded, cutoff_len: int, isolate: bool):
@@ -137,6 +129,8 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     template = get_template(config["template"])
     workers = ctx.runtime.num_workers
     datasets.disable_caching()  # map() would otherwise write cache files into the input artifacts
+    if config["streaming"]:
+        return build_stream(config, ctx, out, tokenizer, template)
     train = load_aligned(ctx, "train_", config)
     evaluation = load_aligned(ctx, "eval_", config)
     if evaluation is None and config["val_size"] and train is not None:
@@ -154,11 +148,7 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         encoded.save_to_disk(str(out / "eval"))
         stats["eval"] = split_stats(encoded)
         stats["eval"].pop("_lengths")
-    generation = {
-        "stop_token_ids": stop_token_ids(tokenizer, template),
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    }
-    (out / "generation.json").write_text(json.dumps(generation))
+    write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     if train is not None:
         preview = preview_markdown(tokenizer, datasets.load_from_disk(str(out / "train")), stats)
@@ -167,6 +157,45 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     ctx.log.info("tokenized: %s", json.dumps(stats))
     ctx.log_metrics({f"{split}_{k}": v for split, s in stats.items() for k, v in s.items()})
     return {"stats": stats}
+
+
+def build_stream(config: dict[str, Any], ctx: BuildContext, out: Path, tokenizer, template) -> dict[str, Any]:
+    """Streaming: describe the training stream for the train stage; materialize only the (small) eval split."""
+    import datasets
+
+    def parts(prefix: str) -> list[dict[str, Any]]:
+        names = sorted((n for n in ctx.inputs if n.startswith(prefix)), key=lambda n: int(n.rsplit("_", 1)[1]))
+        return [json.loads((ctx.inputs[name] / "stream.json").read_text()) for name in names]
+
+    spec = {"parts": parts("train_"), "config": config, "skip": 0}
+    evaluation = None
+    if parts("eval_"):
+        evaluation = datasets.Dataset.from_list(list(merged_aligned(parts("eval_"), config)))
+    elif config["val_size"] and spec["parts"]:
+        spec["skip"] = int(config["val_size"])  # the stream's first rows are the validation split
+        evaluation = datasets.Dataset.from_list(list(merged_aligned(spec["parts"], config).take(spec["skip"])))
+    (out / "stream.json").write_text(json.dumps(spec))
+    stats: dict[str, Any] = {"train": {"streaming": True, "parts": len(spec["parts"])}}
+    if evaluation is not None and len(evaluation):
+        encoded = encode_eval(evaluation, tokenizer, template, config, ctx.runtime.num_workers)
+        encoded.save_to_disk(str(out / "eval"))
+        stats["eval"] = split_stats(encoded)
+        stats["eval"].pop("_lengths")
+    sample = datasets.Dataset.from_list(list(training_stream(spec, tokenizer, shuffle=False).take(3)))
+    if len(sample):
+        preview = preview_markdown(tokenizer, sample, stats)
+        (out / "preview.md").write_text(preview)
+        publish_preview(preview, ctx)
+    write_generation(out, tokenizer, template)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    return {"stats": stats}
+
+
+def write_generation(out: Path, tokenizer, template) -> None:
+    """Stop and pad token ids the evaluate stage generates with."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generation = {"stop_token_ids": stop_token_ids(tokenizer, template), "pad_token_id": pad}
+    (out / "generation.json").write_text(json.dumps(generation))
 
 
 def publish_preview(preview: str, ctx: BuildContext) -> None:

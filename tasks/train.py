@@ -18,6 +18,7 @@ from tasks.core import tracking
 from tasks.core.hardware import attn_implementation, has_cuda, mixed_precision, torch_dtype
 from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
 from tasks.core.store import ArtifactRef, StageSpec
+from tasks.streaming import training_stream
 
 STAGE = "train"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -35,7 +36,7 @@ def plan(recipe, tokenized: StageSpec, model: StageSpec) -> StageSpec:
         "train",
         config,
         {"data": tokenized, "model": model},
-        ["tasks.train", "tasks.packing"],
+        ["tasks.train", "tasks.packing", "tasks.streaming", "tasks.encoding", "tasks.formats"],
         ("torch", "transformers", "peft", "accelerate", "bitsandbytes"),
     )
 
@@ -165,7 +166,7 @@ def training_arguments(config: dict[str, Any], staging: Path, runtime: Runtime):
 
 def collator_for(rows, tokenizer):
     """Packed rows carry position_ids and need no attention mask (see tasks.packing); others pad per batch."""
-    if "position_ids" in rows.column_names:
+    if "position_ids" in (rows.column_names or []):
         from tasks.packing import PackedCollator
 
         return PackedCollator(pad_token_id=tokenizer.pad_token_id)
@@ -183,7 +184,11 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     model = attach_trainable(load_base(model_dir, config), config)
     if ctx.runtime.gradient_checkpointing and config["finetuning_type"] == "lora":
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
-    train_rows = datasets.load_from_disk(str(ctx.inputs["data"] / "train"))
+    stream_file = ctx.inputs["data"] / "stream.json"
+    if stream_file.exists():  # streaming: rows are aligned and tokenized lazily as training consumes them
+        train_rows = training_stream(json.loads(stream_file.read_text()), tokenizer)
+    else:
+        train_rows = datasets.load_from_disk(str(ctx.inputs["data"] / "train"))
     staging = ctx.staging
     explicit = ctx.runtime.resume_from_checkpoint
     resume = Path(explicit) if explicit else latest_complete_checkpoint(staging)

@@ -54,6 +54,13 @@ def test_alpaca_defaults_and_optional_cells():
     assert json.loads(tools) == [{"name": "f"}]
 
 
+def test_alpaca_numbers_are_read_as_text():
+    columns = {"prompt": "instruction", "query": "input", "response": "output", "system": None, "history": None,
+               "tools": None}
+    converted = convert_row({"instruction": "Q", "output": 3}, "alpaca", "sft", columns, {})
+    assert converted["response"] == [{"role": "assistant", "content": "3"}]
+
+
 @pytest.mark.parametrize(
     ("row", "message"),
     [

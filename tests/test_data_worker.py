@@ -8,7 +8,8 @@ import pytest
 from flows.cli import main
 from flows.finetune import finetune
 from tasks.core.recipe import load_recipe
-from tasks.tokenize import merge_parts
+from tasks.mixing import merge_parts
+from tests.conftest import BUNDLED_DATA
 
 
 def numbered(prefix: str, count: int):
@@ -47,3 +48,96 @@ def test_data_preview_prints_marked_samples_and_statistics(capsys, write_recipe)
     out = capsys.readouterr().out
     assert "| split |" in out and "padding_share" in out and "trainable_share" in out
     assert "⟦" in out and "<|im_start|>assistant\n⟦" in out  # the reply is marked trainable, the prompt is not
+
+
+def test_streaming_trains_from_a_lazy_stream(write_recipe, workdir):
+    recipe = write_recipe(streaming=True, max_steps=3, max_samples=None, eval_dataset=None, val_size=6,
+                          dataset="pydoc_summaries,pydoc_summaries_test", mix_strategy="interleave_under")
+    summary = finetune(load_recipe(recipe))
+    key = {s.label: s.key for s in summary.stages}
+    store = workdir / "artifacts"
+    fetched = store / "fetch" / key["fetch[pydoc_summaries]"]
+    assert (fetched / "source.json").is_file() and not (fetched / "rows").exists()  # nothing materialized
+    tokenized = store / "tokenize" / key["tokenize"]
+    stream = json.loads((tokenized / "stream.json").read_text())
+    assert len(stream["parts"]) == 2 and stream["skip"] == 6 and not (tokenized / "train").exists()
+    assert len(datasets.load_from_disk(str(tokenized / "eval"))) == 6  # the stream's first rows
+    results = json.loads((store / "train" / key["train"] / "train_results.json").read_text())
+    assert results["global_step"] == 3
+    assert summary.metrics["tuned"]["num_samples"] == 6
+
+
+def test_streaming_row_errors_name_the_row(capsys, write_recipe, workdir):
+    folder = workdir / "data"
+    folder.mkdir()
+    rows = [{"instruction": f"task {i}", "output": f"answer {i}"} for i in range(5)]
+    rows[3]["output"] = ""
+    (folder / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "dataset_info.json").write_text(json.dumps({"broken": {"file_name": "broken.jsonl"}}))
+    recipe = write_recipe(streaming=True, max_steps=2, dataset="broken", dataset_dir=str(folder), eval_dataset=None)
+    assert main(["run", str(recipe)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("row 3: field 'output' (response) is empty") and "broken.jsonl" in err
+
+
+def test_pretraining_packs_documents_into_blocks(write_recipe, workdir):
+    folder = workdir / "data"
+    folder.mkdir()
+    lines = [json.loads(line)["input"].replace("\n", " ")
+             for line in (BUNDLED_DATA / "pydoc_summaries_train.jsonl").read_text().splitlines()[:40]]
+    (folder / "docs.txt").write_text("\n".join(lines) + "\n")
+    (folder / "dataset_info.json").write_text(json.dumps({"docs": {"file_name": "docs.txt",
+                                                                   "columns": {"prompt": "text"}}}))
+    recipe = write_recipe(stage="pt", dataset="docs", dataset_dir=str(folder), eval_dataset=None, val_size=4,
+                          cutoff_len=64, max_samples=None)
+    summary = finetune(load_recipe(recipe))
+    tokenized = workdir / "artifacts" / "tokenize" / next(s.key for s in summary.stages if s.stage == "tokenize")
+    rows = datasets.load_from_disk(str(tokenized / "train"))
+    assert len(rows) > 36 and {len(ids) for ids in rows["input_ids"]} == {64}  # documents packed into blocks
+    assert rows[0]["labels"] == rows[0]["input_ids"]
+    assert "perplexity" in summary.metrics["tuned"] and "rougeL" not in summary.metrics["tuned"]
+
+
+ROWS = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(6)]
+
+
+def write_table(path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(ROWS)
+    if kind == "csv":
+        path.write_text("instruction,output\n" + "".join(f"{r['instruction']},{r['output']}\n" for r in ROWS))
+    elif kind == "parquet":
+        pq.write_table(table, path)
+    elif kind == "arrow":
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif kind == "json":
+        path.write_text(json.dumps(ROWS))
+    elif kind == "folder":
+        path.mkdir()
+        (path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+        (path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[3:]))
+
+
+@pytest.mark.parametrize("kind,name", [("csv", "t.csv"), ("parquet", "t.parquet"), ("arrow", "t.arrow"),
+                                       ("json", "t.json"), ("folder", "parts")])
+def test_local_file_types_fetch_and_align(tmp_path, kind, name):
+    from tasks import align, fetch
+    from tasks.core.recipe import Recipe
+    from tasks.core.registry import load_registry
+    from tasks.core.stage import Runtime, execute
+    from tasks.core.store import ArtifactStore
+
+    write_table(tmp_path / name, kind)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"t": {"file_name": name}}))
+    entry = load_registry(tmp_path)["t"]
+    recipe = Recipe.from_flat({"dataset": "t", "dataset_dir": str(tmp_path)})
+    runtime = Runtime(home=str(tmp_path / "store"))
+    fetched = fetch.plan(entry, recipe)
+    execute(fetched, fetch.build, runtime)
+    aligned = align.plan(entry, fetched, recipe)
+    execute(aligned, align.build, runtime)
+    rows = datasets.load_from_disk(str(ArtifactStore(tmp_path / "store").path("align", aligned.key) / "rows"))
+    assert len(rows) == 6 and rows[5]["prompt"][0]["content"] == "Say 5." and rows[5]["response"][0]["content"] == "5"

@@ -64,7 +64,7 @@ class DataSection(Section):
         "(under) or last (over) runs out.", "tokenize")
     interleave_probs: str | None = option(None, "Comma-separated sampling probabilities for interleaving.", "tokenize")
     streaming: bool = option(False, "Stream rows instead of materializing them; training then needs max_steps.",
-                             "tokenize")
+                             "fetch", "tokenize")
     buffer_size: int = option(16384, "Shuffle buffer size in streaming mode.", "tokenize", gt=0)
     packing: bool | None = option(None, "Concatenate and chunk samples to cutoff_len (default: on for stage pt).",
                                   "tokenize")
@@ -212,6 +212,12 @@ def check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: keys 'bf16' and 'fp16' are both true; choose one")
     if recipe.model.quantization_bit and recipe.finetuning.finetuning_type != "lora":
         raise RecipeError(f"{source}: key 'quantization_bit' needs finetuning_type: lora (QLoRA)")
+    if recipe.data.streaming and recipe.training.max_steps <= 0:
+        raise RecipeError(f"{source}: key 'streaming' needs 'max_steps' > 0 (a stream has no known length)")
+    if recipe.data.streaming and (recipe.data.packing or recipe.data.neat_packing):
+        raise RecipeError(f"{source}: keys 'streaming' and 'packing'/'neat_packing' cannot be combined")
+    if recipe.data.streaming and 0 < recipe.data.val_size < 1:
+        raise RecipeError(f"{source}: key 'val_size' must be a row count (>= 1) with streaming")
     if recipe.finetuning.do_train and not recipe.data.dataset:
         raise RecipeError(f"{source}: key 'dataset' is required when do_train is true")
 

@@ -19,8 +19,11 @@ class RowError(ValueError):
 
 
 def cell_text(row: dict[str, Any], column: str | None, field: str, required: bool = False) -> str:
-    """A string cell; a non-string, or a missing or blank required cell, is a RowError naming the column."""
+    """A string cell; a non-string, or a missing or blank required cell, is a RowError naming the column.
+    A number is taken as its text: CSV and parquet readers infer `5` from a column of digits."""
     value = row.get(column) if column else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
     if value is not None and not isinstance(value, str):
         raise RowError(f"field '{column}' ({field}) must be a string, got {type(value).__name__}",
                        f"'{column}' is not a string")
