@@ -17,6 +17,7 @@ QUIET_DEFAULTS = {  # no phoning home from a machine that may have no network
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # not the table-creation chatter of a new SQLite store
     # The ephemeral Prefect server can take a while to start on a busy 2-core machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
@@ -54,12 +55,28 @@ def parser() -> argparse.ArgumentParser:
 
 
 class HideUserErrorTracebacks(logging.Filter):
-    """On the console a user mistake is the CLI's one line, not a Prefect traceback (the API log keeps it)."""
+    """On the console a user mistake is the CLI's one line, not Prefect's traceback or failed-state echo
+    (the Prefect API log keeps both)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from tasks.core.errors import TuneFactoryError
 
-        return not (record.exc_info and isinstance(record.exc_info[1], TuneFactoryError))
+        if record.exc_info and isinstance(record.exc_info[1], TuneFactoryError):
+            return False
+        names = user_error_names()
+        message = record.getMessage()
+        return not ("Failed(" in message and any(f"exception {name}:" in message for name in names))
+
+
+def user_error_names() -> set[str]:
+    from tasks.core.errors import TuneFactoryError
+
+    classes, names = [TuneFactoryError], set()
+    while classes:
+        cls = classes.pop()
+        names.add(cls.__name__)
+        classes += cls.__subclasses__()
+    return names
 
 
 def quiet_user_errors() -> None:
@@ -135,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
     args = parser().parse_args(argv)
+    if not args.debug:
+        for name in ("mlflow", "alembic"):  # MLflow may already be imported, so set levels, not only env
+            logging.getLogger(name).setLevel(logging.WARNING)
     from tasks.core.errors import TuneFactoryError
 
     commands = {"run": run, "data": preview_data, "templates": templates}

@@ -66,7 +66,7 @@ def test_alpaca_numbers_are_read_as_text():
     [
         ({"instruction": "Q", "output": ""}, "field 'output' (response) is empty"),
         ({"instruction": "Q", "output": "  "}, "field 'output' (response) is empty"),
-        ({"instruction": "Q", "output": 3}, "field 'output' (response) must be a string, got int"),
+        ({"instruction": "Q", "output": {"a": 1}}, "field 'output' (response) must be a string, got dict"),
         ({"instruction": "", "input": "", "output": "A"}, "field 'instruction' (prompt) is empty"),
         ({"instruction": "Q", "output": "A", "system": ["x"]}, "field 'system' (system) must be a string, got list"),
         ({"instruction": "Q", "output": "A", "history": [["only one"]]}, "pair 0: expected [user, assistant]"),
@@ -219,9 +219,9 @@ def run_align(tmp_path, dataset_entry, on_invalid_row="fail"):
     import datasets
 
     runtime = Runtime(home=str(tmp_path / "store"))
-    fetched = fetch.plan(dataset_entry)
-    execute(fetched, fetch.build, runtime)
     recipe = Recipe.from_flat({"do_train": False, "on_invalid_row": on_invalid_row})
+    fetched = fetch.plan(dataset_entry, recipe)
+    execute(fetched, fetch.build, runtime)
     spec = align.plan(dataset_entry, fetched, recipe)
     assert spec.config["on_invalid_row"] == on_invalid_row
     ref = execute(spec, align.build, runtime)
@@ -320,4 +320,4 @@ def test_multimodal_columns_are_refused_at_plan(tmp_path):
     mine = write_dataset(tmp_path, "mm.json", [], formatting="sharegpt",
                          columns={"messages": "messages", "images": "images"})
     with pytest.raises(DataError, match="column 'images' \\(images\\) is multimodal input"):
-        align.plan(mine, fetch.plan(mine), Recipe())
+        align.plan(mine, fetch.plan(mine, Recipe()), Recipe())

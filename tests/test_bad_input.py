@@ -28,7 +28,8 @@ def run_cli(capsys, recipe) -> tuple[int, str]:
 
 def assert_nothing_published(workdir):
     store = workdir / "artifacts"
-    published = [p for p in store.glob("*/*") if not p.name.startswith(".")] if store.exists() else []
+    # <stage>/<key> folders; the store's own dot-folders (.locks, .staging) and temp dirs are not artifacts
+    published = [p for p in store.glob("*/*") if not any(part.startswith(".") for part in p.relative_to(store).parts)]
     assert published == []
 
 
