@@ -25,12 +25,21 @@ BUNDLED_DATA = REPO / "configs" / "data"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A 2-layer Llama config (hidden 32): big enough to train and pack, small enough for seconds."""
+    from transformers import LlamaConfig
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "max_position_embeddings": 512}
+    return LlamaConfig(vocab_size=vocab_size, **{**shape, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32) with a 600-token byte-level BPE tokenizer trained on the bundled data."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     texts = [
         json.loads(line)["input"] + "\n" + json.loads(line)["output"]
@@ -42,14 +51,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|endoftext|>"
     )
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+    config = tiny_llama_config(
+        len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

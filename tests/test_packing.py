@@ -9,6 +9,7 @@ import torch
 
 from tasks.packing import PackedCollator, neat_pack, pack_bins, pack_pretraining, padding_share
 from tasks.templates import IGNORE_INDEX
+from tests.conftest import tiny_llama_config
 
 VOCAB = 100
 PAD = 0
@@ -17,20 +18,10 @@ PAD = 0
 @pytest.fixture(scope="module")
 def model():
     """A 2-layer random Llama on SDPA in float32; a wide init so cross-sample attention shows in the loss."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        pad_token_id=PAD,
-    )
+    config = tiny_llama_config(VOCAB, max_position_embeddings=256, initializer_range=0.2, pad_token_id=PAD)
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
