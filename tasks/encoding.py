@@ -33,10 +33,15 @@ def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
     return list(row["prompt"]) + list(row["response"][:1])
 
 
+def system_prompt(row: dict[str, Any], template: Template) -> str:
+    """The row's system prompt (or the template's default) with its tool definitions written in."""
+    return template.system_with_tools(row["system"] or template.default_system, row["tools"])
+
+
 def encode_supervised(row: dict[str, Any], tokenizer, template: Template, config: dict[str, Any]) -> dict[str, Any]:
     """input_ids and labels of one conversation, masked and truncated as the recipe says."""
     check_kind(row, "sft")
-    pairs = encode_pairs(tokenizer, template, conversation(row), row["system"])
+    pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
     input_ids, labels = supervised_example(pairs, config["cutoff_len"], config["train_on_prompt"],
                                            config["mask_history"])
     return {"input_ids": input_ids, "labels": labels}
@@ -44,7 +49,7 @@ def encode_supervised(row: dict[str, Any], tokenizer, template: Template, config
 
 def encode_for_eval(row: dict[str, Any], tokenizer, template: Template, config: dict[str, Any]) -> dict[str, Any]:
     """encode_supervised plus the generation prompt and the reference reply."""
-    pairs = encode_pairs(tokenizer, template, conversation(row), row["system"])
+    pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
     prompt = generation_prompt(pairs, config["cutoff_len"])
     return {**encode_supervised(row, tokenizer, template, config), "prompt_ids": prompt,
             "label_text": row["response"][0]["content"], "prompt_text": tokenizer.decode(prompt)}

@@ -7,6 +7,8 @@ it; byte-level BPE decodes that text exactly, so comparing decoded text is exact
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tasks.core.errors import RecipeError
@@ -501,3 +503,24 @@ def test_auto_refuses_tokenizers_without_a_usable_chat_template(tokenizer):
     with pytest.raises(RecipeError, match="turn by turn"):
         encoded(tokenizer, "auto", CONVERSATION, SYSTEM)
     assert encoded(tokenizer, "auto", CONVERSATION, "") == encoded(tokenizer, "mistral", CONVERSATION, "")
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                                  "parameters": {"type": "object",
+                                                                 "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tool_definitions_join_the_system_prompt_as_qwen_publishes(tokenizer):
+    from tasks.encoding import encode_supervised
+
+    row = {"prompt": CONVERSATION[:-1], "response": CONVERSATION[-1:], "system": SYSTEM,
+           "tools": json.dumps([WEATHER_TOOL]), "kto_tag": None, "text": "", "row": 0}
+    config = {"cutoff_len": 4096, "train_on_prompt": False, "mask_history": False}
+    encoded_row = encode_supervised(row, tokenizer, get_template("qwen"), config)
+    tokenizer.chat_template = QWEN25
+    chat = [{"role": "system", "content": SYSTEM}, *CONVERSATION]
+    expected = tokenizer.apply_chat_template(chat, tools=[WEATHER_TOOL], tokenize=False)
+    assert tokenizer.decode(encoded_row["input_ids"]) == expected
+    assert '<tools>\n{"type": "function"' in expected  # the published block, not merely the system text
+    generic = get_template("chatml").system_with_tools("", json.dumps([WEATHER_TOOL]))
+    assert generic.startswith("You have access to the following tools:\n{") and "get_weather" in generic

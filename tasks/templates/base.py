@@ -16,6 +16,8 @@ Content is substituted literally (braces in user text are safe). Conventions:
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 from tasks.core.errors import DataError
@@ -42,6 +44,9 @@ class Template:
     system_in_user: str = ""  # "", "first" or "last": which user turn carries the system block
     stop_words: tuple[str, ...] = ()  # tokens that end a reply at generation time, besides EOS
     description: str = ""  # one line for `tunefactory templates list`
+    # How a row's tool definitions join the system prompt: {content} is the system text, {tools} one JSON
+    # object per tool per line.
+    tools: str = "{content}\n\nYou have access to the following tools:\n{tools}"
     jinja: bool = False  # ignore the formats above and render with the tokenizer's chat_template (auto)
 
     def __post_init__(self) -> None:
@@ -50,6 +55,16 @@ class Template:
         formats = (self.user, self.assistant, self.system, self.observation, self.function)
         if not self.jinja and any(f and "{content}" not in f for f in formats):
             raise ValueError(f"template {self.name}: every turn format needs a {{content}} slot")
+
+    def system_with_tools(self, system: str, tools_json: str) -> str:
+        """The system prompt with the row's tool definitions written in as this family lists them."""
+        if not tools_json:
+            return system
+        tools = json.loads(tools_json)
+        tools = tools if isinstance(tools, list) else [tools]
+        listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+        filled = re.sub(r"\{(content|tools)\}", lambda m: system if m.group(1) == "content" else listing, self.tools)
+        return filled if system else filled.lstrip("\n")
 
     def turn_format(self, role: str) -> str:
         """The format string for one message role."""
