@@ -7,6 +7,7 @@ slice and derived values: exactly what the key covers) and the input artifacts i
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -136,8 +137,6 @@ def execute(spec: StageSpec, build: BuildFn, runtime: Runtime) -> ArtifactRef:
             store.publish(spec, tmp, {"mlflow_run_id": run_id, "build_seconds": seconds, **extra})
         staging = store.root / ".staging" / spec.stage / spec.key
         if staging.exists():  # checkpoints only matter until the artifact is published
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
         log.info("%s: built %s in %.1fs", spec.label, spec.short, seconds)
     return ref
