@@ -33,6 +33,10 @@ def main() -> None:
     home = args.home or tempfile.mkdtemp(prefix="tunefactory-bench-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(home) / 'mlflow.db'}")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.cli import QUIET_DEFAULTS
+
+    for name, value in QUIET_DEFAULTS.items():  # as the CLI runs: no telemetry, quiet stores
+        os.environ.setdefault(name, value)
     from flows.finetune import finetune
     from tasks.core.recipe import load_recipe
 

@@ -155,7 +155,7 @@ def training_arguments(config: dict[str, Any], staging: Path, runtime: Runtime):
         save_steps=runtime.save_steps,
         save_total_limit=runtime.save_total_limit,
         report_to=runtime.report_to or "none",
-        gradient_checkpointing=runtime.gradient_checkpointing,
+        activation_checkpointing=runtime.gradient_checkpointing,  # transformers 5 name for it
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataloader_num_workers=runtime.dataloader_num_workers,
