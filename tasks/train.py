@@ -199,10 +199,9 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         data_collator=collator_for(train_rows, tokenizer),
         callbacks=[mlflow_step_logger(ctx.runtime.mlflow_run_id)],
     )
-    resumed_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
-    tokens_before = (
-        json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
-    )
+    resumed_state = json.loads((resume / "trainer_state.json").read_text()) if resume else {}
+    resumed_step = resumed_state.get("global_step", 0)
+    tokens_before = resumed_state.get("num_input_tokens_seen", 0)  # throughput counts this run's tokens only
     if resume:
         ctx.log.info("resuming training from %s", resume.name)
     started = time.monotonic()
