@@ -83,7 +83,8 @@ def run_step(step: Step, store: ArtifactStore, runtime: Runtime, parent_run: str
     """Run one stage task; log its nested MLflow run (cache hits point at the run that built it)."""
     spec = step.spec
     stage_run = tracking.start_stage(parent_run, spec.label, {"stage": spec.stage, "artifact_key": spec.key})
-    valid = not step.force and store.lookup(spec.stage, spec.key) is not None
+    manifest = None if step.force else store.lookup(spec.stage, spec.key)
+    valid = manifest is not None
     started = time.monotonic()
     try:
         state = step.task.with_options(refresh_cache=not valid, task_run_name=spec.label)(
@@ -96,11 +97,10 @@ def run_step(step: Step, store: ArtifactStore, runtime: Runtime, parent_run: str
         tracking.finish(stage_run, ok=False)
         raise
     if valid:
-        manifest = store.lookup(spec.stage, spec.key, verify=False)
         tracking.set_tags(
             stage_run,
             {
-                **hit_tags(manifest.mlflow_run_id if manifest else None),
+                **hit_tags(manifest.mlflow_run_id),
                 "prefect_task_run_id": str(state.state_details.task_run_id),
             },
         )

@@ -21,6 +21,7 @@ from tasks.core.registry import DatasetEntry
 from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
 from tasks.core.store import ArtifactRef, StageSpec
 from tasks.formats import MEDIA, RowError, convert_row, dataset_kind, field_columns
+from tasks.formats.common import unified
 from tasks.streaming import check_first_rows, open_source
 
 STAGE = "align"
@@ -81,9 +82,6 @@ def features(checked: bool):
     return datasets.Features(names)
 
 
-PLACEHOLDER = {"prompt": [], "response": [], "system": "", "tools": "", "kto_tag": None, "text": ""}
-
-
 def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
     import datasets
 
@@ -103,7 +101,7 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         except RowError as exc:
             if not drop:
                 raise DataError(f"{where}, row {index}: {exc}") from None
-            return {**PLACEHOLDER, "row": index, "invalid": f"row {index}: {exc}", "reason": exc.reason}
+            return {**unified([], []), "row": index, "invalid": f"row {index}: {exc}", "reason": exc.reason}
 
     aligned = rows.map(
         convert,

@@ -65,3 +65,9 @@ def encode_document(row: dict[str, Any], tokenizer) -> dict[str, Any]:
     """Token ids of one document followed by EOS, untruncated (packing chunks them later)."""
     ids = tokenizer.encode(document_text(row), add_special_tokens=False) + [tokenizer.eos_token_id]
     return {"input_ids": ids}
+
+
+def truncated_document(row: dict[str, Any], cutoff_len: int) -> dict[str, Any]:
+    """An unpacked pretraining example: a document's first cutoff_len tokens, all of them trained on."""
+    ids = row["input_ids"][:cutoff_len]
+    return {"input_ids": ids, "labels": ids}

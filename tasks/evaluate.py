@@ -68,16 +68,16 @@ def generate(
     import torch
 
     pad_id = generation["pad_token_id"]
+    sampling = (
+        {"temperature": config["temperature"], "top_p": config["top_p"], "top_k": config["top_k"]}
+        if config["do_sample"]
+        else {}
+    )
     replies = []
     for batch in batches(prompts, config["per_device_eval_batch_size"]):
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        sampling = (
-            {"temperature": config["temperature"], "top_p": config["top_p"], "top_k": config["top_k"]}
-            if config["do_sample"]
-            else {}
-        )
         with torch.no_grad():
             output = model.generate(
                 input_ids=ids,

@@ -12,13 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.core.errors import DataError
-from tasks.encoding import encode_document, encode_supervised
+from tasks.encoding import encode_document, encode_supervised, truncated_document
 from tasks.formats import RowError, convert_row
+from tasks.formats.common import unified
 from tasks.mixing import merge_parts
 from tasks.templates import IGNORE_INDEX, get_template
 
 CHECKED_ROWS = 100  # rows align reads up front, so a bad file fails before training starts
-UNIFIED = ["prompt", "response", "system", "tools", "kto_tag", "text", "row"]
+UNIFIED = [*unified([], []), "row"]  # the aligned columns that encoding replaces
 
 
 def open_source(source: dict[str, Any]):
@@ -37,8 +38,7 @@ def convert_or_flag(row: dict[str, Any], index: int, part: dict[str, Any]) -> di
     except RowError as exc:
         if part["on_invalid_row"] == "fail":
             raise DataError(f"{part['where']}, row {index}: {exc}") from None
-        empty = {"prompt": [], "response": [], "system": "", "tools": "", "kto_tag": None, "text": ""}
-        return {**empty, "row": index, "keep": False}
+        return {**unified([], []), "row": index, "keep": False}
 
 
 def aligned_stream(part: dict[str, Any]):
@@ -74,8 +74,7 @@ def training_stream(spec: dict[str, Any], tokenizer, shuffle: bool = True):
         rows = rows.skip(spec["skip"])  # the first rows went to the validation split
     if config["stage"] == "pt":
         encoded = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=UNIFIED)
-        encoded = encoded.map(lambda row: {"input_ids": row["input_ids"][: config["cutoff_len"]],
-                                           "labels": row["input_ids"][: config["cutoff_len"]]})
+        encoded = encoded.map(truncated_document, fn_kwargs={"cutoff_len": config["cutoff_len"]})
     else:
         template = get_template(config["template"])
         encoded = rows.map(encode_supervised, remove_columns=UNIFIED,

@@ -17,7 +17,7 @@ from prefect import task
 from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
 from tasks.core.store import ArtifactRef, StageSpec
 from tasks.data_report import length_stats, preview_markdown, shuffled_padding_share
-from tasks.encoding import encode_document, encode_for_eval, encode_supervised
+from tasks.encoding import encode_document, encode_for_eval, encode_supervised, truncated_document
 from tasks.mixing import merge_parts
 from tasks.packing import neat_pack, pack_pretraining
 from tasks.streaming import merged_aligned, training_stream
@@ -45,12 +45,17 @@ def plan(recipe, train: list[StageSpec], evaluation: list[StageSpec], model: Sta
     )
 
 
+def input_names(ctx: BuildContext, prefix: str) -> list[str]:
+    """The inputs named prefix0, prefix1, ... (as plan numbers them), in dataset order."""
+    return sorted((n for n in ctx.inputs if n.startswith(prefix)), key=lambda n: int(n.rsplit("_", 1)[1]))
+
+
 def load_aligned(ctx: BuildContext, prefix: str, config: dict[str, Any]):
     """The aligned inputs named prefix_0, prefix_1, ..., each capped at max_samples rows, merged."""
     import datasets
 
     parts = []
-    for name in sorted((n for n in ctx.inputs if n.startswith(prefix)), key=lambda n: int(n.rsplit("_", 1)[1])):
+    for name in input_names(ctx, prefix):
         rows = datasets.load_from_disk(str(ctx.inputs[name] / "rows"))
         limit = config["max_samples"]
         parts.append(rows.select(range(min(limit, len(rows)))) if limit else rows)
@@ -109,16 +114,30 @@ def encode_eval(rows, tokenizer, template, config: dict[str, Any], workers: int 
     if config["stage"] == "pt":
         docs = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=rows.column_names,
                         num_proc=workers, desc="tokenize eval documents")
-        return docs.map(lambda row: {"input_ids": row["input_ids"][: config["cutoff_len"]],
-                                     "labels": row["input_ids"][: config["cutoff_len"]]})
+        return docs.map(truncated_document, fn_kwargs={"cutoff_len": config["cutoff_len"]})
     return rows.map(encode_for_eval, fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config},
                     remove_columns=rows.column_names, num_proc=workers, desc="tokenize eval")
 
 
-def split_stats(rows) -> dict[str, Any]:
+def split_stats(rows) -> tuple[dict[str, Any], list[int]]:
+    """Length statistics of a tokenized split, and the row lengths they came from."""
     lengths = [len(ids) for ids in rows["input_ids"]]
     trainable = [sum(t != IGNORE_INDEX for t in labels) for labels in rows["labels"]]
-    return length_stats(lengths, trainable) | {"_lengths": lengths}
+    return length_stats(lengths, trainable), lengths
+
+
+def write_eval(rows, tokenizer, template, config: dict[str, Any], workers: int | None, out: Path) -> dict[str, Any]:
+    """Encode and save the evaluation split; its length statistics."""
+    encoded = encode_eval(rows, tokenizer, template, config, workers)
+    encoded.save_to_disk(str(out / "eval"))
+    return split_stats(encoded)[0]
+
+
+def write_preview(rows, tokenizer, stats: dict[str, Any], ctx: BuildContext, out: Path) -> None:
+    """Decoded samples and statistics: preview.md in the artifact, the Prefect UI and MLflow."""
+    preview = preview_markdown(tokenizer, rows, stats)
+    (out / "preview.md").write_text(preview)
+    publish_preview(preview, ctx)
 
 
 def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
@@ -139,21 +158,15 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
     if train is not None:
         encoded, dropped = encode_train(train, tokenizer, template, config, workers)
         encoded.save_to_disk(str(out / "train"))
-        stats["train"] = split_stats(encoded)
-        lengths = stats["train"].pop("_lengths")
+        stats["train"], lengths = split_stats(encoded)
         padding = shuffled_padding_share(lengths, config["per_device_train_batch_size"], config["seed"])
         stats["train"] |= {"dropped_no_target": dropped, "padding_share": padding}
     if evaluation is not None:
-        encoded = encode_eval(evaluation, tokenizer, template, config, workers)
-        encoded.save_to_disk(str(out / "eval"))
-        stats["eval"] = split_stats(encoded)
-        stats["eval"].pop("_lengths")
+        stats["eval"] = write_eval(evaluation, tokenizer, template, config, workers, out)
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     if train is not None:
-        preview = preview_markdown(tokenizer, datasets.load_from_disk(str(out / "train")), stats)
-        (out / "preview.md").write_text(preview)
-        publish_preview(preview, ctx)
+        write_preview(datasets.load_from_disk(str(out / "train")), tokenizer, stats, ctx, out)
     ctx.log.info("tokenized: %s", json.dumps(stats))
     ctx.log_metrics({f"{split}_{k}": v for split, s in stats.items() for k, v in s.items()})
     return {"stats": stats}
@@ -164,28 +177,23 @@ def build_stream(config: dict[str, Any], ctx: BuildContext, out: Path, tokenizer
     import datasets
 
     def parts(prefix: str) -> list[dict[str, Any]]:
-        names = sorted((n for n in ctx.inputs if n.startswith(prefix)), key=lambda n: int(n.rsplit("_", 1)[1]))
-        return [json.loads((ctx.inputs[name] / "stream.json").read_text()) for name in names]
+        return [json.loads((ctx.inputs[name] / "stream.json").read_text()) for name in input_names(ctx, prefix)]
 
     spec = {"parts": parts("train_"), "config": config, "skip": 0}
+    eval_parts = parts("eval_")
     evaluation = None
-    if parts("eval_"):
-        evaluation = datasets.Dataset.from_list(list(merged_aligned(parts("eval_"), config)))
+    if eval_parts:
+        evaluation = datasets.Dataset.from_list(list(merged_aligned(eval_parts, config)))
     elif config["val_size"] and spec["parts"]:
         spec["skip"] = int(config["val_size"])  # the stream's first rows are the validation split
         evaluation = datasets.Dataset.from_list(list(merged_aligned(spec["parts"], config).take(spec["skip"])))
     (out / "stream.json").write_text(json.dumps(spec))
     stats: dict[str, Any] = {"train": {"streaming": True, "parts": len(spec["parts"])}}
     if evaluation is not None and len(evaluation):
-        encoded = encode_eval(evaluation, tokenizer, template, config, ctx.runtime.num_workers)
-        encoded.save_to_disk(str(out / "eval"))
-        stats["eval"] = split_stats(encoded)
-        stats["eval"].pop("_lengths")
+        stats["eval"] = write_eval(evaluation, tokenizer, template, config, ctx.runtime.num_workers, out)
     sample = datasets.Dataset.from_list(list(training_stream(spec, tokenizer, shuffle=False).take(3)))
     if len(sample):
-        preview = preview_markdown(tokenizer, sample, stats)
-        (out / "preview.md").write_text(preview)
-        publish_preview(preview, ctx)
+        write_preview(sample, tokenizer, stats, ctx, out)
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return {"stats": stats}

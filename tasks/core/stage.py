@@ -7,7 +7,6 @@ slice and derived values: exactly what the key covers) and the input artifacts i
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -135,9 +134,7 @@ def execute(spec: StageSpec, build: BuildFn, runtime: Runtime) -> ArtifactRef:
             extra = build(spec.config, ctx, tmp) or {}
             seconds = round(time.monotonic() - started, 2)
             store.publish(spec, tmp, {"mlflow_run_id": run_id, "build_seconds": seconds, **extra})
-        staging = store.root / ".staging" / spec.stage / spec.key
-        if staging.exists():  # checkpoints only matter until the artifact is published
-            shutil.rmtree(staging, ignore_errors=True)
+        store.clear_staging(spec)
         log.info("%s: built %s in %.1fs", spec.label, spec.short, seconds)
     return ref
 

@@ -78,9 +78,16 @@ class ArtifactStore:
 
     def staging(self, spec: StageSpec) -> Path:
         """A directory that survives a failed build (training checkpoints), keyed like the artifact."""
-        path = self.root / ".staging" / spec.stage / spec.key
+        path = self.staging_path(spec)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def staging_path(self, spec: StageSpec) -> Path:
+        return self.root / ".staging" / spec.stage / spec.key
+
+    def clear_staging(self, spec: StageSpec) -> None:
+        """Drop a stage's checkpoints once its artifact is published: they only served a resume."""
+        shutil.rmtree(self.staging_path(spec), ignore_errors=True)
 
     def resolve(self, ref: ArtifactRef | str) -> Path:
         stage, key = (ref.stage, ref.key) if isinstance(ref, ArtifactRef) else ref.split("/", 1)
@@ -113,7 +120,7 @@ class ArtifactStore:
 
     @contextmanager
     def building(self, spec: StageSpec) -> Iterator[Path]:
-        """Yield a temporary directory; on success, publish it by atomic rename. On error, discard it."""
+        """Yield a temporary directory to build in (`publish` moves it into place); on error, discard it."""
         parent = self.root / spec.stage
         parent.mkdir(parents=True, exist_ok=True)
         tmp = parent / f".tmp-{spec.key[:16]}-{uuid.uuid4().hex[:8]}"
