@@ -1,6 +1,8 @@
 """`tunefactory`: run a recipe through the DAG, or plan it with --dry-run.
 
-User mistakes print one line and exit 1; `--debug` shows the traceback.
+User mistakes print one line and exit 1; `--debug` shows the traceback. Ctrl-C or SIGTERM stops
+running builds at their next step, records the flow run as Cancelled and stops the Prefect server
+the command started.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,9 +21,17 @@ QUIET_DEFAULTS = {  # no phoning home from a machine that may have no network
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # not the table-creation chatter of a new SQLite store
-    # The ephemeral Prefect server can take a while to start on a busy 2-core machine.
+    # The ephemeral Prefect server (Python API use) can take a while to start on a busy 2-core machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
+NOISY_LOGGERS = ("mlflow", "alembic", "httpx", "httpcore", "urllib3", "filelock")
+
+
+def add_recipe_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("recipe", help="recipe YAML (LlamaFactory keys)")
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a recipe key (repeatable)")
+    command.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,24 +39,15 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a recipe end to end (cached stages are reused)")
-    run.add_argument("recipe", help="recipe YAML (LlamaFactory keys)")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key (repeatable)",
-    )
-    run.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
+    add_recipe_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="validate and print the planned DAG; build nothing")
+    run.add_argument("--parallel", type=int, metavar="N",
+                     help="stages run at once where the DAG allows (default 1 on <= 2 cores, else 2)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     data_command = commands.add_parser("data", help="inspect a recipe's data")
     data = data_command.add_subparsers(dest="data_command", required=True)
     preview = data.add_parser("preview", help="tokenize the data (cached) and print decoded samples and statistics")
-    preview.add_argument("recipe")
-    preview.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    preview.add_argument("--home")
+    add_recipe_arguments(preview)
     templates = commands.add_parser("templates", help="list chat templates, or show one on a sample conversation")
     template_commands = templates.add_subparsers(dest="templates_command")
     show = template_commands.add_parser("show", help="render a sample conversation, trained spans marked ⟦ ⟧")
@@ -63,9 +65,10 @@ class HideUserErrorTracebacks(logging.Filter):
 
         if record.exc_info and isinstance(record.exc_info[1], TuneFactoryError):
             return False
-        names = user_error_names()
         message = record.getMessage()
-        return not ("Failed(" in message and any(f"exception {name}:" in message for name in names))
+        if "NotReady(\"Upstream task run" in message:  # a consequence of the failure already reported
+            return False
+        return not ("Failed(" in message and any(f"exception {name}:" in message for name in user_error_names()))
 
 
 def user_error_names() -> set[str]:
@@ -87,28 +90,36 @@ def quiet_user_errors() -> None:
         handler.addFilter(HideUserErrorTracebacks())
 
 
+def home_of(args: argparse.Namespace) -> str | None:
+    return str(Path(args.home).resolve()) if args.home else None
+
+
 def dry_run(recipe, home: str | None) -> str:
-    from flows.plan import plan_run
+    from flows.plan import describe, plan_run
     from tasks.core.store import ArtifactStore
 
     store = ArtifactStore(home)
     lines = [f"store: {store.root}", f"{'stage':<28} {'key':<12} status"]
-    for step in plan_run(recipe):
-        spec = step.spec
-        cached = not step.force and store.lookup(spec.stage, spec.key) is not None
-        lines.append(f"{spec.label:<28} {spec.short:<12} {'cached' if cached else 'to build'}")
+    for planned in describe(plan_run(recipe, store), store):
+        if planned.key is None:
+            lines.append(f"{planned.step.label:<28} {'-':<12} to build (after {planned.waits_for})")
+        else:
+            status = "cached" if planned.cached else "to build"
+            lines.append(f"{planned.step.label:<28} {planned.key[:12]:<12} {status}")
     return "\n".join(lines)
 
 
 def preview_data(args: argparse.Namespace) -> int:
     from flows.data_preview import data_preview
     from flows.plan import plan_run
+    from flows.prefect_server import temporary_server
     from tasks.core.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     plan_run(recipe)
     quiet_user_errors()
-    print(data_preview(recipe, home=str(Path(args.home).resolve()) if args.home else None))
+    with temporary_server():
+        print(data_preview(recipe, home=home_of(args)))
     return 0
 
 
@@ -129,23 +140,34 @@ def templates(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.core.errors import RecipeError
     from tasks.core.recipe import load_recipe
+    from tasks.core.store import ArtifactStore
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.parallel is not None and args.parallel < 1:
+        raise RecipeError(f"--parallel {args.parallel}: give at least 1")
     if args.dry_run:
-        print(dry_run(recipe, args.home))
+        print(dry_run(recipe, home_of(args)))
         return 0
-    from flows.finetune import finetune
+    from flows.finetune import run_finetune
     from flows.plan import plan_run
+    from flows.prefect_server import temporary_server
 
-    plan_run(recipe)  # recipe and data-path mistakes fail here, before Prefect starts
+    plan_run(recipe, ArtifactStore(home_of(args)))  # recipe and data-path mistakes fail here, before Prefect
     if not args.debug:
         quiet_user_errors()
-
-    summary = finetune(recipe, home=str(Path(args.home).resolve()) if args.home else None)
+    with temporary_server():
+        summary = run_finetune(recipe, home=home_of(args), parallel=args.parallel)
     print(summary.table())
     print(f"\nMLflow run: {summary.mlflow_run_id}")
     return 0
+
+
+def interrupt(signum, frame) -> None:
+    """SIGTERM outside a flow run ends the command like Ctrl-C (inside one, Prefect turns it into a
+    TerminationSignal); either way the `finally` blocks run and stop what the command started."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,10 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     args = parser().parse_args(argv)
     if not args.debug:
-        for name in ("mlflow", "alembic"):  # MLflow may already be imported, so set levels, not only env
+        for name in NOISY_LOGGERS:  # some may be imported already, so set levels, not only env
             logging.getLogger(name).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+    from prefect.exceptions import TerminationSignal
+
     from tasks.core.errors import TuneFactoryError
 
+    # Per-file save/load bars; the long loops (training, generation, scoring) keep theirs.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
     commands = {"run": run, "data": preview_data, "templates": templates}
     try:
         return commands[args.command](args)
@@ -165,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tunefactory: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal):
+        print("tunefactory: interrupted; finished stages are kept, training resumes on the next run", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
@@ -173,5 +205,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
     sys.exit(main())

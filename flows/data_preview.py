@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
-from flows.finetune import run_step, runtime_for
-from flows.plan import DATA_STAGES, plan_run
+from flows.finetune import collect, submit_all
+from flows.plan import DATA_STAGES, Plan, plan_run
 from tasks.core import tracking
 from tasks.core.recipe import Recipe
 from tasks.core.store import ArtifactStore
+from tasks.data_report import shuffled_padding_share
+from tasks.rows import load_rows
 
 
 @flow(name="data-preview")
 def data_preview(recipe: Recipe, home: str | None = None) -> str:
-    """Tokenize the recipe's data and return the preview (decoded samples, length statistics)."""
+    """Tokenize the recipe's data and return the preview (decoded samples, length statistics) with the
+    padding share the recipe's batch size would give."""
     store = ArtifactStore(home)
-    steps = [s for s in plan_run(recipe) if s.spec.stage in DATA_STAGES | {"model"}]
-    parent = tracking.start_parent(recipe.training.run_name, recipe.slice_for("tokenize"), {"flow": "data-preview"})
-    runtime = runtime_for(recipe, store.root)
+    full = plan_run(recipe, store)
+    plan = Plan(tuple(s for s in full if s.stage.name in DATA_STAGES | {"model"}))
+    parent = tracking.start_parent(recipe.training.run_name, {"template": recipe.data.template},
+                                   {"flow": "data-preview"})
+    stage_runs = {step.label: tracking.start_stage(parent, step.label, {"stage": step.stage.name}) for step in plan}
     try:
-        for step in steps:
-            run_step(step, store, runtime, parent)
+        results = collect(plan, submit_all(plan, store, stage_runs), store, stage_runs)
     except BaseException:
         tracking.finish(parent, ok=False)
         raise
     tracking.finish(parent, ok=True)
-    tokenized = next(s.spec for s in steps if s.spec.stage == "tokenize")
-    preview = Path(store.path(tokenized.stage, tokenized.key)) / "preview.md"
-    return preview.read_text() if preview.exists() else "(no training data to preview)"
+    tokenized = store.lookup("tokenize", next(r.key for r in results if r.stage == "tokenize"))
+    if not tokenized.has("preview"):
+        return "(no training data to preview)"
+    preview = tokenized.part("preview").read_text()
+    if tokenized.info.get("train") == "rows" and not tokenized.info.get("packed"):
+        batch, seed = recipe.training.per_device_train_batch_size, recipe.training.seed
+        lengths = [len(ids) for ids in load_rows(tokenized.part("train"))["input_ids"]]
+        share = shuffled_padding_share(lengths, batch, seed)
+        preview += f"\npadding_share at per_device_train_batch_size {batch}: {share:.4f}\n"
+    return preview

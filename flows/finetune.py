@@ -1,27 +1,34 @@
 """The fine-tune flow: fetch -> align -> tokenize -> model -> train -> merge -> evaluate (base, tuned).
 
-Each stage is a Prefect task whose cache key is its artifact key. Before each task the flow checks
-the store: a missing or damaged artifact forces the task to run even if Prefect remembers it.
+Each stage is a Prefect task that receives its upstream tasks' futures, so the graph Prefect records
+is the plan's graph, and independent stages may run side by side (`parallel`). A task is Cached
+exactly when the artifact store holds a valid artifact for its key (tasks.core.prefect_store).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import time
+import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from flows.plan import MARKER, Step, plan_run
+from flows.plan import Plan, plan_run
+from flows.user_output import write_into
 from tasks.core import tracking
+from tasks.core.prefect_store import records_block
 from tasks.core.recipe import Recipe
-from tasks.core.stage import Runtime, hit_tags
-from tasks.core.store import ArtifactStore
+from tasks.core.stage import RunContext, clear_stop, request_stop, task_seconds
+from tasks.core.store import ArtifactRef, ArtifactStore
+
+METRIC_ORDER = ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity", "eval_loss")
 
 
 class StageResult(BaseModel):
@@ -29,7 +36,7 @@ class StageResult(BaseModel):
     stage: str
     key: str
     cached: bool  # a valid artifact existed, so nothing was built
-    prefect_state: str  # "Cached" when Prefect's own cache answered
+    prefect_state: str  # "Cached" when the store answered Prefect's cache lookup
     seconds: float
 
 
@@ -48,11 +55,7 @@ class RunSummary(BaseModel):
         ]
         if self.metrics:
             roles = list(self.metrics)
-            names = [
-                k
-                for k in ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity", "eval_loss")
-                if any(k in m for m in self.metrics.values())
-            ]
+            names = [k for k in METRIC_ORDER if any(k in m for m in self.metrics.values())]
             lines += ["", f"{'metric':<12}" + "".join(f"{r:>12}" for r in roles)]
             lines += [
                 f"{n:<12}" + "".join(f"{self.metrics[r].get(n, float('nan')):>12.3f}" for r in roles) for n in names
@@ -60,116 +63,114 @@ class RunSummary(BaseModel):
         return "\n".join(lines)
 
 
-def runtime_for(recipe: Recipe, home: Path) -> Runtime:
-    t = recipe.training
-    report_to = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to)
-    return Runtime(
-        home=str(home),
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        gradient_checkpointing=not t.disable_gradient_checkpointing,
-        num_workers=recipe.data.preprocessing_num_workers,
-        plot_loss=t.plot_loss,
-        report_to=[r for r in report_to if r not in ("none", "mlflow")],
-        dataloader_num_workers=t.dataloader_num_workers,
-        save_only_model=t.save_only_model,
-        ddp_timeout=t.ddp_timeout,
-        resume_from_checkpoint=t.resume_from_checkpoint,
-    )
+def default_parallelism() -> int:
+    """Stages run at once: $TUNEFACTORY_PARALLEL_STAGES, else 1 (sequential) on a machine of <= 2 cores, 2 above.
+    Model-sized stages never overlap whatever this is (Stage.heavy)."""
+    configured = os.environ.get("TUNEFACTORY_PARALLEL_STAGES")
+    if configured:
+        return max(1, int(configured))
+    return 1 if (os.cpu_count() or 1) <= 2 else 2
 
 
-def run_step(step: Step, store: ArtifactStore, runtime: Runtime, parent_run: str) -> StageResult:
-    """Run one stage task; log its nested MLflow run (cache hits point at the run that built it)."""
-    spec = step.spec
-    stage_run = tracking.start_stage(parent_run, spec.label, {"stage": spec.stage, "artifact_key": spec.key})
-    manifest = None if step.force else store.lookup(spec.stage, spec.key)
-    valid = manifest is not None
-    started = time.monotonic()
-    try:
-        state = step.task.with_options(refresh_cache=not valid, task_run_name=spec.label)(
-            spec=spec,
-            runtime=runtime.model_copy(update={"mlflow_run_id": stage_run, "force": step.force}),
-            return_state=True,
-        )
-        state.result()  # re-raises the task's exception
-    except BaseException:
-        tracking.finish(stage_run, ok=False)
-        raise
-    if valid:
-        tracking.set_tags(
-            stage_run,
-            {
-                **hit_tags(manifest.mlflow_run_id),
-                "prefect_task_run_id": str(state.state_details.task_run_id),
-            },
-        )
-    tracking.finish(stage_run, ok=True)
-    return StageResult(
-        label=spec.label,
-        stage=spec.stage,
-        key=spec.key,
-        cached=valid,
-        prefect_state=state.name,
-        seconds=round(time.monotonic() - started, 2),
-    )
+def cancel_if_interrupted(flow, run, state) -> None:
+    """An interrupted run (Ctrl-C, SIGTERM) ends Cancelled, not Crashed or left Running."""
+    if state.message and "aborted by" in state.message:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelled(message=state.message), force=True)
 
 
-def export_artifact(source: Path, target: str, artifact_id: str) -> None:
-    """Copy an artifact folder to output_dir / export_dir, marking it as ours so a re-run may replace it."""
-    target_path = Path(target)
-    if target_path.exists():
-        shutil.rmtree(target_path)
-    shutil.copytree(source, target_path)
-    (target_path / MARKER).write_text(json.dumps({"artifact": artifact_id}))
+def submit_all(plan: Plan, store: ArtifactStore, stage_runs: dict[str, str]) -> dict[str, Any]:
+    """Submit every step's task, in plan order, each with its upstream steps' futures as inputs."""
+    records = records_block(store.root)
+    futures: dict[str, Any] = {}
+    for step in plan:
+        run = RunContext(home=str(store.root), mlflow_run_id=stage_runs[step.label])
+        upstream = {name: futures[label] for name, label in step.inputs.items()}
+        task = step.stage.task.with_options(task_run_name=step.label, result_storage=records,
+                                            refresh_cache=step.force)
+        futures[step.label] = task.submit(step=step, run=run, inputs=upstream)
+    return futures
 
 
-@flow(name="finetune", log_prints=True)
+def collect(plan: Plan, futures: dict[str, Any], store: ArtifactStore, stage_runs: dict[str, str]) -> list[StageResult]:
+    """Wait for every step in plan order and close its MLflow run. At the first failure the error propagates
+    and the flow's task runner cancels the steps still queued."""
+    results = []
+    for position, step in enumerate(plan.steps):
+        future, run_id = futures[step.label], stage_runs[step.label]
+        try:
+            ref: ArtifactRef = future.result()
+        except BaseException:
+            for later in plan.steps[position:]:
+                tracking.finish(stage_runs[later.label], ok=False)
+            raise
+        built_by = store.open(ref).manifest.get("mlflow_run_id")
+        cached = built_by != run_id  # this run's stage run built it, or an earlier run did
+        tags = {"artifact_key": ref.key, "prefect_task_run_id": str(future.task_run_id)}
+        tracking.set_tags(run_id, {**tracking.hit_tags(built_by), **tags} if cached else tags)
+        tracking.finish(run_id, ok=True)
+        results.append(StageResult(label=step.label, stage=step.stage.name, key=ref.key, cached=cached,
+                                   prefect_state=future.state.name, seconds=task_seconds(future.task_run_id)))
+    return results
+
+
+def evaluation_metrics(plan: Plan, results: list[StageResult], store: ArtifactStore) -> dict[str, dict[str, Any]]:
+    """metrics.json of each evaluate step, by role, with the id of the model artifact it scored."""
+    by_label = {r.label: r for r in results}
+    metrics = {}
+    for step in plan.of_stage("evaluate"):
+        values = json.loads((store.path("evaluate", by_label[step.label].key) / "metrics.json").read_text())
+        scored = by_label[step.inputs["model"]]
+        metrics[step.locators["role"]] = {**values, "model_artifact": f"{scored.stage}/{scored.key}"}
+    return metrics
+
+
+def copy_outputs(recipe: Recipe, plan: Plan, results: list[StageResult], store: ArtifactStore) -> None:
+    """output_dir receives the adapter (or weights), export_dir the exported model (flows.user_output)."""
+    by_stage = {r.stage: r for r in results}
+    if recipe.training.output_dir and "train" in by_stage:
+        trained = store.lookup("train", by_stage["train"].key)
+        part = "adapter" if trained.kind == "adapter" else "model"
+        write_into(trained.part(part), Path(recipe.training.output_dir), trained.ref.id, "output_dir")
+    if recipe.export.export_dir and "export" in by_stage:
+        exported = store.lookup("export", by_stage["export"].key)
+        write_into(exported.part("model"), Path(recipe.export.export_dir), exported.ref.id, "export_dir")
+
+
+@flow(name="finetune", task_runner=ThreadPoolTaskRunner(max_workers=default_parallelism()),
+      on_crashed=[cancel_if_interrupted])
 def finetune(recipe: Recipe, home: str | None = None) -> RunSummary:
     """Fine-tune and evaluate as the recipe says, reusing every stage whose artifact already exists."""
+    clear_stop()
     store = ArtifactStore(home)
-    steps = plan_run(recipe)
-    runtime = runtime_for(recipe, store.root)
+    plan = plan_run(recipe, store)
     parent = tracking.start_parent(
         recipe.training.run_name,
         recipe.flat(),
-        {"prefect_flow_run_id": str(flow_run.id or ""), "store": str(store.root)},
+        {"prefect_flow_run_id": str(flow_run.id or ""), "prefect_flow_run_name": str(flow_run.name or ""),
+         "store": str(store.root)},
     )
-    results: list[StageResult] = []
+    stage_runs = {step.label: tracking.start_stage(parent, step.label, {"stage": step.stage.name})
+                  for step in plan}
     try:
-        for step in steps:
-            results.append(run_step(step, store, runtime, parent))
+        results = collect(plan, submit_all(plan, store, stage_runs), store, stage_runs)
+        metrics = evaluation_metrics(plan, results, store)
+        for role, values in metrics.items():
+            tracking.log_metrics(parent, {f"{role}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        copy_outputs(recipe, plan, results, store)
     except BaseException:
+        request_stop()  # builds still running (a training thread) stop at their next step
         tracking.finish(parent, ok=False)
         raise
-    by_label = {s.spec.label: s.spec for s in steps}
-    artifacts = {label: str(store.path(spec.stage, spec.key)) for label, spec in by_label.items()}
-    metrics = {
-        by_label[r.label].locators["role"]: json.loads((Path(artifacts[r.label]) / "metrics.json").read_text())
-        for r in results
-        if r.stage == "evaluate"
-    }
-    for role, values in metrics.items():
-        tracking.log_metrics(parent, {f"{role}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-    if recipe.training.output_dir and "train" in by_label:
-        spec = by_label["train"]
-        weights = "adapter" if recipe.finetuning.finetuning_type == "lora" else "model"
-        export_artifact(Path(artifacts["train"]) / weights, recipe.training.output_dir, f"train/{spec.key}")
-    if recipe.export.export_dir and "merge" in by_label:
-        export_artifact(Path(artifacts["merge"]) / "model", recipe.export.export_dir, f"merge/{by_label['merge'].key}")
+    artifacts = {r.label: str(store.path(r.stage, r.key)) for r in results}
     summary = RunSummary(stages=results, metrics=metrics, mlflow_run_id=parent, artifacts=artifacts)
     tracking.finish(parent, ok=True)
-    create_markdown_artifact(
-        key="finetune-summary",
-        markdown=f"```\n{summary.table()}\n```",
-        description="Stages (cached or built) and evaluation metrics",
-    )
+    create_markdown_artifact(key="finetune-summary", markdown=f"```\n{summary.table()}\n```",
+                             description="Stages (cached or built) and evaluation metrics")
     return summary
 
 
-if __name__ == "__main__":  # `python -m flows.finetune run RECIPE.yaml` is the CLI
-    import sys
-
-    from flows.cli import main
-
-    sys.exit(main())
+def run_finetune(recipe: Recipe, home: str | None = None, parallel: int | None = None) -> RunSummary:
+    """Run the flow with `parallel` stages at once (default: default_parallelism())."""
+    runner = ThreadPoolTaskRunner(max_workers=parallel or default_parallelism())
+    return finetune.with_options(task_runner=runner)(recipe, home=home)

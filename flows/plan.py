@@ -1,94 +1,146 @@
-"""Plan a run: every stage's spec and key, computed from the recipe and input keys alone.
+"""Plan a run: every stage's typed config and upstream steps, validated before anything builds.
 
-Keys depend only on the recipe, the source digests and the keys of upstream stages, so the whole
-DAG is known before anything builds; that is what `--dry-run` prints.
+A step's key hashes the content of its inputs, so a key is known once its inputs exist: `describe`
+walks the plan against the store and shows, for each step, its key and whether it is cached, or
+which upstream step must be built first. Everything that can be judged from the recipe, the dataset
+registry and the model's config is checked here, so a mistake fails before the first stage runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from tasks import align, evaluate, fetch, merge, model, tokenize, train
+from flows.user_output import check_target
+from tasks import align, evaluate, export, fetch, merge, model, tokenize, train
 from tasks.core.errors import RecipeError
 from tasks.core.recipe import Recipe
-from tasks.core.registry import resolve_datasets
-from tasks.core.store import StageSpec
+from tasks.core.registry import DatasetEntry, resolve_datasets
+from tasks.core.stage import Step
+from tasks.core.store import ArtifactRef, ArtifactStore
+from tasks.formats import dataset_kind
+from tasks.train_methods import check_trainable, meta_model
 
 DATA_STAGES = {"fetch", "align", "tokenize"}
-TASKS: dict[str, Any] = {
-    "fetch": fetch.fetch_task,
-    "align": align.align_task,
-    "tokenize": tokenize.tokenize_task,
-    "model": model.model_task,
-    "train": train.train_task,
-    "merge": merge.merge_task,
-    "evaluate": evaluate.evaluate_task,
-}
+DATA_KINDS = {"preference": "preference (ranking) data", "kto": "KTO data", "pretrain": "pretraining text (no replies)"}
+OBJECTIVE_DATA = {"pt": ("pretrain", "sft"), "sft": ("sft",)}  # dataset kinds each objective learns from
 
 
 @dataclass(frozen=True)
-class Step:
-    spec: StageSpec
-    force: bool = False  # rebuild even if a valid artifact exists (overwrite_cache on data stages)
+class Plan:
+    """The steps of a run in an order where every step comes after its inputs."""
 
-    @property
-    def task(self):
-        return TASKS[self.spec.stage]
+    steps: tuple[Step, ...]
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    def __getitem__(self, label: str) -> Step:
+        return next(step for step in self.steps if step.label == label)
+
+    def labels(self) -> list[str]:
+        return [step.label for step in self.steps]
+
+    def of_stage(self, name: str) -> list[Step]:
+        return [step for step in self.steps if step.stage.name == name]
 
 
-def plan_run(recipe: Recipe) -> list[Step]:
-    """The ordered stages of a fine-tune: data, model, train, merge, then evaluate base and tuned."""
+def check_dataset_kind(entry: DatasetEntry, key: str, objective: str) -> None:
+    """Refuse data the objective cannot learn from, before anything is fetched."""
+    kind = dataset_kind(entry.formatting, entry.column_map(), entry.ranking)
+    if kind not in OBJECTIVE_DATA[objective]:
+        raise RecipeError(f"key '{key}': dataset '{entry.name}' holds {DATA_KINDS[kind]}, which stage {objective} "
+                          "cannot train on")
+
+
+def data_steps(recipe: Recipe, names: str | None, key: str, store: ArtifactStore | None) -> list[tuple[Step, Step]]:
+    """(fetch, align) per dataset named by a recipe key."""
     data = recipe.data
-    specs: list[StageSpec] = []
+    pairs = []
+    for entry in resolve_datasets(names, data.dataset_dir, key, data.allow_outside_dataset_dir):
+        check_dataset_kind(entry, key, recipe.finetuning.stage)
+        fetched = fetch.plan(entry, data.streaming)
+        cached = store is not None and not data.overwrite_cache and store.lookup("fetch", fetched.stage.key(
+            fetched.config, {})) is not None
+        if not cached:  # it will be fetched: a malformed row fails now, before any stage runs
+            fetch.check_rows(fetched)
+        pairs.append((fetched, align.plan(entry, fetched, recipe)))
+    return pairs
 
-    def aligned_specs(names: str | None, key: str) -> list[StageSpec]:
-        out = []
-        for entry in resolve_datasets(names, data.dataset_dir, key):
-            if entry.ranking or "kto_tag" in entry.columns:
-                kind = "preference (ranking)" if entry.ranking else "KTO"
-                raise RecipeError(f"key '{key}': dataset '{entry.name}' holds {kind} data, which stage "
-                                  f"{recipe.finetuning.stage} cannot train on")
-            fetched = fetch.plan(entry, recipe)
-            out.append(align.plan(entry, fetched, recipe))
-            specs.extend([fetched, out[-1]])
-        return out
 
-    train_data = aligned_specs(data.dataset, "dataset")
-    eval_data = aligned_specs(data.eval_dataset, "eval_dataset")
-    base = model.plan(recipe)
-    specs.append(base)
-    has_eval = bool(eval_data) or data.val_size > 0
-    if not (train_data or has_eval):
+def model_structure(model_step: Step, store: ArtifactStore | None):
+    """The base model's modules without its weights, where its config is at hand: a local folder, or an
+    imported model already in the store. None otherwise (then train checks on the loaded model)."""
+    if model_step.config.source_kind == "local" and not model_step.config.trust_remote_code:
+        return meta_model(Path(model_step.locators["path"]))
+    found = store.lookup("model", model_step.stage.key(model_step.config, {})) if store else None
+    return meta_model(found.part("model")) if found else None
+
+
+def plan_run(recipe: Recipe, store: ArtifactStore | None = None) -> Plan:
+    """The stages of a fine-tune: data, model, train, merge (and export), evaluate base and tuned."""
+    data = recipe.data
+    train_pairs = data_steps(recipe, data.dataset, "dataset", store)
+    eval_pairs = data_steps(recipe, data.eval_dataset, "eval_dataset", store)
+    has_eval = bool(eval_pairs) or data.val_size > 0
+    if not (train_pairs or has_eval):
         raise RecipeError("nothing to do: set 'dataset' to train, or 'eval_dataset' / 'val_size' to evaluate")
-    tokenized = tokenize.plan(recipe, train_data, eval_data, base)
-    specs.append(tokenized)
+    base = model.plan(recipe)
+    steps: list[Step] = [step for pair in train_pairs + eval_pairs for step in pair] + [base]
+    tokenized = tokenize.plan(recipe, [a for _, a in train_pairs], [a for _, a in eval_pairs], base)
+    steps.append(tokenized)
     scored = {"base": base}
     if recipe.finetuning.do_train:
         trained = train.plan(recipe, tokenized, base)
+        structure = model_structure(base, store)
+        if structure is not None:
+            check_trainable(structure, trained.config.lora, trained.config.freeze)
         merged = merge.plan(recipe, base, trained)
-        specs += [trained, merged]
+        steps += [trained, merged]
+        if recipe.export.export_dir:
+            steps.append(export.plan(recipe, merged))
         scored["tuned"] = merged
     if recipe.evaluation.do_eval and has_eval:
-        specs += [evaluate.plan(recipe, tokenized, target, role) for role, target in scored.items()]
-    check_export_dirs(recipe)
-    force = recipe.data.overwrite_cache
-    return [Step(spec, force=force and spec.stage in DATA_STAGES) for spec in specs]
+        steps += [evaluate.plan(recipe, tokenized, target, role) for role, target in scored.items()]
+    check_targets(recipe)
+    if data.overwrite_cache:
+        steps = [replace(s, force=True) if s.stage.name in DATA_STAGES else s for s in steps]
+    return Plan(tuple(steps))
 
 
-MARKER = "tunefactory.json"
+def check_targets(recipe: Recipe) -> None:
+    """output_dir / export_dir must be folders TuneFactory may write into (see flows.user_output)."""
+    overwrite = recipe.training.overwrite_output_dir
+    if recipe.training.output_dir and recipe.finetuning.do_train:
+        check_target("output_dir", Path(recipe.training.output_dir), overwrite)
+    if recipe.export.export_dir and recipe.finetuning.do_train:
+        check_target("export_dir", Path(recipe.export.export_dir), overwrite)
 
 
-def check_export_dirs(recipe: Recipe) -> None:
-    """output_dir / export_dir may be written only if empty, ours from an earlier run, or overwrite is on."""
-    for key, value in (("output_dir", recipe.training.output_dir), ("export_dir", recipe.export.export_dir)):
-        path = Path(value) if value else None
-        if (
-            path
-            and path.is_dir()
-            and any(path.iterdir())
-            and not (path / MARKER).exists()
-            and not recipe.training.overwrite_output_dir
-        ):
-            raise RecipeError(f"key '{key}': {path} already holds files; empty it or set overwrite_output_dir: true")
+@dataclass(frozen=True)
+class PlannedStep:
+    """A step as the store sees it now: its key once its inputs exist, and whether it is cached."""
+
+    step: Step
+    key: str | None  # None until every input is built
+    cached: bool
+    waits_for: str | None  # the first input that must be built first
+
+
+def describe(plan: Plan, store: ArtifactStore) -> list[PlannedStep]:
+    """Each step's key and cache status against the store, in plan order (what --dry-run prints)."""
+    refs: dict[str, ArtifactRef | None] = {}
+    out = []
+    for step in plan:
+        inputs = {name: refs[label] for name, label in step.inputs.items()}
+        missing = next((label for label in step.inputs.values() if refs[label] is None), None)
+        if missing is not None:
+            refs[step.label] = None
+            out.append(PlannedStep(step, None, False, missing))
+            continue
+        key = step.stage.key(step.config, inputs)
+        found = None if step.force else store.lookup(step.stage.name, key)
+        refs[step.label] = found.ref if found else None
+        out.append(PlannedStep(step, key, found is not None, None))
+    return out

@@ -11,24 +11,32 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
-from prefect import task
+from typing import Any, Literal
 
 from tasks.core.errors import DataError
 from tasks.core.recipe import Recipe
 from tasks.core.registry import DatasetEntry
-from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
-from tasks.core.store import ArtifactRef, StageSpec
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
 from tasks.formats import MEDIA, RowError, convert_row, dataset_kind, field_columns
 from tasks.formats.common import unified
-from tasks.streaming import check_first_rows, open_source
+from tasks.rows import load_rows, save_rows
+from tasks.sources import open_source
+from tasks.streaming import check_first_rows
 
-STAGE = "align"
 EXAMPLES = 5  # dropped rows quoted in the manifest, enough to find the pattern
 
 
-def plan(entry: DatasetEntry, fetched: StageSpec, recipe: Recipe) -> StageSpec:
+class AlignConfig(StageConfig):
+    formatting: Literal["alpaca", "sharegpt", "openai"]
+    kind: Literal["sft", "preference", "kto", "pretrain"]
+    columns: dict[str, str | None]
+    defaulted: tuple[str, ...]  # optional column fields filled by a default, which the data may lack
+    tags: dict[str, str | None]
+    on_invalid_row: Literal["fail", "drop"]
+    workers: int | None = unkeyed(None, "processes for map(); cannot change the rows")
+
+
+def plan(entry: DatasetEntry, fetched: Step, recipe: Recipe) -> Step:
     columns = entry.column_map()
     for media in MEDIA:
         if columns.get(media):
@@ -36,32 +44,33 @@ def plan(entry: DatasetEntry, fetched: StageSpec, recipe: Recipe) -> StageSpec:
                 f"dataset '{entry.name}': column '{columns[media]}' ({media}) is multimodal input, which this "
                 f"version does not train on; remove '{media}' from its 'columns' in {entry.registry_file}"
             )
-    config = {
-        "formatting": entry.formatting,
-        "kind": dataset_kind(entry.formatting, columns, entry.ranking),
-        "columns": columns,
-        "defaulted": entry.defaulted_columns(),
-        "tags": entry.tag_map(),
-        **recipe.slice_for(STAGE),
-    }
-    locators = {"name": entry.name, "source": entry.description}
-    code = ["tasks.align", "tasks.formats", "tasks.streaming"]
-    return make_spec(STAGE, f"align[{entry.name}]", config, {"rows": fetched}, code, ("datasets",), locators)
+    config = AlignConfig(
+        formatting=entry.formatting,
+        kind=dataset_kind(entry.formatting, columns, entry.ranking),
+        columns=columns,
+        defaulted=tuple(entry.defaulted_columns()),
+        tags=entry.tag_map(),
+        on_invalid_row=recipe.data.on_invalid_row,
+        workers=recipe.data.preprocessing_num_workers,
+    )
+    locators = {"where": fetched.locators["where"], "location": fetched.locators["path"],
+                "digest": fetched.config.source}
+    return STAGE.step(f"align[{entry.name}]", config, {"rows": fetched}, locators)
 
 
-def usable_columns(config: dict[str, Any], present: list[str], where: str) -> dict[str, str | None]:
+def usable_columns(config: AlignConfig, present: list[str], where: str) -> dict[str, str | None]:
     """The column map the converters read; a column the dataset needs but lacks is a DataError."""
-    required, optional = field_columns(config["formatting"], config["kind"])
-    columns: dict[str, str | None] = dict.fromkeys(config["columns"])
+    required, optional = field_columns(config.formatting, config.kind)
+    columns: dict[str, str | None] = dict.fromkeys(config.columns)
     for field in (*required, *optional):
-        column = config["columns"].get(field)
+        column = config.columns.get(field)
         if not column:
             if field in required:
                 raise DataError(f"{where}: no column is set for the '{field}' field; set it in 'columns'")
             continue
         if column in present:
             columns[field] = column
-        elif field in required or field not in config["defaulted"]:  # a defaulted optional column may be absent
+        elif field in required or field not in config.defaulted:  # a defaulted optional column may be absent
             raise DataError(
                 f"{where}: column '{column}' (the '{field}' field) not found; "
                 f"columns present: {present}; set 'columns' in dataset_info.json"
@@ -82,35 +91,29 @@ def features(checked: bool):
     return datasets.Features(names)
 
 
-def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
+def build(config: AlignConfig, ctx: BuildContext, out: Path) -> Built:
     import datasets
 
-    where = f"dataset '{ctx.spec.locators['name']}' ({ctx.spec.locators['source']})"
-    formatting, kind, tags = config["formatting"], config["kind"], config["tags"]
-    drop = config["on_invalid_row"] == "drop"
-    if (ctx.inputs["rows"] / "source.json").exists():
+    where = ctx.locators["where"]
+    fetched = ctx.inputs["rows"]
+    if fetched.kind == "stream":
         return publish_stream(config, ctx, out, where)
-    # map() would otherwise write its cache file into the input artifact's folder, damaging it.
-    datasets.disable_caching()
-    rows = datasets.load_from_disk(str(ctx.inputs["rows"] / "rows"))
+    datasets.disable_caching()  # map() would otherwise write its cache file into the input artifact
+    rows = load_rows(fetched.part("rows"))
     columns = usable_columns(config, rows.column_names, where)
+    drop = config.on_invalid_row == "drop"
 
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
         try:
-            return {**convert_row(row, formatting, kind, columns, tags), "row": index, "invalid": "", "reason": ""}
+            converted = convert_row(row, config.formatting, config.kind, columns, config.tags)
+            return {**converted, "row": index, "invalid": "", "reason": ""}
         except RowError as exc:
             if not drop:
                 raise DataError(f"{where}, row {index}: {exc}") from None
             return {**unified([], []), "row": index, "invalid": f"row {index}: {exc}", "reason": exc.reason}
 
-    aligned = rows.map(
-        convert,
-        with_indices=True,
-        remove_columns=rows.column_names,
-        features=features(checked=True),
-        num_proc=ctx.runtime.num_workers,
-        desc="align",
-    )
+    aligned = rows.map(convert, with_indices=True, remove_columns=rows.column_names, features=features(checked=True),
+                       num_proc=config.workers)
     invalid = aligned["invalid"]
     reasons = Counter(reason for reason in aligned["reason"] if reason)
     dropped = [message for message in invalid if message]
@@ -120,30 +123,31 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         aligned = aligned.select([i for i, message in enumerate(invalid) if not message])
         ctx.log.warning("%s: dropped %d invalid rows of %d: %s", where, len(dropped), len(invalid), dict(reasons))
     aligned = aligned.remove_columns(["invalid", "reason"])
-    aligned.save_to_disk(str(out / "rows"))
-    ctx.log.info("aligned %d %s rows", len(aligned), kind)
-    return {
-        "rows": len(aligned),
-        "kind": kind,
-        "dropped_invalid": len(dropped),
-        "drop_reasons": dict(reasons.most_common()),
-        "drop_examples": dropped[:EXAMPLES],
-    }
+    save_rows(aligned, out / "rows")
+    ctx.log.info("%s: aligned %d %s rows", where, len(aligned), config.kind)
+    info = {"rows": len(aligned), "dataset_kind": config.kind, "dropped_invalid": len(dropped),
+            "drop_reasons": dict(reasons.most_common()), "drop_examples": dropped[:EXAMPLES]}
+    return Built("rows", {"rows": "rows"}, info)
 
 
-def publish_stream(config: dict[str, Any], ctx: BuildContext, out: Path, where: str) -> dict[str, Any]:
-    """Streaming: check the first rows now and publish the converter settings that train applies lazily."""
-    source = json.loads((ctx.inputs["rows"] / "source.json").read_text())
-    present = list(next(iter(open_source(source))))
-    part = {"source": source, "formatting": config["formatting"], "kind": config["kind"], "tags": config["tags"],
-            "columns": usable_columns(config, present, where), "on_invalid_row": config["on_invalid_row"],
-            "where": where, "present_columns": present}
-    checked = check_first_rows(part)
-    (out / "stream.json").write_text(json.dumps(part))
+def publish_stream(config: AlignConfig, ctx: BuildContext, out: Path, where: str) -> Built:
+    """Streaming: check the first rows now and publish the converter settings that training applies lazily."""
+    source = json.loads(ctx.inputs["rows"].part("source").read_text())
+    location = ctx.locators["location"]
+    present = list(next(iter(open_source(source, location, where))))
+    part = {"source": source, "formatting": config.formatting, "kind": config.kind, "tags": config.tags,
+            "columns": usable_columns(config, present, where), "on_invalid_row": config.on_invalid_row,
+            "present_columns": present}
+    checked = check_first_rows(part, location, where)
+    (out / "stream.json").write_text(json.dumps(part, indent=1))
     ctx.log.info("%s: streaming; checked the first %d rows", where, checked)
-    return {"streaming": True, "checked_rows": checked, "kind": config["kind"]}
+    return Built("stream", {"stream": "stream.json"}, {"checked_rows": checked, "dataset_kind": config.kind})
 
 
-@task(name="align", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")
-def align_task(spec: StageSpec, runtime: Runtime) -> ArtifactRef:
-    return execute(spec, build, runtime)
+STAGE = Stage(
+    name="align",
+    plan=plan,
+    build=build,
+    code=("tasks.align", "tasks.formats", "tasks.rows", "tasks.sources", "tasks.streaming"),
+    libraries=("datasets",),
+)

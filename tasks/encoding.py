@@ -3,6 +3,7 @@ and streaming training applies them lazily to the same rows."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tasks.core.errors import DataError
@@ -38,21 +39,36 @@ def system_prompt(row: dict[str, Any], template: Template) -> str:
     return template.system_with_tools(row["system"] or template.default_system, row["tools"])
 
 
-def encode_supervised(row: dict[str, Any], tokenizer, template: Template, config: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Masking:
+    """How a conversation is cut and which tokens carry loss."""
+
+    cutoff_len: int
+    train_on_prompt: bool = False
+    mask_history: bool = False
+
+
+def encode_supervised(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
     """input_ids and labels of one conversation, masked and truncated as the recipe says."""
     check_kind(row, "sft")
     pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
-    input_ids, labels = supervised_example(pairs, config["cutoff_len"], config["train_on_prompt"],
-                                           config["mask_history"])
+    input_ids, labels = supervised_example(pairs, masking.cutoff_len, masking.train_on_prompt, masking.mask_history)
     return {"input_ids": input_ids, "labels": labels}
 
 
-def encode_for_eval(row: dict[str, Any], tokenizer, template: Template, config: dict[str, Any]) -> dict[str, Any]:
+def encode_for_eval(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
     """encode_supervised plus the generation prompt and the reference reply."""
     pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
-    prompt = generation_prompt(pairs, config["cutoff_len"])
-    return {**encode_supervised(row, tokenizer, template, config), "prompt_ids": prompt,
+    prompt = generation_prompt(pairs, masking.cutoff_len)
+    return {**encode_supervised(row, tokenizer, template, masking), "prompt_ids": prompt,
             "label_text": row["response"][0]["content"], "prompt_text": tokenizer.decode(prompt)}
+
+
+def template_overhead(tokenizer, template: Template) -> int:
+    """Tokens the template itself spends on one exchange (default system prompt, empty turns)."""
+    empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    pairs = encode_pairs(tokenizer, template, empty, template.default_system)
+    return sum(len(source) + len(target) for source, target in pairs)
 
 
 def document_text(row: dict[str, Any]) -> str:

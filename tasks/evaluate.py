@@ -12,26 +12,50 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from pydantic import BaseModel, ConfigDict
 
 from tasks.core.hardware import attn_implementation
-from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
-from tasks.core.store import ArtifactRef, StageSpec
+from tasks.core.recipe import Recipe
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
+from tasks.rows import load_rows
 
-STAGE = "evaluate"
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
 
 
-def plan(recipe, tokenized: StageSpec, scored: StageSpec, role: str) -> StageSpec:
-    config = {**recipe.slice_for(STAGE), "attn_implementation": attn_implementation(recipe.model.flash_attn)}
-    return make_spec(
-        STAGE,
-        f"evaluate[{role}]",
-        config,
-        {"data": tokenized, "model": scored},
-        ["tasks.evaluate", "tasks.metrics"],
-        ("torch", "transformers", "evaluate", "rouge-score", "nltk"),
-        {"role": role},
+class EvaluateConfig(StageConfig):
+    batch_size: int  # also shapes padding, and so the last digits of the scores
+    generate: bool  # generation metrics (ROUGE/BLEU) besides perplexity
+    max_new_tokens: int | None
+    repetition_penalty: float | None
+    sampling: Sampling | None  # None: greedy decoding
+    attn_implementation: str
+    progress: bool = unkeyed(True, "show progress bars")
+
+    @property
+    def rng_seed(self) -> int:
+        return self.sampling.seed if self.sampling else 0
+
+
+def plan(recipe: Recipe, tokenized: Step, scored: Step, role: str) -> Step:
+    e = recipe.evaluation
+    generate = e.do_predict and e.predict_with_generate and recipe.finetuning.stage == "sft"
+    sampling = Sampling(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, seed=recipe.training.seed)
+    config = EvaluateConfig(
+        batch_size=e.per_device_eval_batch_size,
+        generate=generate,
+        max_new_tokens=e.max_new_tokens if generate else None,
+        repetition_penalty=e.repetition_penalty if generate else None,
+        sampling=sampling if generate and e.do_sample else None,
+        attn_implementation=attn_implementation(recipe.model.flash_attn),
     )
+    return STAGE.step(f"evaluate[{role}]", config, {"data": tokenized, "model": scored}, {"role": role})
 
 
 def batches(items: list, size: int):
@@ -39,12 +63,15 @@ def batches(items: list, size: int):
         yield items[start : start + size]
 
 
-def perplexity(model, rows, pad_id: int, batch_size: int) -> dict[str, float]:
+def perplexity(model, rows, pad_id: int, batch_size: int, progress: bool) -> dict[str, float]:
     """exp(mean negative log-likelihood) over label tokens, summed exactly across batches."""
     import torch
+    from tqdm.auto import tqdm
 
     total_nll, total_tokens = 0.0, 0
-    for batch in batches(list(zip(rows["input_ids"], rows["labels"], strict=True)), batch_size):
+    pairs = list(zip(rows["input_ids"], rows["labels"], strict=True))
+    for batch in tqdm(list(batches(pairs, batch_size)), desc="perplexity", disable=not progress):
+        check_stop()
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in batch])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
@@ -62,19 +89,21 @@ def perplexity(model, rows, pad_id: int, batch_size: int) -> dict[str, float]:
 
 
 def generate(
-    model, tokenizer, prompts: list[list[int]], config: dict[str, Any], generation: dict[str, Any]
+    model, tokenizer, prompts: list[list[int]], config: EvaluateConfig, generation: dict[str, Any]
 ) -> list[str]:
     """Replies to tokenized prompts, generated in left-padded batches."""
     import torch
+    from tqdm.auto import tqdm
 
     pad_id = generation["pad_token_id"]
-    sampling = (
-        {"temperature": config["temperature"], "top_p": config["top_p"], "top_k": config["top_k"]}
-        if config["do_sample"]
-        else {}
-    )
+    sampling = config.sampling
+    options = {"do_sample": False}
+    if sampling is not None:
+        options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                   "top_k": sampling.top_k}
     replies = []
-    for batch in batches(prompts, config["per_device_eval_batch_size"]):
+    for batch in tqdm(list(batches(prompts, config.batch_size)), desc="generate", disable=not config.progress):
+        check_stop()
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
@@ -82,12 +111,11 @@ def generate(
             output = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                max_new_tokens=config["max_new_tokens"],
-                do_sample=config["do_sample"],
-                repetition_penalty=config["repetition_penalty"],
+                max_new_tokens=config.max_new_tokens,
+                repetition_penalty=config.repetition_penalty,
                 eos_token_id=generation["stop_token_ids"],
                 pad_token_id=pad_id,
-                **sampling,
+                **options,
             )
         replies += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
     return [reply.strip() for reply in replies]
@@ -104,15 +132,8 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, floa
     return {name: round(100 * value, 4) for name, value in scores.items()}
 
 
-def report(role: str, model_id: str, metrics: dict[str, Any], examples: list[dict[str, str]]) -> str:
-    lines = [
-        f"# Evaluation of the {role} model",
-        "",
-        f"Model artifact: `{model_id}`",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
+def report(metrics: dict[str, Any], examples: list[dict[str, str]]) -> str:
+    lines = ["# Evaluation", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     lines += ["", "## First predictions", ""]
     for example in examples[:5]:
@@ -120,39 +141,42 @@ def report(role: str, model_id: str, metrics: dict[str, Any], examples: list[dic
     return "\n".join(lines) + "\n"
 
 
-def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
-    import datasets
-    import torch
+def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(0)  # sampling, when enabled, is reproducible for a given key
-    model_dir = ctx.inputs["model"] / "model"
+    data = ctx.inputs["data"]
+    model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config["attn_implementation"])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation)
     model.eval()
-    rows = datasets.load_from_disk(str(ctx.inputs["data"] / "eval"))
-    generation = json.loads((ctx.inputs["data"] / "generation.json").read_text())
-    metrics: dict[str, Any] = perplexity(model, rows, generation["pad_token_id"], config["per_device_eval_batch_size"])
+    rows = load_rows(data.part("eval"))
+    generation = json.loads(data.part("generation").read_text())
+    metrics: dict[str, Any] = perplexity(model, rows, generation["pad_token_id"], config.batch_size, config.progress)
     examples: list[dict[str, str]] = []
-    if config["do_predict"] and config["predict_with_generate"] and "prompt_ids" in rows.column_names:
+    if config.generate and data.info.get("eval_prompts"):
         predictions = generate(model, tokenizer, rows["prompt_ids"], config, generation)
         examples = [
             {"prompt": p, "label": label, "predict": pred}
             for p, label, pred in zip(rows["prompt_text"], rows["label_text"], predictions, strict=True)
         ]
         metrics.update(text_scores(predictions, rows["label_text"]))
-    model_id = ctx.spec.inputs["model"]
-    metrics.update({"num_samples": len(rows), "model_artifact": model_id, "role": ctx.spec.locators["role"]})
+    metrics["num_samples"] = len(rows)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with (out / "generated_predictions.jsonl").open("w", encoding="utf-8") as handle:
         for example in examples:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-    (out / "report.md").write_text(report(ctx.spec.locators["role"], model_id, metrics, examples))
+    (out / "report.md").write_text(report(metrics, examples))
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    ctx.log.info("%s: %s", ctx.spec.label, {k: v for k, v in metrics.items() if isinstance(v, float)})
-    return {"metrics": metrics}
+    ctx.log.info("%s: %s", ctx.step.label, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    layout = {"metrics": "metrics.json", "predictions": "generated_predictions.jsonl", "report": "report.md"}
+    return Built("metrics", layout, metrics)
 
 
-@task(name="evaluate", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")
-def evaluate_task(spec: StageSpec, runtime: Runtime) -> ArtifactRef:
-    return execute(spec, build, runtime)
+STAGE = Stage(
+    name="evaluate",
+    plan=plan,
+    build=build,
+    code=("tasks.evaluate", "tasks.metrics", "tasks.rows"),
+    libraries=("torch", "transformers", "evaluate", "rouge-score", "nltk"),
+    heavy=True,
+)

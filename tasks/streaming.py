@@ -1,10 +1,11 @@
 """Streaming mode: rows are read lazily at train time and never materialized.
 
-The data stages publish descriptions instead of rows: fetch a `source.json` (the load_dataset
-arguments), align a `stream.json` (source plus converter settings, after checking the first rows),
-tokenize a `stream.json` (the parts plus encoding settings). Keys stay content-based: the source
-digest is in fetch's key. This module rebuilds the lazy pipeline from those descriptions with the
-same converters and encoders the materialized path uses.
+The data stages publish descriptions instead of rows: fetch a `source.json` (how to open the source),
+align a `stream.json` (source plus converter settings, after checking the first rows), tokenize a
+`stream.json` (the parts plus mixing and encoding settings). Descriptions hold no file locations:
+the run's plan supplies where each source is now (`Sources`: content digest -> location and display
+name), so a moved file is found and keys stay content-based. This module rebuilds the lazy pipeline
+from those descriptions with the same converters and encoders the materialized path uses.
 """
 
 from __future__ import annotations
@@ -12,72 +13,76 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.core.errors import DataError
-from tasks.encoding import encode_document, encode_supervised, truncated_document
+from tasks.encoding import Masking, encode_document, encode_supervised, truncated_document
 from tasks.formats import RowError, convert_row
 from tasks.formats.common import unified
 from tasks.mixing import merge_parts
+from tasks.sources import open_source
 from tasks.templates import IGNORE_INDEX, get_template
 
 CHECKED_ROWS = 100  # rows align reads up front, so a bad file fails before training starts
 UNIFIED = [*unified([], []), "row"]  # the aligned columns that encoding replaces
+Sources = dict[str, dict[str, str]]  # source digest -> {"location": path, "where": "dataset 'x' (path)"}
 
 
-def open_source(source: dict[str, Any]):
-    """The raw rows of a fetched source as an IterableDataset (num_samples applied)."""
-    import datasets
-
-    rows = datasets.load_dataset(**source["load"], streaming=True)
-    return rows.take(source["num_samples"]) if source.get("num_samples") else rows
-
-
-def convert_or_flag(row: dict[str, Any], index: int, part: dict[str, Any]) -> dict[str, Any]:
+def convert_or_flag(row: dict[str, Any], index: int, part: dict[str, Any], where: str) -> dict[str, Any]:
     """One raw row in the unified schema, or flagged for dropping (on_invalid_row: drop)."""
     try:
         converted = convert_row(row, part["formatting"], part["kind"], part["columns"], part["tags"])
         return {**converted, "row": index, "keep": True}
     except RowError as exc:
         if part["on_invalid_row"] == "fail":
-            raise DataError(f"{part['where']}, row {index}: {exc}") from None
+            raise DataError(f"{where}, row {index}: {exc}") from None
         return {**unified([], []), "row": index, "keep": False}
 
 
-def aligned_stream(part: dict[str, Any]):
+def located(part: dict[str, Any], sources: Sources) -> tuple[str, str]:
+    """(location, display name) of an aligned part's source in this run."""
+    found = sources[part["source"]["source"]]
+    return found["location"], found["where"]
+
+
+def aligned_stream(part: dict[str, Any], sources: Sources):
     """A part's rows in the unified schema; invalid rows raise or are dropped, as the recipe says."""
-    rows = open_source(part["source"])
-    converted = rows.map(convert_or_flag, with_indices=True, fn_kwargs={"part": part},
+    location, where = located(part, sources)
+    rows = open_source(part["source"], location, where)
+    converted = rows.map(convert_or_flag, with_indices=True, fn_kwargs={"part": part, "where": where},
                          remove_columns=part["present_columns"])
     return converted.filter(lambda row: row["keep"]).remove_columns(["keep"])
 
 
-def check_first_rows(part: dict[str, Any]) -> int:
+def check_first_rows(part: dict[str, Any], location: str, where: str) -> int:
     """Convert the first rows now so a malformed source fails at align, not mid-training."""
     checked = 0
-    for index, row in enumerate(open_source(part["source"]).take(CHECKED_ROWS)):
-        convert_or_flag(row, index, part)
+    for index, row in enumerate(open_source(part["source"], location, where).take(CHECKED_ROWS)):
+        convert_or_flag(row, index, part, where)
         checked += 1
     return checked
 
 
-def merged_aligned(parts: list[dict[str, Any]], config: dict[str, Any]):
-    """All parts' aligned streams, each capped at max_samples, merged by mix_strategy."""
-    streams = [aligned_stream(part) for part in parts]
-    if config["max_samples"]:
-        streams = [stream.take(config["max_samples"]) for stream in streams]
-    return merge_parts(streams, config["mix_strategy"], config["interleave_probs"], config["seed"])
+def merged_aligned(spec: dict[str, Any], parts: list[dict[str, Any]], sources: Sources):
+    """All parts' aligned streams, each capped at max_samples, merged by the spec's mixing settings."""
+    mix = spec["mix"]
+    streams = [aligned_stream(part, sources) for part in parts]
+    if mix["max_samples"]:
+        streams = [stream.take(mix["max_samples"]) for stream in streams]
+    return merge_parts(streams, mix["strategy"], mix["probs"], mix["seed"])
 
 
-def training_stream(spec: dict[str, Any], tokenizer, shuffle: bool = True):
-    """The tokenized (and, for training, shuffled) stream that a tokenize stream.json describes."""
-    config = spec["config"]
-    rows = merged_aligned(spec["parts"], config)
-    if spec.get("skip"):
+def training_stream(spec: dict[str, Any], tokenizer, sources: Sources, shuffle_buffer: int | None = None,
+                    seed: int = 0):
+    """The tokenized (and, given a buffer, shuffled) stream that a tokenize stream.json describes."""
+    rows = merged_aligned(spec, spec["parts"], sources)
+    if spec["skip"]:
         rows = rows.skip(spec["skip"])  # the first rows went to the validation split
-    if config["stage"] == "pt":
+    encode = spec["encode"]
+    masking = Masking(encode["cutoff_len"], encode["train_on_prompt"], encode["mask_history"])
+    if encode["objective"] == "pt":
         encoded = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=UNIFIED)
-        encoded = encoded.map(truncated_document, fn_kwargs={"cutoff_len": config["cutoff_len"]})
+        encoded = encoded.map(truncated_document, fn_kwargs={"cutoff_len": masking.cutoff_len})
     else:
-        template = get_template(config["template"])
+        template = get_template(encode["template"])
         encoded = rows.map(encode_supervised, remove_columns=UNIFIED,
-                           fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config})
+                           fn_kwargs={"tokenizer": tokenizer, "template": template, "masking": masking})
         encoded = encoded.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]))
-    return encoded.shuffle(seed=config["seed"], buffer_size=config["buffer_size"]) if shuffle else encoded
+    return encoded.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else encoded

@@ -1,48 +1,99 @@
 """Tokenize stage: aligned rows -> train/eval Arrow datasets of input_ids and labels.
 
 Reads the tokenizer from the model artifact. For sft: chat template, prompt masking, cutoff and
-optional packing (neat_packing keeps samples apart). For pt: documents, packed into cutoff_len
+optional packing (neat packing keeps samples apart). For pt: documents, packed into cutoff_len
 blocks by default. Splits off a validation set (val_size) or uses eval_dataset; reports length
-statistics, padding share and a preview of decoded samples.
+statistics and a preview of decoded samples.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from prefect import task
-
-from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
-from tasks.core.store import ArtifactRef, StageSpec
-from tasks.data_report import length_stats, preview_markdown, shuffled_padding_share
-from tasks.encoding import encode_document, encode_for_eval, encode_supervised, truncated_document
+from tasks.core.errors import DataError, RecipeError
+from tasks.core.recipe import Recipe
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
+from tasks.data_report import length_stats, preview_markdown
+from tasks.encoding import (
+    Masking,
+    encode_document,
+    encode_for_eval,
+    encode_supervised,
+    template_overhead,
+    truncated_document,
+)
 from tasks.mixing import merge_parts
 from tasks.packing import neat_pack, pack_pretraining
+from tasks.rows import load_rows, save_rows
 from tasks.streaming import merged_aligned, training_stream
 from tasks.templates import IGNORE_INDEX, get_template, stop_token_ids
 
-STAGE = "tokenize"
-CODE = ["tasks.tokenize", "tasks.encoding", "tasks.templates", "tasks.data_report", "tasks.packing", "tasks.mixing",
-        "tasks.streaming", "tasks.formats"]
+Packing = Literal["none", "blocks", "neat", "plain"]
 
 
-def plan(recipe, train: list[StageSpec], evaluation: list[StageSpec], model: StageSpec) -> StageSpec:
-    get_template(recipe.data.template)  # fail at plan time, not after the model import
-    inputs = {
-        "model": model,
-        **{f"train_{i}": s for i, s in enumerate(train)},
-        **{f"eval_{i}": s for i, s in enumerate(evaluation)},
-    }
-    return make_spec(
-        STAGE,
-        "tokenize",
-        recipe.slice_for(STAGE),
-        inputs,
-        CODE,
-        ("transformers", "tokenizers", "datasets"),
+class TokenizeConfig(StageConfig):
+    objective: Literal["pt", "sft"]
+    template: str
+    cutoff_len: int
+    train_on_prompt: bool
+    mask_history: bool
+    max_samples: int | None
+    val_size: float | None  # None: no split (eval_dataset given, or no validation asked for)
+    mix_strategy: str | None  # None: nothing to mix (one dataset per split)
+    interleave_probs: tuple[float, ...] | None
+    seed: int | None  # only where randomness is used: a validation split or interleaving
+    packing: Packing  # pt: blocks or none; sft: neat (isolated), plain (LlamaFactory's packing) or none
+    streaming: bool
+    workers: int | None = unkeyed(None, "processes for map(); cannot change the rows")
+
+    @property
+    def masking(self) -> Masking:
+        return Masking(self.cutoff_len, self.train_on_prompt, self.mask_history)
+
+
+def packing_mode(recipe: Recipe) -> Packing:
+    """The packing a recipe asks for: on by default for pretraining, off for sft (as in LlamaFactory)."""
+    data = recipe.data
+    if recipe.finetuning.stage == "pt":
+        return "blocks" if data.packing is not False else "none"
+    if data.neat_packing:
+        return "neat"
+    return "plain" if data.packing else "none"
+
+
+def plan(recipe: Recipe, train: list[Step], evaluation: list[Step], model: Step) -> Step:
+    data = recipe.data
+    get_template(data.template)  # fail at plan time, not after the model import
+    val_size = data.val_size if data.val_size and not evaluation and train else None
+    mixes = len(train) > 1 or len(evaluation) > 1
+    interleaving = mixes and data.mix_strategy != "concat"
+    config = TokenizeConfig(
+        objective=recipe.finetuning.stage,
+        template=data.template,
+        cutoff_len=data.cutoff_len,
+        train_on_prompt=data.train_on_prompt,
+        mask_history=data.mask_history,
+        max_samples=data.max_samples,
+        val_size=val_size,
+        mix_strategy=data.mix_strategy if mixes else None,
+        interleave_probs=tuple(float(p) for p in data.interleave_probs.split(",")) if interleaving and
+        data.interleave_probs else None,
+        seed=recipe.training.seed if val_size or interleaving else None,
+        packing=packing_mode(recipe),
+        streaming=data.streaming,
+        workers=data.preprocessing_num_workers,
     )
+    inputs = {"model": model, **{f"train_{i}": s for i, s in enumerate(train)},
+              **{f"eval_{i}": s for i, s in enumerate(evaluation)}}
+    return STAGE.step("tokenize", config, inputs, {"sources": stream_sources(train + evaluation)})
+
+
+def stream_sources(aligned: list[Step]) -> dict[str, dict[str, str]]:
+    """Where each streamed source is in this run, by content digest (see tasks.streaming)."""
+    return {step.locators["digest"]: {"location": step.locators["location"], "where": step.locators["where"]}
+            for step in aligned}
 
 
 def input_names(ctx: BuildContext, prefix: str) -> list[str]:
@@ -50,21 +101,22 @@ def input_names(ctx: BuildContext, prefix: str) -> list[str]:
     return sorted((n for n in ctx.inputs if n.startswith(prefix)), key=lambda n: int(n.rsplit("_", 1)[1]))
 
 
-def load_aligned(ctx: BuildContext, prefix: str, config: dict[str, Any]):
+def load_aligned(ctx: BuildContext, prefix: str, config: TokenizeConfig):
     """The aligned inputs named prefix_0, prefix_1, ..., each capped at max_samples rows, merged."""
-    import datasets
-
     parts = []
     for name in input_names(ctx, prefix):
-        rows = datasets.load_from_disk(str(ctx.inputs[name] / "rows"))
-        limit = config["max_samples"]
+        rows = load_rows(ctx.inputs[name].part("rows"))
+        limit = config.max_samples
         parts.append(rows.select(range(min(limit, len(rows)))) if limit else rows)
-    return merge_parts(parts, config["mix_strategy"], config["interleave_probs"], config["seed"]) if parts else None
+    return merge_parts(parts, config.mix_strategy, config.interleave_probs, config.seed) if parts else None
 
 
 def split_validation(rows, val_size: float, seed: int):
     """(train, validation) with a seeded split; val_size < 1 is a share, >= 1 a row count."""
     size = int(val_size) if val_size >= 1 else val_size
+    if size >= 1 and size >= len(rows):
+        raise RecipeError(f"key 'val_size': {size} validation rows asked for, but the training data has only "
+                          f"{len(rows)} rows; lower val_size or use a share below 1")
     parts = rows.train_test_split(test_size=size, seed=seed)
     return parts["train"], parts["test"]
 
@@ -81,56 +133,102 @@ def pack_supervised(encoded, cutoff_len: int, isolate: bool):
     return datasets.Dataset.from_list(rows)
 
 
-def packing_enabled(config: dict[str, Any]) -> bool:
-    """packing defaults to on for pretraining and off for sft, as in LlamaFactory."""
-    return config["packing"] if config["packing"] is not None else config["stage"] == "pt"
-
-
-def encode_train(rows, tokenizer, template, config: dict[str, Any], workers: int | None):
+def encode_train(rows, tokenizer, template, config: TokenizeConfig):
     """Training rows (input_ids, labels, position_ids when packed) and how many were dropped."""
     import datasets
 
-    cutoff = config["cutoff_len"]
-    if config["stage"] == "pt":
+    cutoff = config.cutoff_len
+    if config.objective == "pt":
         docs = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=rows.column_names,
-                        num_proc=workers, desc="tokenize documents")
-        if packing_enabled(config):
+                        num_proc=config.workers, desc="tokenize documents")
+        if config.packing == "blocks":
             blocks = pack_pretraining(docs["input_ids"], cutoff, tokenizer.eos_token_id)
         else:
             blocks = [ids[:cutoff] for ids in docs["input_ids"]]
         return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks}), 0
-    encoded = rows.map(encode_supervised, fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config},
-                       remove_columns=rows.column_names, num_proc=workers, desc="tokenize train")
+    encoded = rows.map(encode_supervised, remove_columns=rows.column_names, num_proc=config.workers,
+                       fn_kwargs={"tokenizer": tokenizer, "template": template, "masking": config.masking},
+                       desc="tokenize train")
     keep = [i for i, labels in enumerate(encoded["labels"]) if any(t != IGNORE_INDEX for t in labels)]
     dropped = len(encoded) - len(keep)
     encoded = encoded.select(keep)  # a sample with no trainable token carries no signal
-    if config["neat_packing"] or packing_enabled(config):
-        encoded = pack_supervised(encoded, cutoff, isolate=config["neat_packing"])
+    if config.packing in ("neat", "plain"):
+        encoded = pack_supervised(encoded, cutoff, isolate=config.packing == "neat")
     return encoded, dropped
 
 
-def encode_eval(rows, tokenizer, template, config: dict[str, Any], workers: int | None):
+def encode_eval(rows, tokenizer, template, config: TokenizeConfig):
     """Evaluation rows: labels for perplexity and, for sft, the generation prompt and reference reply."""
-    if config["stage"] == "pt":
+    if config.objective == "pt":
         docs = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=rows.column_names,
-                        num_proc=workers, desc="tokenize eval documents")
-        return docs.map(truncated_document, fn_kwargs={"cutoff_len": config["cutoff_len"]})
-    return rows.map(encode_for_eval, fn_kwargs={"tokenizer": tokenizer, "template": template, "config": config},
-                    remove_columns=rows.column_names, num_proc=workers, desc="tokenize eval")
+                        num_proc=config.workers, desc="tokenize eval documents")
+        return docs.map(truncated_document, fn_kwargs={"cutoff_len": config.cutoff_len})
+    return rows.map(encode_for_eval, remove_columns=rows.column_names, num_proc=config.workers,
+                    fn_kwargs={"tokenizer": tokenizer, "template": template, "masking": config.masking},
+                    desc="tokenize eval")
 
 
-def split_stats(rows) -> tuple[dict[str, Any], list[int]]:
-    """Length statistics of a tokenized split, and the row lengths they came from."""
+def split_stats(rows) -> dict[str, Any]:
+    """Length statistics of a tokenized split."""
     lengths = [len(ids) for ids in rows["input_ids"]]
     trainable = [sum(t != IGNORE_INDEX for t in labels) for labels in rows["labels"]]
-    return length_stats(lengths, trainable), lengths
+    return length_stats(lengths, trainable)
 
 
-def write_eval(rows, tokenizer, template, config: dict[str, Any], workers: int | None, out: Path) -> dict[str, Any]:
+def check_cutoff(tokenizer, template, config: TokenizeConfig) -> None:
+    """A cutoff_len that leaves no room after the template's own prompt tokens is a recipe error."""
+    if config.objective != "sft":
+        return
+    overhead = template_overhead(tokenizer, template)
+    if overhead >= config.cutoff_len:
+        raise RecipeError(f"key 'cutoff_len': {config.cutoff_len} tokens leave no room for a conversation; the "
+                          f"template '{config.template}' alone takes {overhead} tokens per exchange")
+
+
+def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model")))
+    template = get_template(config.template)
+    check_cutoff(tokenizer, template, config)
+    datasets.disable_caching()  # map() would otherwise write cache files into the input artifacts
+    if config.streaming:
+        return build_stream(config, ctx, out, tokenizer, template)
+    train = load_aligned(ctx, "train_", config)
+    evaluation = load_aligned(ctx, "eval_", config)
+    if config.val_size and train is not None:
+        train, evaluation = split_validation(train, config.val_size, config.seed)
+    stats: dict[str, Any] = {}
+    layout = {"generation": "generation.json", "stats": "stats.json"}
+    if train is not None:
+        encoded, dropped = encode_train(train, tokenizer, template, config)
+        if not len(encoded):
+            raise DataError(f"no training sample keeps a trainable token at cutoff_len {config.cutoff_len}; "
+                            "raise cutoff_len")
+        save_rows(encoded, out / "train")
+        stats["train"] = split_stats(encoded) | {"dropped_no_target": dropped}
+        layout["train"] = "train"
+    if evaluation is not None:
+        stats["eval"] = write_eval(evaluation, tokenizer, template, config, out)
+        layout["eval"] = "eval"
+    write_generation(out, tokenizer, template)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    if train is not None:
+        write_preview(load_rows(out / "train"), tokenizer, stats, ctx, out)
+        layout["preview"] = "preview.md"
+    ctx.log.info("tokenized: %s", json.dumps(stats))
+    ctx.log_metrics({f"{split}_{k}": v for split, s in stats.items() for k, v in s.items()})
+    info = {"train": "rows" if train is not None else None, "packed": config.packing != "none",
+            "position_ids": config.packing in ("neat", "plain"), "eval_prompts": config.objective == "sft"}
+    return Built("tokenized", layout, info)
+
+
+def write_eval(rows, tokenizer, template, config: TokenizeConfig, out: Path) -> dict[str, Any]:
     """Encode and save the evaluation split; its length statistics."""
-    encoded = encode_eval(rows, tokenizer, template, config, workers)
-    encoded.save_to_disk(str(out / "eval"))
-    return split_stats(encoded)[0]
+    encoded = encode_eval(rows, tokenizer, template, config)
+    save_rows(encoded, out / "eval")
+    return split_stats(encoded)
 
 
 def write_preview(rows, tokenizer, stats: dict[str, Any], ctx: BuildContext, out: Path) -> None:
@@ -140,63 +238,49 @@ def write_preview(rows, tokenizer, stats: dict[str, Any], ctx: BuildContext, out
     publish_preview(preview, ctx)
 
 
-def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
-    import datasets
-    from transformers import AutoTokenizer
+def stream_spec(config: TokenizeConfig, ctx: BuildContext) -> dict[str, Any]:
+    """The training stream's description: aligned parts, mixing and encoding (train applies it lazily)."""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.inputs["model"] / "model"))
-    template = get_template(config["template"])
-    workers = ctx.runtime.num_workers
-    datasets.disable_caching()  # map() would otherwise write cache files into the input artifacts
-    if config["streaming"]:
-        return build_stream(config, ctx, out, tokenizer, template)
-    train = load_aligned(ctx, "train_", config)
-    evaluation = load_aligned(ctx, "eval_", config)
-    if evaluation is None and config["val_size"] and train is not None:
-        train, evaluation = split_validation(train, config["val_size"], config["seed"])
-    stats: dict[str, Any] = {}
-    if train is not None:
-        encoded, dropped = encode_train(train, tokenizer, template, config, workers)
-        encoded.save_to_disk(str(out / "train"))
-        stats["train"], lengths = split_stats(encoded)
-        padding = shuffled_padding_share(lengths, config["per_device_train_batch_size"], config["seed"])
-        stats["train"] |= {"dropped_no_target": dropped, "padding_share": padding}
-    if evaluation is not None:
-        stats["eval"] = write_eval(evaluation, tokenizer, template, config, workers, out)
-    write_generation(out, tokenizer, template)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    if train is not None:
-        write_preview(datasets.load_from_disk(str(out / "train")), tokenizer, stats, ctx, out)
-    ctx.log.info("tokenized: %s", json.dumps(stats))
-    ctx.log_metrics({f"{split}_{k}": v for split, s in stats.items() for k, v in s.items()})
-    return {"stats": stats}
+    def parts(prefix: str) -> list[dict[str, Any]]:
+        return [json.loads(ctx.inputs[name].part("stream").read_text()) for name in input_names(ctx, prefix)]
+
+    return {
+        "parts": parts("train_"),
+        "eval_parts": parts("eval_"),
+        "mix": {"max_samples": config.max_samples, "strategy": config.mix_strategy,
+                "probs": config.interleave_probs, "seed": config.seed},
+        "encode": {"objective": config.objective, "template": config.template, "cutoff_len": config.cutoff_len,
+                   "train_on_prompt": config.train_on_prompt, "mask_history": config.mask_history},
+        "skip": int(config.val_size or 0),  # the stream's first rows are the validation split
+    }
 
 
-def build_stream(config: dict[str, Any], ctx: BuildContext, out: Path, tokenizer, template) -> dict[str, Any]:
+def build_stream(config: TokenizeConfig, ctx: BuildContext, out: Path, tokenizer, template) -> Built:
     """Streaming: describe the training stream for the train stage; materialize only the (small) eval split."""
     import datasets
 
-    def parts(prefix: str) -> list[dict[str, Any]]:
-        return [json.loads((ctx.inputs[name] / "stream.json").read_text()) for name in input_names(ctx, prefix)]
-
-    spec = {"parts": parts("train_"), "config": config, "skip": 0}
-    eval_parts = parts("eval_")
+    spec = stream_spec(config, ctx)
+    sources = ctx.locators["sources"]
     evaluation = None
-    if eval_parts:
-        evaluation = datasets.Dataset.from_list(list(merged_aligned(eval_parts, config)))
-    elif config["val_size"] and spec["parts"]:
-        spec["skip"] = int(config["val_size"])  # the stream's first rows are the validation split
-        evaluation = datasets.Dataset.from_list(list(merged_aligned(spec["parts"], config).take(spec["skip"])))
-    (out / "stream.json").write_text(json.dumps(spec))
+    if spec["eval_parts"]:
+        evaluation = datasets.Dataset.from_list(list(merged_aligned(spec, spec["eval_parts"], sources)))
+    elif spec["skip"] and spec["parts"]:
+        head = merged_aligned(spec, spec["parts"], sources).take(spec["skip"])
+        evaluation = datasets.Dataset.from_list(list(head))
+    (out / "stream.json").write_text(json.dumps(spec, indent=1))
+    layout = {"stream": "stream.json", "generation": "generation.json", "stats": "stats.json"}
     stats: dict[str, Any] = {"train": {"streaming": True, "parts": len(spec["parts"])}}
     if evaluation is not None and len(evaluation):
-        stats["eval"] = write_eval(evaluation, tokenizer, template, config, ctx.runtime.num_workers, out)
-    sample = datasets.Dataset.from_list(list(training_stream(spec, tokenizer, shuffle=False).take(3)))
+        stats["eval"] = write_eval(evaluation, tokenizer, template, config, out)
+        layout["eval"] = "eval"
+    sample = datasets.Dataset.from_list(list(training_stream(spec, tokenizer, sources).take(3)))
     if len(sample):
         write_preview(sample, tokenizer, stats, ctx, out)
+        layout["preview"] = "preview.md"
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    return {"stats": stats}
+    info = {"train": "stream", "packed": False, "position_ids": False, "eval_prompts": config.objective == "sft"}
+    return Built("tokenized", layout, info)
 
 
 def write_generation(out: Path, tokenizer, template) -> None:
@@ -214,12 +298,17 @@ def publish_preview(preview: str, ctx: BuildContext) -> None:
         from prefect.artifacts import create_markdown_artifact
 
         create_markdown_artifact(key="tokenized-data-preview", markdown=preview, description="Decoded samples")
-    if ctx.runtime.mlflow_run_id:
+    if ctx.run.mlflow_run_id:
         from tasks.core import tracking
 
-        tracking.client().log_text(ctx.runtime.mlflow_run_id, preview, "preview.md")
+        tracking.client().log_text(ctx.run.mlflow_run_id, preview, "preview.md")
 
 
-@task(name="tokenize", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")
-def tokenize_task(spec: StageSpec, runtime: Runtime) -> ArtifactRef:
-    return execute(spec, build, runtime)
+STAGE = Stage(
+    name="tokenize",
+    plan=plan,
+    build=build,
+    code=("tasks.tokenize", "tasks.encoding", "tasks.templates", "tasks.data_report", "tasks.packing",
+          "tasks.mixing", "tasks.rows", "tasks.sources", "tasks.streaming", "tasks.formats"),
+    libraries=("transformers", "tokenizers", "datasets"),
+)

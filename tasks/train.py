@@ -7,166 +7,183 @@ newest complete checkpoint when the same recipe runs again.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from prefect import task
+from pydantic import BaseModel, ConfigDict
 
 from tasks.core import tracking
-from tasks.core.hardware import attn_implementation, has_cuda, mixed_precision, torch_dtype
-from tasks.core.stage import BuildContext, Runtime, artifact_cache_key, execute, make_spec
-from tasks.core.store import ArtifactRef, StageSpec
+from tasks.core.errors import RecipeError
+from tasks.core.hardware import attn_implementation, has_cuda, mixed_precision
+from tasks.core.hashing import tree_digest
+from tasks.core.recipe import Recipe, report_targets
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
+from tasks.data_report import shuffled_padding_share
+from tasks.rows import load_rows
 from tasks.streaming import training_stream
+from tasks.train_checkpoints import checkpoint_problem, latest_usable_checkpoint
+from tasks.train_methods import FreezeSettings, LoraSettings, QuantSettings, attach_trainable, load_base
 
-STAGE = "train"
-CHECKPOINT_PREFIX = "checkpoint-"
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    epochs: float | None  # None when max_steps decides
+    max_steps: int | None
+    lr_scheduler_type: str
+    warmup_steps: int | None  # explicit steps win over the ratio, as in LlamaFactory
+    warmup_ratio: float | None
 
 
-def plan(recipe, tokenized: StageSpec, model: StageSpec) -> StageSpec:
+class TrainConfig(StageConfig):
+    objective: Literal["pt", "sft"]
+    finetuning_type: Literal["lora", "full", "freeze"]
+    lora: LoraSettings | None
+    freeze: FreezeSettings | None
+    quantization: QuantSettings | None
+    precision: Literal["fp32", "bf16", "fp16"]  # resolved against the hardware
+    attn_implementation: str
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    schedule: Schedule
+    weight_decay: float
+    max_grad_norm: float
+    optim: str
+    seed: int
+    save_only_model: bool  # a resume without optimizer state trains differently
+    resume_from: str | None  # content digest of an explicit resume_from_checkpoint
+    shuffle_buffer: int | None  # streaming only
+    logging_steps: int = unkeyed(10)
+    save_steps: int = unkeyed(500)
+    save_total_limit: int | None = unkeyed(None)
+    report_to: tuple[str, ...] = unkeyed(())
+    plot_loss: bool = unkeyed(False)
+    dataloader_num_workers: int = unkeyed(0)
+    ddp_timeout: int = unkeyed(1800)
+    gradient_checkpointing: bool = unkeyed(True, "recomputes activations; the same result with less memory")
+
+
+def schedule(recipe: Recipe) -> Schedule:
     t = recipe.training
-    config = {
-        **recipe.slice_for(STAGE),
-        "precision": mixed_precision(t.bf16, t.fp16),
-        "attn_implementation": attn_implementation(recipe.model.flash_attn),
-    }
-    return make_spec(
-        STAGE,
-        "train",
-        config,
-        {"data": tokenized, "model": model},
-        ["tasks.train", "tasks.packing", "tasks.streaming", "tasks.encoding", "tasks.formats"],
-        ("torch", "transformers", "peft", "accelerate", "bitsandbytes"),
+    by_steps = t.max_steps > 0
+    return Schedule(
+        epochs=None if by_steps else t.num_train_epochs,
+        max_steps=t.max_steps if by_steps else None,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps or None,
+        warmup_ratio=t.warmup_ratio if not t.warmup_steps and t.warmup_ratio else None,
     )
 
 
-def latest_complete_checkpoint(staging: Path) -> Path | None:
-    """Newest checkpoint-N holding trainer_state.json (the Trainer writes it last); drop torn ones."""
-    complete = []
-    for path in staging.glob(f"{CHECKPOINT_PREFIX}*"):
-        if (path / "trainer_state.json").is_file():
-            complete.append(path)
-        else:
-            shutil.rmtree(path, ignore_errors=True)  # killed while saving: never resume from it
-    return max(complete, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+def method_settings(recipe: Recipe) -> dict[str, Any]:
+    """The settings of the chosen finetuning_type only: options of other methods change nothing."""
+    f, m = recipe.finetuning, recipe.model
+    lora = freeze = quant = None
+    if f.finetuning_type == "lora":
+        lora = LoraSettings(rank=f.lora_rank, alpha=f.lora_alpha or f.lora_rank * 2, dropout=f.lora_dropout,
+                            target=f.lora_target, use_dora=f.use_dora, use_rslora=f.use_rslora)
+    if f.finetuning_type == "freeze":
+        freeze = FreezeSettings(trainable_layers=f.freeze_trainable_layers)
+    if m.quantization_bit:
+        four = m.quantization_bit == 4
+        quant = QuantSettings(bits=m.quantization_bit, type=m.quantization_type if four else None,
+                              double=m.double_quantization if four else None)
+    return {"lora": lora, "freeze": freeze, "quantization": quant}
 
 
-def quantization_config(config: dict[str, Any]):
-    if not config["quantization_bit"]:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if config["quantization_bit"] == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=config["quantization_type"],
-        bnb_4bit_use_double_quant=config["double_quantization"],
-        bnb_4bit_compute_dtype=torch_dtype("bfloat16" if config["precision"] == "bf16" else "float32"),
+def plan(recipe: Recipe, tokenized: Step, model: Step) -> Step:
+    t = recipe.training
+    resume = t.resume_from_checkpoint
+    if resume and not Path(resume).is_dir():
+        raise RecipeError(f"key 'resume_from_checkpoint': {resume} is not a checkpoint folder")
+    config = TrainConfig(
+        objective=recipe.finetuning.stage,
+        finetuning_type=recipe.finetuning.finetuning_type,
+        **method_settings(recipe),
+        precision=mixed_precision(t.bf16, t.fp16),
+        attn_implementation=attn_implementation(recipe.model.flash_attn),
+        batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        schedule=schedule(recipe),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        save_only_model=t.save_only_model,
+        resume_from=tree_digest(Path(resume)) if resume else None,
+        shuffle_buffer=recipe.data.buffer_size if recipe.data.streaming else None,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=tuple(report_targets(t.report_to)),
+        plot_loss=t.plot_loss,
+        dataloader_num_workers=t.dataloader_num_workers,
+        ddp_timeout=t.ddp_timeout,
+        gradient_checkpointing=not t.disable_gradient_checkpointing,
     )
+    locators = {"resume_from_checkpoint": resume or "", "sources": tokenized.locators["sources"]}
+    return STAGE.step("train", config, {"data": tokenized, "model": model}, locators)
 
 
-def load_base(model_dir: Path, config: dict[str, Any]):
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"attn_implementation": config["attn_implementation"]}
-    if quant := quantization_config(config):
-        kwargs["quantization_config"] = quant
-    if config["precision"] == "fp32":
-        kwargs["dtype"] = torch_dtype("float32")
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-
-
-def lora_targets(value: str) -> str | list[str]:
-    """PEFT target_modules for the recipe's lora_target: every linear layer but the head, or names."""
-    return "all-linear" if value.strip() == "all" else [name.strip() for name in value.split(",") if name.strip()]
-
-
-def attach_trainable(model, config: dict[str, Any]):
-    """Wrap or unfreeze the model according to finetuning_type; returns the model to train."""
-    import torch
-
-    kind = config["finetuning_type"]
-    if kind == "lora":
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if config["quantization_bit"]:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        lora = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=config["lora_rank"],
-            lora_alpha=config["lora_alpha"] or config["lora_rank"] * 2,
-            lora_dropout=config["lora_dropout"],
-            target_modules=lora_targets(config["lora_target"]),
-            use_dora=config["use_dora"],
-            use_rslora=config["use_rslora"],
-        )
-        model = get_peft_model(model, lora)
-        for param in model.parameters():  # adapters train in fp32 even on a half-precision base
-            if param.requires_grad:
-                param.data = param.data.to(torch.float32)
-        return model
-    if kind == "freeze":
-        layers = model.config.num_hidden_layers
-        count = config["freeze_trainable_layers"]
-        chosen = range(layers - count, layers) if count > 0 else range(-count)
-        names = {f".layers.{i}." for i in chosen}
-        for name, param in model.named_parameters():
-            param.requires_grad = any(tag in name for tag in names)
-    return model
-
-
-def mlflow_step_logger(run_id: str | None):
-    """A Trainer callback sending each log (loss, learning rate, grad norm) to the stage's MLflow run."""
+def run_callback(run_id: str | None):
+    """A Trainer callback: each log (loss, learning rate, grad norm) to the stage's MLflow run, and a stop
+    between steps when the run is interrupted (the staged checkpoints stay for a resume)."""
     from transformers import TrainerCallback
 
-    class MlflowStepLogger(TrainerCallback):
+    class RunCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if run_id and state.is_world_process_zero and logs:
                 numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
                 tracking.log_metrics(run_id, numbers, step=state.global_step)
 
-    return MlflowStepLogger()
+        def on_step_end(self, args, state, control, **kwargs):
+            check_stop()
+
+    return RunCallback()
 
 
-def training_arguments(config: dict[str, Any], staging: Path, runtime: Runtime):
+def training_arguments(config: TrainConfig, staging: Path):
     from transformers import TrainingArguments
 
+    s = config.schedule
     return TrainingArguments(
         output_dir=str(staging),
-        per_device_train_batch_size=config["per_device_train_batch_size"],
-        gradient_accumulation_steps=config["gradient_accumulation_steps"],
-        learning_rate=config["learning_rate"],
-        num_train_epochs=config["num_train_epochs"],
-        max_steps=config["max_steps"],
-        lr_scheduler_type=config["lr_scheduler_type"],
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=s.epochs or 1.0,
+        max_steps=s.max_steps or -1,
+        lr_scheduler_type=s.lr_scheduler_type,
         # transformers 5 takes a ratio as a float warmup_steps in [0, 1); explicit steps win, as in LlamaFactory.
-        warmup_steps=config["warmup_steps"] or config["warmup_ratio"],
-        weight_decay=config["weight_decay"],
-        max_grad_norm=config["max_grad_norm"],
-        optim=config["optim"],
-        seed=config["seed"],
-        bf16=config["precision"] == "bf16",
-        fp16=config["precision"] == "fp16",
+        warmup_steps=s.warmup_steps or s.warmup_ratio or 0,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=config.optim,
+        seed=config.seed,
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
         use_cpu=not has_cuda(),
-        logging_steps=runtime.logging_steps,
+        logging_steps=config.logging_steps,
         save_strategy="steps",
-        save_steps=runtime.save_steps,
-        save_total_limit=runtime.save_total_limit,
-        report_to=runtime.report_to or "none",
-        activation_checkpointing=runtime.gradient_checkpointing,  # transformers 5 name for it
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=list(config.report_to) or "none",
+        activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name for it
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
-        dataloader_num_workers=runtime.dataloader_num_workers,
-        save_only_model=runtime.save_only_model,
-        ddp_timeout=runtime.ddp_timeout,
+        dataloader_num_workers=config.dataloader_num_workers,
+        save_only_model=config.save_only_model,
+        ddp_timeout=config.ddp_timeout,
+        disable_tqdm=False,
     )
 
 
-def collator_for(rows, tokenizer):
+def collator_for(data, tokenizer):
     """Packed rows carry position_ids and need no attention mask (see tasks.packing); others pad per batch."""
-    if "position_ids" in (rows.column_names or []):
+    if data.info.get("position_ids"):
         from tasks.packing import PackedCollator
 
         return PackedCollator(pad_token_id=tokenizer.pad_token_id)
@@ -175,64 +192,89 @@ def collator_for(rows, tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
 
 
-def build(config: dict[str, Any], ctx: BuildContext, out: Path) -> dict[str, Any]:
-    import datasets
+def resume_point(config: TrainConfig, ctx: BuildContext) -> Path | None:
+    """The checkpoint to resume from: the recipe's, or the newest usable one of an earlier killed run."""
+    explicit = ctx.locators["resume_from_checkpoint"]
+    if explicit:
+        problem = checkpoint_problem(Path(explicit), config.save_only_model)
+        if problem:
+            raise RecipeError(f"key 'resume_from_checkpoint': {explicit} cannot be resumed from: {problem}")
+        return Path(explicit)
+    return latest_usable_checkpoint(ctx.staging, config.save_only_model, ctx.log)
+
+
+def whole_run_loss(history: list[dict[str, Any]], resumed_step: int, this_run_loss: float, final_step: int) -> float:
+    """Mean training loss over the whole run, also when it was resumed: the logged losses (each the mean
+    since the previous log) cover the steps before the resume, the Trainer's figure the steps after it."""
+    if not resumed_step:
+        return this_run_loss
+    before, previous = 0.0, 0
+    for entry in history:
+        if "loss" in entry and entry["step"] <= resumed_step:
+            before += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    last = next((e["loss"] for e in reversed(history) if "loss" in e and e["step"] <= resumed_step), this_run_loss)
+    before += last * (resumed_step - previous)  # steps after the last log before the checkpoint
+    return (before + this_run_loss * (final_step - resumed_step)) / max(final_step, 1)
+
+
+def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoTokenizer, Trainer
 
-    model_dir = ctx.inputs["model"] / "model"
+    data = ctx.inputs["data"]
+    model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = attach_trainable(load_base(model_dir, config), config)
-    if ctx.runtime.gradient_checkpointing and config["finetuning_type"] == "lora":
+    if config.gradient_checkpointing and config.finetuning_type == "lora":
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
-    stream_file = ctx.inputs["data"] / "stream.json"
-    if stream_file.exists():  # streaming: rows are aligned and tokenized lazily as training consumes them
-        train_rows = training_stream(json.loads(stream_file.read_text()), tokenizer)
+    padding = None
+    if data.info["train"] == "stream":  # rows are aligned and tokenized lazily as training consumes them
+        spec = json.loads(data.part("stream").read_text())
+        train_rows = training_stream(spec, tokenizer, ctx.locators["sources"], config.shuffle_buffer, config.seed)
     else:
-        train_rows = datasets.load_from_disk(str(ctx.inputs["data"] / "train"))
-    staging = ctx.staging
-    explicit = ctx.runtime.resume_from_checkpoint
-    resume = Path(explicit) if explicit else latest_complete_checkpoint(staging)
+        train_rows = load_rows(data.part("train"))
+        lengths = [len(ids) for ids in train_rows["input_ids"]]
+        padding = shuffled_padding_share(lengths, config.batch_size, config.seed)
+    resume = resume_point(config, ctx)
     trainer = Trainer(
         model=model,
-        args=training_arguments(config, staging, ctx.runtime),
+        args=training_arguments(config, ctx.staging),
         train_dataset=train_rows,
-        data_collator=collator_for(train_rows, tokenizer),
-        callbacks=[mlflow_step_logger(ctx.runtime.mlflow_run_id)],
+        data_collator=collator_for(data, tokenizer),
+        callbacks=[run_callback(ctx.run.mlflow_run_id)],
     )
     resumed_state = json.loads((resume / "trainer_state.json").read_text()) if resume else {}
     resumed_step = resumed_state.get("global_step", 0)
-    tokens_before = resumed_state.get("num_input_tokens_seen", 0)  # throughput counts this run's tokens only
-    if resume:
-        ctx.log.info("resuming training from %s", resume.name)
+    tokens_before = resumed_state.get("num_input_tokens_seen", 0)
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.monotonic() - started
-    tokens = trainer.state.num_input_tokens_seen - tokens_before
-    weights_dir = out / ("adapter" if config["finetuning_type"] == "lora" else "model")
-    trainer.model.save_pretrained(str(weights_dir))
-    if config["finetuning_type"] != "lora":
-        tokenizer.save_pretrained(str(weights_dir))
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    state = trainer.state
+    weights = "adapter" if config.finetuning_type == "lora" else "model"
+    trainer.model.save_pretrained(str(out / weights))
+    if config.finetuning_type != "lora":
+        tokenizer.save_pretrained(str(out / weights))
+    (out / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
+    tokens_this_run = state.num_input_tokens_seen - tokens_before
     summary = {
-        "global_step": trainer.state.global_step,
+        "global_step": state.global_step,
         "resumed_from_step": resumed_step,
-        "train_loss": result.training_loss,
-        "train_seconds": round(seconds, 2),
-        "tokens_trained": int(tokens),
-        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "train_loss": whole_run_loss(state.log_history, resumed_step, result.training_loss, state.global_step),
+        "train_seconds": round(seconds, 2),  # this process's share of the run
+        "tokens_trained": int(state.num_input_tokens_seen),  # the whole run's non-padding tokens
+        "tokens_per_second": round(tokens_this_run / max(seconds, 1e-9), 1),
+        "padding_share": padding,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     (out / "train_results.json").write_text(json.dumps(summary, indent=2))
-    ctx.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_step"})
-    if ctx.runtime.plot_loss and ctx.runtime.mlflow_run_id:
-        plot_loss(trainer.state.log_history, ctx.runtime.mlflow_run_id)
-    ctx.log.info(
-        "trained %d steps (resumed at %d), %.1f tokens/s",
-        summary["global_step"],
-        resumed_step,
-        summary["tokens_per_second"],
-    )
-    return {"train": summary}
+    ctx.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_step" and v is not None})
+    if config.plot_loss and ctx.run.mlflow_run_id:
+        plot_loss(state.log_history, ctx.run.mlflow_run_id)
+    ctx.log.info("trained %d steps (resumed at %d), %.1f tokens/s", state.global_step, resumed_step,
+                 summary["tokens_per_second"])
+    kind = "adapter" if config.finetuning_type == "lora" else "full_weights"
+    layout = {weights: weights, "results": "train_results.json", "log_history": "log_history.json"}
+    return Built(kind, layout, summary, reports=("results", "log_history"))
 
 
 def plot_loss(history: list[dict[str, Any]], run_id: str) -> None:
@@ -250,6 +292,12 @@ def plot_loss(history: list[dict[str, Any]], run_id: str) -> None:
     plt.close(figure)
 
 
-@task(name="train", cache_key_fn=artifact_cache_key, persist_result=True, result_serializer="json")
-def train_task(spec: StageSpec, runtime: Runtime) -> ArtifactRef:
-    return execute(spec, build, runtime)
+STAGE = Stage(
+    name="train",
+    plan=plan,
+    build=build,
+    code=("tasks.train", "tasks.train_methods", "tasks.train_checkpoints", "tasks.packing", "tasks.streaming",
+          "tasks.encoding", "tasks.formats"),
+    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
+    heavy=True,
+)

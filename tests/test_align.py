@@ -8,7 +8,7 @@ from tasks import align, fetch
 from tasks.core.errors import DataError
 from tasks.core.recipe import Recipe
 from tasks.core.registry import DatasetEntry, load_registry
-from tasks.core.stage import Runtime, execute
+from tasks.core.stage import run_in_process
 from tasks.core.store import ArtifactStore
 from tasks.formats import RowError, convert_row, dataset_kind
 
@@ -218,16 +218,14 @@ def run_align(tmp_path, dataset_entry, on_invalid_row="fail"):
     """fetch then align, as the flow does but without Prefect; returns (rows, manifest data)."""
     import datasets
 
-    runtime = Runtime(home=str(tmp_path / "store"))
     recipe = Recipe.from_flat({"do_train": False, "on_invalid_row": on_invalid_row})
-    fetched = fetch.plan(dataset_entry, recipe)
-    execute(fetched, fetch.build, runtime)
-    spec = align.plan(dataset_entry, fetched, recipe)
-    assert spec.config["on_invalid_row"] == on_invalid_row
-    ref = execute(spec, align.build, runtime)
-    store = ArtifactStore(runtime.home)
-    rows = datasets.load_from_disk(str(store.path(ref.stage, ref.key) / "rows"))
-    return rows, store.lookup(ref.stage, ref.key).data
+    fetched = fetch.plan(dataset_entry, streaming=False)
+    step = align.plan(dataset_entry, fetched, recipe)
+    assert step.config.on_invalid_row == on_invalid_row
+    ref = run_in_process([fetched, step], tmp_path / "store")[step.label]
+    artifact = ArtifactStore(tmp_path / "store").lookup(ref.stage, ref.key)
+    rows = datasets.load_from_disk(str(artifact.part("rows")))
+    return rows, artifact.info
 
 
 ALPACA_ROWS = [
@@ -254,7 +252,7 @@ def test_alpaca_file_drops_and_counts_invalid_rows(tmp_path):
     assert rows.column_names == ["prompt", "response", "system", "tools", "kto_tag", "text", "row"]
     assert rows["row"] == [0, 2]
     assert rows[1]["prompt"] == [user("c")] and rows[1]["response"] == [assistant("C")]
-    assert manifest["rows"] == 2 and manifest["kind"] == "sft" and manifest["dropped_invalid"] == 2
+    assert manifest["rows"] == 2 and manifest["dataset_kind"] == "sft" and manifest["dropped_invalid"] == 2
     assert manifest["drop_reasons"] == {"'output' is empty": 1, "'instruction' is empty": 1}
     assert manifest["drop_examples"][0] == "row 1: field 'output' (response) is empty"
 
@@ -301,18 +299,18 @@ def test_preference_kto_and_pretrain_files(tmp_path):
         columns={"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
     )
     rows, manifest = run_align(tmp_path, preference)
-    assert manifest["kind"] == "preference" and rows[0]["response"] == [assistant("good"), assistant("bad")]
+    assert manifest["dataset_kind"] == "preference" and rows[0]["response"] == [assistant("good"), assistant("bad")]
 
     kto = write_dataset(tmp_path, "kto.jsonl", [{"q": "Q", "a": "A", "label": False}],
                         columns={"prompt": "q", "response": "a", "kto_tag": "label"})
     rows, manifest = run_align(tmp_path, kto)
-    assert manifest["kind"] == "kto" and rows[0]["kto_tag"] is False
+    assert manifest["dataset_kind"] == "kto" and rows[0]["kto_tag"] is False
 
     (tmp_path / "docs.txt").write_text("first document\nsecond document\n")
     (tmp_path / "dataset_info.json").write_text(json.dumps({"docs": {"file_name": "docs.txt",
                                                                      "columns": {"prompt": "text"}}}))
     rows, manifest = run_align(tmp_path, load_registry(tmp_path)["docs"])
-    assert manifest["kind"] == "pretrain" and rows["text"] == ["first document", "second document"]
+    assert manifest["dataset_kind"] == "pretrain" and rows["text"] == ["first document", "second document"]
     assert rows[0]["response"] == [] and rows[0]["kto_tag"] is None
 
 
@@ -320,4 +318,4 @@ def test_multimodal_columns_are_refused_at_plan(tmp_path):
     mine = write_dataset(tmp_path, "mm.json", [], formatting="sharegpt",
                          columns={"messages": "messages", "images": "images"})
     with pytest.raises(DataError, match="column 'images' \\(images\\) is multimodal input"):
-        align.plan(mine, fetch.plan(mine, Recipe()), Recipe())
+        align.plan(mine, fetch.plan(mine, streaming=False), Recipe())

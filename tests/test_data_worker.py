@@ -23,7 +23,7 @@ def test_mix_strategies():
     assert under == ["a0", "b0", "a1", "b1"]  # stops as soon as the shorter dataset runs out
     over = merge_parts([a, b], "interleave_over", None, 0)["id"]
     assert set(over) == {f"a{i}" for i in range(6)} | {"b0", "b1"}  # runs until the longer one is used up
-    weighted = merge_parts([a, b], "interleave_under", "0.9,0.1", 3)["id"]
+    weighted = merge_parts([a, b], "interleave_under", [0.9, 0.1], 3)["id"]
     assert sum(x.startswith("a") for x in weighted) > sum(x.startswith("b") for x in weighted)
 
 
@@ -38,9 +38,10 @@ def test_packing_through_the_dag(write_recipe, workdir, neat):
     assert "position_ids" in rows.column_names and len(rows) < 12  # 12 training samples, fewer packed rows
     restarts = [sum(p == 0 for p in positions) for positions in rows["position_ids"]]
     assert max(restarts) > 1 if neat else set(restarts) == {1}  # neat: positions restart at every sample
-    assert stats["train"]["max_len"] <= 256 and stats["train"]["padding_share"] < 0.3
+    assert stats["train"]["max_len"] <= 256
     train_dir = workdir / "artifacts" / "train" / next(s.key for s in summary.stages if s.stage == "train")
-    assert json.loads((train_dir / "train_results.json").read_text())["global_step"] >= 1
+    results = json.loads((train_dir / "train_results.json").read_text())
+    assert results["global_step"] >= 1 and results["padding_share"] < 0.3
 
 
 def test_data_preview_prints_marked_samples_and_statistics(capsys, write_recipe):
@@ -127,17 +128,14 @@ def test_local_file_types_fetch_and_align(tmp_path, kind, name):
     from tasks import align, fetch
     from tasks.core.recipe import Recipe
     from tasks.core.registry import load_registry
-    from tasks.core.stage import Runtime, execute
-    from tasks.core.store import ArtifactStore
+    from tasks.core.stage import run_in_process
 
     write_table(tmp_path / name, kind)
     (tmp_path / "dataset_info.json").write_text(json.dumps({"t": {"file_name": name}}))
     entry = load_registry(tmp_path)["t"]
     recipe = Recipe.from_flat({"dataset": "t", "dataset_dir": str(tmp_path)})
-    runtime = Runtime(home=str(tmp_path / "store"))
-    fetched = fetch.plan(entry, recipe)
-    execute(fetched, fetch.build, runtime)
+    fetched = fetch.plan(entry, streaming=False)
     aligned = align.plan(entry, fetched, recipe)
-    execute(aligned, align.build, runtime)
-    rows = datasets.load_from_disk(str(ArtifactStore(tmp_path / "store").path("align", aligned.key) / "rows"))
+    ref = run_in_process([fetched, aligned], tmp_path / "store")[aligned.label]
+    rows = datasets.load_from_disk(str(tmp_path / "store" / "align" / ref.key / "rows"))
     assert len(rows) == 6 and rows[5]["prompt"][0]["content"] == "Say 5." and rows[5]["response"][0]["content"] == "5"

@@ -29,7 +29,7 @@ def test_demo_recipe_on_real_model_at_small_size(workdir):
     assert all(not s.cached for s in summary.stages)
     stages = {s.label: s for s in summary.stages}
     model_dir = workdir / "artifacts" / "model" / stages["model"].key
-    info = json.loads((model_dir / "model_info.json").read_text())
+    info = json.loads((model_dir / "manifest.json").read_text())["info"]
     assert info["architecture"] == "LlamaForCausalLM" and 130e6 < info["parameters"] < 140e6
     config = json.loads((model_dir / "model" / "config.json").read_text())
     assert "quantization_config" not in config  # the GGUF import is saved as plain weights

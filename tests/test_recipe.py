@@ -62,16 +62,6 @@ def test_conflicting_options_name_both_keys():
         Recipe.from_flat({"dataset": "x", "bf16": True, "fp16": True})
 
 
-def test_stage_slices_leave_out_fields_that_cannot_change_results():
-    recipe = Recipe.from_flat({"dataset": "x"})
-    train = recipe.slice_for("train")
-    assert "lora_rank" in train and "learning_rate" in train
-    assert not {"logging_steps", "save_steps", "run_name", "output_dir", "report_to"} & set(train)
-    assert "max_new_tokens" in recipe.slice_for("evaluate") and "max_new_tokens" not in train
-    assert recipe.slice_for("train") == recipe.replace(logging_steps=1, run_name="other").slice_for("train")
-    assert recipe.slice_for("train") != recipe.replace(lora_rank=16).slice_for("train")
-
-
 def test_recipe_is_immutable():
     recipe = Recipe.from_flat({"dataset": "x"})
     with pytest.raises(ValidationError, match="frozen"):

@@ -88,12 +88,6 @@ def test_columns_block_replaces_defaults_and_tags_fill_in(info_dir):
     assert chat.tag_map()["observation_tag"] == "tool"
 
 
-def test_keyed_leaves_out_location_and_name(info_dir):
-    keyed = load_registry(info_dir)["pinned"].keyed()
-    assert keyed["revision"] == "v1.0"
-    assert not {"name", "base_dir", "registry_file", "ms_hub_url"} & set(keyed)
-
-
 def test_yaml_registry_beside_json(tmp_path):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json"}}))
     (tmp_path / "dataset_info.yaml").write_text(

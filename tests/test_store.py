@@ -1,74 +1,122 @@
+"""The store and the stage runner: publish, reuse, damage, content keys, stale temporaries."""
+
 import json
+import os
 
 import pytest
 
-from tasks.core.stage import Runtime, execute, make_spec
+from tasks.core.stage import Built, RunContext, Stage, StageConfig, execute, run_in_process
 from tasks.core.store import ArtifactStore
 
 
-def spec_for(value: int):
-    return make_spec("demo", "demo", {"value": value}, {}, ["tasks.core.store"], ())
+class ValueConfig(StageConfig):
+    value: int
 
 
 def write_value(config, ctx, out):
-    (out / "value.json").write_text(json.dumps(config))
-    return {"written": True}
+    (out / "value.json").write_text(json.dumps({"value": config.value}))
+    return Built("value", {"value": "value.json"}, {"written": True})
+
+
+def write_upstream_value(config, ctx, out):
+    upstream = json.loads(ctx.inputs["up"].part("value").read_text())["value"]
+    (out / "value.json").write_text(json.dumps({"value": upstream * 10}))
+    return Built("value", {"value": "value.json"})
+
+
+VALUE = Stage(name="demo", plan=None, build=write_value, code=("tasks.core.store",), libraries=())
+DOWN = Stage(name="down", plan=None, build=write_upstream_value, code=("tasks.core.store",), libraries=())
+
+
+def step(value: int, stage: Stage = VALUE, label: str = "demo"):
+    return stage.step(label, ValueConfig(value=value))
 
 
 def test_build_publishes_with_manifest_and_reuses(tmp_path):
-    spec = spec_for(1)
-    runtime = Runtime(home=str(tmp_path))
-    ref = execute(spec, write_value, runtime)
-    store = ArtifactStore(tmp_path)
-    manifest = store.lookup(ref.stage, ref.key)
-    assert manifest is not None
-    assert [f["path"] for f in manifest.data["files"]] == ["value.json"]
-    assert manifest.data["config"] == {"value": 1}
+    run = RunContext(home=str(tmp_path))
+    ref = execute(step(1), {}, run)
+    artifact = ArtifactStore(tmp_path).lookup(ref.stage, ref.key)
+    assert artifact is not None and artifact.kind == "value" and artifact.info == {"written": True}
+    assert [f["path"] for f in artifact.manifest["files"]] == ["value.json"]
+    assert artifact.manifest["config"] == {"value": 1} and artifact.ref == ref
     calls = []
-    execute(spec, lambda c, ctx, out: calls.append(1), runtime)
+    again = Stage(name="demo", plan=None, build=lambda c, ctx, out: calls.append(1), code=("tasks.core.store",),
+                  libraries=())
+    assert execute(again.step("demo", ValueConfig(value=1)), {}, run) == ref
     assert calls == []  # reused, not rebuilt
 
 
-def test_keys_change_with_config_and_inputs():
-    assert spec_for(1).key == spec_for(1).key
-    assert spec_for(1).key != spec_for(2).key
-    downstream_a = make_spec("down", "down", {}, {"up": spec_for(1)}, ["tasks.core.store"], ())
-    downstream_b = make_spec("down", "down", {}, {"up": spec_for(2)}, ["tasks.core.store"], ())
-    assert downstream_a.key != downstream_b.key
+def test_keys_cover_config_and_input_content_not_input_names(tmp_path):
+    first, second = run_in_process([step(1)], tmp_path)["demo"], run_in_process([step(2)], tmp_path)["demo"]
+    assert first.key != second.key and first.digest != second.digest
+    down = DOWN.step("down", ValueConfig(value=0), {"up": step(1)})
+    assert DOWN.key(down.config, {"up": first}) != DOWN.key(down.config, {"up": second})
+    # An input rebuilt under another key with the same bytes leaves the downstream key unchanged.
+    renamed = first.model_copy(update={"key": "0" * 64})
+    assert DOWN.key(down.config, {"up": first}) == DOWN.key(down.config, {"up": renamed})
 
 
-@pytest.mark.parametrize("damage", ["edit", "delete_manifest", "extra_file", "delete_file"])
+@pytest.mark.parametrize("damage", ["edit", "edit_same_size_keep_mtime", "delete_manifest", "extra_file",
+                                    "delete_file"])
 def test_damaged_artifact_is_not_valid_and_is_rebuilt(tmp_path, damage):
-    spec = spec_for(3)
-    runtime = Runtime(home=str(tmp_path))
-    execute(spec, write_value, runtime)
+    run = RunContext(home=str(tmp_path))
+    ref = execute(step(3), {}, run)
     store = ArtifactStore(tmp_path)
-    directory = store.path(spec.stage, spec.key)
+    directory = store.path(ref.stage, ref.key)
+    value = directory / "value.json"
     if damage == "edit":
-        (directory / "value.json").write_text('{"value": 4}')
+        value.write_text('{"value": 44}')
+    elif damage == "edit_same_size_keep_mtime":  # only the full check (tunefactory verify) can see this
+        stat = value.stat()
+        value.write_text('{"value": 4}')
+        os.utime(value, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert store.lookup(ref.stage, ref.key) is not None
+        assert store.lookup(ref.stage, ref.key, full=True) is None
+        return
     elif damage == "delete_manifest":
         (directory / "manifest.json").unlink()
     elif damage == "extra_file":
         (directory / "stray.bin").write_bytes(b"x")
     else:
-        (directory / "value.json").unlink()
-    assert store.lookup(spec.stage, spec.key) is None
-    execute(spec, write_value, runtime)
-    assert store.lookup(spec.stage, spec.key) is not None
-    assert json.loads((directory / "value.json").read_text()) == {"value": 3}
+        value.unlink()
+    assert store.lookup(ref.stage, ref.key) is None
+    execute(step(3), {}, run)
+    assert store.lookup(ref.stage, ref.key, full=True) is not None
+    assert json.loads(value.read_text()) == {"value": 3}
 
 
 def test_failed_build_publishes_nothing_and_keeps_existing_artifacts(tmp_path):
-    runtime = Runtime(home=str(tmp_path))
-    kept = execute(spec_for(5), write_value, runtime)
+    run = RunContext(home=str(tmp_path))
+    kept = execute(step(5), {}, run)
 
     def fail(config, ctx, out):
         (out / "half.json").write_text("{")
         raise RuntimeError("boom")
 
+    failing = Stage(name="demo", plan=None, build=fail, code=("tasks.core.store",), libraries=())
     with pytest.raises(RuntimeError):
-        execute(spec_for(6), fail, runtime)
+        execute(failing.step("demo", ValueConfig(value=6)), {}, run)
     store = ArtifactStore(tmp_path)
-    assert not store.path("demo", spec_for(6).key).exists()
     assert [p.name for p in (tmp_path / "demo").iterdir()] == [kept.key]  # no temp dir left behind
     assert store.lookup(kept.stage, kept.key) is not None
+
+
+def test_stale_temporaries_of_killed_builds_are_removed(tmp_path):
+    store = ArtifactStore(tmp_path)
+    stale = tmp_path / "demo" / f".tmp-{'a' * 64}-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "half.bin").write_bytes(b"x")
+    live_key = "b" * 64
+    live = tmp_path / "demo" / f".tmp-{live_key}-cafecafe"
+    live.mkdir()
+    with store.lock("demo", live_key):  # another build of that key is running
+        execute(step(7), {}, RunContext(home=str(tmp_path)))
+        assert not stale.exists() and live.exists()
+
+
+def test_store_root_that_is_a_file_is_refused(tmp_path):
+    from tasks.core.errors import TuneFactoryError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TuneFactoryError, match="is a file, not a folder"):
+        ArtifactStore(tmp_path / "file")

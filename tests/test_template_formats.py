@@ -511,12 +511,11 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "descrip
 
 
 def test_tool_definitions_join_the_system_prompt_as_qwen_publishes(tokenizer):
-    from tasks.encoding import encode_supervised
+    from tasks.encoding import Masking, encode_supervised
 
     row = {"prompt": CONVERSATION[:-1], "response": CONVERSATION[-1:], "system": SYSTEM,
            "tools": json.dumps([WEATHER_TOOL]), "kto_tag": None, "text": "", "row": 0}
-    config = {"cutoff_len": 4096, "train_on_prompt": False, "mask_history": False}
-    encoded_row = encode_supervised(row, tokenizer, get_template("qwen"), config)
+    encoded_row = encode_supervised(row, tokenizer, get_template("qwen"), Masking(cutoff_len=4096))
     tokenizer.chat_template = QWEN25
     chat = [{"role": "system", "content": SYSTEM}, *CONVERSATION]
     expected = tokenizer.apply_chat_template(chat, tools=[WEATHER_TOOL], tokenize=False)

@@ -15,3 +15,12 @@ class DataError(TuneFactoryError):
 
 class ModelError(TuneFactoryError):
     """A model source cannot be found or loaded."""
+
+
+def read_utf8(path, what: str, error: type[TuneFactoryError]) -> str:
+    """A UTF-8 text file's content; other bytes are a user error naming the file and the byte offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 1]
+        raise error(f"{path}: {what} is not UTF-8 text (byte {exc.start} is {bad!r})") from None

@@ -1,8 +1,8 @@
 """The recipe: LlamaFactory's flat YAML keys, validated into typed, frozen sections.
 
-Every field says which stages read it (`stages=`). A stage's cache key covers exactly the fields
-tagged with its name, so a field that cannot change a result (logging interval, run name) is
-tagged with no stage and never invalidates anything.
+Which fields a stage reads, and when they apply, is decided by that stage's planner (its typed
+config); this module only validates values and the combinations that can be judged from the recipe
+alone. Registry- and model-dependent checks run at plan time (flows/plan.py).
 """
 
 from __future__ import annotations
@@ -14,101 +14,97 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.core.errors import RecipeError
+from tasks.core.errors import RecipeError, read_utf8
 
 
-def option(default: Any, description: str, *stages: str, **kwargs: Any) -> Any:
-    """A recipe field with a description and the stages whose key it enters."""
-    return Field(default, description=description, json_schema_extra={"stages": list(stages)}, **kwargs)
+def option(default: Any, description: str, **kwargs: Any) -> Any:
+    """A recipe field with the description the Prefect form and `--help` show."""
+    return Field(default, description=description, **kwargs)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(Section):
     model_name_or_path: str | None = option(
-        None, "Hub id, local HF directory, or .gguf file. Empty: the bundled SmolLM2-135M-Instruct.", "model"
+        None, "Hub id, local HF directory, or .gguf file. Empty: the bundled SmolLM2-135M-Instruct."
     )
-    model_revision: str = option("main", "Hub branch, tag or commit to load.", "model")
-    gguf_file: str | None = option(None, "GGUF file name inside model_name_or_path, if it is a GGUF source.", "model")
-    trust_remote_code: bool = option(False, "Allow model code shipped with a hub checkpoint.", "model")
+    model_revision: str = option("main", "Hub branch, tag or commit to load.")
+    gguf_file: str | None = option(None, "GGUF file name inside model_name_or_path, if it is a GGUF source.")
+    trust_remote_code: bool = option(False, "Allow model code shipped with a hub checkpoint.")
     infer_dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
-        "auto", "Dtype of the saved base checkpoint; auto picks what the hardware computes fastest.", "model"
+        "auto", "Dtype of the saved base checkpoint; auto picks what the hardware computes fastest."
     )
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = option(
         "auto",
         "Attention implementation used when the model is loaded for training and evaluation.",
-        "train",
-        "evaluate",
     )
     quantization_bit: Literal[4, 8] | None = option(
-        None, "Load the base model in 4- or 8-bit with bitsandbytes for training (QLoRA).", "train"
+        None, "Load the base model in 4- or 8-bit with bitsandbytes for training (QLoRA)."
     )
-    quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit quantization data type.", "train")
-    double_quantization: bool = option(True, "Quantize the 4-bit quantization constants too.", "train")
+    quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit quantization data type.")
+    double_quantization: bool = option(True, "Quantize the 4-bit quantization constants too.")
 
 
 class DataSection(Section):
-    dataset: str | None = option(None, "Registry dataset names, comma-separated.", "tokenize")
+    dataset: str | None = option(None, "Registry dataset names, comma-separated.")
     dataset_dir: str = option("data", "Folder holding dataset_info.json and dataset files.")
-    eval_dataset: str | None = option(None, "Registry dataset names to evaluate on, comma-separated.", "tokenize")
-    template: str = option("default", "Chat template name.", "tokenize")
-    cutoff_len: int = option(2048, "Maximum tokens per sample after tokenization.", "tokenize", gt=0)
-    train_on_prompt: bool = option(False, "Compute the loss on prompt tokens too.", "tokenize")
-    mask_history: bool = option(False, "Train only on the last assistant turn.", "tokenize")
-    max_samples: int | None = option(None, "Keep at most this many rows of each dataset.", "tokenize", gt=0)
-    val_size: float = option(0.0, "Held-out share (<1) or count (>=1) of the training rows.", "tokenize", ge=0)
+    allow_outside_dataset_dir: bool = option(
+        False, "Let dataset_info.json point at files outside dataset_dir (off: paths are confined to it).")
+    eval_dataset: str | None = option(None, "Registry dataset names to evaluate on, comma-separated.")
+    template: str = option("default", "Chat template name.")
+    cutoff_len: int = option(2048, "Maximum tokens per sample after tokenization.", gt=0)
+    train_on_prompt: bool = option(False, "Compute the loss on prompt tokens too.")
+    mask_history: bool = option(False, "Train only on the last assistant turn.")
+    max_samples: int | None = option(None, "Keep at most this many rows of each dataset.", gt=0)
+    val_size: float = option(0.0, "Held-out share (<1) or count (>=1) of the training rows.", ge=0)
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = option(
         "concat", "How several datasets are merged: concatenated, or interleaved until the first "
-        "(under) or last (over) runs out.", "tokenize")
-    interleave_probs: str | None = option(None, "Comma-separated sampling probabilities for interleaving.", "tokenize")
-    streaming: bool = option(False, "Stream rows instead of materializing them; training then needs max_steps.",
-                             "fetch", "tokenize")
-    buffer_size: int = option(16384, "Shuffle buffer size in streaming mode.", "tokenize", gt=0)
-    packing: bool | None = option(None, "Concatenate and chunk samples to cutoff_len (default: on for stage pt).",
-                                  "tokenize")
-    neat_packing: bool = option(False, "Pack SFT samples without attention or positions crossing samples.",
-                                "tokenize")
+        "(under) or last (over) runs out.")
+    interleave_probs: str | None = option(None, "Comma-separated sampling probabilities for interleaving.")
+    streaming: bool = option(False, "Stream rows instead of materializing them; training then needs max_steps.")
+    buffer_size: int = option(16384, "Shuffle buffer size in streaming mode.", gt=0)
+    packing: bool | None = option(None, "Concatenate and chunk samples to cutoff_len (default: on for stage pt).")
+    neat_packing: bool = option(False, "Pack SFT samples without attention or positions crossing samples.")
     on_invalid_row: Literal["fail", "drop"] = option(
-        "fail", "An invalid row stops the run with its location, or is dropped and counted.", "align")
+        "fail", "An invalid row stops the run with its location, or is dropped and counted.")
     preprocessing_num_workers: int | None = option(None, "Processes used to tokenize.")
     overwrite_cache: bool = option(False, "Rebuild the data stages even if cached.")
 
 
 class FinetuningSection(Section):
-    stage: Literal["pt", "sft"] = option("sft", "Training stage: pt (pretraining) or sft.", "tokenize", "train")
+    stage: Literal["pt", "sft"] = option("sft", "Training stage: pt (pretraining) or sft.")
     do_train: bool = option(True, "Train; false evaluates the base model only.")
-    finetuning_type: Literal["lora", "full", "freeze"] = option("lora", "Which weights are trained.", "train")
-    lora_rank: int = option(8, "LoRA rank.", "train", gt=0)
-    lora_alpha: int | None = option(None, "LoRA scaling numerator; default twice the rank.", "train")
-    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", "train", ge=0, lt=1)
-    lora_target: str = option("all", "Comma-separated module names, or 'all' linear layers.", "train")
-    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).", "train")
-    use_rslora: bool = option(False, "Rank-stabilised LoRA scaling.", "train")
-    freeze_trainable_layers: int = option(2, "Freeze tuning: train this many last (or, if <0, first) layers.", "train")
+    finetuning_type: Literal["lora", "full", "freeze"] = option("lora", "Which weights are trained.")
+    lora_rank: int = option(8, "LoRA rank.", gt=0)
+    lora_alpha: int | None = option(None, "LoRA scaling numerator; default twice the rank.", gt=0)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
+    lora_target: str = option("all", "Comma-separated module names, or 'all' linear layers.")
+    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = option(False, "Rank-stabilised LoRA scaling.")
+    freeze_trainable_layers: int = option(2, "Freeze tuning: train this many last (or, if <0, first) layers.")
 
 
 class TrainingSection(Section):
-    per_device_train_batch_size: int = option(1, "Rows per device per step (tokenize reports padding at it).",
-                                              "tokenize", "train", gt=0)
-    gradient_accumulation_steps: int = option(1, "Steps accumulated per optimizer update.", "train", gt=0)
-    learning_rate: float = option(5e-5, "Peak learning rate.", "train", gt=0)
-    num_train_epochs: float = option(3.0, "Epochs (ignored when max_steps > 0).", "train", gt=0)
-    max_steps: int = option(-1, "Optimizer steps; -1 trains num_train_epochs.", "train")
-    lr_scheduler_type: str = option("cosine", "transformers scheduler name.", "train")
-    warmup_ratio: float = option(0.0, "Share of steps spent warming up.", "train", ge=0, le=1)
-    warmup_steps: int = option(0, "Warm-up steps (wins over warmup_ratio).", "train", ge=0)
-    weight_decay: float = option(0.0, "AdamW weight decay.", "train", ge=0)
-    max_grad_norm: float = option(1.0, "Gradient clipping norm.", "train", gt=0)
-    optim: str = option("adamw_torch", "transformers optimizer name.", "train")
-    bf16: bool = option(False, "Train in bfloat16 where the hardware supports it.", "train")
-    fp16: bool = option(False, "Train in float16 mixed precision where the hardware supports it.", "train")
-    seed: int = option(42, "Seed for shuffling, splitting and initialisation.", "tokenize", "train")
+    per_device_train_batch_size: int = option(1, "Rows per device per optimizer micro-step.", gt=0)
+    gradient_accumulation_steps: int = option(1, "Steps accumulated per optimizer update.", gt=0)
+    learning_rate: float = option(5e-5, "Peak learning rate.", gt=0)
+    num_train_epochs: float = option(3.0, "Epochs (ignored when max_steps > 0).", gt=0)
+    max_steps: int = option(-1, "Optimizer steps; -1 trains num_train_epochs.")
+    lr_scheduler_type: str = option("cosine", "transformers scheduler name.")
+    warmup_ratio: float = option(0.0, "Share of steps spent warming up.", ge=0, le=1)
+    warmup_steps: int = option(0, "Warm-up steps (wins over warmup_ratio).", ge=0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.", gt=0)
+    optim: str = option("adamw_torch", "transformers optimizer name.")
+    bf16: bool = option(False, "Train in bfloat16 where the hardware supports it.")
+    fp16: bool = option(False, "Train in float16 mixed precision where the hardware supports it.")
+    seed: int = option(42, "Seed for shuffling, splitting and initialisation.", ge=0, lt=2**32)
     disable_gradient_checkpointing: bool = option(False, "Keep activations instead of recomputing them.")
     logging_steps: int = option(10, "Log training loss every this many steps.", gt=0)
     save_steps: int = option(500, "Save a resumable checkpoint every this many steps.", gt=0)
-    save_total_limit: int | None = option(None, "Keep at most this many checkpoints while training.")
+    save_total_limit: int | None = option(None, "Keep at most this many checkpoints while training.", gt=0)
     plot_loss: bool = option(False, "Save a loss curve image with the adapter.")
     report_to: str | list[str] = option("none", "Extra transformers loggers (MLflow tracking is always on).")
     output_dir: str | None = option(None, "Also copy the final adapter or weights here.")
@@ -122,21 +118,21 @@ class TrainingSection(Section):
 
 class EvaluationSection(Section):
     do_eval: bool = option(True, "Evaluate base and tuned models on the held-out data.")
-    do_predict: bool = option(True, "Generate predictions for ROUGE/BLEU (perplexity is always computed).", "evaluate")
-    predict_with_generate: bool = option(True, "LlamaFactory's switch for generation-based metrics.", "evaluate")
-    per_device_eval_batch_size: int = option(8, "Rows per generation/perplexity batch.", "evaluate", gt=0)
-    max_new_tokens: int = option(512, "Generation length limit.", "evaluate", gt=0)
-    do_sample: bool = option(True, "Sample instead of greedy decoding.", "evaluate")
-    temperature: float = option(0.95, "Sampling temperature.", "evaluate", gt=0)
-    top_p: float = option(0.7, "Nucleus sampling mass.", "evaluate", gt=0, le=1)
-    top_k: int = option(50, "Top-k sampling.", "evaluate", ge=0)
-    repetition_penalty: float = option(1.0, "Penalty on repeated tokens.", "evaluate", gt=0)
+    do_predict: bool = option(True, "Generate predictions for ROUGE/BLEU (perplexity is always computed).")
+    predict_with_generate: bool = option(True, "LlamaFactory's switch for generation-based metrics.")
+    per_device_eval_batch_size: int = option(8, "Rows per generation/perplexity batch.", gt=0)
+    max_new_tokens: int = option(512, "Generation length limit.", gt=0)
+    do_sample: bool = option(True, "Sample instead of greedy decoding.")
+    temperature: float = option(0.95, "Sampling temperature.", gt=0)
+    top_p: float = option(0.7, "Nucleus sampling mass.", gt=0, le=1)
+    top_k: int = option(50, "Top-k sampling.", ge=0)
+    repetition_penalty: float = option(1.0, "Penalty on repeated tokens.", gt=0)
 
 
 class ExportSection(Section):
     export_dir: str | None = option(None, "Also copy the merged model here.")
-    export_size: int = option(5, "Shard size of the merged model, in GB.", "merge", gt=0)
-    export_legacy_format: bool = option(False, "Save .bin instead of .safetensors.", "merge")
+    export_size: int = option(5, "Shard size of the merged model, in GB.", gt=0)
+    export_legacy_format: bool = option(False, "Save .bin instead of .safetensors.")
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -183,22 +179,12 @@ class Recipe(Section):
         """All fields as LlamaFactory's flat keys."""
         return {k: v for name in SECTIONS for k, v in getattr(self, name).model_dump().items()}
 
-    def slice_for(self, stage: str) -> dict[str, Any]:
-        """The fields tagged with `stage`: exactly what enters that stage's cache key."""
-        flat = self.flat()
-        return {k: flat[k] for k in STAGE_FIELDS.get(stage, ())}
-
     def replace(self, **changes: Any) -> Recipe:
         """A new validated recipe with some flat keys changed."""
         return Recipe.from_flat({**self.flat(), **changes}, source="override")
 
 
 FIELD_SECTION = {f: name for name, sec in SECTIONS.items() for f in sec.model_fields}
-STAGE_FIELDS: dict[str, list[str]] = {}
-for _section in SECTIONS.values():
-    for _name, _field in _section.model_fields.items():
-        for _stage in (_field.json_schema_extra or {}).get("stages", []):
-            STAGE_FIELDS.setdefault(_stage, []).append(_name)
 
 
 def _suggestion(key: str) -> str:
@@ -207,19 +193,98 @@ def _suggestion(key: str) -> str:
 
 
 def check_combinations(recipe: Recipe, source: str) -> None:
-    """Reject option combinations that cannot work, before anything runs."""
-    if recipe.training.bf16 and recipe.training.fp16:
+    """Reject values and option combinations that cannot work, before anything runs."""
+    data, training = recipe.data, recipe.training
+    if training.bf16 and training.fp16:
         raise RecipeError(f"{source}: keys 'bf16' and 'fp16' are both true; choose one")
     if recipe.model.quantization_bit and recipe.finetuning.finetuning_type != "lora":
         raise RecipeError(f"{source}: key 'quantization_bit' needs finetuning_type: lora (QLoRA)")
-    if recipe.data.streaming and recipe.training.max_steps <= 0:
+    if data.streaming and training.max_steps <= 0:
         raise RecipeError(f"{source}: key 'streaming' needs 'max_steps' > 0 (a stream has no known length)")
-    if recipe.data.streaming and (recipe.data.packing or recipe.data.neat_packing):
+    if data.streaming and (data.packing or data.neat_packing):
         raise RecipeError(f"{source}: keys 'streaming' and 'packing'/'neat_packing' cannot be combined")
-    if recipe.data.streaming and 0 < recipe.data.val_size < 1:
+    if data.streaming and 0 < data.val_size < 1:
         raise RecipeError(f"{source}: key 'val_size' must be a row count (>= 1) with streaming")
-    if recipe.finetuning.do_train and not recipe.data.dataset:
+    if recipe.finetuning.do_train and not data.dataset:
         raise RecipeError(f"{source}: key 'dataset' is required when do_train is true")
+    if data.mask_history and data.train_on_prompt:
+        raise RecipeError(f"{source}: keys 'mask_history' and 'train_on_prompt' cannot both be true")
+    if training.max_steps == 0 or training.max_steps < -1:
+        raise RecipeError(f"{source}: key 'max_steps' must be a positive step count, or -1 to train "
+                          f"num_train_epochs (got {training.max_steps})")
+    check_interleave_probs(recipe, source)
+    check_trainer_names(recipe, source)
+
+
+def check_interleave_probs(recipe: Recipe, source: str) -> None:
+    """interleave_probs: one probability in [0, 1] per dataset, summing to 1."""
+    text = recipe.data.interleave_probs
+    if text is None:
+        return
+    try:
+        probs = [float(part) for part in str(text).split(",")]
+    except ValueError:
+        raise RecipeError(f"{source}: key 'interleave_probs': expected comma-separated numbers, "
+                          f"got {text!r}") from None
+    names = [n for n in (recipe.data.dataset or "").split(",") if n.strip()]
+    if len(probs) != len(names):
+        raise RecipeError(f"{source}: key 'interleave_probs' gives {len(probs)} probabilities for "
+                          f"{len(names)} datasets in 'dataset'")
+    if any(not 0 <= p <= 1 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+        raise RecipeError(f"{source}: key 'interleave_probs' must be probabilities summing to 1 "
+                          f"(got {text!r}, sum {sum(probs):g})")
+    if recipe.data.mix_strategy == "concat":
+        raise RecipeError(f"{source}: key 'interleave_probs' needs mix_strategy interleave_under or "
+                          "interleave_over")
+
+
+def report_targets(report_to: str | list[str]) -> list[str]:
+    """Extra transformers loggers the recipe asks for (MLflow is always on, so it is not one of them)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [n for n in names if n not in ("none", "mlflow")]
+
+
+def check_trainer_names(recipe: Recipe, source: str) -> None:
+    """Names that transformers resolves at train time, checked now: scheduler, optimizer, loggers."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    training = recipe.training
+    for key, value, known in (
+        ("lr_scheduler_type", training.lr_scheduler_type, [s.value for s in SchedulerType]),
+        ("optim", training.optim, [o.value for o in OptimizerNames]),
+    ):
+        if value not in known:
+            match = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{match[0]}'?" if match else f" (known: {', '.join(known)})"
+            raise RecipeError(f"{source}: key '{key}': unknown value {value!r}{hint}")
+    available = get_available_reporting_integrations()
+    for name in report_targets(training.report_to):
+        if name == "all":
+            continue
+        if name not in available:
+            raise RecipeError(f"{source}: key 'report_to': {name!r} is not an installed logger "
+                              f"(installed: {', '.join(available) or 'none'}; MLflow tracking is always on)")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice (plain YAML silently keeps the last)."""
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -227,7 +292,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"--set {text!r}: expected key=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise RecipeError(f"--set {text!r}: the value is not valid YAML ({problem}); quote it") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -236,9 +305,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(read_utf8(path, "the recipe", RecipeError), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values")
     values = {**values, **dict(parse_override(item) for item in overrides)}

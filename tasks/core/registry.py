@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.core.errors import DataError, RecipeError
+from tasks.core.errors import DataError, RecipeError, read_utf8
 
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"
 REGISTRY_FILE = "dataset_info.json"
@@ -76,10 +76,6 @@ class DatasetEntry(BaseModel):
     def description(self) -> str:
         return str(self.local_path) if self.file_name else f"hub:{self.hf_hub_url}"
 
-    def keyed(self) -> dict[str, Any]:
-        """The entry's fields that shape fetched/aligned rows (the file location is keyed by content)."""
-        return self.model_dump(exclude={"name", *UNSUPPORTED_SOURCES})
-
     def column_map(self) -> dict[str, str | None]:
         """Every column field of the formatting -> dataset column (None: unused), with LlamaFactory's defaults."""
         # As in LlamaFactory, a `columns` block replaces the defaults: {"prompt": "text"} is a pretraining set.
@@ -130,7 +126,7 @@ def _suggest(key: str, known) -> str:
 
 def _read_file(path: Path) -> dict[str, Any]:
     """The raw mapping of one registry file (JSON or YAML)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "the dataset registry", DataError)
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
@@ -191,7 +187,23 @@ def check_source(entry: DatasetEntry) -> None:
     )
 
 
-def resolve_datasets(names: str | None, dataset_dir: str | Path, key: str) -> list[DatasetEntry]:
+def check_confined(entry: DatasetEntry) -> None:
+    """A file_name must stay inside the folder of the registry that declares it, after resolving `..` and
+    symlinks: recipes arrive from UIs and deployments, and must not read (or hash) arbitrary files."""
+    if not entry.file_name:
+        return
+    base = Path(entry.base_dir).resolve()
+    if not entry.local_path.resolve().is_relative_to(base):
+        raise DataError(
+            f"{entry.registry_file}: dataset '{entry.name}', field 'file_name': {entry.file_name} resolves to "
+            f"{entry.local_path.resolve()}, outside {base}; move the data there or set "
+            "allow_outside_dataset_dir: true in the recipe"
+        )
+
+
+def resolve_datasets(
+    names: str | None, dataset_dir: str | Path, key: str, allow_outside: bool = False
+) -> list[DatasetEntry]:
     """Registry entries for a comma-separated recipe value; unknown names are a recipe error."""
     if not names:
         return []
@@ -206,5 +218,7 @@ def resolve_datasets(names: str | None, dataset_dir: str | Path, key: str) -> li
                 f"or the bundled registry (known: {known})"
             )
         check_source(registry[name])
+        if not allow_outside:
+            check_confined(registry[name])
         entries.append(registry[name])
     return entries

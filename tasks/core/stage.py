@@ -1,155 +1,292 @@
-"""How every stage runs: compute its key, reuse a valid artifact, or build and publish a new one.
+"""What a stage is, and how every stage runs: compute its key, reuse a valid artifact, or build one.
 
-A stage module supplies `build(config, ctx, out) -> dict` that reads only `config` (its recipe
-slice and derived values: exactly what the key covers) and the input artifacts in `ctx.inputs`.
+A stage module declares itself once:
+
+    STAGE = Stage(
+        name="merge",
+        plan=plan,                       # recipe (+ upstream steps) -> Step: the typed config and the inputs
+        build=build,                     # (config, ctx, out) -> Built: writes the artifact into `out`
+        code=("tasks.merge",),           # modules whose source shapes the output (their digest enters the key)
+        libraries=("torch", "transformers", "peft"),
+        heavy=True,                      # loads a model: never two heavy builds at once on one machine
+    )
+
+From that declaration come the stage's Prefect task (`STAGE.task`) and its key. A key is the hash
+of the stage's typed config (fields marked `unkeyed` left out), the content digests of its inputs,
+the digest of its code and the versions of its libraries. Same key, same artifact.
+
+Naming: a *stage* is a node of this DAG (fetch, align, ..., evaluate). LlamaFactory's recipe key
+`stage: pt|sft|...` is called the *objective* in the code.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core import tracking
 from tasks.core.hashing import code_digest, library_versions, stable_hash
-from tasks.core.store import ArtifactRef, ArtifactStore, StageSpec
+from tasks.core.store import Artifact, ArtifactRef, ArtifactStore
 
 CORE_LIBRARIES = ("torch", "transformers", "datasets")
+_HEAVY_SLOT = threading.BoundedSemaphore(1)  # one model-sized build at a time in this process
+_STOP = threading.Event()  # set when the run is interrupted; long builds check it between steps
 
 
-class Runtime(BaseModel):
-    """Options that steer a run but cannot change an artifact, so they stay out of every key."""
+class BuildInterrupted(Exception):
+    """A build stopped because its run was interrupted (Ctrl-C, SIGTERM, or another stage failed)."""
+
+
+def request_stop() -> None:
+    """Ask running builds to stop at their next check (a training step, an evaluation batch)."""
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+def check_stop() -> None:
+    """Raise BuildInterrupted if the run was interrupted: nothing is published, checkpoints stay staged."""
+    if _STOP.is_set():
+        raise BuildInterrupted("the run was interrupted")
+
+
+def unkeyed(default: Any, description: str = "") -> Any:
+    """A config field that steers a build but cannot change its artifact (logging, checkpoint cadence)."""
+    return Field(default, description=description, json_schema_extra={"keyed": False})
+
+
+class StageConfig(BaseModel):
+    """A stage's typed configuration, derived from the recipe by the stage's planner."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def keyed(self) -> dict[str, Any]:
+        """The fields that enter the key: all but those declared with `unkeyed`."""
+        fields = type(self).model_fields
+        skip = {name for name, f in fields.items() if (f.json_schema_extra or {}).get("keyed") is False}
+        return self.model_dump(mode="json", exclude=skip)
+
+    @property
+    def rng_seed(self) -> int:
+        """The seed a build starts from (before anything random): the config's `seed`, else 0."""
+        return getattr(self, "seed", None) or 0
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a build function reports: the artifact's kind, where its parts are, and facts about it."""
+
+    kind: str
+    layout: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
+    reports: tuple[str, ...] = ()  # layout parts that report how it was made (timings): not in its digest
+
+
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """One stage's declaration (see the module docstring)."""
+
+    name: str
+    plan: Callable[..., Step]
+    build: Callable[[Any, BuildContext, Path], Built]
+    code: tuple[str, ...]
+    libraries: tuple[str, ...] = CORE_LIBRARIES
+    heavy: bool = False
+
+    @cached_property
+    def code_digest(self) -> str:
+        return code_digest(self.code)
+
+    @cached_property
+    def versions(self) -> dict[str, str]:
+        return library_versions(self.libraries)
+
+    def key(self, config: StageConfig, inputs: Mapping[str, ArtifactRef]) -> str:
+        """The artifact key: config, input content digests, code digest, library versions."""
+        return stable_hash(
+            {
+                "stage": self.name,
+                "config": config.keyed(),
+                "inputs": {name: ref.digest for name, ref in sorted(inputs.items())},
+                "code": self.code_digest,
+                "versions": self.versions,
+            }
+        )
+
+    @cached_property
+    def task(self):
+        """This stage's Prefect task: its cache answers from the store (tasks.core.prefect_store)."""
+        from prefect import task
+
+        from tasks.core.prefect_store import STORE_CACHE
+
+        return task(
+            run_stage,
+            name=self.name,
+            cache_policy=STORE_CACHE,
+            persist_result=True,
+            result_serializer="json",
+        )
+
+    def step(
+        self,
+        label: str,
+        config: StageConfig,
+        inputs: Mapping[str, Step] | None = None,
+        locators: Mapping[str, Any] | None = None,
+    ) -> Step:
+        """A planned invocation of this stage: inputs name upstream steps by their labels."""
+        return Step(self, label, config, {n: s.label for n, s in (inputs or {}).items()}, dict(locators or {}))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node of a planned run: a stage, its typed config, its upstream steps and where sources are.
+
+    `locators` say where things are (file paths, display names) and never enter a key: sources are
+    keyed by their content, so moving or renaming a file invalidates nothing."""
+
+    stage: Stage
+    label: str
+    config: StageConfig
+    inputs: dict[str, str]  # input name -> label of the upstream step
+    locators: dict[str, Any]
+    force: bool = False  # rebuild even if a valid artifact exists (overwrite_cache on data stages)
+
+
+class RunContext(BaseModel):
+    """Where a build publishes and which MLflow run it reports to; never part of a key."""
 
     home: str
     mlflow_run_id: str | None = None
-    force: bool = False
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = None
-    gradient_checkpointing: bool = True
-    num_workers: int | None = None
-    report_to: list[str] = []
-    plot_loss: bool = False
-    dataloader_num_workers: int = 0
-    save_only_model: bool = False
-    ddp_timeout: int = 1800
-    resume_from_checkpoint: str | None = None
 
 
 @dataclass
 class BuildContext:
-    """What a build function may touch besides its config: inputs, a staging dir, logging."""
+    """What a build function may touch besides its config: its inputs, a staging dir, logging."""
 
-    spec: StageSpec
+    step: Step
+    key: str
     store: ArtifactStore
-    runtime: Runtime
-    inputs: dict[str, Path] = field(default_factory=dict)
-    log: logging.Logger | logging.LoggerAdapter = logging.getLogger("tunefactory")
+    inputs: dict[str, Artifact]
+    run: RunContext
+    log: logging.Logger | logging.LoggerAdapter
 
     @property
     def staging(self) -> Path:
-        return self.store.staging(self.spec)
+        return self.store.staging(self.step.stage.name, self.key)
+
+    @property
+    def locators(self) -> dict[str, Any]:
+        return self.step.locators
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.runtime.mlflow_run_id:
-            tracking.log_metrics(self.runtime.mlflow_run_id, metrics, step)
-
-
-BuildFn = Callable[[dict[str, Any], BuildContext, Path], dict[str, Any] | None]
-
-
-def make_spec(
-    stage: str,
-    label: str,
-    config: dict[str, Any],
-    inputs: dict[str, ArtifactRef | StageSpec],
-    code_modules: Iterable[str],
-    libraries: Iterable[str] = CORE_LIBRARIES,
-    locators: dict[str, str] | None = None,
-) -> StageSpec:
-    """Name a stage invocation by the hash of its config, its inputs' keys, its code and libraries."""
-    input_ids = {name: f"{ref.stage}/{ref.key}" for name, ref in inputs.items()}
-    code = code_digest(code_modules)
-    versions = library_versions(libraries)
-    key = stable_hash({"stage": stage, "config": config, "inputs": input_ids, "code": code, "versions": versions})
-    return StageSpec(
-        stage=stage,
-        label=label,
-        key=key,
-        config=config,
-        inputs=input_ids,
-        code=code,
-        versions=versions,
-        locators=locators or {},
-    )
-
-
-def artifact_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect cache key of a stage task: its artifact key, nothing else."""
-    spec: StageSpec = parameters["spec"]
-    return f"tunefactory-{spec.stage}-{spec.key}"
+        if self.run.mlflow_run_id:
+            tracking.log_metrics(self.run.mlflow_run_id, metrics, step)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a task run, stdlib logging outside one."""
-    try:
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is not None:
         from prefect import get_run_logger
 
         return get_run_logger()
-    except Exception:  # no active Prefect run context
-        return logging.getLogger("tunefactory")
+    return logging.getLogger("tunefactory")
 
 
-def execute(spec: StageSpec, build: BuildFn, runtime: Runtime) -> ArtifactRef:
-    """Reuse the artifact for spec.key if it is valid; otherwise build it and publish atomically."""
-    store = ArtifactStore(runtime.home)
-    ref = ArtifactRef(stage=spec.stage, key=spec.key)
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, so one key gives one result on a given machine."""
+    import numpy
+    import torch
+
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def execute(step: Step, inputs: Mapping[str, ArtifactRef], run: RunContext) -> ArtifactRef:
+    """Reuse the artifact for the step's key if it is valid; otherwise build it and publish atomically."""
+    stage = step.stage
+    store = ArtifactStore(run.home)
+    key = stage.key(step.config, inputs)
     log = run_logger()
-    run_id = runtime.mlflow_run_id
-    with store.lock(spec.stage, spec.key):
-        manifest = None if runtime.force else store.lookup(spec.stage, spec.key)
-        if manifest is not None:
-            log.info("%s: reusing %s", spec.label, spec.short)
-            if run_id:
-                tracking.set_tags(run_id, hit_tags(manifest.mlflow_run_id))
-            return ref
-        log.info("%s: building %s", spec.label, spec.short)
-        if run_id:
-            tracking.set_tags(run_id, {"cache": "miss", **prefect_tags()})
-            tracking.log_params(run_id, spec.config)
-        ctx = BuildContext(
-            spec=spec,
-            store=store,
-            runtime=runtime,
-            log=log,
-            inputs={name: store.resolve(value) for name, value in spec.inputs.items()},
-        )
+    with store.lock(stage.name, key):
+        found = None if step.force else store.lookup(stage.name, key)
+        if found is not None:
+            log.info("%s: cached (%s)", step.label, key[:12])
+            if run.mlflow_run_id:
+                tracking.set_tags(run.mlflow_run_id, tracking.hit_tags(found.manifest.get("mlflow_run_id")))
+            return found.ref
+        log.info("%s: building %s", step.label, key[:12])
+        if run.mlflow_run_id:
+            tracking.set_tags(run.mlflow_run_id, {"cache": "miss", **tracking.prefect_tags()})
+            tracking.log_params(run.mlflow_run_id, step.config.keyed())
+        ctx = BuildContext(step, key, store, {n: store.open(r) for n, r in inputs.items()}, run, log)
         started = time.monotonic()
-        with store.building(spec) as tmp:
-            extra = build(spec.config, ctx, tmp) or {}
+        with _HEAVY_SLOT if stage.heavy else nullcontext(), store.building(stage.name, key) as tmp:
+            seed_everything(step.config.rng_seed)
+            built = stage.build(step.config, ctx, tmp)
             seconds = round(time.monotonic() - started, 2)
-            store.publish(spec, tmp, {"mlflow_run_id": run_id, "build_seconds": seconds, **extra})
-        store.clear_staging(spec)
-        log.info("%s: built %s in %.1fs", spec.label, spec.short, seconds)
-    return ref
+            header = {
+                "key": key,
+                "stage": stage.name,
+                "label": step.label,
+                "kind": built.kind,
+                "layout": built.layout,
+                "info": built.info,
+                "reports": list(built.reports),
+                "config": step.config.keyed(),
+                "inputs": {name: {"id": ref.id, "digest": ref.digest} for name, ref in inputs.items()},
+                "code": stage.code_digest,
+                "versions": stage.versions,
+                "mlflow_run_id": run.mlflow_run_id,
+                "build_seconds": seconds,
+            }
+            artifact = store.publish(tmp, header)
+        store.clear_staging(stage.name, key)
+        log.info("%s: built %s in %.1fs", step.label, key[:12], seconds)
+    return artifact.ref
 
 
-def hit_tags(built_by: str | None) -> dict[str, str]:
-    return {"cache": "hit", "built_by_run": built_by or "unknown", **prefect_tags()}
+_SECONDS: dict[str, float] = {}  # Prefect task run id -> seconds its body ran (a Cached task's never runs)
 
 
-def prefect_tags() -> dict[str, str]:
-    """Prefect flow/task run ids of the current context, for cross-linking MLflow and Prefect."""
+def run_stage(step: Step, run: RunContext, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
+    """The body of every stage's Prefect task."""
+    from prefect.runtime import task_run
+
+    started = time.monotonic()
     try:
-        from prefect.runtime import flow_run, task_run
+        return execute(step, inputs, run)
+    finally:
+        _SECONDS[str(task_run.id)] = round(time.monotonic() - started, 2)
 
-        return {
-            k: str(v) for k, v in {"prefect_flow_run_id": flow_run.id, "prefect_task_run_id": task_run.id}.items() if v
-        }
-    except Exception:
-        return {}
+
+def task_seconds(task_run_id) -> float:
+    """How long a stage task's body ran in this process (0 for a task answered from the cache)."""
+    return _SECONDS.pop(str(task_run_id), 0.0)
+
+
+
+def run_in_process(steps: Iterable[Step], home: str | Path) -> dict[str, ArtifactRef]:
+    """Execute steps in order in this process, without Prefect or MLflow (tests, debugging); each step's
+    inputs must come earlier. Returns every step's artifact reference by label."""
+    refs: dict[str, ArtifactRef] = {}
+    run = RunContext(home=str(home))
+    for step in steps:
+        refs[step.label] = execute(step, {name: refs[label] for name, label in step.inputs.items()}, run)
+    return refs

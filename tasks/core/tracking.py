@@ -77,3 +77,19 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
 
 def finish(run_id: str, ok: bool) -> None:
     client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def hit_tags(built_by: str | None) -> dict[str, str]:
+    """Tags of a stage run served from the store: which run built the artifact."""
+    return {"cache": "hit", "built_by_run": built_by or "unknown", **prefect_tags()}
+
+
+def prefect_tags() -> dict[str, str]:
+    """Prefect flow/task run ids of the current context, for cross-linking MLflow and Prefect."""
+    try:
+        from prefect.runtime import flow_run, task_run
+
+        ids = {"prefect_flow_run_id": flow_run.id, "prefect_task_run_id": task_run.id}
+    except Exception:  # outside a Prefect run
+        return {}
+    return {name: str(value) for name, value in ids.items() if value}

@@ -1,0 +1,42 @@
+"""Opening a dataset source with `datasets`: the same arguments serve fetch (materialized) and streaming.
+
+A source description (what fetch publishes for streaming) says how to open a source but not where
+it is: its location comes from the current run's plan, so a moved file is found where it is now.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.core.errors import DataError
+
+
+def load_arguments(source: dict[str, Any], location: str) -> dict[str, Any]:
+    """datasets.load_dataset arguments for a described source: local files at `location`, or a hub commit."""
+    hub = source["hub"]
+    if hub:
+        return {"path": hub["repo"], "name": hub["subset"], "data_dir": hub["folder"], "split": hub["split"],
+                "revision": hub["commit"]}
+    root = Path(location)
+    files = [str(root / name) for name in source["files"]] if source["files"] else [str(root)]
+    arguments: dict[str, Any] = {"path": source["loader"], "data_files": files, "split": "train"}
+    if source["loader"] == "csv":  # an empty CSV cell is an empty text, not NaN
+        arguments["keep_default_na"] = False
+    return arguments
+
+
+def open_rows(arguments: dict[str, Any], where: str, streaming: bool = False):
+    """load_dataset with a DataError naming the dataset if the source cannot be read."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(**arguments, streaming=streaming)
+    except Exception as exc:
+        raise DataError(f"{where}: cannot read {arguments['path']}: {exc}".splitlines()[0]) from None
+
+
+def open_source(source: dict[str, Any], location: str, where: str):
+    """The raw rows of a described source as an IterableDataset (num_samples applied)."""
+    rows = open_rows(load_arguments(source, location), where, streaming=True)
+    return rows.take(source["num_samples"]) if source.get("num_samples") else rows

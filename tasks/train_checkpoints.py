@@ -1,0 +1,57 @@
+"""Which training checkpoint a re-run resumes from: the newest one that is complete, checked fully."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "checkpoint-"
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+
+
+def checkpoint_problem(path: Path, save_only_model: bool) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None if it can: trainer state that parses,
+    weights whose safetensors headers read, and (unless save_only_model) optimizer and scheduler state."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            return "trainer_state.json has no global_step"
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or torn"
+    weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        return "no model or adapter weights"
+    from safetensors import safe_open
+
+    for file in weights:
+        if file.suffix == ".json":
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # a torn or truncated safetensors file
+            return f"{file.name} does not read ({type(exc).__name__})"
+    if not save_only_model:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            try:
+                zipfile.ZipFile(path / name).close()  # torch.save writes a zip; a torn one has no directory
+            except (OSError, zipfile.BadZipFile):
+                return f"{name} is missing or torn (the optimizer would restart from scratch)"
+    return None
+
+
+def latest_usable_checkpoint(staging: Path, save_only_model: bool, log: logging.Logger | logging.LoggerAdapter):
+    """The newest checkpoint-N under staging that passes `checkpoint_problem`; unusable ones are removed."""
+    numbered = [p for p in staging.glob(f"{CHECKPOINT_PREFIX}*") if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    found = sorted(numbered, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), reverse=True)
+    for path in found:
+        problem = checkpoint_problem(path, save_only_model)
+        if problem is None:
+            log.info("resuming training from %s", path.name)
+            return path
+        log.warning("not resuming from %s: %s; trying an older checkpoint", path.name, problem)
+        shutil.rmtree(path, ignore_errors=True)  # killed while saving: never resume from it
+    return None

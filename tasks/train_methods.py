@@ -1,0 +1,142 @@
+"""How the base model is loaded and made trainable: LoRA (DoRA, rsLoRA, QLoRA), full and freeze tuning.
+
+The settings are typed parts of the train stage's config; `check_trainable` refuses, naming the recipe
+key, options that would train nothing (a lora_target matching no module, too many frozen layers).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.core.errors import RecipeError
+from tasks.core.hardware import torch_dtype
+
+LAYER_NUMBER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rank: int
+    alpha: int
+    dropout: float
+    target: str
+    use_dora: bool
+    use_rslora: bool
+
+
+class FreezeSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    trainable_layers: int  # the last N layers (N > 0) or the first -N (N < 0)
+
+
+class QuantSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    bits: int
+    type: str | None  # 4-bit only
+    double: bool | None  # 4-bit only
+
+
+def quantization_config(quant: QuantSettings | None, precision: str):
+    if quant is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double,
+        bnb_4bit_compute_dtype=torch_dtype("bfloat16" if precision == "bf16" else "float32"),
+    )
+
+
+def load_base(model_dir: Path, config) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
+    if quant := quantization_config(config.quantization, config.precision):
+        kwargs["quantization_config"] = quant
+    if config.precision == "fp32":
+        kwargs["dtype"] = torch_dtype("float32")
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+
+
+def lora_targets(value: str) -> str | list[str]:
+    """PEFT target_modules for the recipe's lora_target: every linear layer but the head, or names."""
+    return "all-linear" if value.strip() == "all" else [name.strip() for name in value.split(",") if name.strip()]
+
+
+def module_names(model) -> dict[str, str]:
+    """Short name (last dotted part) -> class name of every module, for checking targets."""
+    return {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def layer_count(model) -> int:
+    """Number of numbered decoder layers (`.layers.N.` in parameter names)."""
+    numbers = {int(m.group(1)) for name, _ in model.named_parameters() if (m := LAYER_NUMBER.search(name))}
+    return max(numbers) + 1 if numbers else 0
+
+
+def check_trainable(model, lora: LoraSettings | None, freeze: FreezeSettings | None) -> None:
+    """Refuse options that match nothing in this model, naming the recipe key."""
+    if lora is not None and lora.target.strip() != "all":
+        names = module_names(model)
+        linear = sorted(n for n, kind in names.items() if kind in ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D"))
+        missing = [t for t in lora_targets(lora.target) if t not in names]
+        if missing:
+            raise RecipeError(f"key 'lora_target': no module named {', '.join(map(repr, missing))} in this model "
+                              f"(linear modules: {', '.join(linear)}; or 'all')")
+    if freeze is not None:
+        layers = layer_count(model)
+        if layers == 0:
+            raise RecipeError("key 'finetuning_type': freeze tuning needs numbered decoder layers "
+                              "('.layers.N.'), which this model does not have")
+        if freeze.trainable_layers == 0 or abs(freeze.trainable_layers) > layers:
+            raise RecipeError(f"key 'freeze_trainable_layers': {freeze.trainable_layers} leaves nothing sensible "
+                              f"to train; the model has {layers} layers (use 1..{layers}, or -1..-{layers})")
+
+
+def attach_trainable(model, config):
+    """Wrap or unfreeze the model according to finetuning_type; returns the model to train."""
+    import torch
+
+    check_trainable(model, config.lora, config.freeze)
+    if config.finetuning_type == "lora":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        lora = config.lora
+        if config.quantization:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=lora_targets(lora.target), use_dora=lora.use_dora,
+                                 use_rslora=lora.use_rslora)
+        model = get_peft_model(model, peft_config)
+        for param in model.parameters():  # adapters train in fp32 even on a half-precision base
+            if param.requires_grad:
+                param.data = param.data.to(torch.float32)
+        return model
+    if config.finetuning_type == "freeze":
+        layers = layer_count(model)
+        count = config.freeze.trainable_layers
+        chosen = set(range(layers - count, layers) if count > 0 else range(-count))
+        for name, param in model.named_parameters():
+            match = LAYER_NUMBER.search(name)
+            param.requires_grad = bool(match) and int(match.group(1)) in chosen
+    return model
+
+
+def meta_model(folder: Path):
+    """The model's module structure from its config.json, without weights (for plan-time checks)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))

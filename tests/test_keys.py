@@ -1,0 +1,168 @@
+"""Keys hold exactly what shapes a result: every recipe field, changed, changes the typed config of exactly
+the stages whose output it can change (downstream stages then follow by content, see test_pipeline)."""
+
+import json
+import shutil
+
+import pytest
+
+from flows.plan import plan_run
+from tasks.core.hashing import stable_hash
+from tasks.core.recipe import FIELD_SECTION, Recipe
+from tasks.model import BUNDLED_GGUF, bundled_model_dir
+from tests.conftest import BUNDLED_DATA, tiny_recipe_values
+
+EVALS = {"evaluate[base]", "evaluate[tuned]"}
+FETCHES, ALIGNS = {"fetch#0", "fetch#1"}, {"align#0", "align#1"}
+TWO_DATASETS = {"dataset": "mine,pydoc_summaries", "eval_dataset": None, "val_size": 4}
+
+# field -> cases of (recipe keys to start from, the change, the steps whose config must change).
+# Steps are named by stage and position (fetch#0, align#1, ...) so renaming a dataset is not a change.
+CASES = {
+    "model_name_or_path": [({}, {"model_name_or_path": "{copy}"}, set()),  # same bytes elsewhere
+                           ({}, {"model_name_or_path": "{altered}"}, {"model"})],
+    "model_revision": [({}, {"model_revision": "v2"}, set())],
+    "gguf_file": [({"model_name_or_path": None}, {"model_name_or_path": "{bundled}", "gguf_file": BUNDLED_GGUF},
+                   set())],
+    "trust_remote_code": [({}, {"trust_remote_code": True}, {"model"})],
+    "infer_dtype": [({}, {"infer_dtype": "float32"}, set()), ({}, {"infer_dtype": "bfloat16"}, {"model"})],
+    "flash_attn": [({}, {"flash_attn": "sdpa"}, set()), ({}, {"flash_attn": "disabled"}, {"train"} | EVALS)],
+    "quantization_bit": [({}, {"quantization_bit": 4}, {"train"})],
+    "quantization_type": [({}, {"quantization_type": "fp4"}, set()),
+                          ({"quantization_bit": 4}, {"quantization_type": "fp4"}, {"train"}),
+                          ({"quantization_bit": 8}, {"quantization_type": "fp4"}, set())],
+    "double_quantization": [({}, {"double_quantization": False}, set()),
+                            ({"quantization_bit": 4}, {"double_quantization": False}, {"train"})],
+    "dataset": [({}, {"dataset": "renamed"}, set()),  # another registry name for the same file
+                # the bundled entry: the same file bytes (fetch unchanged) declared with its own column mapping
+                ({}, {"dataset": "pydoc_summaries"}, {"align#0"}),
+                ({}, {"dataset": "pydoc_summaries_test"}, {"fetch#0", "align#0"})],
+    "dataset_dir": [({}, {"dataset_dir": "{data_copy}"}, set())],
+    "allow_outside_dataset_dir": [({}, {"allow_outside_dataset_dir": True}, set())],
+    "eval_dataset": [({}, {"eval_dataset": "mine"}, {"fetch#1", "align#1"})],
+    "template": [({}, {"template": "default"}, {"tokenize"})],
+    "cutoff_len": [({}, {"cutoff_len": 64}, {"tokenize"})],
+    "train_on_prompt": [({}, {"train_on_prompt": True}, {"tokenize"})],
+    "mask_history": [({}, {"mask_history": True}, {"tokenize"})],
+    "max_samples": [({}, {"max_samples": 12}, {"tokenize"})],
+    "val_size": [({}, {"val_size": 4}, set()),  # eval_dataset given: no split
+                 ({"eval_dataset": None, "val_size": 4}, {"val_size": 6}, {"tokenize"})],
+    "mix_strategy": [({}, {"mix_strategy": "interleave_under"}, set()),  # one dataset per split
+                     (TWO_DATASETS, {"mix_strategy": "interleave_under"}, {"tokenize"})],
+    "interleave_probs": [({**TWO_DATASETS, "mix_strategy": "interleave_under"}, {"interleave_probs": "0.5,0.5"},
+                          {"tokenize"})],
+    "streaming": [({"max_steps": 4}, {"streaming": True}, FETCHES | {"tokenize", "train"})],
+    "buffer_size": [({}, {"buffer_size": 64}, set()),
+                    ({"streaming": True, "max_steps": 4}, {"buffer_size": 64}, {"train"})],
+    "packing": [({}, {"packing": True}, {"tokenize"})],
+    "neat_packing": [({}, {"neat_packing": True}, {"tokenize"})],
+    "on_invalid_row": [({}, {"on_invalid_row": "drop"}, ALIGNS)],
+    "preprocessing_num_workers": [({}, {"preprocessing_num_workers": 2}, set())],
+    "overwrite_cache": [({}, {"overwrite_cache": True}, set())],
+    "stage": [({}, {"stage": "pt"}, {"tokenize", "train"} | EVALS)],
+    "do_train": [({}, {"do_train": False}, {"train", "merge", "evaluate[tuned]"})],
+    "finetuning_type": [({}, {"finetuning_type": "full"}, {"train"})],
+    "lora_rank": [({}, {"lora_rank": 16}, {"train"}), ({"finetuning_type": "full"}, {"lora_rank": 16}, set())],
+    "lora_alpha": [({}, {"lora_alpha": 4}, {"train"}), ({}, {"lora_alpha": 8}, set())],  # 8: the default 2 x rank
+    "lora_dropout": [({}, {"lora_dropout": 0.1}, {"train"}),
+                     ({"finetuning_type": "freeze"}, {"lora_dropout": 0.1}, set())],
+    "lora_target": [({}, {"lora_target": "q_proj,v_proj"}, {"train"})],
+    "use_dora": [({}, {"use_dora": True}, {"train"})],
+    "use_rslora": [({}, {"use_rslora": True}, {"train"}), ({"finetuning_type": "full"}, {"use_rslora": True}, set())],
+    "freeze_trainable_layers": [({}, {"freeze_trainable_layers": 1}, set()),
+                                ({"finetuning_type": "freeze"}, {"freeze_trainable_layers": 1}, {"train"})],
+    "per_device_train_batch_size": [({}, {"per_device_train_batch_size": 2}, {"train"})],
+    "gradient_accumulation_steps": [({}, {"gradient_accumulation_steps": 2}, {"train"})],
+    "learning_rate": [({}, {"learning_rate": 1e-4}, {"train"})],
+    "num_train_epochs": [({}, {"num_train_epochs": 2.0}, {"train"}),
+                         ({"max_steps": 3}, {"num_train_epochs": 2.0}, set())],
+    "max_steps": [({}, {"max_steps": 3}, {"train"})],
+    "lr_scheduler_type": [({}, {"lr_scheduler_type": "linear"}, {"train"})],
+    "warmup_ratio": [({}, {"warmup_ratio": 0.1}, {"train"}), ({"warmup_steps": 2}, {"warmup_ratio": 0.1}, set())],
+    "warmup_steps": [({}, {"warmup_steps": 2}, {"train"})],
+    "weight_decay": [({}, {"weight_decay": 0.1}, {"train"})],
+    "max_grad_norm": [({}, {"max_grad_norm": 0.5}, {"train"})],
+    "optim": [({}, {"optim": "sgd"}, {"train"})],
+    "bf16": [({}, {"bf16": True}, set())],  # a CPU trains in fp32 either way
+    "fp16": [({}, {"fp16": True}, set())],
+    "seed": [({}, {"seed": 7}, {"train"}), ({"eval_dataset": None, "val_size": 4}, {"seed": 7}, {"tokenize", "train"}),
+             ({"do_sample": True}, {"seed": 7}, {"train"} | EVALS)],
+    "disable_gradient_checkpointing": [({}, {"disable_gradient_checkpointing": False}, set())],
+    "logging_steps": [({}, {"logging_steps": 1}, set())],
+    "save_steps": [({}, {"save_steps": 1}, set())],
+    "save_total_limit": [({}, {"save_total_limit": 1}, set())],
+    "plot_loss": [({}, {"plot_loss": True}, set())],
+    "report_to": [({}, {"report_to": "mlflow"}, set())],  # MLflow tracking is always on
+    "output_dir": [({}, {"output_dir": "{out}"}, set())],
+    "overwrite_output_dir": [({}, {"overwrite_output_dir": True}, set())],
+    "run_name": [({}, {"run_name": "other"}, set())],
+    "dataloader_num_workers": [({}, {"dataloader_num_workers": 2}, set())],
+    "save_only_model": [({}, {"save_only_model": True}, {"train"})],
+    "ddp_timeout": [({}, {"ddp_timeout": 60}, set())],
+    "resume_from_checkpoint": [({}, {"resume_from_checkpoint": "{checkpoint}"}, {"train"})],
+    "do_eval": [({}, {"do_eval": False}, EVALS)],
+    "do_predict": [({}, {"do_predict": False}, EVALS)],
+    "predict_with_generate": [({}, {"predict_with_generate": False}, EVALS)],
+    "per_device_eval_batch_size": [({}, {"per_device_eval_batch_size": 2}, EVALS)],
+    "max_new_tokens": [({}, {"max_new_tokens": 4}, EVALS), ({"do_predict": False}, {"max_new_tokens": 4}, set())],
+    "do_sample": [({}, {"do_sample": True}, EVALS)],
+    "temperature": [({}, {"temperature": 0.5}, set()), ({"do_sample": True}, {"temperature": 0.5}, EVALS)],
+    "top_p": [({}, {"top_p": 0.5}, set()), ({"do_sample": True}, {"top_p": 0.5}, EVALS)],
+    "top_k": [({}, {"top_k": 5}, set()), ({"do_sample": True}, {"top_k": 5}, EVALS)],
+    "repetition_penalty": [({}, {"repetition_penalty": 1.2}, EVALS)],
+    "export_dir": [({}, {"export_dir": "{export}"}, {"export#0"})],
+    "export_size": [({}, {"export_size": 1}, set()), ({"export_dir": "{export}"}, {"export_size": 1}, {"export#0"})],
+    "export_legacy_format": [({}, {"export_legacy_format": True}, set()),
+                             ({"export_dir": "{export}"}, {"export_legacy_format": True}, {"export#0"})],
+}
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory, tiny_model_dir):
+    """Folders the cases refer to: the tiny model, copies of it and of the data, a checkpoint."""
+    root = tmp_path_factory.mktemp("keys")
+    data = root / "data"
+    data.mkdir()
+    shutil.copy(BUNDLED_DATA / "pydoc_summaries_train.jsonl", data / "mine.jsonl")
+    registry = {"mine": {"file_name": "mine.jsonl"}, "renamed": {"file_name": "mine.jsonl"}}
+    (data / "dataset_info.json").write_text(json.dumps(registry))
+    shutil.copytree(data, root / "data_copy")
+    shutil.copytree(tiny_model_dir, root / "copy")
+    shutil.copytree(tiny_model_dir, root / "altered")
+    config = json.loads((root / "altered" / "config.json").read_text())
+    (root / "altered" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    (root / "checkpoint").mkdir()
+    (root / "checkpoint" / "trainer_state.json").write_text("{}")
+    return {"model": str(tiny_model_dir), "copy": str(root / "copy"), "altered": str(root / "altered"),
+            "bundled": str(bundled_model_dir()), "data": str(data), "data_copy": str(root / "data_copy"),
+            "checkpoint": str(root / "checkpoint"), "out": str(root / "out"), "export": str(root / "export")}
+
+
+def fill(values: dict, places: dict) -> dict:
+    return {k: places[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v for k, v in values.items()}
+
+
+def configs(values: dict) -> dict[str, str]:
+    """Each step's keyed config digest, by stage and position within the stage."""
+    seen: dict[str, int] = {}
+    out = {}
+    for step in plan_run(Recipe.from_flat(values)):
+        name = step.stage.name
+        numbered = name in ("fetch", "align", "export")
+        label = f"{name}#{seen.get(name, 0)}" if numbered else step.label
+        seen[name] = seen.get(name, 0) + 1
+        out[label] = stable_hash(step.config.keyed())
+    return out
+
+
+def test_every_recipe_field_has_cases():
+    assert set(CASES) == set(FIELD_SECTION), set(FIELD_SECTION) ^ set(CASES)
+
+
+@pytest.mark.parametrize(("field", "number"), [(f, i) for f, cases in CASES.items() for i in range(len(cases))])
+def test_a_field_changes_exactly_the_configs_it_shapes(places, tiny_model_dir, field, number):
+    start, change, expected = CASES[field][number]
+    base = fill({**tiny_recipe_values(tiny_model_dir, dataset="mine", dataset_dir=places["data"]), **start}, places)
+    before, after = configs(base), configs({**base, **fill(change, places)})
+    changed = {label for label in before.keys() | after.keys() if before.get(label) != after.get(label)}
+    assert changed == expected
