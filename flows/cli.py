@@ -25,6 +25,9 @@ QUIET_DEFAULTS = {  # no phoning home from a machine that may have no network
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 NOISY_LOGGERS = ("mlflow", "alembic", "httpx", "httpcore", "urllib3", "filelock")
+# bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when it cannot (always,
+# offline); the built-in kernel is used instead.
+SILENCED_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 
 def add_recipe_arguments(command: argparse.ArgumentParser) -> None:
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         for name in NOISY_LOGGERS:  # some may be imported already, so set levels, not only env
             logging.getLogger(name).setLevel(logging.WARNING)
+        for name in SILENCED_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
     import transformers
     from prefect.exceptions import TerminationSignal

@@ -18,6 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from flows.plan import Plan, plan_run
@@ -44,6 +45,7 @@ class RunSummary(BaseModel):
     stages: list[StageResult]
     metrics: dict[str, dict[str, Any]]  # role (base, tuned) -> metrics.json
     mlflow_run_id: str
+    flow_run_id: str  # the Prefect flow run
     artifacts: dict[str, str]  # stage label -> artifact directory
 
     def table(self) -> str:
@@ -88,7 +90,9 @@ def submit_all(plan: Plan, store: ArtifactStore, stage_runs: dict[str, str]) -> 
         upstream = {name: futures[label] for name, label in step.inputs.items()}
         task = step.stage.task.with_options(task_run_name=step.label, result_storage=records,
                                             refresh_cache=step.force)
-        futures[step.label] = task.submit(step=step, run=run, inputs=upstream)
+        # quote(): Prefect must not look inside a step for results of other tasks (a stage name string it
+        # shares with an upstream reference would read as a dependency); the inputs carry the real ones.
+        futures[step.label] = task.submit(step=quote(step), run=quote(run), inputs=upstream)
     return futures
 
 
@@ -163,7 +167,8 @@ def finetune(recipe: Recipe, home: str | None = None) -> RunSummary:
         tracking.finish(parent, ok=False)
         raise
     artifacts = {r.label: str(store.path(r.stage, r.key)) for r in results}
-    summary = RunSummary(stages=results, metrics=metrics, mlflow_run_id=parent, artifacts=artifacts)
+    summary = RunSummary(stages=results, metrics=metrics, mlflow_run_id=parent, flow_run_id=str(flow_run.id),
+                         artifacts=artifacts)
     tracking.finish(parent, ok=True)
     create_markdown_artifact(key="finetune-summary", markdown=f"```\n{summary.table()}\n```",
                              description="Stages (cached or built) and evaluation metrics")

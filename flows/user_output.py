@@ -2,7 +2,7 @@
 
 TuneFactory records what it writes into such a folder in `tunefactory.json`. A later run replaces
 and removes only files listed there; any other file is the user's and is never touched, whatever
-the flags. `overwrite_output_dir: true` only allows writing beside such files.
+the flags. `overwrite_output_dir: true` only allows writing into a folder of the user's files.
 """
 
 from __future__ import annotations
@@ -18,27 +18,38 @@ from tasks.core.hashing import tree_files
 MARKER = "tunefactory.json"
 
 
-def written_before(target: Path) -> set[str]:
-    """Files TuneFactory wrote into target on an earlier run (relative paths)."""
-    try:
-        record = json.loads((target / MARKER).read_text())
-        return set(record.get("files", []))
-    except (OSError, ValueError, AttributeError):
+def written_before(target: Path) -> set[str] | None:
+    """Files TuneFactory wrote into target on an earlier run (relative paths); None if a file named like
+    our record is there but is not one (then it is the user's, like any other)."""
+    marker = target / MARKER
+    if not marker.exists():
         return set()
+    try:
+        record = json.loads(marker.read_text())
+        return {str(name) for name in record["files"]} if isinstance(record, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def ours(target: Path) -> set[str]:
+    """Relative paths TuneFactory may replace or remove in target: its recorded files and its record."""
+    recorded = written_before(target)
+    return set() if recorded is None else recorded | {MARKER}
 
 
 def users_files(target: Path) -> list[str]:
-    ours = written_before(target) | {MARKER}
-    return sorted(str(p.relative_to(target)) for p in tree_files(target) if str(p.relative_to(target)) not in ours)
+    owned = ours(target)
+    return sorted(name for p in tree_files(target) if (name := str(p.relative_to(target))) not in owned)
 
 
 def check_target(key: str, target: Path, overwrite: bool) -> None:
-    """Refuse, at plan time, a target that is not a folder, or a folder of the user's files without overwrite."""
+    """Refuse, at plan time, a target that is not a folder, or a folder of the user's files (one TuneFactory never
+    wrote into) without overwrite. Files a user adds to a folder TuneFactory wrote are kept, not refused."""
     if target.is_symlink() and not target.exists():
         raise RecipeError(f"key '{key}': {target} is a symlink to nothing; remove it or choose another folder")
     if target.exists() and not target.is_dir():
         raise RecipeError(f"key '{key}': {target} is a file, not a folder")
-    if target.is_dir() and not overwrite:
+    if target.is_dir() and not overwrite and not written_before(target):
         foreign = users_files(target)
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -49,9 +60,10 @@ def check_target(key: str, target: Path, overwrite: bool) -> None:
 def write_into(source: Path, target: Path, artifact_id: str, key: str) -> list[str]:
     """Copy source's files into target: replace our earlier files, drop those of ours no longer produced,
     never touch the user's. A file of the user's with the name of one of ours is an error."""
-    previous = written_before(target)
+    owned = ours(target)
+    previous = owned - {MARKER}
     new = [str(p.relative_to(source)) for p in tree_files(source)]
-    clashes = [name for name in new if (target / name).exists() and name not in previous]
+    clashes = [name for name in [*new, MARKER] if (target / name).exists() and name not in owned]
     if clashes:
         raise RecipeError(f"key '{key}': {target} already holds {', '.join(clashes[:3])}, which TuneFactory "
                           "did not write; move it away or choose another folder")

@@ -167,7 +167,7 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
     (out / "report.md").write_text(report(metrics, examples))
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    ctx.log.info("%s: %s", ctx.step.label, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    ctx.log.info("scores: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     layout = {"metrics": "metrics.json", "predictions": "generated_predictions.jsonl", "report": "report.md"}
     return Built("metrics", layout, metrics)
 

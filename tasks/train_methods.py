@@ -66,7 +66,11 @@ def load_base(model_dir: Path, config) -> Any:
         kwargs["quantization_config"] = quant
     if config.precision == "fp32":
         kwargs["dtype"] = torch_dtype("float32")
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    # PEFT writes the base's name into adapter_config.json and the model card; here it is a store path, which
+    # would make the adapter's bytes depend on where the store is. The copy in output_dir names the user's model.
+    model.name_or_path = model.config._name_or_path = ""
+    return model
 
 
 def lora_targets(value: str) -> str | list[str]:

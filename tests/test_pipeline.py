@@ -82,6 +82,18 @@ def test_cache_hits_and_targeted_invalidation(recipe_path, workdir):
     ]
 
 
+def test_renamed_and_moved_sources_reuse_everything(recipe_path, workdir):
+    first = run(recipe_path)
+    (workdir / "saves" / "NOTES.txt").write_text("the user's")
+    moved = workdir / "elsewhere"
+    moved.mkdir()
+    shutil.move(workdir / "data" / "mine.jsonl", moved / "renamed.jsonl")  # the same bytes, named and placed anew
+    (moved / "dataset_info.json").write_text(json.dumps({"other": {"file_name": "renamed.jsonl"}}))
+    second = run(recipe_path, "dataset=other", f"dataset_dir={moved}")
+    assert built(second) == [] and [s.key for s in second.stages] == [s.key for s in first.stages]
+    assert (workdir / "saves" / "NOTES.txt").read_text() == "the user's"  # output_dir written again, note kept
+
+
 def test_damaged_artifact_is_rebuilt_to_the_same_bytes(recipe_path, workdir):
     first = run(recipe_path)
     train_key = next(s.key for s in first.stages if s.label == "train")

@@ -227,18 +227,19 @@ def execute(step: Step, inputs: Mapping[str, ArtifactRef], run: RunContext) -> A
     with store.lock(stage.name, key):
         found = None if step.force else store.lookup(stage.name, key)
         if found is not None:
-            log.info("%s: cached (%s)", step.label, key[:12])
+            log.info("cached: %s/%s", stage.name, key[:12])
             if run.mlflow_run_id:
                 tracking.set_tags(run.mlflow_run_id, tracking.hit_tags(found.manifest.get("mlflow_run_id")))
             return found.ref
-        log.info("%s: building %s", step.label, key[:12])
+        log.info("building %s/%s", stage.name, key[:12])
         if run.mlflow_run_id:
             tracking.set_tags(run.mlflow_run_id, {"cache": "miss", **tracking.prefect_tags()})
             tracking.log_params(run.mlflow_run_id, step.config.keyed())
         ctx = BuildContext(step, key, store, {n: store.open(r) for n, r in inputs.items()}, run, log)
-        started = time.monotonic()
         with _HEAVY_SLOT if stage.heavy else nullcontext(), store.building(stage.name, key) as tmp:
-            seed_everything(step.config.rng_seed)
+            started_at, started = time.time(), time.monotonic()
+            if stage.heavy:  # light stages take explicit seeds; reseeding here could disturb a heavy one
+                seed_everything(step.config.rng_seed)
             built = stage.build(step.config, ctx, tmp)
             seconds = round(time.monotonic() - started, 2)
             header = {
@@ -254,11 +255,12 @@ def execute(step: Step, inputs: Mapping[str, ArtifactRef], run: RunContext) -> A
                 "code": stage.code_digest,
                 "versions": stage.versions,
                 "mlflow_run_id": run.mlflow_run_id,
+                "build_started": started_at,
                 "build_seconds": seconds,
             }
             artifact = store.publish(tmp, header)
         store.clear_staging(stage.name, key)
-        log.info("%s: built %s in %.1fs", step.label, key[:12], seconds)
+        log.info("built %s/%s in %.1f s", stage.name, key[:12], seconds)
     return artifact.ref
 
 

@@ -65,8 +65,11 @@ class Artifact:
 
     @property
     def ref(self) -> ArtifactRef:
-        m = self.manifest
-        return ArtifactRef(stage=m["stage"], key=m["key"], digest=m["digest"], kind=m["kind"])
+        # Fresh string objects, through a JSON round trip: Prefect links a task's result to its run by the
+        # id() of the result's fields, so a field sharing one string object with a later task's parameters
+        # (an input named "model" and this ref's stage "model") would read as a dependency.
+        fields = json.loads(json.dumps({name: self.manifest[name] for name in ("stage", "key", "digest", "kind")}))
+        return ArtifactRef(**fields)
 
     @property
     def kind(self) -> str:
