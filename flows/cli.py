@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a recipe end to end (cached stages are reused)")
     add_recipe_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="validate and print the planned DAG; build nothing")
+    run.add_argument("--experiment", help="MLflow experiment (default: the recipe file's name)")
     run.add_argument("--parallel", type=int, metavar="N",
                      help="stages run at once where the DAG allows (default 1 on <= 2 cores, else 2)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -51,6 +52,25 @@ def parser() -> argparse.ArgumentParser:
     data = data_command.add_subparsers(dest="data_command", required=True)
     preview = data.add_parser("preview", help="tokenize the data (cached) and print decoded samples and statistics")
     add_recipe_arguments(preview)
+    retune = commands.add_parser("retune", help="re-tune a registered model if its data or recipe changed")
+    add_recipe_arguments(retune)
+    retune.add_argument("--model-name", required=True, help="the registered model in MLflow")
+    retune.add_argument("--metric", default="rougeL", help="the score that decides promotion (default rougeL)")
+    retune.add_argument("--margin", type=float, default=0.0, help="how much better the challenger must be")
+    serve = commands.add_parser("serve", help="serve finetune/<recipe> and retune/<recipe> deployments (Prefect)")
+    serve.add_argument("--recipes", default=None, help="folder of recipe files (default configs/recipes)")
+    serve.add_argument("--limit", type=int, default=None, help="flow runs at once (default: no limit)")
+    compare = commands.add_parser("compare", help="compare finetune runs from MLflow: a table and a PNG")
+    compare.add_argument("--experiment", help="MLflow experiment (default: the newest run's)")
+    compare.add_argument("--metric", default="rougeL", help="the score to compare (default rougeL)")
+    compare.add_argument("--last", type=int, default=5, help="how many of the newest runs (default 5)")
+    compare.add_argument("--out", default="compare.png", help="where to write the figure (default compare.png)")
+    runs = commands.add_parser("runs", help="recent finetune runs with each stage's outcome and key")
+    runs.add_argument("--last", type=int, default=10)
+    gc = commands.add_parser("gc", help="delete store artifacts no recent run or registered model needs")
+    gc.add_argument("--keep-last", type=int, default=10, help="keep what the newest N finetune runs used")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    gc.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
     templates = commands.add_parser("templates", help="list chat templates, or show one on a sample conversation")
     template_commands = templates.add_subparsers(dest="templates_command")
     show = template_commands.add_parser("show", help="render a sample conversation, trained spans marked ⟦ ⟧")
@@ -69,8 +89,8 @@ class HideUserErrorTracebacks(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], TuneFactoryError):
             return False
         message = record.getMessage()
-        if "NotReady(\"Upstream task run" in message:  # a consequence of the failure already reported
-            return False
+        if "NotReady(\"Upstream task run" in message or "Failed('tunefactory: error:" in message:
+            return False  # a consequence of the failure, or the line the CLI prints itself
         return not ("Failed(" in message and any(f"exception {name}:" in message for name in user_error_names()))
 
 
@@ -161,9 +181,64 @@ def run(args: argparse.Namespace) -> int:
     if not args.debug:
         quiet_user_errors()
     with temporary_server():
-        summary = run_finetune(recipe, home=home_of(args), parallel=args.parallel)
+        summary = run_finetune(recipe, home=home_of(args), parallel=args.parallel,
+                               experiment=args.experiment or Path(args.recipe).stem)
     print(summary.table())
-    print(f"\nMLflow run: {summary.mlflow_run_id}")
+    return 0
+
+
+def retune_command(args: argparse.Namespace) -> int:
+    from flows.plan import plan_run
+    from flows.prefect_server import temporary_server
+    from flows.retune import retune
+    from tasks.core.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan_run(recipe)
+    quiet_user_errors()
+    with temporary_server():
+        decision = retune(recipe, model_name=args.model_name, metric=args.metric, margin=args.margin,
+                          home=home_of(args), experiment=Path(args.recipe).stem)
+    print(f"{decision.decision}: {decision.reason}")
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from flows.deployments import RECIPES, pin_locations, serve
+
+    home, uri = pin_locations()
+    print(f"store: {home}\nMLflow: {uri}", file=sys.stderr)
+    serve(Path(args.recipes) if args.recipes else RECIPES, limit=args.limit)
+    return 0
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from flows.compare import compare
+
+    result = compare(args.experiment, args.metric, args.last, Path(args.out).resolve())
+    print(f"experiment '{result.experiment}', {len(result.runs)} runs\n")
+    print(result.table)
+    print(f"\nfigure: {result.figure}  (also in MLflow run {result.mlflow_run_id})")
+    return 0
+
+
+def runs_command(args: argparse.Namespace) -> int:
+    from flows.housekeeping import recent_runs
+
+    print(recent_runs(args.last))
+    return 0
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    from flows.housekeeping import collect_garbage
+    from tasks.core.store import ArtifactStore
+
+    result = collect_garbage(ArtifactStore(home_of(args)), args.keep_last, args.dry_run)
+    for artifact_id in result.removed:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {artifact_id}")
+    for artifact_id in result.in_use:
+        print(f"kept {artifact_id} (a running build holds it)")
+    print(result.summary(args.dry_run))
     return 0
 
 
@@ -193,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, interrupt)
-    commands = {"run": run, "data": preview_data, "templates": templates}
+    commands = {"run": run, "data": preview_data, "templates": templates, "retune": retune_command,
+                "serve": serve_command, "compare": compare_command, "runs": runs_command, "gc": gc_command}
     try:
         return commands[args.command](args)
     except TuneFactoryError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.finetune import collect, submit_all
+from flows.finetune import collect, experiment_for, submit_all
 from flows.plan import DATA_STAGES, Plan, plan_run
 from tasks.core import tracking
 from tasks.core.recipe import Recipe
@@ -21,7 +21,7 @@ def data_preview(recipe: Recipe, home: str | None = None) -> str:
     full = plan_run(recipe, store)
     plan = Plan(tuple(s for s in full if s.stage.name in DATA_STAGES | {"model"}))
     parent = tracking.start_parent(recipe.training.run_name, {"template": recipe.data.template},
-                                   {"flow": "data-preview"})
+                                   {"tunefactory.flow": "data-preview"}, experiment_for(recipe, None))
     stage_runs = {step.label: tracking.start_stage(parent, step.label, {"stage": step.stage.name}) for step in plan}
     try:
         results = collect(plan, submit_all(plan, store, stage_runs), store, stage_runs)

@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
-from prefect.states import Cancelled
+from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from flows.plan import Plan, plan_run
 from flows.user_output import write_into
 from tasks.core import tracking
+from tasks.core.errors import TuneFactoryError
 from tasks.core.prefect_store import records_block
 from tasks.core.recipe import Recipe
 from tasks.core.stage import RunContext, clear_stop, request_stop, task_seconds
@@ -47,6 +48,9 @@ class RunSummary(BaseModel):
     mlflow_run_id: str
     flow_run_id: str  # the Prefect flow run
     artifacts: dict[str, str]  # stage label -> artifact directory
+    experiment: str  # the MLflow experiment
+    tracking_uri: str
+    where: dict[str, str] = {}  # adapter, merged model, output_dir, export_dir -> folder
 
     def table(self) -> str:
         """The stage table and base-vs-tuned metrics, as plain text for the terminal."""
@@ -62,6 +66,8 @@ class RunSummary(BaseModel):
             lines += [
                 f"{n:<12}" + "".join(f"{self.metrics[r].get(n, float('nan')):>12.3f}" for r in roles) for n in names
             ]
+        lines += [""] + [f"{name + ':':<14}{folder}" for name, folder in self.where.items()]
+        lines.append(f"{'MLflow run:':<14}{self.mlflow_run_id} (experiment '{self.experiment}', {self.tracking_uri})")
         return "\n".join(lines)
 
 
@@ -129,53 +135,91 @@ def evaluation_metrics(plan: Plan, results: list[StageResult], store: ArtifactSt
     return metrics
 
 
-def copy_outputs(recipe: Recipe, plan: Plan, results: list[StageResult], store: ArtifactStore) -> None:
-    """output_dir receives the adapter (or weights), export_dir the exported model (flows.user_output)."""
+def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStore) -> dict[str, str]:
+    """output_dir receives the adapter (or weights), export_dir the exported model (flows.user_output).
+    Returns where the user finds things: the adapter, the merged model, and those folders."""
     by_stage = {r.stage: r for r in results}
-    if recipe.training.output_dir and "train" in by_stage:
+    where: dict[str, str] = {}
+    if "train" in by_stage:
         trained = store.lookup("train", by_stage["train"].key)
         part = "adapter" if trained.kind == "adapter" else "model"
-        write_into(trained.part(part), Path(recipe.training.output_dir), trained.ref.id, "output_dir")
+        where[part] = str(trained.part(part))
+        if recipe.training.output_dir:
+            write_into(trained.part(part), Path(recipe.training.output_dir), trained.ref.id, "output_dir")
+            where["output_dir"] = str(Path(recipe.training.output_dir).resolve())
+    if "merge" in by_stage:
+        where["merged model"] = str(store.path("merge", by_stage["merge"].key) / "model")
     if recipe.export.export_dir and "export" in by_stage:
         exported = store.lookup("export", by_stage["export"].key)
         write_into(exported.part("model"), Path(recipe.export.export_dir), exported.ref.id, "export_dir")
+        where["export_dir"] = str(Path(recipe.export.export_dir).resolve())
+    return where
+
+
+def recipe_family(recipe: Recipe) -> str:
+    """The MLflow experiment a recipe's runs share unless named: data, objective and method."""
+    data = (recipe.data.dataset or recipe.data.eval_dataset or "eval").replace(",", "+")
+    return f"{data}-{recipe.finetuning.stage}-{recipe.finetuning.finetuning_type}"
 
 
 @flow(name="finetune", task_runner=ThreadPoolTaskRunner(max_workers=default_parallelism()),
       on_crashed=[cancel_if_interrupted])
-def finetune(recipe: Recipe, home: str | None = None) -> RunSummary:
-    """Fine-tune and evaluate as the recipe says, reusing every stage whose artifact already exists."""
+def finetune(
+    recipe: Recipe,
+    overrides: dict[str, Any] | None = None,
+    home: str | None = None,
+    experiment: str | None = None,
+) -> RunSummary:
+    """Fine-tune and evaluate as the recipe says, reusing every stage whose artifact already exists.
+
+    overrides: LlamaFactory keys over the recipe, as `--set` does (`{"lora_rank": 32}`). home: the
+    artifact store (default $TUNEFACTORY_HOME or ./artifacts). experiment: the MLflow experiment (default
+    $MLFLOW_EXPERIMENT_NAME, else named from the recipe's data, objective and method).
+    A mistake in the recipe or the data ends the run Failed with the CLI's one-line message."""
+    try:
+        recipe = recipe.replace(**overrides) if overrides else recipe
+        return run_stages(recipe, ArtifactStore(home), experiment_for(recipe, experiment))
+    except TuneFactoryError as exc:
+        return Failed(message=f"tunefactory: error: {exc}", data=exc)
+
+
+def experiment_for(recipe: Recipe, experiment: str | None) -> str:
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or recipe_family(recipe)
+
+
+def run_stages(recipe: Recipe, store: ArtifactStore, experiment: str) -> RunSummary:
+    """Plan, run every stage as a Prefect task, and record the run in MLflow."""
     clear_stop()
-    store = ArtifactStore(home)
     plan = plan_run(recipe, store)
-    parent = tracking.start_parent(
-        recipe.training.run_name,
-        recipe.flat(),
-        {"prefect_flow_run_id": str(flow_run.id or ""), "prefect_flow_run_name": str(flow_run.name or ""),
-         "store": str(store.root)},
-    )
+    tags = {"tunefactory.flow": "finetune", "prefect_flow_run_id": str(flow_run.id or ""),
+            "prefect_flow_run_name": str(flow_run.name or ""), "store": str(store.root)}
+    # Named after the Prefect flow run unless the recipe names it: the two UIs then show the same name.
+    parent = tracking.start_parent(recipe.training.run_name or flow_run.name, recipe.flat(), tags, experiment)
     stage_runs = {step.label: tracking.start_stage(parent, step.label, {"stage": step.stage.name})
                   for step in plan}
     try:
         results = collect(plan, submit_all(plan, store, stage_runs), store, stage_runs)
         metrics = evaluation_metrics(plan, results, store)
         for role, values in metrics.items():
-            tracking.log_metrics(parent, {f"{role}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-        copy_outputs(recipe, plan, results, store)
+            tracking.log_metrics(parent, {f"{role}_{k}": v for k, v in values.items()})
+        where = copy_outputs(recipe, results, store)
     except BaseException:
         request_stop()  # builds still running (a training thread) stop at their next step
         tracking.finish(parent, ok=False)
         raise
     artifacts = {r.label: str(store.path(r.stage, r.key)) for r in results}
     summary = RunSummary(stages=results, metrics=metrics, mlflow_run_id=parent, flow_run_id=str(flow_run.id),
-                         artifacts=artifacts)
+                         artifacts=artifacts, experiment=experiment, tracking_uri=tracking.tracking_uri(),
+                         where=where)
+    tracking.set_tags(parent, {"cache_hits": str(sum(r.cached for r in results))})
     tracking.finish(parent, ok=True)
     create_markdown_artifact(key="finetune-summary", markdown=f"```\n{summary.table()}\n```",
-                             description="Stages (cached or built) and evaluation metrics")
+                             description="Stages (cached or built), evaluation metrics, where results are")
     return summary
 
 
-def run_finetune(recipe: Recipe, home: str | None = None, parallel: int | None = None) -> RunSummary:
-    """Run the flow with `parallel` stages at once (default: default_parallelism())."""
+def run_finetune(recipe: Recipe, home: str | None = None, parallel: int | None = None,
+                 experiment: str | None = None) -> RunSummary:
+    """Run the flow with `parallel` stages at once (default: default_parallelism()); a user error raises."""
     runner = ThreadPoolTaskRunner(max_workers=parallel or default_parallelism())
-    return finetune.with_options(task_runner=runner)(recipe, home=home)
+    return finetune.with_options(task_runner=runner)(recipe, home=home, experiment=experiment)

@@ -43,11 +43,12 @@ class EvaluateConfig(StageConfig):
         return self.sampling.seed if self.sampling else 0
 
 
-def plan(recipe: Recipe, tokenized: Step, scored: Step, role: str) -> Step:
+def configure(recipe: Recipe) -> EvaluateConfig:
+    """The evaluation options that apply: generation settings only when generating, sampling only when sampling."""
     e = recipe.evaluation
     generate = e.do_predict and e.predict_with_generate and recipe.finetuning.stage == "sft"
     sampling = Sampling(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, seed=recipe.training.seed)
-    config = EvaluateConfig(
+    return EvaluateConfig(
         batch_size=e.per_device_eval_batch_size,
         generate=generate,
         max_new_tokens=e.max_new_tokens if generate else None,
@@ -55,7 +56,10 @@ def plan(recipe: Recipe, tokenized: Step, scored: Step, role: str) -> Step:
         sampling=sampling if generate and e.do_sample else None,
         attn_implementation=attn_implementation(recipe.model.flash_attn),
     )
-    return STAGE.step(f"evaluate[{role}]", config, {"data": tokenized, "model": scored}, {"role": role})
+
+
+def plan(recipe: Recipe, tokenized: Step, scored: Step, role: str) -> Step:
+    return STAGE.step(f"evaluate[{role}]", configure(recipe), {"data": tokenized, "model": scored}, {"role": role})
 
 
 def batches(items: list, size: int):
@@ -167,6 +171,7 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
     (out / "report.md").write_text(report(metrics, examples))
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_files([out / "generated_predictions.jsonl", out / "report.md"])
     ctx.log.info("scores: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     layout = {"metrics": "metrics.json", "predictions": "generated_predictions.jsonl", "report": "report.md"}
     return Built("metrics", layout, metrics)

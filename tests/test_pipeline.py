@@ -110,7 +110,7 @@ def test_mlflow_run_structure(recipe_path, workdir):
     first = run(recipe_path)
     second = run(recipe_path)
     mlflow = MlflowClient()
-    experiment = mlflow.get_experiment_by_name("tunefactory")
+    experiment = mlflow.get_experiment_by_name(first.experiment)
     runs = mlflow.search_runs([experiment.experiment_id], max_results=100)
     children = {}
     for r in runs:
@@ -129,8 +129,12 @@ def test_mlflow_run_structure(recipe_path, workdir):
     assert hit.data.tags["cache"] == "hit" and hit.data.tags["built_by_run"] == train_run.info.run_id
     eval_run = first_stages["evaluate[tuned]"]
     assert "rougeL" in eval_run.data.metrics and "perplexity" in eval_run.data.metrics
+    assert {"generated_predictions.jsonl", "report.md"} <= {a.path for a in mlflow.list_artifacts(eval_run.info.run_id)}
     parent = mlflow.get_run(first.mlflow_run_id)
     assert "tuned_rougeL" in parent.data.metrics and parent.data.params["lora_rank"] == "4"
+    assert first.experiment == "mine-sft-lora"  # runs of one recipe family share an experiment
+    assert parent.data.tags["prefect_flow_run_name"] and parent.data.tags["cache_hits"] == "0"
+    assert mlflow.get_run(second.mlflow_run_id).data.tags["cache_hits"] == str(len(ALL_STAGES))
 
 
 def test_dry_run_builds_nothing(capsys, recipe_path, workdir):

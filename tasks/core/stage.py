@@ -196,6 +196,12 @@ class BuildContext:
         if self.run.mlflow_run_id:
             tracking.log_metrics(self.run.mlflow_run_id, metrics, step)
 
+    def log_files(self, files: list[Path]) -> None:
+        """Attach files to the stage's MLflow run (a copy: the store keeps its own)."""
+        if self.run.mlflow_run_id:
+            for file in files:
+                tracking.client().log_artifact(self.run.mlflow_run_id, str(file))
+
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a task run, stdlib logging outside one."""

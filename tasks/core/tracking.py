@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "tunefactory"
@@ -25,9 +27,26 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+def artifact_root() -> str | None:
+    """Where a new experiment keeps its files: beside a SQLite store (not relative to whichever working
+    directory first created it, which differs between the CLI and a deployment's worker)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns")
+    return None
+
+
 def experiment_id(mlflow: MlflowClient, name: str = EXPERIMENT) -> str:
     found = mlflow.get_experiment_by_name(name)
-    return found.experiment_id if found else mlflow.create_experiment(name)
+    if found:
+        return found.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_root())
+    except Exception:  # created meanwhile by a concurrent run
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -42,9 +61,10 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def start_parent(run_name: str | None, params: dict[str, Any], tags: dict[str, str]) -> str:
+def start_parent(run_name: str | None, params: dict[str, Any], tags: dict[str, str], experiment: str) -> str:
+    """A flow's run in the named experiment, with its parameters."""
     mlflow = client()
-    run = mlflow.create_run(experiment_id(mlflow), run_name=run_name, tags=tags)
+    run = mlflow.create_run(experiment_id(mlflow, experiment), run_name=run_name, tags=tags)
     log_params(run.info.run_id, params)
     return run.info.run_id
 
@@ -56,23 +76,31 @@ def start_stage(parent_id: str, label: str, tags: dict[str, str]) -> str:
     return run.info.run_id
 
 
+def chunks(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
 def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """All params in batches (one request each, not one per param; MLflow takes 100 per batch)."""
     mlflow = client()
-    for name, value in flatten(params).items():
-        mlflow.log_param(run_id, name, value)
+    entries = [Param(name, value) for name, value in flatten(params).items()]
+    for batch in chunks(entries, 100):
+        mlflow.log_batch(run_id, params=batch)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow = client()
-    for name, value in metrics.items():
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            mlflow.log_metric(run_id, name, float(value), step=step or 0)
+    """The finite numbers among metrics, in one batch."""
+    stamp = int(time.time() * 1000)
+    entries = [Metric(name, float(value), stamp, step or 0) for name, value in metrics.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+    for batch in chunks(entries, 1000):
+        client().log_batch(run_id, metrics=batch)
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
-    mlflow = client()
-    for name, value in tags.items():
-        mlflow.set_tag(run_id, name, str(value))
+    entries = [RunTag(name, str(value)) for name, value in tags.items()]
+    for batch in chunks(entries, 100):
+        client().log_batch(run_id, tags=batch)
 
 
 def finish(run_id: str, ok: bool) -> None:
