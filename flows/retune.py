@@ -1,0 +1,171 @@
+"""The re-tuning flow: fine-tune again when the data (or the recipe) changed, and promote the new model over
+the registered champion only if it scores better on the same evaluation set.
+
+Every decision (skipped, promoted, rejected) is an MLflow run in the `tunefactory-retune` experiment,
+tagged with the registered model's name and the run's fingerprint, and a Prefect markdown artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.utilities.annotations import quote
+from pydantic import BaseModel
+
+from flows.finetune import RunSummary, finetune
+from flows.plan import Plan, plan_run
+from tasks import evaluate
+from tasks.core import model_registry, tracking
+from tasks.core.errors import RecipeError, TuneFactoryError
+from tasks.core.hashing import stable_hash
+from tasks.core.prefect_store import records_block
+from tasks.core.recipe import Recipe
+from tasks.core.stage import RunContext
+from tasks.core.store import ArtifactStore
+
+EXPERIMENT = "tunefactory-retune"
+LOWER_IS_BETTER = {"eval_loss", "perplexity"}
+METRICS = ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity", "eval_loss")
+
+
+class RetuneDecision(BaseModel):
+    decision: Literal["skipped", "promoted", "rejected"]
+    model_name: str
+    metric: str
+    margin: float
+    fingerprint: str
+    reason: str
+    challenger_version: str | None = None
+    champion_version: str | None = None  # the champion before the decision
+    challenger_score: float | None = None
+    champion_score: float | None = None
+    finetune_run_id: str | None = None
+
+    def markdown(self) -> str:
+        rows = [(k, v) for k, v in self.model_dump().items() if v is not None]
+        return "\n".join([f"# Retune of `{self.model_name}`: {self.decision}", "", "| | |", "|---|---|"]
+                         + [f"| {k} | {v} |" for k, v in rows]) + "\n"
+
+
+def fingerprint(plan: Plan) -> str:
+    """What a retune depends on: every stage's keyed config, data and model content digests included."""
+    return stable_hash({step.label: step.config.keyed() for step in plan})
+
+
+def last_decision(model_name: str):
+    """The newest recorded retune decision for this registered model, or None."""
+    client = tracking.client()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    found = client.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                               filter_string=f"tags.registered_model = '{model_name}'")
+    return found[0] if found else None
+
+
+def better(challenger: float, champion: float, metric: str, margin: float) -> bool:
+    """Whether the challenger wins by at least the margin (lower wins for losses, higher for scores)."""
+    if metric in LOWER_IS_BETTER:
+        return challenger <= champion - margin
+    return challenger >= champion + margin
+
+
+def score_champion(version, recipe: Recipe, summary: RunSummary, store: ArtifactStore, metric: str) -> float:
+    """The champion's score on this run's evaluation split (an evaluate stage, cached like any other)."""
+    merge_key = version.tags.get("artifact.merge")
+    champion = store.lookup("merge", merge_key) if merge_key else None
+    if champion is None:
+        raise RecipeError(f"registered model '{version.name}' version {version.version}: its merged model "
+                          f"(merge/{merge_key}) is not in the store {store.root}; retune with the store it came from")
+    tokenized = store.lookup("tokenize", next(s.key for s in summary.stages if s.stage == "tokenize"))
+    step = evaluate.STAGE.step("evaluate[champion]", evaluate.configure(recipe), locators={"role": "champion"})
+    task = step.stage.task.with_options(task_run_name=step.label, result_storage=records_block(store.root))
+    ref = task(step=quote(step), run=quote(RunContext(home=str(store.root))),
+               inputs={"data": tokenized.ref, "model": champion.ref})
+    return json.loads((store.path(ref.stage, ref.key) / "metrics.json").read_text())[metric]
+
+
+def record(decision: RetuneDecision) -> RetuneDecision:
+    """The decision as an MLflow run and a Prefect markdown artifact."""
+    client = tracking.client()
+    run = client.create_run(tracking.experiment_id(client, EXPERIMENT), run_name=f"{decision.decision}",
+                            tags={"registered_model": decision.model_name, "decision": decision.decision,
+                                  "fingerprint": decision.fingerprint, "prefect_flow_run_id": str(flow_run.id or "")})
+    values = decision.model_dump()
+    tracking.log_params(run.info.run_id, {k: values[k] for k in ("metric", "margin", "challenger_version",
+                                                                  "champion_version", "reason")})
+    tracking.log_metrics(run.info.run_id, {k: values[k] for k in ("challenger_score", "champion_score")
+                                           if values[k] is not None})
+    tracking.client().log_text(run.info.run_id, decision.markdown(), "decision.md")
+    tracking.finish(run.info.run_id, ok=True)
+    create_markdown_artifact(key="retune-decision", markdown=decision.markdown(),
+                             description=f"Retune of {decision.model_name}: {decision.decision}")
+    return decision
+
+
+@flow(name="retune")
+def retune(
+    recipe: Recipe,
+    model_name: str,
+    metric: str = "rougeL",
+    margin: float = 0.0,
+    overrides: dict[str, Any] | None = None,
+    home: str | None = None,
+    experiment: str | None = None,
+) -> RetuneDecision:
+    """Fine-tune again if anything the result depends on changed since `model_name`'s last retune; register the
+    merged model and move the `champion` alias to it only if it beats the champion by `margin` on `metric`."""
+    try:
+        recipe = recipe.replace(**overrides) if overrides else recipe
+        return decide(recipe, model_name, metric, margin, ArtifactStore(home), experiment)
+    except TuneFactoryError as exc:
+        return Failed(message=f"tunefactory: error: {exc}", data=exc)
+
+
+def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: ArtifactStore,
+           experiment: str | None) -> RetuneDecision:
+    if metric not in METRICS:
+        raise RecipeError(f"retune metric '{metric}': choose one of {', '.join(METRICS)}")
+    if not recipe.finetuning.do_train or not recipe.evaluation.do_eval:
+        raise RecipeError("retune needs a recipe that trains and evaluates (do_train and do_eval true)")
+    plan = plan_run(recipe, store)
+    if not plan.of_stage("evaluate"):
+        raise RecipeError("retune needs evaluation data: set 'eval_dataset' or 'val_size'")
+    base = {"model_name": model_name, "metric": metric, "margin": margin, "fingerprint": fingerprint(plan)}
+    last = last_decision(model_name)
+    if last is not None and last.data.tags.get("fingerprint") == base["fingerprint"]:
+        return record(RetuneDecision(decision="skipped", reason="data and recipe unchanged since the last retune "
+                                     f"({last.data.tags.get('decision')}, run {last.info.run_id})", **base))
+    summary = finetune(recipe, home=str(store.root), experiment=experiment)
+    tuned = summary.metrics["tuned"]
+    train_key = next(s.key for s in summary.stages if s.stage == "train")
+    merge_key = next(s.key for s in summary.stages if s.stage == "merge")
+    tags = {"recipe": json.dumps(recipe.model_dump(exclude_defaults=True), default=str)[:5000],
+            "artifact.train": train_key, "artifact.merge": merge_key, "fingerprint": base["fingerprint"],
+            "store": str(store.root), **{f"metric.{k}": str(v) for k, v in tuned.items() if isinstance(v, float)}}
+    version = model_registry.register(model_name, Path(summary.where["merged model"]), summary.mlflow_run_id, tags)
+    score = tuned[metric]
+    current = model_registry.champion(model_name)
+    outcome = {**base, "challenger_version": str(version.version), "challenger_score": score,
+               "finetune_run_id": summary.mlflow_run_id}
+    if current is None:
+        model_registry.promote(model_name, version.version)
+        decision = RetuneDecision(decision="promoted", reason="no champion yet", **outcome)
+    else:
+        held = score_champion(current, recipe, summary, store, metric)
+        outcome |= {"champion_version": str(current.version), "champion_score": held}
+        if better(score, held, metric, margin):
+            model_registry.promote(model_name, version.version)
+            decision = RetuneDecision(decision="promoted", reason=f"{metric} {score:.4f} beats {held:.4f} by the "
+                                      f"margin {margin}", **outcome)
+        else:
+            decision = RetuneDecision(decision="rejected", reason=f"{metric} {score:.4f} does not beat the "
+                                      f"champion's {held:.4f} by the margin {margin}", **outcome)
+    model_registry.tag_version(model_name, version.version, {"retune_decision": decision.decision})
+    return record(decision)

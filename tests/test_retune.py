@@ -1,0 +1,54 @@
+"""Scheduled re-tuning against a real MLflow SQLite registry, on the tiny model."""
+
+import json
+import shutil
+
+import mlflow
+from transformers import AutoModelForCausalLM
+
+from flows.retune import retune
+from tasks.core import model_registry
+from tasks.core.recipe import load_recipe
+from tests.conftest import BUNDLED_DATA
+
+
+def test_retune_promotes_skips_retrains_and_rejects(write_recipe, workdir):
+    data = workdir / "data"
+    data.mkdir()
+    shutil.copy(BUNDLED_DATA / "pydoc_summaries_train.jsonl", data / "mine.jsonl")
+    (data / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.jsonl"}}))
+    recipe = load_recipe(write_recipe(dataset="mine", dataset_dir=str(data), max_samples=None, max_steps=6,
+                                      cutoff_len=64, max_new_tokens=2, eval_dataset="pydoc_summaries_test"))
+
+    def run(**overrides):
+        return retune(recipe, model_name="tiny", metric="eval_loss", overrides=overrides or None)
+
+    first = run()
+    assert first.decision == "promoted" and first.reason == "no champion yet"
+    champion = model_registry.champion("tiny")
+    assert str(champion.version) == first.challenger_version
+
+    second = run()
+    assert second.decision == "skipped" and "unchanged" in second.reason and second.challenger_version is None
+
+    with (data / "mine.jsonl").open("a") as rows:  # new data arrives
+        row = {"instruction": "Summarize.", "input": "def f(): pass", "output": "Do nothing."}
+        rows.write(json.dumps(row) + "\n")
+    third = run()
+    assert third.decision in ("promoted", "rejected")  # trained again, and judged against the champion
+    assert third.challenger_version not in (None, first.challenger_version)
+    assert third.champion_score is not None and third.champion_version == first.challenger_version
+
+    held = str(model_registry.champion("tiny").version)
+    worse = run(learning_rate=1e-9)  # hardly trained: its eval_loss cannot beat a trained champion
+    assert worse.decision == "rejected" and worse.challenger_score > worse.champion_score
+    assert str(model_registry.champion("tiny").version) == held  # the alias stays
+
+    decisions = mlflow.tracking.MlflowClient().search_runs(
+        [mlflow.tracking.MlflowClient().get_experiment_by_name("tunefactory-retune").experiment_id])
+    assert sorted(r.data.tags["decision"] for r in decisions) == sorted(
+        d.decision for d in (first, second, third, worse))
+
+    folder = mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny@champion", dst_path=str(workdir / "dl"))
+    model = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers loads the champion
+    assert model.config.num_hidden_layers == 2
