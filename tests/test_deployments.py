@@ -1,0 +1,166 @@
+"""Deployments against a real Prefect server started on loopback: `tunefactory serve` with `prefect deployment run`,
+and `prefect deploy --all` with a process worker."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flows.deployments import prefect_yaml
+from flows.prefect_server import free_port, healthy
+from tasks.core.store import ArtifactStore
+from tests.conftest import REPO, tiny_recipe_values
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on loopback with its own PREFECT_HOME; yields the environment that reaches it."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO)}
+    for name in ("TUNEFACTORY_HOME", "MLFLOW_TRACKING_URI"):  # each client picks its own, as a user's would
+        env.pop(name, None)
+    process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                "--no-ui"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not healthy(env["PREFECT_API_URL"]):
+        assert process.poll() is None and time.monotonic() < deadline, "the Prefect server did not start"
+        time.sleep(0.3)
+    yield env
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def prefect(env, *args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def flow_run_id(output: str) -> str:
+    return re.search(r"flow-run/([0-9a-f-]{36})", output).group(1)
+
+
+def client_for(env):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(env["PREFECT_API_URL"])
+
+
+def wait_final(env, run_id: str, timeout: float = 300):
+    with client_for(env) as client:
+        deadline = time.monotonic() + timeout
+        while not (run := client.read_flow_run(run_id)).state.is_final():
+            assert time.monotonic() < deadline, f"flow run {run_id} did not finish"
+            time.sleep(0.5)
+        return run
+
+
+def task_states(env, run_id: str) -> list[str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with client_for(env) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return [run.state.name for run in runs]
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir):
+    """A folder to deploy from: a recipe folder with one tiny recipe, and nothing else of the user's."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    values = tiny_recipe_values(tiny_model_dir, max_steps=2, max_samples=8, max_new_tokens=4)
+    (recipes / "tiny.yaml").write_text(yaml.safe_dump(values))
+    return tmp_path
+
+
+def test_committed_prefect_yaml_is_current():
+    assert (REPO / "prefect.yaml").read_text() == prefect_yaml()
+
+
+def test_served_deployments_run_cache_share_and_fail_cleanly(server, project):
+    serving = subprocess.Popen([sys.executable, "-m", "flows", "serve", "--recipes", str(project / "recipes")],
+                               cwd=project, env=server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        with client_for(server) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client.read_deployment_by_name("finetune/tiny")
+                    client.read_deployment_by_name("retune/tiny")
+                    break
+                except Exception:
+                    assert serving.poll() is None and time.monotonic() < deadline, "deployments never appeared"
+                    time.sleep(0.5)
+        first = prefect(server, "deployment", "run", "finetune/tiny", "--watch")
+        assert first.returncode == 0, first.stdout + first.stderr
+        first_id = flow_run_id(first.stdout)
+        assert wait_final(server, first_id).state.name == "Completed"
+        store = ArtifactStore(project / "artifacts")  # where the CLI in that folder would put it
+        assert {a.ref.stage for a in store.artifacts()} >= {"fetch", "align", "model", "tokenize", "train", "merge",
+                                                            "evaluate"}
+        mlflow = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+        assert mlflow.get_experiment_by_name("tiny") is not None
+
+        again = prefect(server, "deployment", "run", "finetune/tiny", "--watch")
+        assert again.returncode == 0
+        states = task_states(server, flow_run_id(again.stdout))
+        assert len(states) == 10 and set(states) == {"Cached"}
+
+        # Two runs of one new recipe variant at once: each artifact is built once, the other run reuses it.
+        started = [prefect(server, "deployment", "run", "finetune/tiny", "--param", 'overrides={"lora_rank": 8}')
+                   for _ in range(2)]
+        ids = [flow_run_id(s.stdout) for s in started]
+        assert [wait_final(server, i).state.name for i in ids] == ["Completed", "Completed"]
+        trains = [r for r in mlflow.search_runs([mlflow.get_experiment_by_name("tiny").experiment_id],
+                                                "attributes.run_name = 'train'")
+                  if r.data.tags.get("prefect_flow_run_id") in ids]
+        assert sorted(r.data.tags["cache"] for r in trains) == ["hit", "miss"]
+        assert all(store.lookup(a.ref.stage, a.ref.key, full=True) for a in store.artifacts())
+
+        published = {a.ref.id for a in store.artifacts()}
+        bad = prefect(server, "deployment", "run", "finetune/tiny", "--watch", "--param", 'overrides={"lora_rnk": 4}')
+        bad_run = wait_final(server, flow_run_id(bad.stdout))
+        assert bad_run.state.name == "Failed"
+        expected = "tunefactory: error: override: unknown key 'lora_rnk'; did you mean 'lora_rank'?"
+        assert bad_run.state.message == expected  # the CLI's one line, no traceback
+        assert {a.ref.id for a in store.artifacts()} == published
+    finally:
+        os.killpg(serving.pid, signal.SIGINT)
+        serving.wait(timeout=60)
+
+
+def test_prefect_deploy_all_and_a_process_worker(server, project):
+    for name in ("flows", "tasks", "configs"):  # the code, as a checkout of the repository has it
+        (project / name).symlink_to(REPO / name)
+    (project / "prefect.yaml").write_text(prefect_yaml(project / "recipes"))
+    env = {**server, "PWD": str(project)}
+    pool = prefect(env, "work-pool", "create", "tunefactory", "--type", "process", cwd=project)
+    assert pool.returncode == 0 or "already exists" in pool.stdout
+    deployed = prefect(env, "deploy", "--all", cwd=project)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    with client_for(env) as client:
+        retune = client.read_deployment_by_name("retune/tiny")
+        finetune = client.read_deployment_by_name("finetune/tiny")
+    assert [s.active for s in retune.schedules] == [False]  # shipped inactive
+    assert finetune.job_variables["env"] == {"TUNEFACTORY_HOME": f"{project}/artifacts",
+                                             "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"}
+    started = prefect(env, "deployment", "run", "finetune/tiny", cwd=project)
+    run_id = flow_run_id(started.stdout)
+    worker = prefect(env, "worker", "start", "--pool", "tunefactory", "--run-once", cwd=project.parent)
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    assert wait_final(env, run_id).state.name == "Completed"
+    manifests = list((project / "artifacts").glob("merge/*/manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["kind"] == "merged_model"
