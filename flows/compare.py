@@ -1,0 +1,132 @@
+"""`tunefactory compare`: finetune runs side by side, read back from MLflow with `search_runs`.
+
+The table shows the recipe keys that differ between the runs, base and tuned scores, training
+throughput, wall time and cache hits; a PNG shows each run's loss curve and the chosen metric per run.
+Both are written to files and logged to MLflow as a `compare` run in the experiment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Run
+
+from tasks.core import tracking
+from tasks.core.errors import TuneFactoryError
+
+FLOW_TAG = "tags.`tunefactory.flow` = 'finetune'"
+
+
+@dataclass
+class Compared:
+    """Runs, the table that compares them, and where the table and the figure were written."""
+
+    experiment: str
+    runs: list[Run]
+    table: str
+    figure: Path
+    mlflow_run_id: str
+
+
+def latest_experiment() -> str:
+    """The experiment of the newest finetune run."""
+    client = tracking.client()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, FLOW_TAG, max_results=1, order_by=["attributes.start_time DESC"]) if ids else []
+    if not found:
+        raise TuneFactoryError(f"no finetune runs in the MLflow store {tracking.tracking_uri()}")
+    return client.get_experiment(found[0].info.experiment_id).name
+
+
+def finetune_runs(experiment: str, last: int) -> list[Run]:
+    """The experiment's newest finished finetune runs, oldest first."""
+    client = tracking.client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise TuneFactoryError(f"no MLflow experiment named '{experiment}' in {tracking.tracking_uri()}")
+    runs = client.search_runs([found.experiment_id], f"{FLOW_TAG} and attributes.status = 'FINISHED'",
+                              max_results=last, order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise TuneFactoryError(f"experiment '{experiment}' has no finished finetune runs")
+    return list(reversed(runs))
+
+
+def child(run: Run, stage: str) -> Run | None:
+    """The nested run of one stage of a finetune run."""
+    found = tracking.client().search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                          f"and attributes.run_name = '{stage}'", max_results=1)
+    return found[0] if found else None
+
+
+def differing_params(runs: list[Run]) -> list[str]:
+    """Recipe keys whose values are not the same in every run."""
+    names = sorted({name for run in runs for name in run.data.params})
+    return [n for n in names if len({run.data.params.get(n) for run in runs}) > 1]
+
+
+def describe(runs: list[Run], metric: str) -> str:
+    """A plain-text table: one column per run."""
+    columns = [run.info.run_name or run.info.run_id[:8] for run in runs]
+    rows: list[tuple[str, list[str]]] = [("run id", [run.info.run_id[:12] for run in runs])]
+    rows += [(name, [run.data.params.get(name, "-") for run in runs]) for name in differing_params(runs)]
+    for role in ("base", "tuned"):
+        for name in dict.fromkeys([metric, "rougeL", "bleu4", "eval_loss"]):
+            values = [run.data.metrics.get(f"{role}_{name}") for run in runs]
+            if any(v is not None for v in values):
+                rows.append((f"{role} {name}", [f"{v:.3f}" if v is not None else "-" for v in values]))
+    trains = [child(run, "train") for run in runs]
+    rows.append(("train tokens/s", [f"{t.data.metrics['tokens_per_second']:.1f}" if t and
+                                    "tokens_per_second" in t.data.metrics else "-" for t in trains]))
+    rows.append(("wall seconds", [f"{(run.info.end_time - run.info.start_time) / 1000:.1f}" for run in runs]))
+    rows.append(("cache hits", [run.data.tags.get("cache_hits", "-") for run in runs]))
+    width = max(len(label) for label, _ in rows) + 2
+    cell = max(14, *(len(c) + 2 for c in columns), *(len(v) + 2 for _, values in rows for v in values))
+    lines = [" " * width + "".join(f"{c:>{cell}}" for c in columns)]
+    lines += [f"{label:<{width}}" + "".join(f"{v:>{cell}}" for v in values) for label, values in rows]
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], metric: str, path: Path) -> Path:
+    """Loss curve of each run and the tuned metric per run, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = tracking.client()
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4.5))
+    names = [run.info.run_name or run.info.run_id[:8] for run in runs]
+    for run, name in zip(runs, names, strict=True):
+        train = child(run, "train")
+        history = client.get_metric_history(train.info.run_id, "loss") if train else []
+        curves.plot([m.step for m in history], [m.value for m in history], marker=".", label=name)
+    curves.set(title="training loss", xlabel="step", ylabel="loss")
+    curves.legend(fontsize="small")
+    for role, marker in (("base", "s"), ("tuned", "o")):
+        values = [run.data.metrics.get(f"{role}_{metric}", float("nan")) for run in runs]
+        bars.plot(range(len(runs)), values, marker=marker, linestyle="", label=role)
+        for x, value in enumerate(values):
+            bars.annotate(f"{value:.3f}", (x, value), textcoords="offset points", xytext=(6, 0), fontsize="small")
+    bars.set(title=metric, ylabel=metric, xticks=range(len(runs)), xticklabels=names, xlim=(-0.5, len(runs) - 0.2))
+    bars.legend(fontsize="small")
+    bars.tick_params(axis="x", labelrotation=30)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def compare(experiment: str | None, metric: str, last: int, out: Path) -> Compared:
+    """Compare the newest `last` runs of an experiment (default: the newest run's experiment)."""
+    experiment = experiment or latest_experiment()
+    runs = finetune_runs(experiment, last)
+    table = describe(runs, metric)
+    figure = plot(runs, metric, out)
+    client = tracking.client()
+    tags = {"tunefactory.flow": "compare", "compared_runs": ",".join(r.info.run_id for r in runs)}
+    record = client.create_run(runs[0].info.experiment_id, run_name="compare", tags=tags)
+    client.log_text(record.info.run_id, table, "comparison.txt")
+    client.log_artifact(record.info.run_id, str(figure))
+    tracking.finish(record.info.run_id, ok=True)
+    return Compared(experiment, runs, table, figure, record.info.run_id)

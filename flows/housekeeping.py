@@ -1,0 +1,129 @@
+"""Store housekeeping: list recent runs with each stage's outcome, and collect artifacts nothing needs.
+
+`gc` keeps every artifact reachable from the last N finetune runs in MLflow or from any registered
+model version (and, through manifests, everything each was made from), deletes the rest, and never
+touches an artifact whose key a running build holds the lock on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from filelock import Timeout
+
+from tasks.core import model_registry, tracking
+from tasks.core.store import TEMP_PREFIX, TRASH_PREFIX, ArtifactStore, read_manifest
+
+FINETUNE = "tags.`tunefactory.flow` = 'finetune'"
+
+
+def finetune_runs(last: int):
+    """The newest `last` finetune runs of every experiment, newest first."""
+    client = tracking.client()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, FINETUNE, max_results=last, order_by=["attributes.start_time DESC"]) if ids else []
+
+
+def stage_runs(run) -> list:
+    """A finetune run's nested stage runs, in the order they were created."""
+    found = tracking.client().search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                          max_results=1000, order_by=["attributes.start_time ASC"])
+    return list(found)
+
+
+def recent_runs(last: int) -> str:
+    """A listing of recent finetune runs: when, name, status, and each stage's outcome and key."""
+    client = tracking.client()
+    lines = []
+    for run in finetune_runs(last):
+        started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        experiment = client.get_experiment(run.info.experiment_id).name
+        lines.append(f"{started}  {run.info.run_name}  {run.info.status.lower()}  experiment '{experiment}'  "
+                     f"run {run.info.run_id}")
+        for stage in stage_runs(run):
+            tags = stage.data.tags
+            outcome = {"hit": "cached", "miss": "built"}.get(tags.get("cache", ""), stage.info.status.lower())
+            lines.append(f"    {stage.info.run_name:<28} {outcome:<9} {tags.get('artifact_key', '-')[:12]}")
+    return "\n".join(lines) if lines else f"no finetune runs in {tracking.tracking_uri()}"
+
+
+def roots(store: ArtifactStore, keep_last: int) -> set[str]:
+    """Artifact ids ("stage/key") that runs and registered models point at directly."""
+    ids = set()
+    for run in finetune_runs(keep_last):
+        for stage in stage_runs(run):
+            key = stage.data.tags.get("artifact_key")
+            if key:
+                ids.add(f"{stage.data.tags.get('stage', stage.info.run_name.split('[')[0])}/{key}")
+    for version in model_registry.all_versions():
+        ids |= {f"{name.removeprefix('artifact.')}/{key}" for name, key in version.tags.items()
+                if name.startswith("artifact.")}
+        source = Path(version.source.removeprefix("file://"))
+        if source.parent.parent.parent == store.root:  # <root>/<stage>/<key>/model
+            ids.add(f"{source.parent.parent.name}/{source.parent.name}")
+    return ids
+
+
+def reachable(store: ArtifactStore, ids: set[str]) -> set[str]:
+    """ids and everything they were made from, following each manifest's inputs."""
+    seen, pending = set(), list(ids)
+    while pending:
+        artifact_id = pending.pop()
+        if artifact_id in seen:
+            continue
+        seen.add(artifact_id)
+        manifest = read_manifest(store.root / artifact_id)
+        pending += [entry["id"] for entry in (manifest or {}).get("inputs", {}).values()]
+    return seen
+
+
+@dataclass
+class Collected:
+    removed: list[str] = field(default_factory=list)
+    kept: int = 0
+    in_use: list[str] = field(default_factory=list)  # locked by a running build
+    bytes_freed: int = 0
+
+    def summary(self, dry_run: bool) -> str:
+        verb = "would free" if dry_run else "freed"
+        return (f"{verb} {self.bytes_freed / 2**20:.1f} MiB in {len(self.removed)} artifacts; kept {self.kept}"
+                + (f"; {len(self.in_use)} in use by a running build" if self.in_use else ""))
+
+
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool) -> Collected:
+    """Delete artifacts (and leftover temporaries) not reachable from the last runs or registered models."""
+    keep = reachable(store, roots(store, keep_last))
+    result = Collected()
+    for artifact in list(store.artifacts()):
+        artifact_id = artifact.ref.id
+        if artifact_id in keep:
+            result.kept += 1
+            continue
+        try:
+            with store.lock(artifact.ref.stage, artifact.ref.key).acquire(timeout=0):
+                result.removed.append(artifact_id)
+                result.bytes_freed += size_of(artifact.path)
+                if not dry_run:  # out of the way atomically, then deleted
+                    trash = artifact.path.with_name(f"{TRASH_PREFIX}{artifact.ref.key[:16]}-{uuid.uuid4().hex[:8]}")
+                    artifact.path.rename(trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+        except Timeout:
+            result.in_use.append(artifact_id)
+    if not dry_run:
+        for stage_dir in [p for p in store.root.iterdir() if p.is_dir() and not p.name.startswith(".")]:
+            for leftover in stage_dir.glob(f"{TEMP_PREFIX}*"):
+                key = leftover.name.removeprefix(TEMP_PREFIX).rsplit("-", 1)[0]
+                try:
+                    with store.lock(stage_dir.name, key).acquire(timeout=0):
+                        shutil.rmtree(leftover, ignore_errors=True)
+                except Timeout:
+                    pass
+    return result
