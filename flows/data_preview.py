@@ -33,7 +33,7 @@ def data_preview(recipe: Recipe, home: str | None = None) -> str:
     if not tokenized.has("preview"):
         return "(no training data to preview)"
     preview = tokenized.part("preview").read_text()
-    if tokenized.info.get("train") == "rows" and not tokenized.info.get("packed"):
+    if tokenized.info.get("train") == "rows" and tokenized.info.get("train_format") == "supervised":
         batch, seed = recipe.training.per_device_train_batch_size, recipe.training.seed
         lengths = [len(ids) for ids in load_rows(tokenized.part("train"))["input_ids"]]
         share = shuffled_padding_share(lengths, batch, seed)

@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
+from flows.chaining import TRAINERS
 from flows.plan import Plan, plan_run
 from flows.user_output import write_into
 from tasks.core import tracking
@@ -30,7 +31,8 @@ from tasks.core.recipe import Recipe
 from tasks.core.stage import RunContext, clear_stop, request_stop, task_seconds
 from tasks.core.store import ArtifactRef, ArtifactStore
 
-METRIC_ORDER = ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity", "eval_loss")
+METRIC_ORDER = ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity", "eval_loss", "pair_accuracy", "pair_margin",
+                "reward_margin")
 
 
 class StageResult(BaseModel):
@@ -132,17 +134,30 @@ def evaluation_metrics(plan: Plan, results: list[StageResult], store: ArtifactSt
         values = json.loads((store.path("evaluate", by_label[step.label].key) / "metrics.json").read_text())
         scored = by_label[step.inputs["model"]]
         metrics[step.locators["role"]] = {**values, "model_artifact": f"{scored.stage}/{scored.key}"}
+    trained = own_trainer(results)
+    if trained is not None and trained.stage == "reward":  # a reward model's own pairwise accuracy
+        info = store.path("reward", trained.key)
+        figures = json.loads((info / "train_results.json").read_text())
+        if "eval_accuracy" in figures:
+            metrics["tuned"] = {"pair_accuracy": figures["eval_accuracy"], "reward_margin": figures["eval_margin"],
+                                "model_artifact": f"reward/{trained.key}"}
     return metrics
+
+
+def own_trainer(results: list[StageResult]) -> StageResult | None:
+    """This recipe's training step (not one of an upstream recipe it chains on)."""
+    return next((r for r in results if r.stage in TRAINERS and ":" not in r.label), None)
 
 
 def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStore) -> dict[str, str]:
     """output_dir receives the adapter (or weights), export_dir the exported model (flows.user_output).
     Returns where the user finds things: the adapter, the merged model, and those folders."""
-    by_stage = {r.stage: r for r in results}
+    by_stage = {r.stage: r for r in results if ":" not in r.label}
     where: dict[str, str] = {}
-    if "train" in by_stage:
-        trained = store.lookup("train", by_stage["train"].key)
-        part = "adapter" if trained.kind == "adapter" else "model"
+    own = own_trainer(results)
+    if own is not None:
+        trained = store.lookup(own.stage, own.key)
+        part = "adapter" if trained.has("adapter") else "model"
         where[part] = str(trained.part(part))
         if recipe.training.output_dir:
             write_into(trained.part(part), Path(recipe.training.output_dir), trained.ref.id, "output_dir")

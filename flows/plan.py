@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from flows.chaining import deduplicated, resolve, same_base
 from flows.user_output import check_target
-from tasks import align, evaluate, export, fetch, merge, model, tokenize, train
+from tasks import align, evaluate, export, fetch, merge, model, ppo, preference, reward, tokenize, train
 from tasks.core.errors import RecipeError
 from tasks.core.recipe import Recipe
 from tasks.core.registry import DatasetEntry, resolve_datasets
@@ -23,8 +24,10 @@ from tasks.formats import dataset_kind
 from tasks.train_methods import check_trainable, meta_model
 
 DATA_STAGES = {"fetch", "align", "tokenize"}
-DATA_KINDS = {"preference": "preference (ranking) data", "kto": "KTO data", "pretrain": "pretraining text (no replies)"}
-OBJECTIVE_DATA = {"pt": ("pretrain", "sft"), "sft": ("sft",)}  # dataset kinds each objective learns from
+DATA_KINDS = {"preference": "preference (ranking) data", "kto": "KTO data", "pretrain": "pretraining text (no replies)",
+              "sft": "conversations with single replies"}
+OBJECTIVE_DATA = {"pt": ("pretrain", "sft"), "sft": ("sft",), "rm": ("preference",), "dpo": ("preference",),
+                  "kto": ("kto",), "ppo": ("sft",)}  # dataset kinds each objective learns from
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,9 @@ def model_structure(model_step: Step, store: ArtifactStore | None):
     return meta_model(found.part("model")) if found else None
 
 
-def plan_run(recipe: Recipe, store: ArtifactStore | None = None) -> Plan:
-    """The stages of a fine-tune: data, model, train, merge (and export), evaluate base and tuned."""
+def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[str, ...] = ()) -> Plan:
+    """The stages of a fine-tune: data, model, training (with any upstream recipes it chains on), merge (and
+    export), evaluation of the base and the tuned model."""
     data = recipe.data
     train_pairs = data_steps(recipe, data.dataset, "dataset", store)
     eval_pairs = data_steps(recipe, data.eval_dataset, "eval_dataset", store)
@@ -92,21 +96,54 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None) -> Plan:
     steps.append(tokenized)
     scored = {"base": base}
     if recipe.finetuning.do_train:
-        trained = train.plan(recipe, tokenized, base)
+        upstream, trained = trainer_step(recipe, tokenized, base, store, chain)
         structure = model_structure(base, store)
         if structure is not None:
             check_trainable(structure, trained.config.lora, trained.config.freeze)
-        merged = merge.plan(recipe, base, trained)
-        steps += [trained, merged]
-        if recipe.export.export_dir:
-            steps.append(export.plan(recipe, merged))
-        scored["tuned"] = merged
+        steps = upstream + steps + [trained]
+        if trained.stage.name != "reward":  # a reward model is scored by its own pairwise accuracy
+            merged = merge.plan(recipe, base, trained)
+            steps.append(merged)
+            if recipe.export.export_dir:
+                steps.append(export.plan(recipe, merged))
+            scored["tuned"] = merged
     if recipe.evaluation.do_eval and has_eval:
         steps += [evaluate.plan(recipe, tokenized, target, role) for role, target in scored.items()]
     check_targets(recipe)
     if data.overwrite_cache:
         steps = [replace(s, force=True) if s.stage.name in DATA_STAGES else s for s in steps]
-    return Plan(tuple(steps))
+    return Plan(tuple(deduplicated(steps)))
+
+
+def trainer_step(recipe: Recipe, tokenized: Step, base: Step, store: ArtifactStore | None,
+                 chain: tuple[str, ...]) -> tuple[list[Step], Step]:
+    """The objective's training step, and the steps of what it starts from (adapter_name_or_path), scores with
+    (reward_model) or compares to (ref_model)."""
+    def upstream_plan(upstream: Recipe, path: str) -> list[Step]:
+        return list(plan_run(upstream, store, (*chain, path)).steps)
+
+    objective, rlhf = recipe.finetuning.stage, recipe.rlhf
+    upstream: list[Step] = []
+    start = None
+    if recipe.model.adapter_name_or_path:
+        start, steps = resolve(recipe.model.adapter_name_or_path, "adapter_name_or_path", "adapter", store,
+                               upstream_plan, chain)
+        same_base(base, steps, "adapter_name_or_path")
+        upstream += steps + [start]
+    if objective in ("pt", "sft"):
+        return upstream, train.plan(recipe, tokenized, base, start)
+    if objective == "rm":
+        return upstream, reward.plan(recipe, tokenized, base, start)
+    if objective in ("dpo", "kto"):
+        reference = None
+        if rlhf.ref_model:
+            reference = replace(model.plan(recipe.replace(model_name_or_path=rlhf.ref_model, gguf_file=None)),
+                                label="model[ref]")
+            upstream.append(reference)
+        return upstream, preference.plan(recipe, tokenized, base, start, reference)
+    scorer, steps = resolve(rlhf.reward_model, "reward_model", "reward_model", store, upstream_plan, chain)
+    same_base(base, steps, "reward_model")
+    return upstream + steps + [scorer], ppo.plan(recipe, tokenized, base, scorer, start)
 
 
 def check_targets(recipe: Recipe) -> None:

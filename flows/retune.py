@@ -18,7 +18,7 @@ from prefect.states import Failed
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
-from flows.finetune import RunSummary, finetune
+from flows.finetune import RunSummary, finetune, own_trainer
 from flows.plan import Plan, plan_run
 from tasks import evaluate
 from tasks.core import model_registry, tracking
@@ -144,10 +144,10 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
                                      f"({last.data.tags.get('decision')}, run {last.info.run_id})", **base))
     summary = finetune(recipe, home=str(store.root), experiment=experiment)
     tuned = summary.metrics["tuned"]
-    train_key = next(s.key for s in summary.stages if s.stage == "train")
+    trained = own_trainer(summary.stages)
     merge_key = next(s.key for s in summary.stages if s.stage == "merge")
     tags = {"recipe": json.dumps(recipe.model_dump(exclude_defaults=True), default=str)[:5000],
-            "artifact.train": train_key, "artifact.merge": merge_key, "fingerprint": base["fingerprint"],
+            f"artifact.{trained.stage}": trained.key, "artifact.merge": merge_key, "fingerprint": base["fingerprint"],
             "store": str(store.root), **{f"metric.{k}": str(v) for k, v in tuned.items() if isinstance(v, float)}}
     version = model_registry.register(model_name, Path(summary.where["merged model"]), summary.mlflow_run_id, tags)
     score = tuned[metric]

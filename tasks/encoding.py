@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.core.errors import DataError
-from tasks.templates import Template, encode_pairs, generation_prompt, supervised_example
+from tasks.templates import (
+    IGNORE_INDEX,
+    Template,
+    encode_pairs,
+    generation_prompt,
+    infer_seqlen,
+    supervised_example,
+)
 
 
 def row_kind(row: dict[str, Any]) -> str:
@@ -19,14 +26,14 @@ def row_kind(row: dict[str, Any]) -> str:
     return "sft" if row["response"] else "pretrain"
 
 
-def check_kind(row: dict[str, Any], stage: str) -> None:
-    """Refuse rows the training stage cannot learn from (preference pairs, KTO labels) with their row index."""
+NEEDS = {"preference": "stage rm or dpo", "kto": "stage kto", "pretrain": "stage pt", "sft": "stage sft"}
+
+
+def check_kind(row: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Refuse a row of a kind the objective cannot learn from, naming its row index."""
     kind = row_kind(row)
-    if kind in ("preference", "kto"):
-        raise DataError(f"row {row['row']}: {kind} data needs stage {'rm/dpo' if kind == 'preference' else 'kto'}, "
-                        f"which this version does not run; use it with stage sft or pt only after converting it")
-    if stage == "sft" and kind == "pretrain":
-        raise DataError(f"row {row['row']}: a text-only (pretraining) row has no reply to learn; use stage: pt")
+    if kind not in allowed:
+        raise DataError(f"row {row['row']}: a {kind} row cannot be used here; it needs {NEEDS[kind]}")
 
 
 def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -50,18 +57,83 @@ class Masking:
 
 def encode_supervised(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
     """input_ids and labels of one conversation, masked and truncated as the recipe says."""
-    check_kind(row, "sft")
+    check_kind(row, ("sft",))
+    return supervised(row, tokenizer, template, masking)
+
+
+def supervised(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
+    """input_ids and labels of the row's prompt and first reply (for a preference row: the chosen one)."""
     pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
     input_ids, labels = supervised_example(pairs, masking.cutoff_len, masking.train_on_prompt, masking.mask_history)
     return {"input_ids": input_ids, "labels": labels}
 
 
 def encode_for_eval(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
-    """encode_supervised plus the generation prompt and the reference reply."""
+    """The supervised encoding plus the generation prompt and the reference reply (a preference row's chosen
+    reply; a KTO row's reply, which the caller keeps only where it is desirable)."""
+    check_kind(row, ("sft", "preference", "kto"))
     pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
     prompt = generation_prompt(pairs, masking.cutoff_len)
-    return {**encode_supervised(row, tokenizer, template, masking), "prompt_ids": prompt,
+    return {**supervised(row, tokenizer, template, masking), "prompt_ids": prompt,
             "label_text": row["response"][0]["content"], "prompt_text": tokenizer.decode(prompt)}
+
+
+def prompt_and_reply(row: dict[str, Any], reply: dict[str, str], tokenizer, template: Template
+                     ) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) for one reply to the row's prompt: earlier turns and the last user turn make the
+    prompt, as LlamaFactory's encode_oneturn does."""
+    pairs = encode_pairs(tokenizer, template, list(row["prompt"]) + [reply], system_prompt(row, template))
+    history = [token for source, target in pairs[:-1] for token in source + target]
+    return history + pairs[-1][0], pairs[-1][1]
+
+
+def encode_pairwise(row: dict[str, Any], tokenizer, template: Template, cutoff_len: int) -> dict[str, Any]:
+    """Prompt + chosen and prompt + rejected, sharing one prompt cut; the responses are cut to one length,
+    computed from the longer of them (LlamaFactory's pairwise processor). Prompt tokens carry no loss."""
+    check_kind(row, ("preference",))
+    prompt, chosen = prompt_and_reply(row, row["response"][0], tokenizer, template)
+    _, rejected = prompt_and_reply(row, row["response"][1], tokenizer, template)
+    source_len, target_len = infer_seqlen(len(prompt), max(len(chosen), len(rejected)), cutoff_len)
+    prompt, chosen, rejected = prompt[:source_len], chosen[:target_len], rejected[:target_len]
+    masked = [IGNORE_INDEX] * len(prompt)
+    return {"chosen_ids": prompt + chosen, "chosen_labels": masked + chosen,
+            "rejected_ids": prompt + rejected, "rejected_labels": masked + rejected}
+
+
+def truncated_example(prompt: list[int], reply: list[int], cutoff_len: int) -> tuple[list[int], list[int]]:
+    """input_ids and labels of one prompt and reply cut to cutoff_len, prompt masked."""
+    source_len, target_len = infer_seqlen(len(prompt), len(reply), cutoff_len)
+    prompt, reply = prompt[:source_len], reply[:target_len]
+    return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
+
+
+def encode_feedback(rows: dict[str, list], tokenizer, template: Template, cutoff_len: int) -> dict[str, list]:
+    """KTO rows (batched): each prompt with its reply, and with the previous row's reply for the KL estimate
+    (the first row takes the last row's), as LlamaFactory's feedback processor pairs them."""
+    items = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+    for item in items:
+        check_kind(item, ("kto",))
+    replies = [item["response"][0] for item in items]
+    mismatched = replies[-1:] + replies[:-1]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "kl_input_ids": [], "kl_labels": [], "kto_tag": []}
+    for item, kl_reply in zip(items, mismatched, strict=True):
+        prompt, reply = prompt_and_reply(item, item["response"][0], tokenizer, template)
+        _, kl = prompt_and_reply(item, kl_reply, tokenizer, template)
+        input_ids, labels = truncated_example(prompt, reply, cutoff_len)
+        kl_ids, kl_labels = truncated_example(prompt, kl, cutoff_len)
+        out["input_ids"].append(input_ids)
+        out["labels"].append(labels)
+        out["kl_input_ids"].append(kl_ids)
+        out["kl_labels"].append(kl_labels)
+        out["kto_tag"].append(bool(item["kto_tag"]))
+    return out
+
+
+def encode_prompt(row: dict[str, Any], tokenizer, template: Template, cutoff_len: int) -> dict[str, Any]:
+    """A PPO rollout prompt: the conversation up to the reply, cut to leave the reply its share of cutoff_len."""
+    check_kind(row, ("sft",))
+    pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
+    return {"input_ids": generation_prompt(pairs, cutoff_len)}
 
 
 def template_overhead(tokenizer, template: Template) -> int:
@@ -73,7 +145,7 @@ def template_overhead(tokenizer, template: Template) -> int:
 
 def document_text(row: dict[str, Any]) -> str:
     """The text a pretraining stage learns from: the document, or every turn of a conversation."""
-    check_kind(row, "pt")
+    check_kind(row, ("pretrain", "sft"))
     return row["text"] or "\n".join(turn["content"] for turn in conversation(row))
 
 

@@ -46,7 +46,7 @@ class EvaluateConfig(StageConfig):
 def configure(recipe: Recipe) -> EvaluateConfig:
     """The evaluation options that apply: generation settings only when generating, sampling only when sampling."""
     e = recipe.evaluation
-    generate = e.do_predict and e.predict_with_generate and recipe.finetuning.stage == "sft"
+    generate = e.do_predict and e.predict_with_generate and recipe.finetuning.stage not in ("pt", "rm")
     sampling = Sampling(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, seed=recipe.training.seed)
     return EvaluateConfig(
         batch_size=e.per_device_eval_batch_size,
@@ -90,6 +90,32 @@ def perplexity(model, rows, pad_id: int, batch_size: int, progress: bool) -> dic
         total_tokens += int((targets != -100).sum())
     loss = total_nll / max(total_tokens, 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) -> dict[str, float]:
+    """How often the model prefers the chosen reply of a pair: its per-token average log-prob is higher than the
+    rejected reply's (pair_accuracy), and by how much on average (pair_margin)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from tasks.preference_losses import sequence_logps, token_logps
+
+    margins: list[float] = []
+    rows = list(zip(pairs["chosen_ids"], pairs["chosen_labels"], pairs["rejected_ids"], pairs["rejected_labels"],
+                    strict=True))
+    for batch in tqdm(list(batches(rows, batch_size)), desc="pairs", disable=not progress):
+        check_stop()
+        sequences = [(c, cl) for c, cl, _, _ in batch] + [(r, rl) for _, _, r, rl in batch]
+        width = max(len(ids) for ids, _ in sequences)
+        ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in sequences])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in sequences])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in sequences])
+        with torch.no_grad():
+            logps, label_mask = token_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+        chosen, rejected = sequence_logps(logps, label_mask, average=True).chunk(2)
+        margins += (chosen - rejected).tolist()
+    return {"pair_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
+            "pair_margin": sum(margins) / max(len(margins), 1), "num_pairs": len(margins)}
 
 
 def generate(
@@ -153,18 +179,23 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation)
     model.eval()
-    rows = load_rows(data.part("eval"))
     generation = json.loads(data.part("generation").read_text())
-    metrics: dict[str, Any] = perplexity(model, rows, generation["pad_token_id"], config.batch_size, config.progress)
+    metrics: dict[str, Any] = {}
     examples: list[dict[str, str]] = []
-    if config.generate and data.info.get("eval_prompts"):
-        predictions = generate(model, tokenizer, rows["prompt_ids"], config, generation)
-        examples = [
-            {"prompt": p, "label": label, "predict": pred}
-            for p, label, pred in zip(rows["prompt_text"], rows["label_text"], predictions, strict=True)
-        ]
-        metrics.update(text_scores(predictions, rows["label_text"]))
-    metrics["num_samples"] = len(rows)
+    if data.has("eval"):
+        rows = load_rows(data.part("eval"))
+        metrics |= perplexity(model, rows, generation["pad_token_id"], config.batch_size, config.progress)
+        if config.generate and data.info.get("eval_prompts"):
+            predictions = generate(model, tokenizer, rows["prompt_ids"], config, generation)
+            examples = [
+                {"prompt": p, "label": label, "predict": pred}
+                for p, label, pred in zip(rows["prompt_text"], rows["label_text"], predictions, strict=True)
+            ]
+            metrics.update(text_scores(predictions, rows["label_text"]))
+        metrics["num_samples"] = len(rows)
+    if data.has("eval_pairs"):
+        pairs = load_rows(data.part("eval_pairs"))
+        metrics |= pair_preference(model, pairs, generation["pad_token_id"], config.batch_size, config.progress)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with (out / "generated_predictions.jsonl").open("w", encoding="utf-8") as handle:
         for example in examples:
@@ -181,7 +212,7 @@ STAGE = Stage(
     name="evaluate",
     plan=plan,
     build=build,
-    code=("tasks.evaluate", "tasks.metrics", "tasks.rows"),
+    code=("tasks.evaluate", "tasks.metrics", "tasks.rows", "tasks.preference_losses"),
     libraries=("torch", "transformers", "evaluate", "rouge-score", "nltk"),
     heavy=True,
 )

@@ -15,26 +15,26 @@ from typing import Any, Literal
 from tasks.core.errors import DataError, RecipeError
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
-from tasks.data_report import length_stats, preview_markdown
-from tasks.encoding import (
-    Masking,
-    encode_document,
-    encode_for_eval,
-    encode_supervised,
-    template_overhead,
-    truncated_document,
-)
+from tasks.data_report import preview_markdown
+from tasks.encoding import Masking, template_overhead
 from tasks.mixing import merge_parts
-from tasks.packing import neat_pack, pack_pretraining
+from tasks.objective_rows import (
+    TRAIN_FORMATS,
+    encode_eval,
+    encode_eval_pairs,
+    encode_train,
+    preview_rows,
+    split_stats,
+)
 from tasks.rows import load_rows, save_rows
 from tasks.streaming import merged_aligned, training_stream
-from tasks.templates import IGNORE_INDEX, get_template, stop_token_ids
+from tasks.templates import get_template, stop_token_ids
 
 Packing = Literal["none", "blocks", "neat", "plain"]
 
 
 class TokenizeConfig(StageConfig):
-    objective: Literal["pt", "sft"]
+    objective: Literal["pt", "sft", "rm", "dpo", "kto", "ppo"]
     template: str
     cutoff_len: int
     train_on_prompt: bool
@@ -121,63 +121,9 @@ def split_validation(rows, val_size: float, seed: int):
     return parts["train"], parts["test"]
 
 
-def pack_supervised(encoded, cutoff_len: int, isolate: bool):
-    """Several samples per row. isolate: positions restart per sample, so attention stays inside it;
-    otherwise (plain packing, as LlamaFactory's) positions run on and attention crosses samples."""
-    import datasets
-
-    rows = neat_pack(list(zip(encoded["input_ids"], encoded["labels"], strict=True)), cutoff_len)
-    if not isolate:
-        for row in rows:
-            row["position_ids"] = list(range(len(row["input_ids"])))
-    return datasets.Dataset.from_list(rows)
-
-
-def encode_train(rows, tokenizer, template, config: TokenizeConfig):
-    """Training rows (input_ids, labels, position_ids when packed) and how many were dropped."""
-    import datasets
-
-    cutoff = config.cutoff_len
-    if config.objective == "pt":
-        docs = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=rows.column_names,
-                        num_proc=config.workers, desc="tokenize documents")
-        if config.packing == "blocks":
-            blocks = pack_pretraining(docs["input_ids"], cutoff, tokenizer.eos_token_id)
-        else:
-            blocks = [ids[:cutoff] for ids in docs["input_ids"]]
-        return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks}), 0
-    encoded = rows.map(encode_supervised, remove_columns=rows.column_names, num_proc=config.workers,
-                       fn_kwargs={"tokenizer": tokenizer, "template": template, "masking": config.masking},
-                       desc="tokenize train")
-    keep = [i for i, labels in enumerate(encoded["labels"]) if any(t != IGNORE_INDEX for t in labels)]
-    dropped = len(encoded) - len(keep)
-    encoded = encoded.select(keep)  # a sample with no trainable token carries no signal
-    if config.packing in ("neat", "plain"):
-        encoded = pack_supervised(encoded, cutoff, isolate=config.packing == "neat")
-    return encoded, dropped
-
-
-def encode_eval(rows, tokenizer, template, config: TokenizeConfig):
-    """Evaluation rows: labels for perplexity and, for sft, the generation prompt and reference reply."""
-    if config.objective == "pt":
-        docs = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=rows.column_names,
-                        num_proc=config.workers, desc="tokenize eval documents")
-        return docs.map(truncated_document, fn_kwargs={"cutoff_len": config.cutoff_len})
-    return rows.map(encode_for_eval, remove_columns=rows.column_names, num_proc=config.workers,
-                    fn_kwargs={"tokenizer": tokenizer, "template": template, "masking": config.masking},
-                    desc="tokenize eval")
-
-
-def split_stats(rows) -> dict[str, Any]:
-    """Length statistics of a tokenized split."""
-    lengths = [len(ids) for ids in rows["input_ids"]]
-    trainable = [sum(t != IGNORE_INDEX for t in labels) for labels in rows["labels"]]
-    return length_stats(lengths, trainable)
-
-
 def check_cutoff(tokenizer, template, config: TokenizeConfig) -> None:
     """A cutoff_len that leaves no room after the template's own prompt tokens is a recipe error."""
-    if config.objective != "sft":
+    if config.objective == "pt":
         return
     overhead = template_overhead(tokenizer, template)
     if overhead >= config.cutoff_len:
@@ -210,25 +156,30 @@ def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
         stats["train"] = split_stats(encoded) | {"dropped_no_target": dropped}
         layout["train"] = "train"
     if evaluation is not None:
-        stats["eval"] = write_eval(evaluation, tokenizer, template, config, out)
-        layout["eval"] = "eval"
+        layout |= write_eval(evaluation, tokenizer, template, config, out, stats)
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     if train is not None:
-        write_preview(load_rows(out / "train"), tokenizer, stats, ctx, out)
+        write_preview(preview_rows(load_rows(out / "train")), tokenizer, stats, ctx, out)
         layout["preview"] = "preview.md"
     ctx.log.info("tokenized: %s", json.dumps(stats))
     ctx.log_metrics({f"{split}_{k}": v for split, s in stats.items() for k, v in s.items()})
-    info = {"train": "rows" if train is not None else None, "packed": config.packing != "none",
-            "position_ids": config.packing in ("neat", "plain"), "eval_prompts": config.objective == "sft"}
+    info = {"train": "rows" if train is not None else None, "train_format": TRAIN_FORMATS[config.objective],
+            "packed": config.packing != "none", "position_ids": config.packing in ("neat", "plain"),
+            "eval_prompts": config.objective not in ("pt", "rm")}
     return Built("tokenized", layout, info)
 
 
-def write_eval(rows, tokenizer, template, config: TokenizeConfig, out: Path) -> dict[str, Any]:
-    """Encode and save the evaluation split; its length statistics."""
-    encoded = encode_eval(rows, tokenizer, template, config)
-    save_rows(encoded, out / "eval")
-    return split_stats(encoded)
+def write_eval(rows, tokenizer, template, config: TokenizeConfig, out: Path, stats: dict[str, Any]) -> dict[str, str]:
+    """Encode and save the evaluation split(s), adding their length statistics; their layout entries."""
+    layout = {}
+    for part, encode in (("eval", encode_eval), ("eval_pairs", encode_eval_pairs)):
+        encoded = encode(rows, tokenizer, template, config)
+        if encoded is not None:
+            save_rows(encoded, out / part)
+            stats[part] = split_stats(encoded)
+            layout[part] = part
+    return layout
 
 
 def write_preview(rows, tokenizer, stats: dict[str, Any], ctx: BuildContext, out: Path) -> None:
@@ -271,15 +222,15 @@ def build_stream(config: TokenizeConfig, ctx: BuildContext, out: Path, tokenizer
     layout = {"stream": "stream.json", "generation": "generation.json", "stats": "stats.json"}
     stats: dict[str, Any] = {"train": {"streaming": True, "parts": len(spec["parts"])}}
     if evaluation is not None and len(evaluation):
-        stats["eval"] = write_eval(evaluation, tokenizer, template, config, out)
-        layout["eval"] = "eval"
+        layout |= write_eval(evaluation, tokenizer, template, config, out, stats)
     sample = datasets.Dataset.from_list(list(training_stream(spec, tokenizer, sources).take(3)))
     if len(sample):
         write_preview(sample, tokenizer, stats, ctx, out)
         layout["preview"] = "preview.md"
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    info = {"train": "stream", "packed": False, "position_ids": False, "eval_prompts": config.objective == "sft"}
+    info = {"train": "stream", "train_format": "supervised", "packed": False, "position_ids": False,
+            "eval_prompts": config.objective == "sft"}
     return Built("tokenized", layout, info)
 
 
@@ -308,7 +259,7 @@ STAGE = Stage(
     name="tokenize",
     plan=plan,
     build=build,
-    code=("tasks.tokenize", "tasks.encoding", "tasks.templates", "tasks.data_report", "tasks.packing",
-          "tasks.mixing", "tasks.rows", "tasks.sources", "tasks.streaming", "tasks.formats"),
+    code=("tasks.tokenize", "tasks.objective_rows", "tasks.encoding", "tasks.templates", "tasks.data_report",
+          "tasks.packing", "tasks.mixing", "tasks.rows", "tasks.sources", "tasks.streaming", "tasks.formats"),
     libraries=("transformers", "tokenizers", "datasets"),
 )

@@ -1,4 +1,4 @@
-"""Train stage: fine-tune the base checkpoint on the tokenized data (LoRA, full or freeze).
+"""Train stage (pt, sft): fine-tune the base checkpoint on the tokenized data (LoRA, full or freeze).
 
 Checkpoints go to a staging directory keyed like the artifact, so a killed run resumes from the
 newest complete checkpoint when the same recipe runs again.
@@ -7,178 +7,38 @@ newest complete checkpoint when the same recipe runs again.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from tasks.core import tracking
-from tasks.core.errors import RecipeError
-from tasks.core.hardware import attn_implementation, has_cuda, mixed_precision
-from tasks.core.hashing import tree_digest
-from tasks.core.recipe import Recipe, report_targets
-from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
+from tasks.core.recipe import Recipe
+from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.data_report import shuffled_padding_share
 from tasks.rows import load_rows
 from tasks.streaming import training_stream
-from tasks.train_checkpoints import checkpoint_problem, latest_usable_checkpoint
-from tasks.train_methods import FreezeSettings, LoraSettings, QuantSettings, attach_trainable, load_base
+from tasks.train_common import (
+    REPORTS,
+    TrainingConfig,
+    arguments_values,
+    run_callback,
+    run_trainer,
+    training_locators,
+    training_values,
+    write_results,
+)
+from tasks.train_methods import attach_trainable, load_base, save_weights, starting_adapter
 
 
-class Schedule(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    epochs: float | None  # None when max_steps decides
-    max_steps: int | None
-    lr_scheduler_type: str
-    warmup_steps: int | None  # explicit steps win over the ratio, as in LlamaFactory
-    warmup_ratio: float | None
-
-
-class TrainConfig(StageConfig):
+class TrainConfig(TrainingConfig):
     objective: Literal["pt", "sft"]
-    finetuning_type: Literal["lora", "full", "freeze"]
-    lora: LoraSettings | None
-    freeze: FreezeSettings | None
-    quantization: QuantSettings | None
-    precision: Literal["fp32", "bf16", "fp16"]  # resolved against the hardware
-    attn_implementation: str
-    batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    schedule: Schedule
-    weight_decay: float
-    max_grad_norm: float
-    optim: str
-    seed: int
-    save_only_model: bool  # a resume without optimizer state trains differently
-    resume_from: str | None  # content digest of an explicit resume_from_checkpoint
     shuffle_buffer: int | None  # streaming only
-    logging_steps: int = unkeyed(10)
-    save_steps: int = unkeyed(500)
-    save_total_limit: int | None = unkeyed(None)
-    report_to: tuple[str, ...] = unkeyed(())
-    plot_loss: bool = unkeyed(False)
-    dataloader_num_workers: int = unkeyed(0)
-    ddp_timeout: int = unkeyed(1800)
-    gradient_checkpointing: bool = unkeyed(True, "recomputes activations; the same result with less memory")
 
 
-def schedule(recipe: Recipe) -> Schedule:
-    t = recipe.training
-    by_steps = t.max_steps > 0
-    return Schedule(
-        epochs=None if by_steps else t.num_train_epochs,
-        max_steps=t.max_steps if by_steps else None,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps or None,
-        warmup_ratio=t.warmup_ratio if not t.warmup_steps and t.warmup_ratio else None,
-    )
-
-
-def method_settings(recipe: Recipe) -> dict[str, Any]:
-    """The settings of the chosen finetuning_type only: options of other methods change nothing."""
-    f, m = recipe.finetuning, recipe.model
-    lora = freeze = quant = None
-    if f.finetuning_type == "lora":
-        lora = LoraSettings(rank=f.lora_rank, alpha=f.lora_alpha or f.lora_rank * 2, dropout=f.lora_dropout,
-                            target=f.lora_target, use_dora=f.use_dora, use_rslora=f.use_rslora)
-    if f.finetuning_type == "freeze":
-        freeze = FreezeSettings(trainable_layers=f.freeze_trainable_layers)
-    if m.quantization_bit:
-        four = m.quantization_bit == 4
-        quant = QuantSettings(bits=m.quantization_bit, type=m.quantization_type if four else None,
-                              double=m.double_quantization if four else None)
-    return {"lora": lora, "freeze": freeze, "quantization": quant}
-
-
-def plan(recipe: Recipe, tokenized: Step, model: Step) -> Step:
-    t = recipe.training
-    resume = t.resume_from_checkpoint
-    if resume and not Path(resume).is_dir():
-        raise RecipeError(f"key 'resume_from_checkpoint': {resume} is not a checkpoint folder")
-    config = TrainConfig(
-        objective=recipe.finetuning.stage,
-        finetuning_type=recipe.finetuning.finetuning_type,
-        **method_settings(recipe),
-        precision=mixed_precision(t.bf16, t.fp16),
-        attn_implementation=attn_implementation(recipe.model.flash_attn),
-        batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        schedule=schedule(recipe),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        seed=t.seed,
-        save_only_model=t.save_only_model,
-        resume_from=tree_digest(Path(resume)) if resume else None,
-        shuffle_buffer=recipe.data.buffer_size if recipe.data.streaming else None,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to=tuple(report_targets(t.report_to)),
-        plot_loss=t.plot_loss,
-        dataloader_num_workers=t.dataloader_num_workers,
-        ddp_timeout=t.ddp_timeout,
-        gradient_checkpointing=not t.disable_gradient_checkpointing,
-    )
-    locators = {"resume_from_checkpoint": resume or "", "sources": tokenized.locators["sources"]}
-    return STAGE.step("train", config, {"data": tokenized, "model": model}, locators)
-
-
-def run_callback(run_id: str | None):
-    """A Trainer callback: each log (loss, learning rate, grad norm) to the stage's MLflow run, and a stop
-    between steps when the run is interrupted (the staged checkpoints stay for a resume)."""
-    from transformers import TrainerCallback
-
-    class RunCallback(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if run_id and state.is_world_process_zero and logs:
-                numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
-                tracking.log_metrics(run_id, numbers, step=state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            check_stop()
-
-    return RunCallback()
-
-
-def training_arguments(config: TrainConfig, staging: Path):
-    from transformers import TrainingArguments
-
-    s = config.schedule
-    return TrainingArguments(
-        output_dir=str(staging),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        num_train_epochs=s.epochs or 1.0,
-        max_steps=s.max_steps or -1,
-        lr_scheduler_type=s.lr_scheduler_type,
-        # transformers 5 takes a ratio as a float warmup_steps in [0, 1); explicit steps win, as in LlamaFactory.
-        warmup_steps=s.warmup_steps or s.warmup_ratio or 0,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        optim=config.optim,
-        seed=config.seed,
-        bf16=config.precision == "bf16",
-        fp16=config.precision == "fp16",
-        use_cpu=not has_cuda(),
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        report_to=list(config.report_to) or "none",
-        activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name for it
-        include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,
-        dataloader_num_workers=config.dataloader_num_workers,
-        save_only_model=config.save_only_model,
-        ddp_timeout=config.ddp_timeout,
-        disable_tqdm=False,
-    )
+def plan(recipe: Recipe, tokenized: Step, model: Step, adapter: Step | None = None) -> Step:
+    config = TrainConfig(objective=recipe.finetuning.stage, **training_values(recipe),
+                         shuffle_buffer=recipe.data.buffer_size if recipe.data.streaming else None)
+    inputs = {"data": tokenized, "model": model, **({"adapter": adapter} if adapter else {})}
+    locators = {**training_locators(recipe), "sources": tokenized.locators["sources"]}
+    return STAGE.step("train", config, inputs, locators)
 
 
 def collator_for(data, tokenizer):
@@ -192,41 +52,13 @@ def collator_for(data, tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
 
 
-def resume_point(config: TrainConfig, ctx: BuildContext) -> Path | None:
-    """The checkpoint to resume from: the recipe's, or the newest usable one of an earlier killed run."""
-    explicit = ctx.locators["resume_from_checkpoint"]
-    if explicit:
-        problem = checkpoint_problem(Path(explicit), config.save_only_model)
-        if problem:
-            raise RecipeError(f"key 'resume_from_checkpoint': {explicit} cannot be resumed from: {problem}")
-        return Path(explicit)
-    return latest_usable_checkpoint(ctx.staging, config.save_only_model, ctx.log)
-
-
-def whole_run_loss(history: list[dict[str, Any]], resumed_step: int, this_run_loss: float, final_step: int) -> float:
-    """Mean training loss over the whole run, also when it was resumed: the logged losses (each the mean
-    since the previous log) cover the steps before the resume, the Trainer's figure the steps after it."""
-    if not resumed_step:
-        return this_run_loss
-    before, previous = 0.0, 0
-    for entry in history:
-        if "loss" in entry and entry["step"] <= resumed_step:
-            before += entry["loss"] * (entry["step"] - previous)
-            previous = entry["step"]
-    last = next((e["loss"] for e in reversed(history) if "loss" in e and e["step"] <= resumed_step), this_run_loss)
-    before += last * (resumed_step - previous)  # steps after the last log before the checkpoint
-    return (before + this_run_loss * (final_step - resumed_step)) / max(final_step, 1)
-
-
 def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
-    from transformers import AutoTokenizer, Trainer
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = attach_trainable(load_base(model_dir, config), config)
-    if config.gradient_checkpointing and config.finetuning_type == "lora":
-        model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+    model = attach_trainable(load_base(model_dir, config), config, starting_adapter(ctx))
     padding = None
     if data.info["train"] == "stream":  # rows are aligned and tokenized lazily as training consumes them
         spec = json.loads(data.part("stream").read_text())
@@ -235,69 +67,22 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
         train_rows = load_rows(data.part("train"))
         lengths = [len(ids) for ids in train_rows["input_ids"]]
         padding = shuffled_padding_share(lengths, config.batch_size, config.seed)
-    resume = resume_point(config, ctx)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(config, ctx.staging),
-        train_dataset=train_rows,
-        data_collator=collator_for(data, tokenizer),
-        callbacks=[run_callback(ctx.run.mlflow_run_id)],
-    )
-    resumed_state = json.loads((resume / "trainer_state.json").read_text()) if resume else {}
-    resumed_step = resumed_state.get("global_step", 0)
-    tokens_before = resumed_state.get("num_input_tokens_seen", 0)
-    started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.monotonic() - started
-    state = trainer.state
-    weights = "adapter" if config.finetuning_type == "lora" else "model"
-    trainer.model.save_pretrained(str(out / weights))
-    if config.finetuning_type != "lora":
-        tokenizer.save_pretrained(str(out / weights))
-    (out / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
-    tokens_this_run = state.num_input_tokens_seen - tokens_before
-    summary = {
-        "global_step": state.global_step,
-        "resumed_from_step": resumed_step,
-        "train_loss": whole_run_loss(state.log_history, resumed_step, result.training_loss, state.global_step),
-        "train_seconds": round(seconds, 2),  # this process's share of the run
-        "tokens_trained": int(state.num_input_tokens_seen),  # the whole run's non-padding tokens
-        "tokens_per_second": round(tokens_this_run / max(seconds, 1e-9), 1),
-        "padding_share": padding,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
-    (out / "train_results.json").write_text(json.dumps(summary, indent=2))
-    ctx.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_step" and v is not None})
-    if config.plot_loss and ctx.run.mlflow_run_id:
-        plot_loss(state.log_history, ctx.run.mlflow_run_id)
-    ctx.log.info("trained %d steps (resumed at %d), %.1f tokens/s", state.global_step, resumed_step,
-                 summary["tokens_per_second"])
-    kind = "adapter" if config.finetuning_type == "lora" else "full_weights"
-    layout = {weights: weights, "results": "train_results.json", "log_history": "log_history.json"}
-    return Built(kind, layout, summary, reports=("results", "log_history"))
-
-
-def plot_loss(history: list[dict[str, Any]], run_id: str) -> None:
-    """Attach a training-loss curve to the MLflow run (LlamaFactory's plot_loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([s for s, _ in points], [v for _, v in points])
-    axis.set(xlabel="step", ylabel="loss", title="training loss")
-    tracking.client().log_figure(run_id, figure, "training_loss.png")
-    plt.close(figure)
+    arguments = TrainingArguments(**arguments_values(config, ctx.staging), include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_rows,
+                      data_collator=collator_for(data, tokenizer), callbacks=[run_callback(ctx.run.mlflow_run_id)])
+    summary = run_trainer(trainer, config, ctx, out) | {"padding_share": padding}
+    weights = save_weights(trainer.model, tokenizer, config, out)
+    write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
+    kind = "adapter" if weights == "adapter" else "full_weights"
+    return Built(kind, {weights: weights, **REPORTS}, summary, reports=tuple(REPORTS))
 
 
 STAGE = Stage(
     name="train",
     plan=plan,
     build=build,
-    code=("tasks.train", "tasks.train_methods", "tasks.train_checkpoints", "tasks.packing", "tasks.streaming",
-          "tasks.encoding", "tasks.formats"),
+    code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.packing",
+          "tasks.streaming", "tasks.encoding", "tasks.formats"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
     heavy=True,
 )

@@ -108,21 +108,36 @@ def check_trainable(model, lora: LoraSettings | None, freeze: FreezeSettings | N
                               f"to train; the model has {layers} layers (use 1..{layers}, or -1..-{layers})")
 
 
-def attach_trainable(model, config):
-    """Wrap or unfreeze the model according to finetuning_type; returns the model to train."""
+def starting_adapter(ctx) -> Path | None:
+    """The adapter a run starts from (adapter_name_or_path), if the plan gave one."""
+    adapter = ctx.inputs.get("adapter")
+    return adapter.part("adapter") if adapter is not None else None
+
+
+def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora_targets(lora.target), use_dora=lora.use_dora, use_rslora=lora.use_rslora)
+
+
+def attach_trainable(model, config, adapter: Path | None = None, task_type: str = "CAUSAL_LM"):
+    """Wrap or unfreeze the model according to finetuning_type; returns the model to train. With a starting
+    adapter (adapter_name_or_path), LoRA training continues that adapter instead of a new one."""
     import torch
 
     check_trainable(model, config.lora, config.freeze)
+    if config.gradient_checkpointing and config.finetuning_type == "lora":
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     if config.finetuning_type == "lora":
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-        lora = config.lora
         if config.quantization:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=lora_targets(lora.target), use_dora=lora.use_dora,
-                                 use_rslora=lora.use_rslora)
-        model = get_peft_model(model, peft_config)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        else:
+            model = get_peft_model(model, lora_config(config.lora, task_type))
         for param in model.parameters():  # adapters train in fp32 even on a half-precision base
             if param.requires_grad:
                 param.data = param.data.to(torch.float32)
@@ -135,6 +150,15 @@ def attach_trainable(model, config):
             match = LAYER_NUMBER.search(name)
             param.requires_grad = bool(match) and int(match.group(1)) in chosen
     return model
+
+
+def save_weights(model, tokenizer, config, out: Path) -> str:
+    """Save the trained adapter (LoRA) or whole weights with the tokenizer; returns the part name."""
+    weights = "adapter" if config.finetuning_type == "lora" else "model"
+    model.save_pretrained(str(out / weights))
+    if weights == "model":
+        tokenizer.save_pretrained(str(out / weights))
+    return weights
 
 
 def meta_model(folder: Path):

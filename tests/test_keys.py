@@ -5,8 +5,10 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from flows.plan import plan_run
+from tasks.core.errors import RecipeError
 from tasks.core.hashing import stable_hash
 from tasks.core.recipe import FIELD_SECTION, Recipe
 from tasks.model import BUNDLED_GGUF, bundled_model_dir
@@ -15,6 +17,9 @@ from tests.conftest import BUNDLED_DATA, tiny_recipe_values
 EVALS = {"evaluate[base]", "evaluate[tuned]"}
 FETCHES, ALIGNS = {"fetch#0", "fetch#1"}, {"align#0", "align#1"}
 TWO_DATASETS = {"dataset": "mine,pydoc_summaries", "eval_dataset": None, "val_size": 4}
+DPO = {"stage": "dpo", "dataset": "pydoc_preferences", "eval_dataset": "pydoc_preferences_test"}
+KTO = {"stage": "kto", "dataset": "pydoc_feedback", "eval_dataset": "pydoc_feedback_test"}
+PPO = {"stage": "ppo", "reward_model": "{rm_recipe}"}
 
 # field -> cases of (recipe keys to start from, the change, the steps whose config must change).
 # Steps are named by stage and position (fetch#0, align#1, ...) so renaming a dataset is not a change.
@@ -36,7 +41,8 @@ CASES = {
     "dataset": [({}, {"dataset": "renamed"}, set()),  # another registry name for the same file
                 # the bundled entry: the same file bytes (fetch unchanged) declared with its own column mapping
                 ({}, {"dataset": "pydoc_summaries"}, {"align#0"}),
-                ({}, {"dataset": "pydoc_summaries_test"}, {"fetch#0", "align#0"})],
+                # the eval_dataset's file: the two datasets' steps are then one (fetch#1, align#1 go)
+                ({}, {"dataset": "pydoc_summaries_test"}, FETCHES | ALIGNS)],
     "dataset_dir": [({}, {"dataset_dir": "{data_copy}"}, set())],
     "allow_outside_dataset_dir": [({}, {"allow_outside_dataset_dir": True}, set())],
     "eval_dataset": [({}, {"eval_dataset": "mine"}, {"fetch#1", "align#1"})],
@@ -110,6 +116,37 @@ CASES = {
     "top_p": [({}, {"top_p": 0.5}, set()), ({"do_sample": True}, {"top_p": 0.5}, EVALS)],
     "top_k": [({}, {"top_k": 5}, set()), ({"do_sample": True}, {"top_k": 5}, EVALS)],
     "repetition_penalty": [({}, {"repetition_penalty": 1.2}, EVALS)],
+    # The starting adapter is an input (keyed by its content), not a config: train's config stays.
+    "adapter_name_or_path": [({}, {"adapter_name_or_path": "{adapter}"}, {"adapter[adapter_name_or_path]"}),
+                             (DPO, {"adapter_name_or_path": "{sft_recipe}"},  # the sft recipe's steps join
+                              {"sft:fetch#0", "sft:align#0", "sft:fetch#1", "sft:align#1", "sft:tokenize",
+                               "sft:train"})],
+    "pref_beta": [({}, {"pref_beta": 0.2}, set()), (DPO, {"pref_beta": 0.2}, {"dpo"}), (KTO, {"pref_beta": 0.2},
+                                                                                          {"kto"})],
+    "pref_ftx": [({}, {"pref_ftx": 0.5}, set()), (DPO, {"pref_ftx": 0.5}, {"dpo"})],
+    "pref_loss": [(DPO, {"pref_loss": "ipo"}, {"dpo"}), (KTO, {"pref_loss": "ipo"}, set())],
+    "dpo_label_smoothing": [(DPO, {"dpo_label_smoothing": 0.1}, {"dpo"}), (KTO, {"dpo_label_smoothing": 0.1}, set())],
+    "kto_chosen_weight": [(KTO, {"kto_chosen_weight": 2.0}, {"kto"}), (DPO, {"kto_chosen_weight": 2.0}, set())],
+    "kto_rejected_weight": [(KTO, {"kto_rejected_weight": 2.0}, {"kto"}), (DPO, {"kto_rejected_weight": 2.0}, set())],
+    "simpo_gamma": [({**DPO, "pref_loss": "simpo"}, {"simpo_gamma": 1.0}, {"dpo"}), (DPO, {"simpo_gamma": 1.0}, set())],
+    "ld_alpha": [(DPO, {"ld_alpha": 0.5}, {"dpo"}), ({}, {"ld_alpha": 0.5}, set())],
+    "ppo_buffer_size": [(PPO, {"ppo_buffer_size": 2}, {"ppo"}), ({}, {"ppo_buffer_size": 2}, set())],
+    "ppo_epochs": [(PPO, {"ppo_epochs": 2}, {"ppo"}), ({}, {"ppo_epochs": 2}, set())],
+    "ppo_score_norm": [(PPO, {"ppo_score_norm": True}, {"ppo"})],
+    "ppo_target": [(PPO, {"ppo_target": 3.0}, {"ppo"}), (DPO, {"ppo_target": 3.0}, set())],
+    "ppo_whiten_rewards": [(PPO, {"ppo_whiten_rewards": True}, {"ppo"})],
+    "ref_model": [(DPO, {"ref_model": "{altered}"}, {"model[ref]", "dpo"}), ({}, {"ref_model": "{copy}"}, set()),
+                  (DPO, {"ref_model": "{copy}"}, {"dpo"})],  # the base's own bytes: one model step, used twice
+    "ref_model_adapters": [],  # refused at recipe time (tests/test_bad_input.py)
+    "ref_model_quantization_bit": [({**DPO, "ref_model": "{altered}"}, {"ref_model_quantization_bit": 4}, {"dpo"}),
+                                   (DPO, {"ref_model_quantization_bit": 4}, set())],
+    "reward_model": [(PPO, {"reward_model": "{reward_folder}"}, {"adapter[reward_model]"} | {
+        f"rm:{stage}" for stage in ("fetch#0", "align#0", "fetch#1", "align#1", "tokenize", "reward")})],
+    "reward_model_adapters": [],  # refused at recipe time
+    "reward_model_quantization_bit": [(PPO, {"reward_model_quantization_bit": 4}, set()),
+                                      ({**PPO, "reward_model_type": "full"}, {"reward_model_quantization_bit": 4},
+                                       {"ppo"})],
+    "reward_model_type": [(PPO, {"reward_model_type": "full"}, {"ppo"})],
     "export_dir": [({}, {"export_dir": "{export}"}, {"export#0"})],
     "export_size": [({}, {"export_size": 1}, set()), ({"export_dir": "{export}"}, {"export_size": 1}, {"export#0"})],
     "export_legacy_format": [({}, {"export_legacy_format": True}, set()),
@@ -131,26 +168,48 @@ def places(tmp_path_factory, tiny_model_dir):
     shutil.copytree(tiny_model_dir, root / "altered")
     config = json.loads((root / "altered" / "config.json").read_text())
     (root / "altered" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    adapter = root / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    reward_folder = root / "reward_folder"
+    shutil.copytree(adapter, reward_folder)
+    (reward_folder / "value_head.safetensors").write_bytes(b"head")
+    rm = tiny_recipe_values(tiny_model_dir, stage="rm", dataset="pydoc_preferences",
+                            eval_dataset="pydoc_preferences_test")
+    (root / "rm.yaml").write_text(yaml.safe_dump(rm))
+    (root / "sft.yaml").write_text(yaml.safe_dump(tiny_recipe_values(tiny_model_dir)))
     (root / "checkpoint").mkdir()
     (root / "checkpoint" / "trainer_state.json").write_text("{}")
     return {"model": str(tiny_model_dir), "copy": str(root / "copy"), "altered": str(root / "altered"),
             "bundled": str(bundled_model_dir()), "data": str(data), "data_copy": str(root / "data_copy"),
-            "checkpoint": str(root / "checkpoint"), "out": str(root / "out"), "export": str(root / "export")}
+            "checkpoint": str(root / "checkpoint"), "adapter": str(adapter), "reward_folder": str(reward_folder),
+            "rm_recipe": str(root / "rm.yaml"), "sft_recipe": str(root / "sft.yaml"), "out": str(root / "out"),
+            "export": str(root / "export")}
 
 
 def fill(values: dict, places: dict) -> dict:
     return {k: places[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v for k, v in values.items()}
 
 
+def test_refused_fields_are_refused():
+    for field in ("ref_model_adapters", "reward_model_adapters"):
+        with pytest.raises(RecipeError, match=f"key '{field}' is not supported"):
+            Recipe.from_flat({"dataset": "x", field: "somewhere"})
+
+
 def configs(values: dict) -> dict[str, str]:
-    """Each step's keyed config digest, by stage and position within the stage."""
+    """Each step's keyed config digest, by label; fetch/align/export steps by stage and position instead (within
+    their recipe: an upstream recipe's steps keep its prefix)."""
     seen: dict[str, int] = {}
     out = {}
     for step in plan_run(Recipe.from_flat(values)):
-        name = step.stage.name
-        numbered = name in ("fetch", "align", "export")
-        label = f"{name}#{seen.get(name, 0)}" if numbered else step.label
-        seen[name] = seen.get(name, 0) + 1
+        prefix = step.label.rpartition(":")[0]
+        scope, name = f"{prefix}:" if prefix else "", step.stage.name
+        label = step.label
+        if name in ("fetch", "align", "export"):
+            count = seen.get(scope + name, 0)
+            seen[scope + name] = count + 1
+            label = f"{scope}{name}#{count}"
         out[label] = stable_hash(step.config.keyed())
     return out
 

@@ -32,6 +32,8 @@ class ModelSection(Section):
     )
     model_revision: str = option("main", "Hub branch, tag or commit to load.")
     gguf_file: str | None = option(None, "GGUF file name inside model_name_or_path, if it is a GGUF source.")
+    adapter_name_or_path: str | None = option(
+        None, "A trained adapter to start from: a folder, an artifact id (train/<key>) or the recipe that trains it.")
     trust_remote_code: bool = option(False, "Allow model code shipped with a hub checkpoint.")
     infer_dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
         "auto", "Dtype of the saved base checkpoint; auto picks what the hardware computes fastest."
@@ -74,7 +76,9 @@ class DataSection(Section):
 
 
 class FinetuningSection(Section):
-    stage: Literal["pt", "sft"] = option("sft", "Training stage: pt (pretraining) or sft.")
+    stage: Literal["pt", "sft", "rm", "dpo", "kto", "ppo"] = option(
+        "sft", "Training objective: pt (pretraining), sft, rm (reward model), dpo (also ipo, orpo, simpo, hinge), "
+        "kto or ppo.")
     do_train: bool = option(True, "Train; false evaluates the base model only.")
     finetuning_type: Literal["lora", "full", "freeze"] = option("lora", "Which weights are trained.")
     lora_rank: int = option(8, "LoRA rank.", gt=0)
@@ -84,6 +88,35 @@ class FinetuningSection(Section):
     use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = option(False, "Rank-stabilised LoRA scaling.")
     freeze_trainable_layers: int = option(2, "Freeze tuning: train this many last (or, if <0, first) layers.")
+
+
+class RLHFSection(Section):
+    """LlamaFactory's RLHFArguments: preference (dpo, kto), reward-model and PPO options."""
+
+    pref_beta: float = option(0.1, "The beta parameter in the preference loss.", gt=0)
+    pref_ftx: float = option(0.0, "The supervised fine-tuning loss coefficient in DPO/KTO training.", ge=0)
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"] = option(
+        "sigmoid", "The DPO loss: sigmoid (DPO), hinge (SLiC), ipo, kto_pair, orpo or simpo.")
+    dpo_label_smoothing: float = option(0.0, "Robust DPO (cDPO) label smoothing, between 0 and 0.5.", ge=0, le=0.5)
+    kto_chosen_weight: float = option(1.0, "Weight of the desirable losses in KTO training.", gt=0)
+    kto_rejected_weight: float = option(1.0, "Weight of the undesirable losses in KTO training.", gt=0)
+    simpo_gamma: float = option(0.5, "The target reward margin term in SimPO loss.", ge=0)
+    ld_alpha: float | None = option(None, "LD-DPO: weight of the log-probs of tokens past the shorter response.",
+                                    ge=0, le=1)
+    ppo_buffer_size: int = option(1, "Mini-batches gathered into one PPO optimization step.", gt=0)
+    ppo_epochs: int = option(4, "Epochs over each PPO step's experience.", gt=0)
+    ppo_score_norm: bool = option(False, "Normalise reward scores with their running mean and std.")
+    ppo_target: float = option(6.0, "Target KL for adaptive KL control in PPO.", gt=0)
+    ppo_whiten_rewards: bool = option(False, "Whiten the rewards before computing advantages in PPO.")
+    ref_model: str | None = option(None, "Reference model for DPO/KTO/PPO (default: the base with adapters disabled).")
+    ref_model_adapters: str | None = option(None, "Adapter applied to ref_model (a folder or artifact id).")
+    ref_model_quantization_bit: Literal[4, 8] | None = option(None, "Load the reference model in 4 or 8 bit.")
+    reward_model: str | None = option(
+        None, "PPO's reward model: an rm recipe file, an artifact id (reward/<key>) or a folder holding one.")
+    reward_model_adapters: str | None = option(None, "Not supported: give the rm recipe or its folder as reward_model.")
+    reward_model_quantization_bit: Literal[4, 8] | None = option(None, "Load a full reward model in 4 or 8 bit.")
+    reward_model_type: Literal["lora", "full", "api"] = option(
+        "lora", "lora: the reward adapter and head share the policy's base model; full: a separate model.")
 
 
 class TrainingSection(Section):
@@ -139,6 +172,7 @@ SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
     "finetuning": FinetuningSection,
+    "rlhf": RLHFSection,
     "training": TrainingSection,
     "evaluation": EvaluationSection,
     "export": ExportSection,
@@ -151,6 +185,7 @@ class Recipe(Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     finetuning: FinetuningSection = FinetuningSection()
+    rlhf: RLHFSection = RLHFSection()
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
     export: ExportSection = ExportSection()
@@ -214,6 +249,41 @@ def check_combinations(recipe: Recipe, source: str) -> None:
                           f"num_train_epochs (got {training.max_steps})")
     check_interleave_probs(recipe, source)
     check_trainer_names(recipe, source)
+    check_rlhf(recipe, source)
+
+
+def check_rlhf(recipe: Recipe, source: str) -> None:
+    """The preference and PPO options that only fit some objectives (LlamaFactory's rules)."""
+    objective, rlhf, data = recipe.finetuning.stage, recipe.rlhf, recipe.data
+    if objective == "dpo" and rlhf.pref_loss != "sigmoid" and rlhf.dpo_label_smoothing > 0:
+        raise RecipeError(f"{source}: key 'dpo_label_smoothing' applies to pref_loss: sigmoid only "
+                          f"(got pref_loss: {rlhf.pref_loss})")
+    if objective == "ppo":
+        if not rlhf.reward_model:
+            raise RecipeError(f"{source}: stage ppo needs 'reward_model' (an rm recipe, artifact or folder)")
+        if rlhf.reward_model_type == "api":
+            raise RecipeError(f"{source}: key 'reward_model_type': 'api' (an HTTP reward service) is not supported; "
+                              "use lora or full")
+        if rlhf.reward_model_type == "lora" and recipe.finetuning.finetuning_type != "lora":
+            raise RecipeError(f"{source}: key 'reward_model_type': a lora reward model shares the policy's base "
+                              "model, which needs finetuning_type: lora")
+        if not recipe.finetuning.do_train:
+            raise RecipeError(f"{source}: stage ppo only trains; set do_train: true")
+        if recipe.finetuning.finetuning_type != "lora":
+            raise RecipeError(f"{source}: stage ppo trains a LoRA policy (its reference is the base with the adapter "
+                              "disabled); set finetuning_type: lora")
+    if rlhf.ref_model_adapters:
+        raise RecipeError(f"{source}: key 'ref_model_adapters' is not supported; merge the adapter into ref_model "
+                          "(tunefactory export) and name that folder")
+    if rlhf.reward_model_adapters:
+        raise RecipeError(f"{source}: key 'reward_model_adapters' is not supported; give the rm recipe or the folder "
+                          "of its adapter as 'reward_model'")
+    if objective not in ("pt", "sft"):
+        for key in ("train_on_prompt", "mask_history", "neat_packing", "packing"):
+            if getattr(data, key):
+                raise RecipeError(f"{source}: key '{key}' applies to stage sft or pt, not {objective}")
+        if data.streaming:
+            raise RecipeError(f"{source}: key 'streaming' supports stage sft and pt only, not {objective}")
 
 
 def check_interleave_probs(recipe: Recipe, source: str) -> None:

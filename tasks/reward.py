@@ -1,0 +1,104 @@
+"""Reward stage (rm): a pairwise reward model, trained with TRL's RewardTrainer.
+
+The model is the base as a sequence classifier with one output (its `score` head reads the last
+non-pad token), LoRA or full or freeze tuned; the loss is -log sigmoid(r_chosen - r_rejected). The
+artifact holds the adapter (or weights) and the head as `value_head.safetensors`, so PPO can load
+the reward adapter and head onto its own copy of the base (model sharing). Pairwise accuracy and
+margin on the validation pairs are reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.core.hardware import torch_dtype
+from tasks.core.recipe import Recipe
+from tasks.core.stage import BuildContext, Built, Stage, Step
+from tasks.rows import load_rows
+from tasks.train_common import (
+    REPORTS,
+    TrainingConfig,
+    arguments_values,
+    run_callback,
+    run_trainer,
+    training_locators,
+    training_values,
+    write_results,
+)
+from tasks.train_methods import attach_trainable, save_weights, starting_adapter
+
+VALUE_HEAD = "value_head.safetensors"
+
+
+class RewardModelConfig(TrainingConfig):
+    """TrainingConfig as it is: a reward model has no options of its own."""
+
+
+def plan(recipe: Recipe, tokenized: Step, model: Step, adapter: Step | None = None) -> Step:
+    inputs = {"data": tokenized, "model": model, **({"adapter": adapter} if adapter else {})}
+    return STAGE.step("reward", RewardModelConfig(**training_values(recipe)), inputs, training_locators(recipe))
+
+
+def load_classifier(model_dir: Path, config: TrainingConfig, pad_token_id: int):
+    """The base as a one-output sequence classifier (a new score head, seeded)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.train_methods import quantization_config
+
+    kwargs = {"num_labels": 1, "attn_implementation": config.attn_implementation}
+    if quant := quantization_config(config.quantization, config.precision):
+        kwargs["quantization_config"] = quant
+    if config.precision == "fp32":
+        kwargs["dtype"] = torch_dtype("float32")
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+    model.config.pad_token_id = pad_token_id  # the head pools the last token before padding
+    model.name_or_path = model.config._name_or_path = ""  # keep the store path out of the saved adapter
+    return model
+
+
+def score_head(model):
+    """The trained score head (nn.Linear), whether PEFT keeps it as a module to save or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.score
+    if hasattr(head, "modules_to_save"):  # PEFT's trainable copy of a module
+        head = head.modules_to_save[head.active_adapters[0]]
+    return head
+
+
+def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    data = ctx.inputs["data"]
+    model_dir = ctx.inputs["model"].part("model")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = load_classifier(model_dir, config, tokenizer.pad_token_id)
+    model = attach_trainable(model, config, starting_adapter(ctx), task_type="SEQ_CLS")
+    arguments = RewardConfig(**arguments_values(config, ctx.staging), max_length=None, center_rewards_coefficient=None)
+    pairs = load_rows(data.part("eval_pairs")) if data.has("eval_pairs") else None
+    trainer = RewardTrainer(model=model, args=arguments, processing_class=tokenizer,
+                            train_dataset=load_rows(data.part("train")), eval_dataset=pairs,
+                            callbacks=[run_callback(ctx.run.mlflow_run_id)])
+    summary = run_trainer(trainer, config, ctx, out)
+    if pairs is not None:
+        scores = trainer.evaluate()
+        summary |= {"eval_accuracy": scores["eval_accuracy"], "eval_margin": scores["eval_margin"]}
+        ctx.log.info("reward model on %d validation pairs: accuracy %.3f, margin %.3f", len(pairs),
+                     scores["eval_accuracy"], scores["eval_margin"])
+    weights = save_weights(trainer.model, tokenizer, config, out)
+    head = score_head(trainer.model)
+    save_file({"weight": head.weight.detach().float().contiguous()}, str(out / VALUE_HEAD))
+    write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
+    layout = {weights: weights, "value_head": VALUE_HEAD, **REPORTS}
+    return Built("reward_model", layout, {**summary, "weights": weights}, reports=tuple(REPORTS))
+
+
+STAGE = Stage(
+    name="reward",
+    plan=plan,
+    build=build,
+    code=("tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints"),
+    libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"),
+    heavy=True,
+)

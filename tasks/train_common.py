@@ -1,0 +1,262 @@
+"""What every training objective shares: the typed method/optimizer/schedule config, the Trainer's arguments,
+resuming from staged checkpoints, the per-step MLflow callback, and the results a training artifact reports.
+
+The objectives' stages (train: pt/sft, reward: rm, preference: dpo/kto, ppo) each extend `TrainingConfig`
+with their own options and build their own trainer; `run_trainer` runs any transformers Trainer the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.core import tracking
+from tasks.core.errors import RecipeError
+from tasks.core.hardware import attn_implementation, has_cuda, mixed_precision
+from tasks.core.hashing import tree_digest
+from tasks.core.recipe import Recipe, report_targets
+from tasks.core.stage import BuildContext, StageConfig, check_stop, unkeyed
+from tasks.train_checkpoints import checkpoint_problem, latest_usable_checkpoint
+from tasks.train_methods import FreezeSettings, LoraSettings, QuantSettings
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    epochs: float | None  # None when max_steps decides
+    max_steps: int | None
+    lr_scheduler_type: str
+    warmup_steps: int | None  # explicit steps win over the ratio, as in LlamaFactory
+    warmup_ratio: float | None
+
+
+class TrainingConfig(StageConfig):
+    """The options every objective trains with; the stages' configs add their own."""
+
+    finetuning_type: Literal["lora", "full", "freeze"]
+    lora: LoraSettings | None
+    freeze: FreezeSettings | None
+    quantization: QuantSettings | None
+    precision: Literal["fp32", "bf16", "fp16"]  # resolved against the hardware
+    attn_implementation: str
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    schedule: Schedule
+    weight_decay: float
+    max_grad_norm: float
+    optim: str
+    seed: int
+    save_only_model: bool  # a resume without optimizer state trains differently
+    resume_from: str | None  # content digest of an explicit resume_from_checkpoint
+    logging_steps: int = unkeyed(10)
+    save_steps: int = unkeyed(500)
+    save_total_limit: int | None = unkeyed(None)
+    report_to: tuple[str, ...] = unkeyed(())
+    plot_loss: bool = unkeyed(False)
+    dataloader_num_workers: int = unkeyed(0)
+    ddp_timeout: int = unkeyed(1800)
+    gradient_checkpointing: bool = unkeyed(True, "recomputes activations; the same result with less memory")
+
+
+def schedule(recipe: Recipe) -> Schedule:
+    t = recipe.training
+    by_steps = t.max_steps > 0
+    return Schedule(
+        epochs=None if by_steps else t.num_train_epochs,
+        max_steps=t.max_steps if by_steps else None,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps or None,
+        warmup_ratio=t.warmup_ratio if not t.warmup_steps and t.warmup_ratio else None,
+    )
+
+
+def method_settings(recipe: Recipe) -> dict[str, Any]:
+    """The settings of the chosen finetuning_type only: options of other methods change nothing."""
+    f, m = recipe.finetuning, recipe.model
+    lora = freeze = quant = None
+    if f.finetuning_type == "lora":
+        lora = LoraSettings(rank=f.lora_rank, alpha=f.lora_alpha or f.lora_rank * 2, dropout=f.lora_dropout,
+                            target=f.lora_target, use_dora=f.use_dora, use_rslora=f.use_rslora)
+    if f.finetuning_type == "freeze":
+        freeze = FreezeSettings(trainable_layers=f.freeze_trainable_layers)
+    if m.quantization_bit:
+        four = m.quantization_bit == 4
+        quant = QuantSettings(bits=m.quantization_bit, type=m.quantization_type if four else None,
+                              double=m.double_quantization if four else None)
+    return {"lora": lora, "freeze": freeze, "quantization": quant}
+
+
+def training_values(recipe: Recipe) -> dict[str, Any]:
+    """TrainingConfig's fields from a recipe, resolved against the hardware."""
+    t = recipe.training
+    resume = t.resume_from_checkpoint
+    if resume and not Path(resume).is_dir():
+        raise RecipeError(f"key 'resume_from_checkpoint': {resume} is not a checkpoint folder")
+    return {
+        "finetuning_type": recipe.finetuning.finetuning_type,
+        **method_settings(recipe),
+        "precision": mixed_precision(t.bf16, t.fp16),
+        "attn_implementation": attn_implementation(recipe.model.flash_attn),
+        "batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "schedule": schedule(recipe),
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "optim": t.optim,
+        "seed": t.seed,
+        "save_only_model": t.save_only_model,
+        "resume_from": tree_digest(Path(resume)) if resume else None,
+        "logging_steps": t.logging_steps,
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "report_to": tuple(report_targets(t.report_to)),
+        "plot_loss": t.plot_loss,
+        "dataloader_num_workers": t.dataloader_num_workers,
+        "ddp_timeout": t.ddp_timeout,
+        "gradient_checkpointing": not t.disable_gradient_checkpointing,
+    }
+
+
+def training_locators(recipe: Recipe) -> dict[str, Any]:
+    return {"resume_from_checkpoint": recipe.training.resume_from_checkpoint or ""}
+
+
+def run_callback(run_id: str | None):
+    """A Trainer callback: each log (loss, learning rate, grad norm) to the stage's MLflow run, and a stop
+    between steps when the run is interrupted (the staged checkpoints stay for a resume)."""
+    from transformers import TrainerCallback
+
+    class RunCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if run_id and state.is_world_process_zero and logs:
+                numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+                tracking.log_metrics(run_id, numbers, step=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            check_stop()
+
+    return RunCallback()
+
+
+def arguments_values(config: TrainingConfig, staging: Path) -> dict[str, Any]:
+    """TrainingArguments' keyword values for a config (TRL's configs take the same ones)."""
+    s = config.schedule
+    return {
+        "output_dir": str(staging),
+        "per_device_train_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "learning_rate": config.learning_rate,
+        "num_train_epochs": s.epochs or 1.0,
+        "max_steps": s.max_steps or -1,
+        "lr_scheduler_type": s.lr_scheduler_type,
+        # transformers 5 takes a ratio as a float warmup_steps in [0, 1); explicit steps win, as in LlamaFactory.
+        "warmup_steps": s.warmup_steps or s.warmup_ratio or 0,
+        "weight_decay": config.weight_decay,
+        "max_grad_norm": config.max_grad_norm,
+        "optim": config.optim,
+        "seed": config.seed,
+        "bf16": config.precision == "bf16",
+        "fp16": config.precision == "fp16",
+        "use_cpu": not has_cuda(),
+        "logging_steps": config.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": config.save_total_limit,
+        "report_to": list(config.report_to) or "none",
+        "activation_checkpointing": config.gradient_checkpointing,  # transformers 5 name for it
+        "remove_unused_columns": False,
+        "dataloader_num_workers": config.dataloader_num_workers,
+        "save_only_model": config.save_only_model,
+        "ddp_timeout": config.ddp_timeout,
+        "disable_tqdm": False,
+    }
+
+
+def resume_point(config: TrainingConfig, ctx: BuildContext) -> Path | None:
+    """The checkpoint to resume from: the recipe's, or the newest usable one of an earlier killed run."""
+    explicit = ctx.locators["resume_from_checkpoint"]
+    if explicit:
+        problem = checkpoint_problem(Path(explicit), config.save_only_model)
+        if problem:
+            raise RecipeError(f"key 'resume_from_checkpoint': {explicit} cannot be resumed from: {problem}")
+        return Path(explicit)
+    return latest_usable_checkpoint(ctx.staging, config.save_only_model, ctx.log)
+
+
+def whole_run_loss(history: list[dict[str, Any]], resumed_step: int, this_run_loss: float, final_step: int) -> float:
+    """Mean training loss over the whole run, also when it was resumed: the logged losses (each the mean
+    since the previous log) cover the steps before the resume, the Trainer's figure the steps after it."""
+    if not resumed_step:
+        return this_run_loss
+    before, previous = 0.0, 0
+    for entry in history:
+        if "loss" in entry and entry["step"] <= resumed_step:
+            before += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    last = next((e["loss"] for e in reversed(history) if "loss" in e and e["step"] <= resumed_step), this_run_loss)
+    before += last * (resumed_step - previous)  # steps after the last log before the checkpoint
+    return (before + this_run_loss * (final_step - resumed_step)) / max(final_step, 1)
+
+
+def run_trainer(trainer, config: TrainingConfig, ctx: BuildContext, out: Path) -> dict[str, Any]:
+    """Train (resuming from a staged checkpoint when there is one), write log_history.json and
+    train_results.json, report to MLflow; returns the results."""
+    resume = resume_point(config, ctx)
+    resumed_state = json.loads((resume / "trainer_state.json").read_text()) if resume else {}
+    resumed_step = resumed_state.get("global_step", 0)
+    tokens_before = resumed_state.get("num_input_tokens_seen", 0)
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.monotonic() - started
+    state = trainer.state
+    write_history(state.log_history, out)
+    tokens_this_run = state.num_input_tokens_seen - tokens_before
+    summary = {
+        "global_step": state.global_step,
+        "resumed_from_step": resumed_step,
+        "train_loss": whole_run_loss(state.log_history, resumed_step, result.training_loss, state.global_step),
+        "train_seconds": round(seconds, 2),  # this process's share of the run
+        "tokens_trained": int(state.num_input_tokens_seen),  # the whole run's non-padding tokens
+        "tokens_per_second": round(tokens_this_run / max(seconds, 1e-9), 1),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    ctx.log.info("trained %d steps (resumed at %d), %.1f tokens/s", state.global_step, resumed_step,
+                 summary["tokens_per_second"])
+    return summary
+
+
+def write_history(history: list[dict[str, Any]], out: Path) -> None:
+    (out / "log_history.json").write_text(json.dumps(history, indent=1))
+
+
+def write_results(summary: dict[str, Any], ctx: BuildContext, out: Path, history: list[dict[str, Any]],
+                  plot: bool) -> None:
+    """train_results.json, the figures on the stage's MLflow run, and the loss plot if asked for."""
+    (out / "train_results.json").write_text(json.dumps(summary, indent=2))
+    ctx.log_metrics({k: v for k, v in summary.items() if k != "resumed_from_step" and isinstance(v, (int, float))})
+    if plot and ctx.run.mlflow_run_id:
+        plot_loss(history, ctx.run.mlflow_run_id)
+
+
+REPORTS = {"results": "train_results.json", "log_history": "log_history.json"}
+
+
+def plot_loss(history: list[dict[str, Any]], run_id: str, key: str = "loss") -> None:
+    """Attach a training curve to the MLflow run (LlamaFactory's plot_loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h[key]) for h in history if key in h]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([s for s, _ in points], [v for _, v in points])
+    axis.set(xlabel="step", ylabel=key, title=f"training {key}")
+    tracking.client().log_figure(run_id, figure, f"training_{key}.png")
+    plt.close(figure)
