@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from flows.finetune import finetune
 from tasks.core.recipe import load_recipe
-from tasks.train_common import whole_run_loss
 from tasks.train_checkpoints import checkpoint_problem, latest_usable_checkpoint
+from tasks.train_common import whole_run_loss
 from tests.conftest import REPO
 
 LOG = logging.getLogger("test")
