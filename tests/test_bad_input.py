@@ -63,7 +63,8 @@ def model_copy(p: Places, damage: Callable[[Path], None]) -> dict:
 
 
 def write(path: Path, content: str | bytes, keys: dict) -> dict:
-    """Write a file, then return recipe keys (for one-line setups)."""
+    """Write a file (and its folder), then return recipe keys (for one-line setups)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return keys
 
@@ -210,6 +211,28 @@ CASES = [
     Case("multimodal-columns", "column 'images' (images) is multimodal input",
          setup=lambda p: rows_file(p.data, [{"messages": []}], formatting="sharegpt",
                                       columns={"messages": "messages", "images": "images"})),
+    # --- preference and RLHF stages ----------------------------------------------------------------------------
+    Case("sft-data-for-dpo", "dataset 'pydoc_summaries' holds conversations with single replies, which stage dpo "
+         "cannot train on", {"stage": "dpo"}),
+    Case("kto-data-for-dpo", "holds KTO data, which stage dpo", {"stage": "dpo", "dataset": "pydoc_feedback"}),
+    Case("ppo-without-reward", "stage ppo needs 'reward_model'", {"stage": "ppo"}),
+    Case("ppo-full-tuning", "stage ppo trains a LoRA policy", {"stage": "ppo", "reward_model": "x",
+                                                               "finetuning_type": "full", "reward_model_type": "full"}),
+    Case("unknown-pref-loss", "key 'pref_loss': Input should be 'sigmoid'", {"stage": "dpo", "pref_loss": "dpop"}),
+    Case("smoothing-with-hinge", "key 'dpo_label_smoothing' applies to pref_loss: sigmoid only",
+         {"stage": "dpo", "pref_loss": "hinge", "dpo_label_smoothing": 0.1}),
+    Case("reward-model-recipe-not-rm", "trains stage sft, not a reward model (stage: rm)",
+         setup=lambda p: {"stage": "ppo", "reward_model": str(write(p.work / "sft.yaml", "dataset: pydoc_summaries\n",
+                                                                     {}) or p.work / "sft.yaml")}),
+    Case("reward-model-folder-without-head", "is not a reward model (no value_head.safetensors)",
+         setup=lambda p: {"stage": "ppo", "reward_model": str(write(p.work / "ad" / "adapter_config.json", "{}", {})
+                                                               or p.work / "ad")}),
+    Case("reward-model-artifact-missing", "artifact reward/" + "0" * 64 + " is not in the store",
+         {"stage": "ppo", "reward_model": "reward/" + "0" * 64}),
+    Case("adapter-path-missing", "key 'adapter_name_or_path': /no/such/adapter is not a folder",
+         {"adapter_name_or_path": "/no/such/adapter"}),
+    Case("api-reward-model", "'api' (an HTTP reward service) is not supported",
+         {"stage": "ppo", "reward_model": "http://x", "reward_model_type": "api"}),
     Case("val-size-over-data", "key 'val_size': 30 validation rows asked for, but the training data has only 24",
          {"eval_dataset": None, "val_size": 30}, failing="tokenize"),
     Case("cutoff-below-template", "key 'cutoff_len': 4 tokens leave no room for a conversation",

@@ -1,0 +1,168 @@
+"""rm, dpo (every pref_loss), kto and ppo on the tiny model: each trains, its loss falls, its artifact loads back;
+DPO under LoRA keeps one base in memory; PPO's shared reward model scores as the rm does; PPO raises a reward;
+a ppo recipe chained on sft and rm recipes builds them once and reuses them."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from flows.cli import main
+from flows.plan import plan_run
+from tasks import ppo
+from tasks.core.recipe import Recipe
+from tasks.core.stage import run_in_process
+from tasks.core.store import ArtifactStore
+from tests.conftest import tiny_recipe_values
+
+PAIRS = {"dataset": "pydoc_preferences", "eval_dataset": "pydoc_preferences_test"}
+FEEDBACK = {"dataset": "pydoc_feedback", "eval_dataset": "pydoc_feedback_test"}
+TRAINERS = ("train", "reward", "preference", "ppo")
+
+
+def run(model_dir, home, **values):
+    """Plan and build a tiny recipe in this process; returns (plan, refs by label, store)."""
+    recipe = Recipe.from_flat(tiny_recipe_values(model_dir, **{"max_samples": 8, "max_steps": 16,
+                                                                "per_device_train_batch_size": 4,
+                                                                "learning_rate": 2e-2, "logging_steps": 1,
+                                                                "max_new_tokens": 4, **values}))
+    plan = plan_run(recipe)
+    return plan, run_in_process(plan.steps, home), ArtifactStore(home)
+
+
+def trained(plan, refs, store):
+    step = next(s for s in plan if s.stage.name in TRAINERS and ":" not in s.label)
+    return store.lookup(step.stage.name, refs[step.label].key)
+
+
+def losses(artifact) -> list[float]:
+    return [entry["loss"] for entry in json.loads(artifact.part("log_history").read_text()) if "loss" in entry]
+
+
+def falls(values: list[float]) -> bool:
+    return sum(values[-3:]) / 3 < sum(values[:3]) / 3
+
+
+def test_reward_model_trains_and_ppo_scores_with_it_as_the_rm_does(tiny_model_dir, tmp_path):
+    plan, refs, store = run(tiny_model_dir, tmp_path, stage="rm", **PAIRS)
+    reward = trained(plan, refs, store)
+    assert reward.kind == "reward_model" and falls(losses(reward))
+    results = json.loads(reward.part("results").read_text())
+    assert 0 <= results["eval_accuracy"] <= 1 and "eval_margin" in results
+    # The rm as a classifier with its adapter, against PPO's shared model (reward adapter + head on one base).
+    base_dir = store.lookup("model", refs["model"].key).part("model")
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=1)
+    classifier.config.pad_token_id = 0
+    classifier = PeftModel.from_pretrained(classifier, str(reward.part("adapter"))).eval()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                                       str(reward.part("adapter")), adapter_name="default")  # any policy adapter
+    ppo.load_reward_adapter(policy, reward.part("adapter"))
+    head = ppo.linear_head(load_file(str(reward.part("value_head")))["weight"], trainable=False)
+    shared = ppo.SharedModel(policy, head, head)
+    ids = torch.tensor([[5, 17, 42, 8, 9], [7, 3, 11, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        expected = classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    assert shared.scores(ids, mask).tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("pref_loss", ["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"])
+def test_dpo_losses_train(tiny_model_dir, tmp_path_factory, pref_loss):
+    home = tmp_path_factory.getbasetemp() / "dpo-store"  # one store: the data and model stages are shared
+    extra = {"dpo_label_smoothing": 0.1} if pref_loss == "sigmoid" else {}
+    plan, refs, store = run(tiny_model_dir, home, stage="dpo", pref_loss=pref_loss, pref_ftx=0.1, **PAIRS, **extra)
+    policy = trained(plan, refs, store)
+    assert policy.kind == "adapter" and falls(losses(policy))
+    history = json.loads(policy.part("log_history").read_text())
+    assert "rewards/accuracies" in history[0] and "rewards/margins" in history[0]
+    evaluated = store.lookup("evaluate", refs["evaluate[tuned]"].key)
+    assert {"pair_accuracy", "pair_margin", "rougeL", "perplexity"} <= set(evaluated.info)
+    base_dir = store.lookup("model", refs["model"].key).part("model")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(policy.part("adapter")))
+
+
+def test_dpo_with_lora_keeps_one_base_in_memory(tiny_model_dir, tmp_path, monkeypatch):
+    plan = plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, stage="dpo", max_steps=2, **PAIRS)))
+    step = plan["dpo"]
+    assert step.config.reference == "adapters_off" and "reference" not in step.inputs
+    before = [s for s in plan if s.label != "dpo" and s.stage.name != "evaluate" and s.stage.name != "merge"]
+    run_in_process(before, tmp_path)
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    run_in_process([*before, step], tmp_path)
+    assert len(loads) == 1  # the policy; the reference is the same model with its adapter disabled
+
+
+def test_kto_trains(tiny_model_dir, tmp_path):
+    plan, refs, store = run(tiny_model_dir, tmp_path, stage="kto", pref_ftx=0.1, **FEEDBACK)
+    policy = trained(plan, refs, store)
+    assert falls(losses(policy))
+    history = json.loads(policy.part("log_history").read_text())
+    assert any("kl" in entry for entry in history)
+
+
+class RuleRewardModel(ppo.SharedModel):
+    """A reward model paying for each reply token among the first 100 of the vocabulary (the prompts hold none):
+    a synthetic task PPO can learn in a few steps."""
+
+    low, reply_length = 100, 3
+
+    @torch.no_grad()
+    def scores(self, ids, mask):
+        return ((ids < self.low) & mask.bool()).sum(-1).float() / self.reply_length
+
+
+def test_ppo_raises_the_mean_reward_on_a_synthetic_task(tiny_model_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from tasks.train_methods import attach_trainable, load_base
+    from tests.conftest import tiny_llama_config
+
+    # Initialised with larger weights than the shared tiny model, whose near-uniform next-token distribution a
+    # rank-8 adapter can barely tilt: here the policy can learn to prefer tokens.
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(600, initializer_range=0.4, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    recipe = Recipe.from_flat(tiny_recipe_values(tiny_model_dir, stage="ppo", reward_model="unused",
+                                                 learning_rate=2e-2, max_steps=30, per_device_train_batch_size=8,
+                                                 lora_rank=8, lr_scheduler_type="constant"))
+    config = ppo.PPOConfig(**ppo.training_values(recipe), ppo=ppo.PPOSettings(
+        buffer_size=1, epochs=4, score_norm=False, target_kl=6.0, whiten_rewards=False, init_kl_coef=0.01),
+        rollout=ppo.Rollout(max_new_tokens=3, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                            repetition_penalty=1.0), reward_type="lora", reward_quantization=None)
+    torch.manual_seed(0)
+    model = attach_trainable(load_base(tmp_path, config), config)
+    shared = RuleRewardModel(model, torch.nn.Linear(32, 1, bias=False), None)
+    prompts = [[101, 202, 303], [404, 505, 506], [307, 208], [110, 211, 312, 413]] * 2
+    history = ppo.train_ppo(shared, prompts, config, {"stop_token_ids": [599], "pad_token_id": 0})
+    first, last = history[:5], history[-5:]
+    assert sum(h["reward"] for h in last) / 5 > sum(h["reward"] for h in first) / 5 + 0.3
+
+
+def test_ppo_chains_on_sft_and_rm_recipes(tiny_model_dir, write_recipe, workdir, capsys):
+    common = {"max_samples": 8, "max_steps": 2, "per_device_train_batch_size": 4, "max_new_tokens": 3}
+    sft = write_recipe("sft.yaml", **common)
+    rm = write_recipe("rm.yaml", stage="rm", **PAIRS, **common)
+    chained = write_recipe("ppo.yaml", stage="ppo", adapter_name_or_path=str(sft), reward_model=str(rm), **common)
+    assert main(["run", "--dry-run", str(chained)]) == 0
+    out = capsys.readouterr().out
+    assert "sft:train" in out and "rm:reward" in out and "ppo" in out and out.count("cached") == 0
+    assert main(["run", str(chained)]) == 0
+    assert main(["run", "--dry-run", str(chained)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    status = {line.split()[0]: line.split()[-1] for line in lines if line and line.split()[0] != "store:"}
+    assert status["sft:train"] == status["rm:reward"] == status["ppo"] == "cached"
+    ppo_dir = next((workdir / "artifacts" / "ppo").glob("[0-9a-f]*"))
+    manifest = json.loads((ppo_dir / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"data", "model", "reward", "adapter"}
+    assert (ppo_dir / "value_head.safetensors").is_file()
+    assert yaml.safe_load(sft.read_text())["stage"] == "sft"
