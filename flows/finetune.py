@@ -31,8 +31,8 @@ from tasks.core.recipe import Recipe
 from tasks.core.stage import RunContext, clear_stop, request_stop, task_seconds
 from tasks.core.store import ArtifactRef, ArtifactStore
 
-METRIC_ORDER = ("rouge1", "rouge2", "rougeL", "bleu4", "perplexity", "eval_loss", "pair_accuracy", "pair_margin",
-                "reward_margin")
+METRIC_ORDER = ("rouge1", "rouge2", "rougeL", "bleu4", "rouge1_lf", "rouge2_lf", "rougeL_lf", "bleu4_lf",
+                "perplexity", "eval_loss", "pair_accuracy", "pair_margin", "reward_margin", "exam_average")
 
 
 class StageResult(BaseModel):
@@ -134,6 +134,9 @@ def evaluation_metrics(plan: Plan, results: list[StageResult], store: ArtifactSt
         values = json.loads((store.path("evaluate", by_label[step.label].key) / "metrics.json").read_text())
         scored = by_label[step.inputs["model"]]
         metrics[step.locators["role"]] = {**values, "model_artifact": f"{scored.stage}/{scored.key}"}
+    for step in plan.of_stage("exam"):
+        values = json.loads((store.path("exam", by_label[step.label].key) / "metrics.json").read_text())
+        metrics.setdefault(step.locators["role"], {}).update(values)
     trained = own_trainer(results)
     if trained is not None and trained.stage == "reward":  # a reward model's own pairwise accuracy
         info = store.path("reward", trained.key)
@@ -164,6 +167,13 @@ def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStor
             where["output_dir"] = str(Path(recipe.training.output_dir).resolve())
     if "merge" in by_stage:
         where["merged model"] = str(store.path("merge", by_stage["merge"].key) / "model")
+    if recipe.evaluation.save_dir:
+        for result in results:
+            if result.stage == "exam":
+                role = result.label.removeprefix("exam[").removesuffix("]")
+                found = store.lookup("exam", result.key)
+                write_into(found.path, Path(recipe.evaluation.save_dir) / role, found.ref.id, "save_dir")
+        where["save_dir"] = str(Path(recipe.evaluation.save_dir).resolve())
     if recipe.export.export_dir and "export" in by_stage:
         exported = store.lookup("export", by_stage["export"].key)
         write_into(exported.part("model"), Path(recipe.export.export_dir), exported.ref.id, "export_dir")

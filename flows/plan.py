@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flows.chaining import deduplicated, resolve, same_base
 from flows.user_output import check_target
-from tasks import align, evaluate, export, fetch, merge, model, ppo, preference, reward, tokenize, train
+from tasks import align, evaluate, exam, export, fetch, merge, model, ppo, preference, reward, tokenize, train
 from tasks.core.errors import RecipeError
 from tasks.core.recipe import Recipe
 from tasks.core.registry import DatasetEntry, resolve_datasets
@@ -88,12 +88,15 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
     train_pairs = data_steps(recipe, data.dataset, "dataset", store)
     eval_pairs = data_steps(recipe, data.eval_dataset, "eval_dataset", store)
     has_eval = bool(eval_pairs) or data.val_size > 0
-    if not (train_pairs or has_eval):
-        raise RecipeError("nothing to do: set 'dataset' to train, or 'eval_dataset' / 'val_size' to evaluate")
+    if not (train_pairs or has_eval or recipe.evaluation.task):
+        raise RecipeError("nothing to do: set 'dataset' to train, or 'eval_dataset' / 'val_size' / 'task' to "
+                          "evaluate")
     base = model.plan(recipe)
     steps: list[Step] = [step for pair in train_pairs + eval_pairs for step in pair] + [base]
-    tokenized = tokenize.plan(recipe, [a for _, a in train_pairs], [a for _, a in eval_pairs], base)
-    steps.append(tokenized)
+    tokenized = None
+    if train_pairs or has_eval:
+        tokenized = tokenize.plan(recipe, [a for _, a in train_pairs], [a for _, a in eval_pairs], base)
+        steps.append(tokenized)
     scored = {"base": base}
     if recipe.finetuning.do_train:
         upstream, trained = trainer_step(recipe, tokenized, base, store, chain)
@@ -109,6 +112,8 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
             scored["tuned"] = merged
     if recipe.evaluation.do_eval and has_eval:
         steps += [evaluate.plan(recipe, tokenized, target, role) for role, target in scored.items()]
+    if recipe.evaluation.task:
+        steps += [exam.plan(recipe, target, role) for role, target in scored.items()]
     check_targets(recipe)
     if data.overwrite_cache:
         steps = [replace(s, force=True) if s.stage.name in DATA_STAGES else s for s in steps]
@@ -153,6 +158,8 @@ def check_targets(recipe: Recipe) -> None:
         check_target("output_dir", Path(recipe.training.output_dir), overwrite)
     if recipe.export.export_dir and recipe.finetuning.do_train:
         check_target("export_dir", Path(recipe.export.export_dir), overwrite)
+    if recipe.evaluation.save_dir and recipe.evaluation.task:
+        check_target("save_dir", Path(recipe.evaluation.save_dir), overwrite)
 
 
 @dataclass(frozen=True)

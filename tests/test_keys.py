@@ -15,6 +15,7 @@ from tasks.model import BUNDLED_GGUF, bundled_model_dir
 from tests.conftest import BUNDLED_DATA, tiny_recipe_values
 
 EVALS = {"evaluate[base]", "evaluate[tuned]"}
+EXAMS = {"exam[base]", "exam[tuned]"}
 FETCHES, ALIGNS = {"fetch#0", "fetch#1"}, {"align#0", "align#1"}
 TWO_DATASETS = {"dataset": "mine,pydoc_summaries", "eval_dataset": None, "val_size": 4}
 DPO = {"stage": "dpo", "dataset": "pydoc_preferences", "eval_dataset": "pydoc_preferences_test"}
@@ -147,6 +148,12 @@ CASES = {
                                       ({**PPO, "reward_model_type": "full"}, {"reward_model_quantization_bit": 4},
                                        {"ppo"})],
     "reward_model_type": [(PPO, {"reward_model_type": "full"}, {"ppo"})],
+    "task": [({}, {"task": "pystdlib_test"}, EXAMS), ({"task": "pystdlib_test"}, {"task": "pystdlib_val"}, EXAMS)],
+    "task_dir": [({"task": "pystdlib_test"}, {"task_dir": "{data}"}, set())],  # the bundled exam either way
+    "lang": [({"task": "pystdlib_test"}, {"lang": "zh"}, EXAMS), ({}, {"lang": "zh"}, set())],
+    "n_shot": [({"task": "pystdlib_test"}, {"n_shot": 2}, EXAMS), ({}, {"n_shot": 2}, set())],
+    "batch_size": [({"task": "pystdlib_test"}, {"batch_size": 2}, EXAMS), ({}, {"batch_size": 2}, set())],
+    "save_dir": [({"task": "pystdlib_test"}, {"save_dir": "{out}"}, set())],
     "export_dir": [({}, {"export_dir": "{export}"}, {"export#0"})],
     "export_size": [({}, {"export_size": 1}, set()), ({"export_dir": "{export}"}, {"export_size": 1}, {"export#0"})],
     "export_legacy_format": [({}, {"export_legacy_format": True}, set()),

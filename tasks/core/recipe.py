@@ -160,6 +160,14 @@ class EvaluationSection(Section):
     top_p: float = option(0.7, "Nucleus sampling mass.", gt=0, le=1)
     top_k: int = option(50, "Top-k sampling.", ge=0)
     repetition_penalty: float = option(1.0, "Penalty on repeated tokens.", gt=0)
+    task: str | None = option(None, "A multiple-choice exam to score base and tuned models on: <exam>_<split> "
+                                    "(mmlu_test, cmmlu_val, ceval_val, the bundled pystdlib_test).")
+    task_dir: str = option("evaluation", "Folder (or hub organisation) holding the exams; the bundled ones are "
+                                         "always found.")
+    lang: Literal["en", "zh"] = option("en", "Language of the exam prompt's header and answer cue.")
+    n_shot: int = option(5, "Solved dev-split examples shown before each exam question.", ge=0)
+    batch_size: int = option(4, "Exam questions per forward pass.", gt=0)
+    save_dir: str | None = option(None, "Also write the exam reports (results.json, report.md) here.")
 
 
 class ExportSection(Section):

@@ -1,14 +1,35 @@
-"""Sentence BLEU-4 with smoothing (method 3), averaged over examples, as LlamaFactory reports it."""
+"""Sentence BLEU-4 with smoothing method 3, averaged over examples: the standard score (on words: whitespace
+words for Latin text, jieba words for Chinese), and LlamaFactory's (`bleu4_lf`: on characters, as its
+ComputeSimilarity computes it). Self-contained so `evaluate.load(path)` reads it."""
+
+import re
 
 import datasets
 import evaluate
+import jieba
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+jieba.setLogLevel(60)
+
+
+def words(text: str) -> list[str]:
+    """Whitespace words, or jieba words where the text is Chinese."""
+    if CJK.search(text):
+        return [w for w in jieba.cut(text) if w.strip()]
+    return text.split()
+
+
+def bleu(reference: list[str], prediction: list[str]) -> float:
+    if not reference or not prediction:
+        return 0.0
+    return sentence_bleu([reference], prediction, smoothing_function=SmoothingFunction().method3)
 
 
 class Bleu(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description="Mean sentence-level BLEU-4 (nltk, smoothing method 3) over whitespace tokens.",
+            description="Mean sentence-level BLEU-4 (nltk, smoothing method 3) on words; bleu4_lf on characters.",
             citation="Papineni et al., 2002. BLEU: a Method for Automatic Evaluation of Machine Translation.",
             inputs_description="predictions: list of str; references: list of str",
             features=datasets.Features(
@@ -17,11 +38,9 @@ class Bleu(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        smoothing = SmoothingFunction().method3
-        scores = [
-            sentence_bleu([reference.split()], prediction.split(), smoothing_function=smoothing)
-            if prediction.split() and reference.split()
-            else 0.0
-            for prediction, reference in zip(predictions, references, strict=True)
-        ]
-        return {"bleu4": sum(scores) / max(len(scores), 1)}
+        pairs = list(zip(predictions, references, strict=True))
+        count = max(len(pairs), 1)
+        return {
+            "bleu4": sum(bleu(words(r), words(p)) for p, r in pairs) / count,
+            "bleu4_lf": sum(bleu(list(r), list(p)) for p, r in pairs) / count,
+        }

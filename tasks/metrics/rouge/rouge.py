@@ -1,14 +1,45 @@
-"""ROUGE-1/2/L F-measure averaged over examples, computed with Google's `rouge-score`."""
+"""ROUGE-1/2/L F-measure averaged over examples: the standard scores (Google's `rouge-score`, stemmed, with
+Chinese text cut into words by jieba instead of being dropped), and LlamaFactory's (`*_lf`: `rouge-chinese`
+on jieba words, as its ComputeSimilarity reports them). Self-contained so `evaluate.load(path)` reads it."""
+
+import re
 
 import datasets
 import evaluate
-from rouge_score import rouge_scorer
+import jieba
+from rouge_chinese import Rouge as ChineseRouge
+from rouge_score import rouge_scorer, tokenizers
+
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+jieba.setLogLevel(60)  # no "Building prefix dict" chatter on every first use
+
+
+class MixedTokenizer:
+    """rouge-score's own tokenizer for Latin text (lowercased words, stemmed); jieba words for Chinese text."""
+
+    def __init__(self, use_stemmer: bool):
+        self.latin = tokenizers.DefaultTokenizer(use_stemmer=use_stemmer)
+
+    def tokenize(self, text: str) -> list[str]:
+        if not CJK.search(text):
+            return self.latin.tokenize(text)
+        return [word for word in (w.strip().lower() for w in jieba.cut(text)) if word and not word.isspace()]
+
+
+def llamafactory_scores(prediction: str, reference: str) -> dict[str, float]:
+    """rouge-chinese F-measures on jieba words; 0 where either side has no word (LlamaFactory's rule)."""
+    hypothesis, target = " ".join(jieba.cut(prediction)), " ".join(jieba.cut(reference))
+    if not hypothesis.split() or not target.split():
+        return {"rouge1_lf": 0.0, "rouge2_lf": 0.0, "rougeL_lf": 0.0}
+    scores = ChineseRouge().get_scores(hypothesis, target)[0]
+    return {"rouge1_lf": scores["rouge-1"]["f"], "rouge2_lf": scores["rouge-2"]["f"],
+            "rougeL_lf": scores["rouge-l"]["f"]}
 
 
 class Rouge(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description="ROUGE F-measure (rouge1, rouge2, rougeL), mean over examples.",
+            description="ROUGE F-measure (rouge1, rouge2, rougeL), mean over examples; *_lf as LlamaFactory reports.",
             citation="Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries.",
             inputs_description="predictions: list of str; references: list of str",
             features=datasets.Features(
@@ -17,11 +48,14 @@ class Rouge(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, rouge_types=("rouge1", "rouge2", "rougeL"), use_stemmer=True):
-        scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
-        totals = {name: 0.0 for name in rouge_types}
+        scorer = rouge_scorer.RougeScorer(list(rouge_types), tokenizer=MixedTokenizer(use_stemmer))
+        names = [*rouge_types, "rouge1_lf", "rouge2_lf", "rougeL_lf"]
+        totals = dict.fromkeys(names, 0.0)
         for prediction, reference in zip(predictions, references, strict=True):
             scores = scorer.score(reference, prediction)
             for name in rouge_types:
                 totals[name] += scores[name].fmeasure
+            for name, value in llamafactory_scores(prediction, reference).items():
+                totals[name] += value
         count = max(len(predictions), 1)
         return {name: total / count for name, total in totals.items()}

@@ -1,0 +1,243 @@
+"""Exam stage: multiple-choice exams in MMLU's layout (MMLU, CMMLU, C-Eval, the bundled pystdlib), scored as
+LlamaFactory's evaluator does, on one model artifact.
+
+Layout: `<task_dir>/<name>/{dev,val,test}/<subject>_<split>.csv` (headerless rows question,A,B,C,D,answer)
+and `<task_dir>/<name>/mapping.json` (each subject's display name and category); or a hub dataset repo
+with a config per subject. `task: <name>_<split>` picks the exam and the split scored.
+
+Prompt: a subject header ("The following are multiple choice questions (with answers) about {subject}.",
+or the Chinese wording for `lang: zh`), `n_shot` solved examples from the dev split as earlier turns,
+then the question with its choices and "Answer:", all through the recipe's chat template. The
+prediction is the choice letter whose token has the highest next-token logit. The support examples are
+the first `n_shot` of the dev split (the original MMLU harness's choice; LlamaFactory samples them at
+random, which makes two runs differ).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from tasks.core.errors import DataError, RecipeError
+from tasks.core.hardware import attn_implementation
+from tasks.core.hashing import tree_digest
+from tasks.core.recipe import Recipe
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
+from tasks.encoding import prompt_and_reply
+from tasks.templates import get_template
+
+CHOICES = "ABCD"
+BUNDLED = Path(__file__).resolve().parents[1] / "configs" / "exams"
+HEADERS = {
+    "en": ("The following are multiple choice questions (with answers) about {subject}.\n\n", "\nAnswer:"),
+    "zh": ("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n", "\n答案："),
+}
+
+
+class ExamConfig(StageConfig):
+    exam: str  # the exam's name (mmlu, cmmlu, ceval, pystdlib)
+    split: Literal["dev", "val", "test"]
+    source: str  # content digest of the exam folder, or hub repo and commit
+    lang: Literal["en", "zh"]
+    n_shot: int
+    template: str
+    batch_size: int  # shapes padding, and so the last digits of the logits
+    attn_implementation: str
+    progress: bool = unkeyed(True)
+
+
+def task_parts(task: str) -> tuple[str, str]:
+    """`mmlu_test` -> ("mmlu", "test")."""
+    name, _, split = task.rpartition("_")
+    if not name or split not in ("dev", "val", "test"):
+        raise RecipeError(f"key 'task': {task!r} should be <exam>_<split> with split dev, val or test (mmlu_test)")
+    return name, split
+
+
+def exam_folder(task_dir: str, name: str) -> Path | None:
+    """Where the exam's files are: under task_dir, else among the bundled exams."""
+    for base in (Path(task_dir), BUNDLED):
+        if (base / name / "mapping.json").is_file():
+            return base / name
+    return None
+
+
+def hub_source(task_dir: str, name: str) -> str:
+    from huggingface_hub import HfApi
+
+    repo = f"{task_dir}/{name}" if task_dir.count("/") == 0 else task_dir
+    try:
+        return f"hub:{repo}@{HfApi().dataset_info(repo).sha}"
+    except Exception as exc:
+        raise RecipeError(f"key 'task_dir': no exam '{name}' in {task_dir} or the bundled exams, and the hub dataset "
+                          f"{repo} cannot be resolved ({type(exc).__name__})") from None
+
+
+def plan(recipe: Recipe, scored: Step, role: str) -> Step:
+    e = recipe.evaluation
+    name, split = task_parts(e.task)
+    folder = exam_folder(e.task_dir, name)
+    source = tree_digest(folder) if folder else hub_source(e.task_dir, name)
+    get_template(recipe.data.template)
+    config = ExamConfig(exam=name, split=split, source=source, lang=e.lang, n_shot=e.n_shot,
+                        template=recipe.data.template, batch_size=e.batch_size,
+                        attn_implementation=attn_implementation(recipe.model.flash_attn))
+    locators = {"folder": str(folder) if folder else "", "hub": "" if folder else source, "role": role}
+    return STAGE.step(f"exam[{role}]", config, {"model": scored}, locators)
+
+
+def read_split(folder: Path, subject: str, split: str) -> list[dict[str, str]]:
+    """A subject's questions: rows question,A,B,C,D,answer (named by file and row when malformed)."""
+    path = folder / split / f"{subject}_{split}.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: missing (the exam's mapping.json lists subject '{subject}')")
+    rows = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        for number, cells in enumerate(csv.reader(handle), start=1):
+            if len(cells) != 6 or cells[5].strip() not in CHOICES:
+                raise DataError(f"{path}, row {number}: expected question,A,B,C,D,answer with answer A-D")
+            rows.append(dict(zip(("question", *CHOICES, "answer"), cells, strict=True)))
+    return rows
+
+
+def hub_split(source: str, subject: str, split: str) -> list[dict[str, str]]:
+    """A subject's questions from a hub exam (LlamaFactory's layout: one config per subject; dev is `train`)."""
+    import datasets
+
+    repo, commit = source.removeprefix("hub:").rsplit("@", 1)
+    rows = datasets.load_dataset(repo, name=subject, revision=commit, split="train" if split == "dev" else split)
+    return [{k: str(row[k]) for k in ("question", *CHOICES, "answer")} for row in rows]
+
+
+def exam_messages(target: dict[str, str], support: list[dict[str, str]], subject: str, lang: str) -> list[dict]:
+    """The k-shot conversation: solved examples as earlier turns, the question last (LlamaFactory's EvalTemplate)."""
+    header, answer = HEADERS[lang]
+
+    def turn(example: dict[str, str]) -> tuple[str, str]:
+        choices = "".join(f"\n{letter}. {example[letter]}" for letter in CHOICES)
+        return example["question"] + choices + answer, example["answer"]
+
+    messages = []
+    for example in [*support, target]:
+        prompt, reply = turn(example)
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    messages[0]["content"] = header.format(subject=subject) + messages[0]["content"]
+    return messages
+
+
+def encode_question(messages: list[dict], tokenizer, template) -> list[int]:
+    """Token ids of everything before the last answer."""
+    row = {"prompt": messages[:-1], "system": "", "tools": ""}
+    prompt, _ = prompt_and_reply(row, messages[-1], tokenizer, template)
+    return prompt
+
+
+def predict(model, tokenizer, prompts: list[list[int]], batch_size: int, progress: bool) -> list[str]:
+    """The choice letter with the highest next-token logit after each prompt (right-padded batches)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    choice_ids = [tokenizer.encode(letter, add_special_tokens=False)[-1] for letter in CHOICES]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    letters = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="exam", disable=not progress):
+        check_stop()
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch])
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        last = logits[torch.arange(len(batch)), mask.sum(-1) - 1][:, choice_ids]
+        letters += [CHOICES[i] for i in last.argmax(-1).tolist()]
+    return letters
+
+
+def score(mapping: dict[str, dict[str, str]], predictions: dict[str, list[str]],
+          answers: dict[str, list[str]]) -> dict[str, Any]:
+    """Accuracy (x100) per subject, per category and on average over all questions."""
+    by_category: dict[str, list[bool]] = {}
+    subjects = {}
+    for subject, letters in predictions.items():
+        right = [p == a for p, a in zip(letters, answers[subject], strict=True)]
+        subjects[subject] = round(100 * sum(right) / max(len(right), 1), 2)
+        by_category.setdefault(mapping[subject]["category"], []).extend(right)
+        by_category.setdefault("Average", []).extend(right)
+    categories = {name: round(100 * sum(r) / max(len(r), 1), 2) for name, r in by_category.items()}
+    return {"subjects": subjects, "categories": categories, "average": categories.get("Average", 0.0),
+            "questions": len(by_category.get("Average", []))}
+
+
+def report(config: ExamConfig, mapping: dict[str, dict[str, str]], scores: dict[str, Any]) -> str:
+    lines = [f"# {config.exam} ({config.split}, {config.n_shot}-shot): {scores['average']:.2f}", "",
+             "| category | accuracy |", "|---|---|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in scores["categories"].items()]
+    lines += ["", "| subject | category | accuracy |", "|---|---|---|"]
+    lines += [f"| {mapping[s]['name']} | {mapping[s]['category']} | {v:.2f} |" for s, v in scores["subjects"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def build(config: ExamConfig, ctx: BuildContext, out: Path) -> Built:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = ctx.inputs["model"].part("model")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation)
+    model.eval()
+    template = get_template(config.template)
+    folder = Path(ctx.locators["folder"]) if ctx.locators["folder"] else None
+    if folder is not None:
+        mapping = json.loads((folder / "mapping.json").read_text(encoding="utf-8"))
+        load = lambda subject, split: read_split(folder, subject, split)  # noqa: E731
+    else:
+        from huggingface_hub import hf_hub_download
+
+        repo, commit = config.source.removeprefix("hub:").rsplit("@", 1)
+        mapping = json.loads(Path(hf_hub_download(repo, "mapping.json", repo_type="dataset", revision=commit))
+                             .read_text(encoding="utf-8"))
+        load = lambda subject, split: hub_split(config.source, subject, split)  # noqa: E731
+    predictions, answers = {}, {}
+    for subject in sorted(mapping):
+        support = load(subject, "dev")[: config.n_shot]
+        questions = load(subject, config.split)
+        name = mapping[subject]["name"]
+        prompts = [encode_question(exam_messages(q, support, name, config.lang), tokenizer, template)
+                   for q in questions]
+        predictions[subject] = predict(model, tokenizer, prompts, config.batch_size, config.progress)
+        answers[subject] = [q["answer"].strip() for q in questions]
+    scores = score(mapping, predictions, answers)
+    metrics = {"exam_average": scores["average"], "exam_questions": scores["questions"],
+               **{f"exam_{name}": value for name, value in scores["categories"].items() if name != "Average"}}
+    (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "results.json").write_text(json.dumps({s: dict(enumerate(p)) for s, p in predictions.items()}, indent=1))
+    (out / "report.md").write_text(report(config, mapping, scores))
+    ctx.log_metrics(metrics)
+    ctx.log_files([out / "report.md", out / "results.json"])
+    publish_report((out / "report.md").read_text(), config)
+    ctx.log.info("%s_%s: %.2f average over %d questions", config.exam, config.split, scores["average"],
+                 scores["questions"])
+    layout = {"metrics": "metrics.json", "scores": "scores.json", "results": "results.json", "report": "report.md"}
+    return Built("exam_scores", layout, metrics)
+
+
+def publish_report(markdown: str, config: ExamConfig) -> None:
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is not None:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(key=f"exam-{config.exam}".replace("_", "-"), markdown=markdown,
+                                 description=f"{config.exam} {config.split} accuracy")
+
+
+STAGE = Stage(
+    name="exam",
+    plan=plan,
+    build=build,
+    code=("tasks.exam", "tasks.encoding", "tasks.templates"),
+    libraries=("torch", "transformers", "datasets"),
+    heavy=True,
+)

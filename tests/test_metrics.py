@@ -1,0 +1,45 @@
+"""ROUGE and BLEU modules (loaded by evaluate.load(path)): English and Chinese, standard and LlamaFactory's."""
+
+import pytest
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+from tasks.evaluate import text_scores
+from tasks.metrics import load
+
+CHINESE = "今天天气很好，我们去公园散步。"
+
+
+def test_identical_chinese_text_scores_100():
+    scores = text_scores([CHINESE], [CHINESE])
+    assert {k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "bleu4")} == pytest.approx(
+        {"rouge1": 100, "rouge2": 100, "rougeL": 100, "bleu4": 100})
+    assert scores["rouge1_lf"] == pytest.approx(100) and scores["bleu4_lf"] == pytest.approx(100)
+
+
+def test_chinese_partial_overlap_is_between_0_and_100():
+    scores = text_scores(["今天天气很好"], [CHINESE])
+    assert 0 < scores["rouge1"] < 100 and 0 < scores["rouge1_lf"] < 100 and 0 < scores["bleu4_lf"] < 100
+
+
+def test_english_scores_keep_rouge_score_semantics():
+    prediction, reference = "Return the largest element of a list.", "Find the n largest elements in a dataset."
+    scores = load("rouge").compute(predictions=[prediction], references=[reference])
+    from rouge_score import rouge_scorer
+
+    expected = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(reference, prediction)["rouge1"].fmeasure
+    assert scores["rouge1"] == pytest.approx(expected)
+
+
+def test_llamafactory_bleu_is_on_characters():
+    prediction, reference = "the cat sat", "the cat sat down"
+    scores = load("bleu").compute(predictions=[prediction], references=[reference])
+    smoothing = SmoothingFunction().method3
+    assert scores["bleu4_lf"] == pytest.approx(sentence_bleu([list(reference)], list(prediction),
+                                                             smoothing_function=smoothing))
+    assert scores["bleu4"] == pytest.approx(sentence_bleu([reference.split()], prediction.split(),
+                                                          smoothing_function=smoothing))
+
+
+def test_empty_predictions_score_zero():
+    scores = text_scores([""], ["something"])
+    assert scores["rouge1"] == 0 and scores["bleu4"] == 0 and scores["rouge1_lf"] == 0 and scores["bleu4_lf"] == 0
