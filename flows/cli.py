@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     data = data_command.add_subparsers(dest="data_command", required=True)
     preview = data.add_parser("preview", help="tokenize the data (cached) and print decoded samples and statistics")
     add_recipe_arguments(preview)
+    export = commands.add_parser("export", help="merge an adapter into its base and write it to export_dir")
+    add_recipe_arguments(export)
     retune = commands.add_parser("retune", help="re-tune a registered model if its data or recipe changed")
     add_recipe_arguments(retune)
     retune.add_argument("--model-name", required=True, help="the registered model in MLflow")
@@ -187,6 +189,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from flows.export import export_model
+    from flows.plan import plan_export
+    from flows.prefect_server import temporary_server
+    from tasks.core.recipe import load_recipe
+    from tasks.core.store import ArtifactStore
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan_export(recipe, ArtifactStore(home_of(args)))
+    quiet_user_errors()
+    with temporary_server():
+        print(f"exported to {export_model(recipe, home=home_of(args))}")
+    return 0
+
+
 def retune_command(args: argparse.Namespace) -> int:
     from flows.plan import plan_run
     from flows.prefect_server import temporary_server
@@ -269,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, interrupt)
     commands = {"run": run, "data": preview_data, "templates": templates, "retune": retune_command,
+                "export": export_command,
                 "serve": serve_command, "compare": compare_command, "runs": runs_command, "gc": gc_command}
     try:
         return commands[args.command](args)

@@ -30,6 +30,7 @@ from tasks.core.prefect_store import records_block
 from tasks.core.recipe import Recipe
 from tasks.core.stage import RunContext, clear_stop, request_stop, task_seconds
 from tasks.core.store import ArtifactRef, ArtifactStore
+from tasks.model import BUNDLED_HUB_ID
 
 METRIC_ORDER = ("rouge1", "rouge2", "rougeL", "bleu4", "rouge1_lf", "rouge2_lf", "rougeL_lf", "bleu4_lf",
                 "perplexity", "eval_loss", "pair_accuracy", "pair_margin", "reward_margin", "exam_average")
@@ -163,8 +164,11 @@ def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStor
         part = "adapter" if trained.has("adapter") else "model"
         where[part] = str(trained.part(part))
         if recipe.training.output_dir:
-            write_into(trained.part(part), Path(recipe.training.output_dir), trained.ref.id, "output_dir")
-            where["output_dir"] = str(Path(recipe.training.output_dir).resolve())
+            target = Path(recipe.training.output_dir)
+            write_into(trained.part(part), target, trained.ref.id, "output_dir")
+            if part == "adapter":
+                name_base_model(target, recipe)
+            where["output_dir"] = str(target.resolve())
     if "merge" in by_stage:
         where["merged model"] = str(store.path("merge", by_stage["merge"].key) / "model")
     if recipe.evaluation.save_dir:
@@ -179,6 +183,15 @@ def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStor
         write_into(exported.part("model"), Path(recipe.export.export_dir), exported.ref.id, "export_dir")
         where["export_dir"] = str(Path(recipe.export.export_dir).resolve())
     return where
+
+
+def name_base_model(adapter_dir: Path, recipe: Recipe) -> None:
+    """The user's copy of an adapter names the base model they gave (the store's copy names none: its bytes
+    must not depend on a path), so AutoPeftModelForCausalLM.from_pretrained(adapter_dir) finds it."""
+    settings_file = adapter_dir / "adapter_config.json"
+    settings = json.loads(settings_file.read_text())
+    settings["base_model_name_or_path"] = recipe.model.model_name_or_path or BUNDLED_HUB_ID
+    settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
 
 def recipe_family(recipe: Recipe) -> str:

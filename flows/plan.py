@@ -85,6 +85,8 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
     """The stages of a fine-tune: data, model, training (with any upstream recipes it chains on), merge (and
     export), evaluation of the base and the tuned model."""
     data = recipe.data
+    if recipe.finetuning.do_train and not data.dataset:
+        raise RecipeError("key 'dataset' is required when do_train is true")
     train_pairs = data_steps(recipe, data.dataset, "dataset", store)
     eval_pairs = data_steps(recipe, data.eval_dataset, "eval_dataset", store)
     has_eval = bool(eval_pairs) or data.val_size > 0
@@ -117,6 +119,25 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
     check_targets(recipe)
     if data.overwrite_cache:
         steps = [replace(s, force=True) if s.stage.name in DATA_STAGES else s for s in steps]
+    return Plan(tuple(deduplicated(steps)))
+
+
+def plan_export(recipe: Recipe, store: ArtifactStore | None = None) -> Plan:
+    """What `tunefactory export` runs: the base model, merged with adapter_name_or_path when given (a folder, an
+    artifact, or the recipe that trains it), re-saved as export_size / export_legacy_format ask, with the
+    recipe's template as its tokenizer's chat template."""
+    if not recipe.export.export_dir:
+        raise RecipeError("key 'export_dir' is required to export")
+    base = model.plan(recipe)
+    steps, target = [base], base
+    if recipe.model.adapter_name_or_path:
+        start, upstream = resolve(recipe.model.adapter_name_or_path, "adapter_name_or_path", "adapter", store,
+                                  lambda up, path: list(plan_run(up, store, (path,)).steps), ())
+        same_base(base, upstream, "adapter_name_or_path")
+        target = merge.plan(recipe, base, start)
+        steps = upstream + steps + [start, target]
+    steps.append(export.plan(recipe, target))
+    check_target("export_dir", Path(recipe.export.export_dir), recipe.training.overwrite_output_dir)
     return Plan(tuple(deduplicated(steps)))
 
 

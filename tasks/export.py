@@ -6,18 +6,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.core.hardware import has_cuda
 from tasks.core.recipe import Recipe
-from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
+from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
+from tasks.templates import get_template
+from tasks.templates.jinja import to_jinja
 
 
 class ExportConfig(StageConfig):
     shard_size_gb: int
     legacy_format: bool  # pytorch_model.bin instead of safetensors
+    template: str | None  # written as the tokenizer's chat template (None: keep the tokenizer's own, `auto`)
+    device: str = unkeyed("cpu", "where the weights are loaded to be re-saved; the bytes are the same")
 
 
 def plan(recipe: Recipe, merged: Step) -> Step:
     e = recipe.export
-    config = ExportConfig(shard_size_gb=e.export_size, legacy_format=e.export_legacy_format)
+    get_template(recipe.data.template)
+    config = ExportConfig(shard_size_gb=e.export_size, legacy_format=e.export_legacy_format,
+                          template=None if recipe.data.template == "auto" else recipe.data.template,
+                          device=e.export_device)
     return STAGE.step("export", config, {"model": merged})
 
 
@@ -47,12 +55,16 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = ctx.inputs["model"].part("model")
-    model = AutoModelForCausalLM.from_pretrained(str(source))
+    device = "cuda" if config.device == "auto" and has_cuda() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device)
     if config.legacy_format:
         save_legacy(model, out / "model", f"{config.shard_size_gb}GB")
     else:
         model.save_pretrained(str(out / "model"), max_shard_size=f"{config.shard_size_gb}GB")
-    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out / "model"))
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if config.template:  # apply_chat_template then renders what the model was trained on
+        tokenizer.chat_template = to_jinja(get_template(config.template))
+    tokenizer.save_pretrained(str(out / "model"))
     return Built("exported_model", {"model": "model"}, config.keyed())
 
 
@@ -60,7 +72,7 @@ STAGE = Stage(
     name="export",
     plan=plan,
     build=build,
-    code=("tasks.export",),
+    code=("tasks.export", "tasks.templates"),
     libraries=("torch", "transformers", "safetensors", "huggingface-hub"),
     heavy=True,
 )

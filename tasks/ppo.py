@@ -343,6 +343,9 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
                         json.loads(data.part("generation").read_text()), report)
     seconds = time.monotonic() - started
     model.save_pretrained(str(out / "adapter"), selected_adapters=[POLICY])
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model"))).save_pretrained(str(out / "adapter"))
     save_file({"weight": critic.weight.detach().contiguous()}, str(out / VALUE_HEAD))
     write_history(history, out)
     quarter = max(1, len(history) // 4)

@@ -156,8 +156,7 @@ def save_weights(model, tokenizer, config, out: Path) -> str:
     """Save the trained adapter (LoRA) or whole weights with the tokenizer; returns the part name."""
     weights = "adapter" if config.finetuning_type == "lora" else "model"
     model.save_pretrained(str(out / weights))
-    if weights == "model":
-        tokenizer.save_pretrained(str(out / weights))
+    tokenizer.save_pretrained(str(out / weights))  # beside an adapter too: AutoPeftModel then needs only the base
     return weights
 
 

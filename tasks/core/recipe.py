@@ -174,6 +174,7 @@ class ExportSection(Section):
     export_dir: str | None = option(None, "Also copy the merged model here.")
     export_size: int = option(5, "Shard size of the merged model, in GB.", gt=0)
     export_legacy_format: bool = option(False, "Save .bin instead of .safetensors.")
+    export_device: Literal["cpu", "auto"] = option("cpu", "Where the model is loaded to be merged and saved.")
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -248,8 +249,6 @@ def check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: keys 'streaming' and 'packing'/'neat_packing' cannot be combined")
     if data.streaming and 0 < data.val_size < 1:
         raise RecipeError(f"{source}: key 'val_size' must be a row count (>= 1) with streaming")
-    if recipe.finetuning.do_train and not data.dataset:
-        raise RecipeError(f"{source}: key 'dataset' is required when do_train is true")
     if data.mask_history and data.train_on_prompt:
         raise RecipeError(f"{source}: keys 'mask_history' and 'train_on_prompt' cannot both be true")
     if training.max_steps == 0 or training.max_steps < -1:

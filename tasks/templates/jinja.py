@@ -1,0 +1,72 @@
+"""A named template written out as a Jinja chat template, so an exported model's tokenizer renders with
+`apply_chat_template` exactly the text the model was trained on (tasks.templates.base.format_pairs).
+
+Messages: an optional leading system message, then turns alternating user-side (user, tool/observation)
+and assistant-side (assistant, function). A user turn already ends with the assistant's header, so a
+conversation ending on the user side is the generation prompt; `add_generation_prompt` adds nothing.
+Tool definitions are not rendered here (write them into the system message, as `system_with_tools` does).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tasks.templates.base import Template
+
+PLACEHOLDER = re.compile(r"\{(content|bos_token|eos_token)\}")
+ROLES = {"user": "user", "tool": "observation", "observation": "observation", "assistant": "assistant",
+         "function": "function"}
+
+
+def expression(fmt: str, content: str) -> str:
+    """A format string as a Jinja expression concatenating literals, `content` and the special tokens."""
+    parts = []
+    for index, piece in enumerate(PLACEHOLDER.split(fmt)):
+        if index % 2 == 0:
+            if piece:
+                parts.append(json.dumps(piece))
+        else:
+            parts.append(content if piece == "content" else piece)
+    return "(" + " ~ ".join(parts or ['""']) + ")"
+
+
+def to_jinja(template: Template) -> str:
+    """The Jinja chat template that renders conversations as `template` does."""
+    if template.jinja:
+        raise ValueError("template 'auto' is the tokenizer's own chat template already")
+    turns = {role: expression(template.turn_format(role), "text") for role in ("user", "observation", "assistant",
+                                                                               "function")}
+    system_block = expression(template.system, "system")
+    fold = {"": "-1", "first": "0", "last": "last_exchange"}[template.system_in_user]
+    return "".join([
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}",
+        "{%- else -%}",
+        f"{{%- set system = {json.dumps(template.default_system)} -%}}{{%- set turns = messages -%}}",
+        "{%- endif -%}",
+        "{%- set last_user = (turns | length) - 1 if turns and turns[-1]['role'] in ['user', 'tool', 'observation']",
+        " else (turns | length) - 2 -%}",
+        "{%- set last_exchange = last_user // 2 -%}",
+        f"{{%- set block = {system_block} if system else '' -%}}",
+        f"{{{{- {expression(template.prefix, '')} -}}}}",
+        f"{{%- if {fold} < 0 -%}}{{{{- block -}}}}{{%- endif -%}}",
+        "{%- for message in turns -%}",
+        "{%- set role = message['role'] -%}",
+        "{%- set text = message['content'] -%}",
+        "{%- if role in ['user', 'tool', 'observation'] -%}",
+        f"{{%- if loop.index0 // 2 == {fold} -%}}{{%- set text = block ~ text -%}}{{%- endif -%}}",
+        "{%- if role == 'user' -%}",
+        f"{{{{- {turns['user']} -}}}}",
+        "{%- else -%}",
+        f"{{{{- {turns['observation']} -}}}}",
+        "{%- endif -%}",
+        "{%- elif role == 'function' -%}",
+        f"{{{{- {turns['function']} -}}}}",
+        "{%- else -%}",
+        f"{{{{- {turns['assistant']} -}}}}",
+        "{%- endif -%}",
+        f"{{%- if loop.last and role in ['assistant', 'function'] -%}}{{{{- {expression(template.suffix, '')} -}}}}"
+        "{%- endif -%}",
+        "{%- endfor -%}",
+    ])

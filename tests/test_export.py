@@ -1,0 +1,53 @@
+"""tunefactory export: an adapter merged into its base, in the asked format, with a chat template that renders
+the training template's text; and the adapter in output_dir is portable."""
+
+import json
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flows.cli import main
+from flows.finetune import finetune
+from tasks.core.recipe import load_recipe
+from tasks.templates import format_pairs, get_template
+
+CONVERSATION = [{"role": "user", "content": "Summarise `abc.abstractmethod`."},
+                {"role": "assistant", "content": "A decorator indicating abstract methods."}]
+
+
+@pytest.fixture
+def trained(write_recipe, workdir):
+    """A tiny LoRA run whose adapter is copied to output_dir."""
+    summary = finetune(load_recipe(write_recipe(max_samples=8, output_dir=str(workdir / "saves"))))
+    return summary
+
+
+def test_export_merges_the_adapter_with_the_training_template(trained, write_recipe, workdir, tiny_model_dir):
+    adapter_id = next(f"{s.stage}/{s.key}" for s in trained.stages if s.stage == "train")
+    recipe = write_recipe("export.yaml", adapter_name_or_path=adapter_id, export_dir=str(workdir / "exported"),
+                          export_legacy_format=True, template="chatml")
+    assert main(["export", str(recipe)]) == 0
+    exported = workdir / "exported"
+    assert (exported / "pytorch_model.bin").is_file() and not list(exported.glob("*.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    pairs = format_pairs(get_template("chatml"), CONVERSATION, "", tokenizer.bos_token, tokenizer.eos_token)
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == "".join(p + r for p, r in pairs)
+    merged = AutoModelForCausalLM.from_pretrained(exported)
+    adapter_dir = workdir / "artifacts" / adapter_id / "adapter"
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir))
+    ids = torch.tensor([tokenizer.encode("def register(cls, subclass):")])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
+    assert main(["export", str(recipe)]) == 0  # again: every stage cached, the folder rewritten
+
+
+def test_the_adapter_in_output_dir_loads_on_its_own(trained, workdir, tiny_model_dir):
+    saves = workdir / "saves"
+    settings = json.loads((saves / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == str(tiny_model_dir)  # the model the user gave
+    assert (saves / "tokenizer.json").is_file()
+    model = AutoPeftModelForCausalLM.from_pretrained(saves)
+    assert model.active_adapter == "default"
+    AutoTokenizer.from_pretrained(saves)

@@ -1,0 +1,32 @@
+"""Each named template as a Jinja chat template renders exactly what training encodes."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from tasks.templates import TEMPLATES, format_pairs
+from tasks.templates.jinja import to_jinja
+
+NAMED = sorted(name for name, template in TEMPLATES.items() if not template.jinja)
+CONVERSATION = [
+    {"role": "user", "content": "Hi {there}, what's 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And \"3+3\"?\nThanks"},
+    {"role": "assistant", "content": "6, of course."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("name", NAMED)
+@pytest.mark.parametrize("system", ["", "Be brief."])
+def test_rendering_matches_training_text(tokenizer, name, system):
+    template = TEMPLATES[name]
+    tokenizer.chat_template = to_jinja(template)
+    messages = ([{"role": "system", "content": system}] if system else []) + CONVERSATION
+    pairs = format_pairs(template, CONVERSATION, system, tokenizer.bos_token, tokenizer.eos_token)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "".join(p + r for p, r in pairs)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt == "".join(p + r for p, r in pairs[:-1]) + pairs[-1][0]  # ends with the assistant header
