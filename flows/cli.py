@@ -37,6 +37,19 @@ def add_recipe_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
 
 
+def add_source_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("source", help="a recipe YAML, or a model folder (a Hugging Face checkpoint)")
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a recipe key (repeatable)")
+    command.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
+
+
+def add_engine_arguments(command: argparse.ArgumentParser) -> None:
+    add_source_arguments(command)
+    command.add_argument("--adapter", help="a PEFT adapter folder to apply (unmerged)")
+    command.add_argument("--template", help="chat template (default: the recipe's, or the folder tokenizer's)")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="tunefactory", description="Fine-tune language models through a cached DAG.")
     top.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -73,6 +86,23 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--keep-last", type=int, default=10, help="keep what the newest N finetune runs used")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     gc.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
+    evaluate = commands.add_parser("eval", help="score a recipe's base and tuned models, or a model folder, on an exam")
+    add_source_arguments(evaluate)
+    evaluate.add_argument("--experiment", help="MLflow experiment (default: the recipe or folder name)")
+    chat = commands.add_parser("chat", help="chat in the terminal with a recipe's tuned model or a model folder")
+    add_engine_arguments(chat)
+    chat.add_argument("--system", default="", help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=512, help="reply length limit (default 512)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    api = commands.add_parser("api", help="serve a recipe's tuned model or a model folder as an OpenAI-style API")
+    add_engine_arguments(api)
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--api-key", default=os.environ.get("TUNEFACTORY_API_KEY"),
+                     help="require this bearer key (default $TUNEFACTORY_API_KEY; none = open)")
+    api.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    api.add_argument("--max-concurrency", type=int, default=4, help="generations running or waiting at once")
+    api.add_argument("--max-request-bytes", type=int, default=1_000_000)
     templates = commands.add_parser("templates", help="list chat templates, or show one on a sample conversation")
     template_commands = templates.add_subparsers(dest="templates_command")
     show = template_commands.add_parser("show", help="render a sample conversation, trained spans marked ⟦ ⟧")
@@ -204,6 +234,50 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_command(args: argparse.Namespace) -> int:
+    from flows.finetune import run_finetune
+    from flows.plan import plan_run
+    from flows.prefect_server import temporary_server
+    from flows.sources import source_recipe
+    from tasks.core.errors import RecipeError
+    from tasks.core.store import ArtifactStore
+
+    recipe = source_recipe(args.source, [*args.overrides, "do_eval=false"])  # the exam only, not ROUGE
+    if not recipe.evaluation.task:
+        raise RecipeError("tunefactory eval needs an exam: --set task=<exam>_<split> (e.g. pystdlib_test)")
+    plan_run(recipe, ArtifactStore(home_of(args)))
+    quiet_user_errors()
+    with temporary_server():
+        summary = run_finetune(recipe, home=home_of(args), experiment=args.experiment or Path(args.source).stem)
+    for label, folder in summary.artifacts.items():
+        if label.startswith("exam["):
+            print(f"{label}\n{(Path(folder) / 'report.md').read_text()}")
+    print(summary.table())
+    return 0
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    from flows.chat import chat_loop
+    from flows.serving import engine_for
+
+    engine = engine_for(args.source, args.overrides, home_of(args), args.template, args.adapter)
+    chat_loop(engine, sys.stdin, sys.stdout, system=args.system, max_tokens=args.max_tokens,
+              temperature=args.temperature)
+    return 0
+
+
+def api_command(args: argparse.Namespace) -> int:
+    from flows.api import Limits, serve_api
+    from flows.serving import engine_for
+
+    engine = engine_for(args.source, args.overrides, home_of(args), args.template, args.adapter)
+    limits = Limits(max_tokens=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
+                    max_concurrency=args.max_concurrency)
+    print(f"serving '{engine.name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve_api(engine, args.host, args.port, args.api_key, limits)
+    return 0
+
+
 def retune_command(args: argparse.Namespace) -> int:
     from flows.plan import plan_run
     from flows.prefect_server import temporary_server
@@ -286,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, interrupt)
     commands = {"run": run, "data": preview_data, "templates": templates, "retune": retune_command,
-                "export": export_command,
+                "export": export_command, "eval": eval_command, "chat": chat_command, "api": api_command,
                 "serve": serve_command, "compare": compare_command, "runs": runs_command, "gc": gc_command}
     try:
         return commands[args.command](args)

@@ -30,6 +30,7 @@ CASES = {
     "model_revision": [({}, {"model_revision": "v2"}, set())],
     "gguf_file": [({"model_name_or_path": None}, {"model_name_or_path": "{bundled}", "gguf_file": BUNDLED_GGUF},
                    set())],
+    "infer_backend": [({}, {"infer_backend": "vllm"}, set())],  # chat and api only
     "trust_remote_code": [({}, {"trust_remote_code": True}, {"model"})],
     "infer_dtype": [({}, {"infer_dtype": "float32"}, set()), ({}, {"infer_dtype": "bfloat16"}, {"model"})],
     "flash_attn": [({}, {"flash_attn": "sdpa"}, set()), ({}, {"flash_attn": "disabled"}, {"train"} | EVALS)],

@@ -32,6 +32,8 @@ class ModelSection(Section):
     )
     model_revision: str = option("main", "Hub branch, tag or commit to load.")
     gguf_file: str | None = option(None, "GGUF file name inside model_name_or_path, if it is a GGUF source.")
+    infer_backend: Literal["huggingface", "vllm"] = option(
+        "huggingface", "Engine for `tunefactory chat` and `tunefactory api`.")
     adapter_name_or_path: str | None = option(
         None, "A trained adapter to start from: a folder, an artifact id (train/<key>) or the recipe that trains it.")
     trust_remote_code: bool = option(False, "Allow model code shipped with a hub checkpoint.")

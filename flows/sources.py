@@ -1,0 +1,32 @@
+"""What `chat`, `api` and `eval` accept: a recipe file, or a model folder (a Hugging Face checkpoint, such as
+a merged or exported model) read as a recipe that trains nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.core.errors import RecipeError
+from tasks.core.recipe import Recipe, load_recipe, parse_override
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def folder_template(path: Path) -> str:
+    """The tokenizer's own chat template when it has one ('auto'), else the plain 'default' template."""
+    from transformers import AutoTokenizer
+
+    return "auto" if AutoTokenizer.from_pretrained(str(path)).chat_template else "default"
+
+
+def source_recipe(source: str, overrides: list[str]) -> Recipe:
+    """The recipe file with its overrides, or a model folder as a recipe with do_train false."""
+    path = Path(source)
+    if path.is_file():
+        return load_recipe(path, overrides)
+    if not is_model_folder(path):
+        raise RecipeError(f"{source}: neither a recipe file nor a model folder (no config.json)")
+    values = {"model_name_or_path": str(path.resolve()), "do_train": False, **dict(map(parse_override, overrides))}
+    values.setdefault("template", folder_template(path))
+    return Recipe.from_flat(values, source=str(path))

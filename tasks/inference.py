@@ -1,0 +1,270 @@
+"""Chat inference for `tunefactory chat` and `tunefactory api`: a model (and, unmerged, an adapter) that answers
+OpenAI-style messages, written through the recipe's chat template exactly as training encoded them.
+
+Messages: an optional system message, then turns alternating user-side (`user`, `tool`) and assistant-side
+(`assistant`, possibly with `tool_calls`), ending on the user side. Tool definitions join the system
+prompt as the template lists them; a reply holding a tool call (`<tool_call>{...}</tool_call>`, or a bare
+`{"name": ..., "arguments": ...}` object) is returned as OpenAI `tool_calls`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import StoppingCriteria
+
+from tasks.core.errors import RecipeError
+from tasks.encoding import prompt_and_reply
+from tasks.templates import get_template, stop_token_ids
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+USER_SIDE = {"user": "user", "tool": "observation", "observation": "observation"}
+
+
+class MessageError(ValueError):
+    """Messages that cannot be written through a chat template (the API answers them with a 400)."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # stop | length | tool_calls
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+def check_backend(backend: str) -> None:
+    """Refuse, in one line, an inference backend whose package is not installed."""
+    if backend != "huggingface" and importlib.util.find_spec(backend) is None:
+        raise RecipeError(f"key 'infer_backend': {backend} needs the {backend} package (and a GPU it supports); "
+                          "it is not installed here: use infer_backend: huggingface")
+
+
+def conversation(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, str]]]:
+    """(system text, turns in the template's roles) from OpenAI-style messages; MessageError when they do not
+    alternate or do not end on the user side."""
+    system = ""
+    turns: list[dict[str, str]] = []
+    for index, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content") or ""
+        if role == "system" and index == 0:
+            system = content
+        elif role in USER_SIDE:
+            turns.append({"role": USER_SIDE[role], "content": content})
+        elif role == "assistant" and message.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": json.loads(c["function"].get("arguments") or "{}")}
+                     for c in message["tool_calls"]]
+            turns.append({"role": "function", "content": json.dumps(calls[0] if len(calls) == 1 else calls)})
+        elif role == "assistant":
+            turns.append({"role": "assistant", "content": content})
+        else:
+            raise MessageError(f"message {index}: role {role!r} is not one of system (first), user, assistant, tool")
+    for index, turn in enumerate(turns):
+        if (turn["role"] in ("user", "observation")) != (index % 2 == 0):
+            raise MessageError("messages must alternate user (or tool) and assistant turns")
+    if not turns or len(turns) % 2 == 0:
+        raise MessageError("the last message must be a user (or tool) message")
+    return system, turns
+
+
+def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """OpenAI tool_calls from a reply that calls tools, or None."""
+    blocks = TOOL_CALL.findall(text) or ([text.strip()] if text.strip().startswith("{") else [])
+    calls = []
+    for block in blocks:
+        try:
+            call = json.loads(block)
+        except ValueError:
+            return None
+        if not isinstance(call, dict) or "name" not in call:
+            return None
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}})
+    return calls or None
+
+
+class ChatEngine:
+    """Writes OpenAI-style messages through a named template and reads replies back; its subclasses generate
+    (HuggingFaceEngine here, tasks.inference_vllm.VllmEngine)."""
+
+    name: str
+    tokenizer: Any
+
+    def __init__(self, model_dir: Path, template: str, adapter_dir: Path | None, name: str):
+        from transformers import AutoTokenizer
+
+        self.name = name
+        # A trained adapter carries its tokenizer (special tokens it may have added); a bare one does not.
+        with_tokenizer = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(with_tokenizer or model_dir))
+        self.template = get_template(template)
+        if self.template.jinja and not self.tokenizer.chat_template:
+            raise RecipeError(f"key 'template': 'auto' needs a chat template in {model_dir}'s tokenizer; name one")
+        self.stops = stop_token_ids(self.tokenizer, self.template)
+
+    def prompt(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the conversation up to the assistant's reply."""
+        system, turns = conversation(messages)
+        row = {"prompt": turns, "system": system or self.template.default_system,
+               "tools": json.dumps(tools) if tools else ""}
+        ids, _ = prompt_and_reply(row, {"role": "assistant", "content": ""}, self.tokenizer, self.template)
+        return ids
+
+    def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
+                 tools: list[dict] | None = None) -> list[Generated]:
+        """n replies to the messages."""
+        raise NotImplementedError
+
+    def stream(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, stop: list[str] | None = None) -> ReplyStream:
+        """The reply, iterated as text pieces while it is generated; its Generated summary after."""
+        raise NotImplementedError
+
+    def finish(self, tokens: list[int], prompt_tokens: int, max_tokens: int, stop: list[str],
+               tools: list[dict] | None) -> Generated:
+        """A sampled reply cut at its stop, with its finish reason and any tool calls."""
+        kept = []
+        for token in tokens:
+            if token in self.stops:
+                break
+            kept.append(token)
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        for word in stop:
+            if word in text:
+                text = text[: text.index(word)]
+        reason = "length" if len(kept) >= max_tokens and len(tokens) >= max_tokens else "stop"
+        calls = parse_tool_calls(text) if tools else None
+        return Generated(text=text if not calls else "", prompt_tokens=prompt_tokens,
+                         completion_tokens=min(len(tokens), len(kept) + 1), finish_reason="tool_calls" if calls
+                         else reason, tool_calls=calls)
+
+
+class HuggingFaceEngine(ChatEngine):
+    """transformers' generate on a model plus an optional adapter, not merged."""
+
+    def __init__(self, model_dir: Path, template: str, adapter_dir: Path | None = None, name: str = "tunefactory"):
+        from transformers import AutoModelForCausalLM
+
+        super().__init__(model_dir, template, adapter_dir, name)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        self.model = model.eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
+        self.lock = threading.Lock()  # one generate at a time on this model
+
+    def options(self, max_tokens: int, temperature: float, top_p: float, stop: list[str]) -> dict[str, Any]:
+        sampling = {"do_sample": temperature > 0}
+        if temperature > 0:
+            sampling |= {"temperature": temperature, "top_p": top_p}
+        extra = {"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}
+        return {"max_new_tokens": max_tokens, "eos_token_id": self.stops, "pad_token_id": self.pad_id, **sampling,
+                **extra}
+
+    def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
+                 tools: list[dict] | None = None) -> list[Generated]:
+        """n replies to the messages."""
+        import torch
+
+        ids = self.prompt(messages, tools)
+        options = self.options(max_tokens, temperature, top_p, stop or [])
+        prompts = torch.tensor([ids] * n)
+        with self.lock, torch.no_grad():
+            output = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), **options)
+        return [self.finish(row[len(ids):].tolist(), len(ids), max_tokens, stop or [], tools) for row in output]
+
+    def stream(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, stop: list[str] | None = None) -> ReplyStream:
+        """The reply, iterated as text pieces while it is generated; its Generated summary after."""
+        return ReplyStream(self, self.prompt(messages), self.options(max_tokens, temperature, top_p, stop or []),
+                           max_tokens, stop or [])
+
+
+class Cancelled(StoppingCriteria):
+    """Ends generation once the reader has gone (a closed stream)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+class ReplyStream:
+    """One reply generated on a worker thread: iterate for text pieces (cut at a stop string); `result` holds
+    the whole reply's Generated once iteration ends. Closing the iterator early stops generation."""
+
+    def __init__(self, engine: HuggingFaceEngine, ids: list[int], options: dict[str, Any], max_tokens: int,
+                 stop: list[str]):
+        self.engine, self.ids, self.options, self.max_tokens, self.stop = engine, ids, options, max_tokens, stop
+        self.result: Generated | None = None
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating (safe from any thread); iteration ends at the next token."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        engine, cancelled = self.engine, self.cancelled
+        streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        output: list[list[int]] = []
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with engine.lock, torch.no_grad():
+                    prompt = torch.tensor([self.ids])
+                    sequences = engine.model.generate(
+                        input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([Cancelled(cancelled)]), **self.options)
+                output.append(sequences[0, len(self.ids):].tolist())
+            except BaseException as exc:  # handed to the reader, which re-raises it
+                failure.append(exc)
+                streamer.end()  # unblock the reader
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        shown = ""
+        try:
+            for piece in streamer:
+                shown += piece
+                cut = next((shown.index(word) for word in self.stop if word in shown), None)
+                if cut is not None:
+                    yield piece[: max(0, len(piece) - (len(shown) - cut))]
+                    break
+                yield piece
+        finally:
+            cancelled.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+        if output:
+            self.result = engine.finish(output[0], len(self.ids), self.max_tokens, self.stop, None)
+
+
+def load_engine(backend: str, model_dir: Path, template: str, adapter_dir: Path | None, name: str) -> ChatEngine:
+    """The engine for a recipe's `infer_backend`; one whose package is missing is refused in one line."""
+    check_backend(backend)
+    if backend == "vllm":
+        from tasks.inference_vllm import VllmEngine
+
+        return VllmEngine(model_dir, template, adapter_dir, name)
+    return HuggingFaceEngine(model_dir, template, adapter_dir, name)

@@ -1,0 +1,68 @@
+"""The vLLM engine for `infer_backend: vllm` (a CUDA machine with the vllm package). Prompts are written by the
+same template code as training and the Hugging Face engine; vLLM samples, with the adapter (unmerged) as a
+LoRA request.
+
+vLLM's offline `LLM` returns whole replies, so a stream from this engine arrives as one piece."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.inference import ChatEngine, Generated, parse_tool_calls
+
+
+class VllmEngine(ChatEngine):
+    def __init__(self, model_dir: Path, template: str, adapter_dir: Path | None = None, name: str = "tunefactory"):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        super().__init__(model_dir, template, adapter_dir, name)
+        options: dict[str, Any] = {}
+        self.lora = None
+        if adapter_dir is not None:
+            rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16)
+            options = {"enable_lora": True, "max_lora_rank": max(16, rank)}
+            self.lora = LoRARequest("adapter", 1, str(adapter_dir))
+        self.llm = LLM(model=str(model_dir), tokenizer=str(adapter_dir if adapter_dir else model_dir), **options)
+
+    def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
+                 tools: list[dict] | None = None) -> list[Generated]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = self.prompt(messages, tools)
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
+                                stop_token_ids=self.stops, skip_special_tokens=True)
+        output = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=self.lora,
+                                   use_tqdm=False)[0]
+        replies = []
+        for choice in output.outputs:
+            calls = parse_tool_calls(choice.text) if tools else None
+            replies.append(Generated(text="" if calls else choice.text, prompt_tokens=len(ids),
+                                     completion_tokens=len(choice.token_ids),
+                                     finish_reason="tool_calls" if calls else choice.finish_reason or "stop",
+                                     tool_calls=calls))
+        return replies
+
+    def stream(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, stop: list[str] | None = None) -> WholeReply:
+        self.prompt(messages)  # bad messages fail now, before a stream is opened
+        return WholeReply(lambda: self.generate(messages, max_tokens, temperature, top_p, stop)[0])
+
+
+class WholeReply:
+    """A stream of one piece: the whole reply."""
+
+    def __init__(self, produce):
+        self.produce, self.result = produce, None
+
+    def cancel(self) -> None:
+        """Nothing to stop: the reply is generated in one call."""
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = self.produce()
+        yield self.result.text

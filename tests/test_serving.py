@@ -1,0 +1,213 @@
+"""Chat and the OpenAI-compatible API: the official `openai` client against a real uvicorn server on localhost,
+the terminal chat through the CLI, engines built from a recipe's store artifacts."""
+
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from flows.api import Limits, create_app
+from flows.chat import chat_loop
+from flows.cli import main
+from flows.serving import engine_for
+from tasks.inference import HuggingFaceEngine, MessageError, conversation
+
+QUESTION = [{"role": "user", "content": "What does os.path.join do?"}]
+KEY = "sk-test-key"
+LIMITS = Limits(max_tokens=64, max_request_bytes=20_000, max_concurrency=1, max_n=4)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return HuggingFaceEngine(tiny_model_dir, "chatml", name="tiny")
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """The API on a free localhost port, served by uvicorn on a thread for the module's tests."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(create_app(engine, api_key=KEY, limits=LIMITS), host="127.0.0.1", port=port,
+                            log_level="warning")
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not running.started:
+        assert time.monotonic() < deadline, "the API server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    running.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0)
+
+
+def test_models_lists_the_served_model(client):
+    assert [model.id for model in client.models.list()] == ["tiny"]
+
+
+def test_a_completion_is_the_engines_greedy_reply_with_usage(client, engine):
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0)
+    expected = engine.generate(QUESTION, max_tokens=8)[0]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(engine.prompt(QUESTION)) and reply.usage.completion_tokens == 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+
+
+def test_a_stop_string_ends_the_reply_before_it(client):
+    free = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0)
+    assert free.choices[0].message.content.startswith("\n")  # the tiny model's greedy reply is newlines
+    stopped = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0,
+                                             stop=["\n"])
+    assert stopped.choices[0].message.content == "" and stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < 8
+
+
+def test_n_samples_several_choices(client):
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=6, temperature=1.0,
+                                           top_p=0.9, n=3)
+    assert [choice.index for choice in reply.choices] == [0, 1, 2]
+    assert reply.usage.completion_tokens == sum(6 for _ in reply.choices)  # a random model rarely stops early
+
+
+def test_streaming_sends_the_same_text_as_deltas_then_usage(client):
+    whole = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_a_wrong_api_key_is_refused(server):
+    stranger = openai.OpenAI(base_url=server, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        stranger.chat.completions.create(model="tiny", messages=QUESTION)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+
+
+def test_max_tokens_over_the_limit_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError, match="max_tokens 65 is more than this server's limit of 64") as err:
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=65)
+    assert err.value.body["param"] == "max_tokens"
+
+
+def test_malformed_requests_are_400s_that_say_why(client, server):
+    raw = httpx.post(f"{server}/chat/completions", content=b'{"model": "tiny", "messages": [',
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, temperature=7)
+    with pytest.raises(openai.BadRequestError, match="last message must be a user"):
+        client.chat.completions.create(model="tiny", messages=[*QUESTION, {"role": "assistant", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="stream with n > 1"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, n=2, stream=True)
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+
+
+def test_an_oversized_body_is_a_413(server):
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 30_000}]}
+    answer = httpx.post(f"{server}/chat/completions", json=big, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 413 and "at most 20000" in answer.json()["error"]["message"]
+
+
+def test_generations_past_the_concurrency_limit_are_a_429(client):
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=64, temperature=0,
+                                            stream=True)
+    next(iter(stream))  # the stream holds the only slot until it is read to the end or closed
+    with pytest.raises(openai.RateLimitError, match="already running or waiting"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4)
+    stream.close()  # the client goes: its slot comes back once the server notices
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the closed stream's slot was never given back"
+            time.sleep(0.2)
+
+
+def test_tools_are_offered_in_the_prompt_and_tool_calls_read_back(engine):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert '"name": "get_weather"' in engine.tokenizer.decode(engine.prompt(QUESTION, tools))
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    tokens = engine.tokenizer.encode(call, add_special_tokens=False) + engine.stops[:1]
+    reply = engine.finish(tokens, 10, 64, [], tools)
+    assert reply.finish_reason == "tool_calls" and reply.text == ""
+    assert reply.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    # A tool call made earlier and its result are written back into the conversation.
+    system, turns = conversation([*QUESTION, {"role": "assistant", "tool_calls": reply.tool_calls},
+                                  {"role": "tool", "content": "sunny"}])
+    assert [t["role"] for t in turns] == ["user", "function", "observation"]
+    assert json.loads(turns[1]["content"]) == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    with pytest.raises(MessageError, match="alternate"):
+        conversation([*QUESTION, *QUESTION])
+
+
+def test_chat_keeps_history_until_cleared(engine):
+    typed = io.StringIO("What is os?\nAnd sys?\n/clear\nHello\n/exit\n")
+    shown = io.StringIO()
+    history = chat_loop(engine, typed, shown, system="Be brief.", max_tokens=4)
+    assert [turn["content"] for turn in history if turn["role"] == "user"] == ["Hello"]
+    assert shown.getvalue().count("assistant> ") == 3 and "(history cleared)" in shown.getvalue()
+
+
+def test_chat_command_on_a_model_folder(tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))  # end of input leaves like /exit
+    assert main(["chat", str(tiny_model_dir), "--template", "chatml", "--max-tokens", "3"]) == 0
+    assert "user> assistant> " in capsys.readouterr().out
+
+
+def test_a_recipes_engine_is_its_trained_adapter_unmerged_built_once(write_recipe, workdir):
+    from peft import PeftModel
+
+    recipe = write_recipe(max_samples=8, eval_dataset=None)
+    engine = engine_for(str(recipe), [], None)
+    assert isinstance(engine.model, PeftModel) and engine.name == "recipe"
+    built = sorted(path.name for path in (workdir / "artifacts" / "train").iterdir())
+    assert len(built) == 1
+    again = engine_for(str(recipe), [], None)  # the store answers: nothing is trained twice
+    assert sorted(path.name for path in (workdir / "artifacts" / "train").iterdir()) == built
+    assert again.generate(QUESTION, max_tokens=4) == engine.generate(QUESTION, max_tokens=4)
+
+
+def test_a_missing_inference_backend_is_refused_in_one_line(write_recipe, capsys):
+    recipe = write_recipe(infer_backend="vllm")
+    assert main(["api", str(recipe)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "vllm needs the vllm package" in error
+
+
+def test_a_reward_model_recipe_does_not_chat(write_recipe, workdir, capsys):
+    recipe = write_recipe(stage="rm", dataset="pydoc_preferences", eval_dataset=None)
+    assert main(["chat", str(recipe)]) == 1
+    assert "a reward model (stage rm) scores replies; it does not chat" in capsys.readouterr().err
+    assert not (workdir / "artifacts" / "reward").exists()  # refused before anything was built
+
+
+def test_eval_command_scores_a_model_folder_on_an_exam(tiny_model_dir, workdir, capsys):
+    assert main(["eval", str(tiny_model_dir), "--set", "task=pystdlib_test", "--set", "template=chatml",
+                 "--set", "n_shot=0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("exam[base]\n# pystdlib (test, 0-shot)") and "exam_average" in out
+    assert main(["eval", str(tiny_model_dir)]) == 1
+    assert "needs an exam: --set task=" in capsys.readouterr().err
+
