@@ -9,9 +9,9 @@ import torch
 from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
 
 from flows.finetune import run_finetune
-from tasks.core.errors import DataError
+from tasks.core.errors import DataError, RecipeError
 from tasks.core.recipe import Recipe
-from tasks.exam import BUNDLED, CHOICES, exam_messages, read_split
+from tasks.exam import BUNDLED, CHOICES, exam_messages, hub_source, hub_split, read_split
 from tasks.templates import format_pairs, get_template
 from tests.conftest import tiny_recipe_values
 
@@ -90,3 +90,21 @@ def test_a_malformed_exam_row_is_named(tmp_path):
     with pytest.raises(DataError, match=r"numeric_test.csv, row 3: expected question,A,B,C,D,answer"):
         read_split(tmp_path / "pystdlib", "numeric", "test")
     assert CHOICES == "ABCD"
+
+
+def test_a_hub_exam_reads_each_subject_as_a_dataset_config(tmp_path, monkeypatch):
+    """The hub path, on a local folder laid out as a hub dataset repo (a config per subject, dev as `train`)."""
+    import datasets
+
+    rows = read_split(BUNDLED / "pystdlib", "numeric", "test")
+    for split, part in (("train", rows[:3]), ("test", rows)):
+        datasets.Dataset.from_list(part).to_parquet(tmp_path / f"numeric-{split}.parquet")
+    (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: numeric\n  data_files:\n"
+                                        "  - {split: train, path: numeric-train.parquet}\n"
+                                        "  - {split: test, path: numeric-test.parquet}\n---\n")
+    assert hub_split(f"hub:{tmp_path}@0123abc", "numeric", "dev") == rows[:3]
+    assert hub_split(f"hub:{tmp_path}@0123abc", "numeric", "test") == rows
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RecipeError, match="no exam 'mmlu' in someorg or the bundled exams, and the hub dataset "
+                                          "someorg/mmlu cannot be resolved"):
+        hub_source("someorg", "mmlu")
