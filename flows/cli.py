@@ -154,13 +154,15 @@ def dry_run(recipe, home: str | None) -> str:
     from tasks.core.store import ArtifactStore
 
     store = ArtifactStore(home)
-    lines = [f"store: {store.root}", f"{'stage':<28} {'key':<12} status"]
-    for planned in describe(plan_run(recipe, store), store):
+    described = describe(plan_run(recipe, store), store)
+    width = max([28, *(len(planned.step.label) + 1 for planned in described)])
+    lines = [f"store: {store.root}", f"{'stage':<{width}} {'key':<12} status"]
+    for planned in described:
         if planned.key is None:
-            lines.append(f"{planned.step.label:<28} {'-':<12} to build (after {planned.waits_for})")
+            lines.append(f"{planned.step.label:<{width}} {'-':<12} to build (after {planned.waits_for})")
         else:
             status = "cached" if planned.cached else "to build"
-            lines.append(f"{planned.step.label:<28} {planned.key[:12]:<12} {status}")
+            lines.append(f"{planned.step.label:<{width}} {planned.key[:12]:<12} {status}")
     return "\n".join(lines)
 
 

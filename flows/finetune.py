@@ -57,9 +57,10 @@ class RunSummary(BaseModel):
 
     def table(self) -> str:
         """The stage table and base-vs-tuned metrics, as plain text for the terminal."""
-        lines = [f"{'stage':<28} {'status':<7} {'key':<12} {'seconds':>8}"]
+        width = max([28, *(len(s.label) + 1 for s in self.stages)])
+        lines = [f"{'stage':<{width}} {'status':<7} {'key':<12} {'seconds':>8}"]
         lines += [
-            f"{s.label:<28} {'cached' if s.cached else 'built':<7} {s.key[:12]:<12} {s.seconds:>8.1f}"
+            f"{s.label:<{width}} {'cached' if s.cached else 'built':<7} {s.key[:12]:<12} {s.seconds:>8.1f}"
             for s in self.stages
         ]
         if self.metrics:
