@@ -157,6 +157,7 @@ CASES = {
     "save_dir": [({"task": "pystdlib_test"}, {"save_dir": "{out}"}, set())],
     "export_dir": [({}, {"export_dir": "{export}"}, {"export#0"})],
     "export_size": [({}, {"export_size": 1}, set()), ({"export_dir": "{export}"}, {"export_size": 1}, {"export#0"})],
+    "export_device": [({"export_dir": "{export}"}, {"export_device": "auto"}, set())],  # same bytes anywhere
     "export_legacy_format": [({}, {"export_legacy_format": True}, set()),
                              ({"export_dir": "{export}"}, {"export_legacy_format": True}, {"export#0"})],
 }
