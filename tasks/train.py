@@ -13,6 +13,13 @@ from typing import Literal
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.data_report import shuffled_padding_share
+from tasks.lean_training import (
+    FlatCollator,
+    flat_batches_supported,
+    restore_attention,
+    trainer_class,
+    use_varlen_attention,
+)
 from tasks.rows import load_rows
 from tasks.streaming import training_stream
 from tasks.train_common import (
@@ -41,8 +48,11 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, adapter: Step | None = No
     return STAGE.step("train", config, inputs, locators)
 
 
-def collator_for(data, tokenizer):
-    """Packed rows carry position_ids and need no attention mask (see tasks.packing); others pad per batch."""
+def collator_for(data, tokenizer, model):
+    """One unpadded row per batch where the model allows it (tasks.lean_training); otherwise packed rows carry
+    position_ids and need no attention mask (see tasks.packing), and others pad per batch."""
+    if flat_batches_supported(model):
+        return FlatCollator()
     if data.info.get("position_ids"):
         from tasks.packing import PackedCollator
 
@@ -53,12 +63,15 @@ def collator_for(data, tokenizer):
 
 
 def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, TrainingArguments
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = attach_trainable(load_base(model_dir, config), config, starting_adapter(ctx))
+    base = load_base(model_dir, config)
+    use_varlen_attention(base)
+    model = attach_trainable(base, config, starting_adapter(ctx))
+    collator = collator_for(data, tokenizer, model)
     padding = None
     if data.info["train"] == "stream":  # rows are aligned and tokenized lazily as training consumes them
         spec = json.loads(data.part("stream").read_text())
@@ -66,11 +79,14 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     else:
         train_rows = load_rows(data.part("train"))
         lengths = [len(ids) for ids in train_rows["input_ids"]]
-        padding = shuffled_padding_share(lengths, config.batch_size, config.seed)
+        flat = isinstance(collator, FlatCollator)
+        padding = 0.0 if flat else shuffled_padding_share(lengths, config.batch_size, config.seed)
     arguments = TrainingArguments(**arguments_values(config, ctx.staging), include_num_input_tokens_seen="non_padding")
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_rows,
-                      data_collator=collator_for(data, tokenizer), callbacks=[run_callback(ctx.run.mlflow_run_id)])
+    trainer = trainer_class()(model=model, args=arguments, train_dataset=train_rows,
+                              data_collator=collator,
+                              callbacks=[run_callback(ctx.run.mlflow_run_id)])
     summary = run_trainer(trainer, config, ctx, out) | {"padding_share": padding}
+    restore_attention(trainer.model, config.attn_implementation)
     weights = save_weights(trainer.model, tokenizer, config, out)
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
     kind = "adapter" if weights == "adapter" else "full_weights"
@@ -82,7 +98,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.packing",
-          "tasks.streaming", "tasks.encoding", "tasks.formats"),
+          "tasks.streaming", "tasks.encoding", "tasks.formats", "tasks.lean_training"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
     heavy=True,
 )

@@ -1,0 +1,186 @@
+"""Training steps that compute only what the loss uses: no pad tokens, no attention across samples, and
+the output head only where a label is.
+
+Three pieces, each through a supported transformers hook:
+- `FlatCollator` lays a batch out as ONE row of all its samples end to end (no padding), with
+  position_ids restarting per sample. The samples and their order are the batch's own: the optimizer
+  sees exactly the unpadded batch. The loss step derives the sample boundaries from the positions
+  (`cu_seq_lens_q`/`cu_seq_lens_k`, the names of transformers' flash-attention kwargs), and the model
+  forwards them to its attention function. (They are not part of the batch: accelerate's dispatcher for
+  streamed data slices every batch tensor along its first dimension.)
+- `varlen_sdpa_attention`, registered as the attention implementation "sdpa_varlen": causal SDPA run
+  sample by sample over those boundaries. One masked SDPA over the flattened row would cost the square of
+  the whole batch's length (on the CPU a boolean mask skips nothing); sample by sample it costs the sum of
+  the squares. Without boundaries (generation, evaluation) it is transformers' own SDPA, unchanged.
+- `LabelOnlyLossTrainer.compute_loss` asks the model for logits only at positions that predict a label
+  (`logits_to_keep` as a boolean mask): in SFT about a tenth of the positions, so most of the output
+  head's matmul, its full-vocabulary logits and their gradient are never computed. The loss is the same
+  token-mean cross-entropy the model's own loss computes (summed over `num_items_in_batch` under
+  gradient accumulation, as the Trainer expects).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.templates import IGNORE_INDEX
+
+VARLEN_ATTENTION = "sdpa_varlen"
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs: Any):
+    """Causal SDPA per sample of a flattened row (see the module docstring); transformers' SDPA otherwise."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    unsupported = kwargs.get("softcap") is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
+    if bounds is None or unsupported or (window and int(kwargs.get("max_length_q") or 0) > window):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    edges = bounds.tolist()
+    gqa = query.shape[1] != key.shape[1]
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for start, end in zip(edges[:-1], edges[1:], strict=True) if end > start
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> None:
+    """Make "sdpa_varlen" a valid attn_implementation (its masks are SDPA's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    if VARLEN_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+        AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+
+
+def sequence_starts(positions: Sequence[int]) -> list[int]:
+    """Offsets where a new sample begins in a row of position ids (each sample's positions start at 0)."""
+    return [index for index, position in enumerate(positions) if index == 0 or position <= positions[index - 1]]
+
+
+@dataclass(frozen=True)
+class FlatCollator:
+    """A batch of rows (unpacked, neat-packed with position_ids, or pretraining blocks) as one unpadded row."""
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for row in rows:
+            row_ids = list(row["input_ids"])
+            row_labels = list(row.get("labels", row_ids))  # pretraining blocks: labels = ids
+            row_positions = list(row.get("position_ids", range(len(row_ids))))
+            if not len(row_ids) == len(row_labels) == len(row_positions):
+                raise ValueError("rows need input_ids, labels and position_ids of equal length")
+            ids += row_ids
+            labels += row_labels
+            positions += row_positions
+        for start in sequence_starts(positions):  # never predict a sample's first token from the one before it
+            labels[start] = IGNORE_INDEX
+        return {key: torch.tensor([value], dtype=torch.long)
+                for key, value in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
+
+
+def sample_bounds(position_ids) -> dict[str, Any]:
+    """The flash-attention boundary kwargs of one flattened row, from its position ids."""
+    import torch
+
+    row = position_ids[0]
+    starts = torch.nonzero(row[1:] <= row[:-1]).flatten() + 1
+    bounds = torch.cat([row.new_zeros(1), starts, row.new_tensor([row.numel()])]).to(torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+
+
+def supports_label_only_logits(model) -> bool:
+    """True when the model's forward slices hidden states with a boolean `logits_to_keep` mask (transformers'
+    `slice_logits_to_keep`, used by nearly every causal LM it ships)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _slices_logits(type(base))
+
+
+@functools.cache
+def _slices_logits(model_class: type) -> bool:
+    if "logits_to_keep" not in inspect.signature(model_class.forward).parameters:
+        return False
+    module = sys.modules.get(model_class.__module__)
+    try:
+        return module is not None and "slice_logits_to_keep" in inspect.getsource(module)
+    except (OSError, TypeError):
+        return False
+
+
+def label_positions(labels):
+    """Next-token targets and the mask of positions that predict one (labels shifted left by one)."""
+    import torch
+
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    return targets, targets != IGNORE_INDEX
+
+
+def token_loss(logits, targets, num_items_in_batch=None):
+    """Token-mean cross-entropy, or the sum over `num_items_in_batch` tokens under gradient accumulation."""
+    import torch
+
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
+    total = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return total / num_items_in_batch
+
+
+def trainer_class():
+    """A transformers Trainer whose loss computes logits at label positions only (when the model can)."""
+    from transformers import Trainer
+
+    class LabelOnlyLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not supports_label_only_logits(self.accelerator.unwrap_model(model)):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = dict(inputs)
+            targets, keep = label_positions(inputs.pop("labels"))
+            if inputs.get("position_ids") is not None and inputs["position_ids"].shape[0] == 1:
+                inputs |= sample_bounds(inputs["position_ids"])
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            loss = token_loss(outputs.logits.reshape(-1, outputs.logits.shape[-1]), targets[keep], num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales the model's loss
+            return loss
+
+    return LabelOnlyLossTrainer
+
+
+def flat_batches_supported(model) -> bool:
+    """Flattened batches need a model whose masks follow position_ids (every model transformers ships
+    builds them with masking_utils); remote-code models keep padded batches."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__module__.startswith("transformers.models.")
+
+
+def use_varlen_attention(model) -> None:
+    """Swap SDPA for its per-sample form (a no-op for other attention implementations: flash-attention
+    reads the same boundaries itself, eager masks them from position_ids)."""
+    if model.config._attn_implementation == "sdpa":
+        register_varlen_attention()
+        model.set_attn_implementation(VARLEN_ATTENTION)
+
+
+def restore_attention(model, attn_implementation: str) -> None:
+    """Put back the attention implementation the model was loaded with, before it is saved or reused."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation == VARLEN_ATTENTION:
+        base.set_attn_implementation(attn_implementation)

@@ -1,0 +1,165 @@
+"""Padding-free batches, per-sample attention and label-only logits give the padded batch's loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.lean_training import (
+    VARLEN_ATTENTION,
+    FlatCollator,
+    label_positions,
+    register_varlen_attention,
+    sample_bounds,
+    sequence_starts,
+    supports_label_only_logits,
+    token_loss,
+    trainer_class,
+    varlen_sdpa_attention,
+)
+from tasks.packing import neat_pack
+from tests.conftest import tiny_llama_config
+
+ROWS = [  # prompts masked with -100, replies of different lengths: a batch that pads by 60%
+    {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100, -100, -100, -100, 9, 10, 11]},
+    {"input_ids": [12, 13, 14], "labels": [-100, 13, 14]},
+    {"input_ids": [15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26], "labels": [-100] * 9 + [24, 25, 26]},
+    {"input_ids": [27, 28], "labels": [-100, 28]},
+]
+
+
+def tiny_model(kv_heads: int = 2, attn: str = "sdpa"):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    register_varlen_attention()
+    config = tiny_llama_config(64, num_attention_heads=4, num_key_value_heads=kv_heads, attn_implementation=attn)
+    return LlamaForCausalLM(config).float()
+
+
+class PadOnly:
+    """Just enough of a tokenizer for DataCollatorForSeq2Seq: right padding with id 0 and an attention mask."""
+
+    pad_token_id = 0
+    padding_side = "right"
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def pad(self, features, **kwargs):
+        width = max(len(f["input_ids"]) for f in features)
+        return {"input_ids": torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features]),
+                "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"]))
+                                                for f in features])}
+
+
+def padded_collator():
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(PadOnly(), label_pad_token_id=-100, padding=True)
+
+
+def padded_loss(model, rows):
+    return model(**padded_collator()([dict(r) for r in rows])).loss
+
+
+def lean_loss(model, rows):
+    batch = FlatCollator()([dict(r) for r in rows])
+    batch |= sample_bounds(batch["position_ids"])
+    targets, keep = label_positions(batch.pop("labels"))
+    logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+    return token_loss(logits.reshape(-1, logits.shape[-1]), targets[keep])
+
+
+def gradients(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
+def test_flat_varlen_label_only_step_equals_the_padded_step(kv_heads):
+    model = tiny_model(kv_heads)
+    padded_loss(model, ROWS).backward()
+    expected = gradients(model)
+    model.zero_grad()
+    model.set_attn_implementation(VARLEN_ATTENTION)
+    loss = lean_loss(model, ROWS)
+    loss.backward()
+    assert loss.item() == pytest.approx(padded_loss(tiny_model(kv_heads), ROWS).item(), abs=1e-5)
+    got = gradients(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+
+
+def test_without_per_sample_attention_the_flat_loss_differs():
+    """Negative control: a flat row with plain causal attention across samples changes the loss."""
+    model = tiny_model()
+    batch = FlatCollator()([dict(r) for r in ROWS])
+    targets, keep = label_positions(batch.pop("labels"))
+    batch.pop("position_ids")  # positions run on: one long sequence, attention crosses samples
+    logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+    crossed = token_loss(logits.reshape(-1, logits.shape[-1]), targets[keep]).item()
+    assert abs(crossed - padded_loss(model, ROWS).item()) > 1e-3
+
+
+def test_output_head_sees_only_positions_that_predict_a_label():
+    model = tiny_model(attn=VARLEN_ATTENTION)
+    rows_seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape))
+    lean_loss(model, ROWS)
+    trained = sum(sum(label != -100 for label in row["labels"][1:]) for row in ROWS)
+    assert rows_seen == [torch.Size([trained, 32])]
+    assert trained < sum(len(row["input_ids"]) for row in ROWS) / 2
+
+
+def test_varlen_attention_equals_sdpa_with_a_block_diagonal_causal_mask():
+    torch.manual_seed(1)
+    query, key, value = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    bounds = torch.tensor([0, 3, 7, 10], dtype=torch.int32)
+    module = torch.nn.Module()
+    out, _ = varlen_sdpa_attention(module, query, key, value, None, cu_seq_lens_q=bounds, max_length_q=4)
+    sample = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    allowed = (sample[:, None] == sample[None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=allowed)
+    assert out.shape == (1, 10, 4, 8)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
+
+
+def test_flat_collator_marks_samples_and_never_predicts_across_them():
+    batch = FlatCollator()([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    bounds = sample_bounds(batch["position_ids"])
+    assert bounds["cu_seq_lens_q"].tolist() == [0, 3, 5] and bounds["max_length_q"] == 3
+
+
+def test_flat_collator_keeps_neat_packed_samples_apart_and_blocks_whole():
+    samples = [([1, 2, 3], [-100, 2, 3]), ([4, 5, 6, 7], [-100, -100, 6, 7]), ([8, 9], [-100, 9])]
+    packed = neat_pack(samples, cutoff_len=6)
+    batch = FlatCollator()(packed)
+    starts = sequence_starts(batch["position_ids"][0].tolist())
+    assert len(starts) == 3 and sample_bounds(batch["position_ids"])["cu_seq_lens_q"].tolist() == [*starts, 9]
+    assert sorted(batch["labels"][0].tolist()) == sorted([-100] * 4 + [2, 3, 6, 7, 9])
+    blocks = FlatCollator()([{"input_ids": [1, 2, 3, 4]}, {"input_ids": [5, 6, 7, 8]}])  # pretraining blocks
+    assert blocks["labels"].tolist() == [[-100, 2, 3, 4, -100, 6, 7, 8]]
+
+
+def test_label_only_trainer_trains_like_the_default_trainer(tmp_path):
+    """Two optimizer steps with gradient accumulation: the same weights as transformers' own loss path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    def train(trainer_type, collator, attn):
+        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        model = get_peft_model(tiny_model(attn=attn), lora)
+        args = TrainingArguments(output_dir=str(tmp_path / attn), per_device_train_batch_size=2, max_steps=2,
+                                 gradient_accumulation_steps=2, learning_rate=1e-2, report_to="none", use_cpu=True,
+                                 save_strategy="no", remove_unused_columns=False, seed=0, disable_tqdm=True)
+        trainer_type(model=model, args=args, train_dataset=ROWS * 2, data_collator=collator).train()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    expected = train(Trainer, padded_collator(), "sdpa")
+    got = train(trainer_class(), FlatCollator(), VARLEN_ATTENTION)
+    assert supports_label_only_logits(tiny_model())
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, atol=1e-5), name
