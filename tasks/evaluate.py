@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict
 from tasks.core.hardware import attn_implementation
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
+from tasks.lean_training import (
+    FlatCollator,
+    flat_batches_supported,
+    label_logits,
+    supports_label_only_logits,
+    use_varlen_attention,
+)
 from tasks.rows import load_rows
 
 
@@ -68,28 +75,45 @@ def batches(items: list, size: int):
 
 
 def perplexity(model, rows, pad_id: int, batch_size: int, progress: bool) -> dict[str, float]:
-    """exp(mean negative log-likelihood) over label tokens, summed exactly across batches."""
+    """exp(mean negative log-likelihood) over label tokens, summed exactly across batches. Each batch is one
+    unpadded row with logits only at label positions where the model allows it (tasks.lean_training)."""
     import torch
     from tqdm.auto import tqdm
 
+    lean = flat_batches_supported(model) and supports_label_only_logits(model)
+    collate = FlatCollator() if lean else padded_batch(pad_id)
     total_nll, total_tokens = 0.0, 0
-    pairs = list(zip(rows["input_ids"], rows["labels"], strict=True))
-    for batch in tqdm(list(batches(pairs, batch_size)), desc="perplexity", disable=not progress):
+    examples = [{"input_ids": i, "labels": labels} for i, labels in zip(rows["input_ids"], rows["labels"], strict=True)]
+    for batch in tqdm(list(batches(examples, batch_size)), desc="perplexity", disable=not progress):
         check_stop()
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+            if lean:
+                logits, targets = label_logits(model, collate(batch))
+            else:
+                inputs = collate(batch)
+                targets = inputs.pop("labels")[:, 1:]
+                logits = model(**inputs).logits[:, :-1]
+                logits = logits.reshape(-1, logits.shape[-1])
+        nll = torch.nn.functional.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
         total_nll += nll.item()
         total_tokens += int((targets != -100).sum())
     loss = total_nll / max(total_tokens, 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def padded_batch(pad_id: int):
+    """Right-padded input_ids, labels and attention_mask of a list of rows."""
+    import torch
+
+    def collate(rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        width = max(len(row["input_ids"]) for row in rows)
+        pad = [width - len(row["input_ids"]) for row in rows]
+        return {"input_ids": torch.tensor([r["input_ids"] + [pad_id] * n for r, n in zip(rows, pad, strict=True)]),
+                "labels": torch.tensor([r["labels"] + [-100] * n for r, n in zip(rows, pad, strict=True)]),
+                "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * n
+                                                for r, n in zip(rows, pad, strict=True)])}
+
+    return collate
 
 
 def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) -> dict[str, float]:
@@ -105,13 +129,12 @@ def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) 
                     strict=True))
     for batch in tqdm(list(batches(rows, batch_size)), desc="pairs", disable=not progress):
         check_stop()
-        sequences = [(c, cl) for c, cl, _, _ in batch] + [(r, rl) for _, _, r, rl in batch]
-        width = max(len(ids) for ids, _ in sequences)
-        ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in sequences])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in sequences])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in sequences])
+        sequences = [{"input_ids": c, "labels": cl} for c, cl, _, _ in batch]
+        sequences += [{"input_ids": r, "labels": rl} for _, _, r, rl in batch]
+        inputs = padded_batch(pad_id)(sequences)
+        labels = inputs.pop("labels")
         with torch.no_grad():
-            logps, label_mask = token_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+            logps, label_mask = token_logps(model(**inputs).logits, labels)
         chosen, rejected = sequence_logps(logps, label_mask, average=True).chunk(2)
         margins += (chosen - rejected).tolist()
     return {"pair_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
@@ -121,7 +144,8 @@ def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) 
 def generate(
     model, tokenizer, prompts: list[list[int]], config: EvaluateConfig, generation: dict[str, Any]
 ) -> list[str]:
-    """Replies to tokenized prompts, generated in left-padded batches."""
+    """Replies to tokenized prompts, generated in left-padded batches of prompts of similar length (so little
+    is padded), returned in the prompts' order."""
     import torch
     from tqdm.auto import tqdm
 
@@ -131,12 +155,13 @@ def generate(
     if sampling is not None:
         options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
                    "top_k": sampling.top_k}
-    replies = []
-    for batch in tqdm(list(batches(prompts, config.batch_size)), desc="generate", disable=not config.progress):
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    replies: dict[int, str] = {}
+    for batch in tqdm(list(batches(order, config.batch_size)), desc="generate", disable=not config.progress):
         check_stop()
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in batch])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
         with torch.no_grad():
             output = model.generate(
                 input_ids=ids,
@@ -147,8 +172,8 @@ def generate(
                 pad_token_id=pad_id,
                 **options,
             )
-        replies += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-    return [reply.strip() for reply in replies]
+        replies |= dict(zip(batch, tokenizer.batch_decode(output[:, width:], skip_special_tokens=True), strict=True))
+    return [replies[i].strip() for i in range(len(prompts))]
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -178,6 +203,7 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
     model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation)
+    use_varlen_attention(model)  # per-sample attention for the flattened perplexity batches; SDPA when generating
     model.eval()
     generation = json.loads(data.part("generation").read_text())
     metrics: dict[str, Any] = {}
@@ -212,7 +238,7 @@ STAGE = Stage(
     name="evaluate",
     plan=plan,
     build=build,
-    code=("tasks.evaluate", "tasks.metrics", "tasks.rows", "tasks.preference_losses"),
+    code=("tasks.evaluate", "tasks.metrics", "tasks.rows", "tasks.preference_losses", "tasks.lean_training"),
     libraries=("torch", "transformers", "evaluate", "rouge-score", "nltk"),
     heavy=True,
 )

@@ -143,6 +143,16 @@ def token_loss(logits, targets, num_items_in_batch=None):
     return total / num_items_in_batch
 
 
+def label_logits(model, batch: dict[str, Any]):
+    """Logits at the positions that predict a label, and those labels, for one padded or flattened batch."""
+    inputs = dict(batch)
+    targets, keep = label_positions(inputs.pop("labels"))
+    if inputs.get("position_ids") is not None and inputs["position_ids"].shape[0] == 1:
+        inputs |= sample_bounds(inputs["position_ids"])
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return logits.reshape(-1, logits.shape[-1]), targets[keep]
+
+
 def trainer_class():
     """A transformers Trainer whose loss computes logits at label positions only (when the model can)."""
     from transformers import Trainer
@@ -151,12 +161,7 @@ def trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not supports_label_only_logits(self.accelerator.unwrap_model(model)):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inputs = dict(inputs)
-            targets, keep = label_positions(inputs.pop("labels"))
-            if inputs.get("position_ids") is not None and inputs["position_ids"].shape[0] == 1:
-                inputs |= sample_bounds(inputs["position_ids"])
-            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-            loss = token_loss(outputs.logits.reshape(-1, outputs.logits.shape[-1]), targets[keep], num_items_in_batch)
+            loss = token_loss(*label_logits(model, inputs), num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales the model's loss
             return loss

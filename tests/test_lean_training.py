@@ -163,3 +163,34 @@ def test_label_only_trainer_trains_like_the_default_trainer(tmp_path):
     assert supports_label_only_logits(tiny_model())
     for name, value in expected.items():
         assert torch.allclose(got[name], value, atol=1e-5), name
+
+
+def test_evaluate_perplexity_on_flat_batches_equals_the_padded_computation():
+    from tasks.evaluate import padded_batch, perplexity
+
+    model = tiny_model(attn=VARLEN_ATTENTION).eval()
+    rows = {"input_ids": [r["input_ids"] for r in ROWS], "labels": [r["labels"] for r in ROWS]}
+    lean = perplexity(model, rows, pad_id=0, batch_size=3, progress=False)
+    inputs = padded_batch(0)([dict(r) for r in ROWS])
+    targets = inputs.pop("labels")[:, 1:]
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1), ignore_index=-100)
+    assert lean["eval_loss"] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_generation_in_length_sorted_batches_keeps_the_prompts_order():
+    from types import SimpleNamespace
+
+    from tasks.evaluate import generate
+
+    model = tiny_model(attn=VARLEN_ATTENTION).eval()
+    decode = lambda ids, skip_special_tokens: [" ".join(map(str, row)) for row in ids.tolist()]
+    tokenizer = SimpleNamespace(batch_decode=decode)
+    prompts = [r["input_ids"] for r in ROWS]
+    config = SimpleNamespace(sampling=None, batch_size=2, max_new_tokens=4, repetition_penalty=1.0, progress=False)
+    generation = {"pad_token_id": 0, "stop_token_ids": [1]}
+    batched = generate(model, tokenizer, prompts, config, generation)
+    one_by_one = [generate(model, tokenizer, [p], config, generation)[0] for p in prompts]
+    assert batched == one_by_one
+    assert len(set(batched)) > 1
