@@ -201,22 +201,24 @@ def run(args: argparse.Namespace) -> int:
     from tasks.core.recipe import load_recipe
     from tasks.core.store import ArtifactStore
 
-    recipe = load_recipe(args.recipe, args.overrides)
     if args.parallel is not None and args.parallel < 1:
         raise RecipeError(f"--parallel {args.parallel}: give at least 1")
     if args.dry_run:
-        print(dry_run(recipe, home_of(args)))
+        print(dry_run(load_recipe(args.recipe, args.overrides), home_of(args)))
         return 0
-    from flows.finetune import run_finetune
-    from flows.plan import plan_run
-    from flows.prefect_server import temporary_server
+    from flows.prefect_server import background_server
 
-    plan_run(recipe, ArtifactStore(home_of(args)))  # recipe and data-path mistakes fail here, before Prefect
-    if not args.debug:
-        quiet_user_errors()
-    with temporary_server():
-        summary = run_finetune(recipe, home=home_of(args), parallel=args.parallel,
-                               experiment=args.experiment or Path(args.recipe).stem)
+    with background_server() as server:  # it boots while the recipe is read and planned
+        recipe = load_recipe(args.recipe, args.overrides)
+        from flows.finetune import run_finetune
+        from flows.plan import plan_run
+
+        plan_run(recipe, ArtifactStore(home_of(args)))  # recipe and data-path mistakes fail here, before Prefect
+        if not args.debug:
+            quiet_user_errors()
+        with server.connected():
+            summary = run_finetune(recipe, home=home_of(args), parallel=args.parallel,
+                                   experiment=args.experiment or Path(args.recipe).stem)
     print(summary.table())
     return 0
 

@@ -36,36 +36,70 @@ def healthy(url: str) -> bool:
         return False
 
 
-@contextmanager
-def temporary_server() -> Iterator[str | None]:
-    """Yield the API URL of a server started for this command, or None if one is configured already."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+class BackgroundServer:
+    """`prefect server start` booting in its own session while the CLI goes on; `connected()` waits for it."""
 
-    if PREFECT_API_URL.value():
-        yield None
-        return
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
-               "--no-services", "--analytics-off"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    def __init__(self) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        prefect = Path(sys.executable).with_name("prefect")
+        self.command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
+                        "--no-services", "--analytics-off"]
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+
+    @contextmanager
+    def connected(self) -> Iterator[str]:
+        """Wait until the server answers, then point Prefect at it for the block."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
         deadline = time.monotonic() + STARTUP_SECONDS
-        while not healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Prefect server did not start ({' '.join(command)})")
-            time.sleep(0.2)
-        log.info("Prefect server for this run: %s (pid %d)", url, server.pid)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
-    finally:
+        while not healthy(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Prefect server did not start ({' '.join(self.command)})")
+            time.sleep(0.1)
+        log.info("Prefect server for this run: %s (pid %d)", self.url, self.process.pid)
+        with temporary_settings(updates={PREFECT_API_URL: self.url}):
+            yield self.url
+
+    def stop(self) -> None:
         from prefect.logging.handlers import APILogHandler
 
         APILogHandler().flush()  # send the run's queued log lines while the server is still there
-        server.terminate()
+        self.process.terminate()
         try:
-            server.wait(timeout=10)
+            self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            self.process.kill()
+            self.process.wait()
+
+
+class ConfiguredServer:
+    """The server PREFECT_API_URL names: nothing to start or stop."""
+
+    @contextmanager
+    def connected(self) -> Iterator[None]:
+        yield None
+
+    def stop(self) -> None:
+        pass
+
+
+@contextmanager
+def background_server() -> Iterator[BackgroundServer | ConfiguredServer]:
+    """Start a server for this command now (unless one is configured), so it boots while the recipe is read and
+    planned; stopped on the way out, however the command ends."""
+    from prefect.settings import PREFECT_API_URL
+
+    server = ConfiguredServer() if PREFECT_API_URL.value() else BackgroundServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def temporary_server() -> Iterator[str | None]:
+    """Yield the API URL of a server started for this command, or None if one is configured already."""
+    with background_server() as server, server.connected() as url:
+        yield url

@@ -323,23 +323,53 @@ def report_targets(report_to: str | list[str]) -> list[str]:
     return [n for n in names if n not in ("none", "mlflow")]
 
 
-def check_trainer_names(recipe: Recipe, source: str) -> None:
-    """Names that transformers resolves at train time, checked now: scheduler, optimizer, loggers."""
-    from transformers.integrations import get_available_reporting_integrations
+def trainer_names() -> dict[str, list[str]]:
+    """transformers' scheduler and optimizer names. Importing the modules that hold them takes seconds (they
+    pull in peft and bitsandbytes), so the names are kept in a cache file per transformers version."""
+    import importlib.metadata
+    import json
+    import os
+
+    version = importlib.metadata.version("transformers")
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache = cache_home / "tunefactory" / f"trainer-names-{version}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
+    names = {"lr_scheduler_type": [s.value for s in SchedulerType], "optim": [o.value for o in OptimizerNames]}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(names))
+        tmp.replace(cache)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError:
+        pass  # a read-only home only costs the import next time
+    return names
+
+
+def check_trainer_names(recipe: Recipe, source: str) -> None:
+    """Names that transformers resolves at train time, checked now: scheduler, optimizer, loggers."""
     training = recipe.training
+    names = trainer_names()
     for key, value, known in (
-        ("lr_scheduler_type", training.lr_scheduler_type, [s.value for s in SchedulerType]),
-        ("optim", training.optim, [o.value for o in OptimizerNames]),
+        ("lr_scheduler_type", training.lr_scheduler_type, names["lr_scheduler_type"]),
+        ("optim", training.optim, names["optim"]),
     ):
         if value not in known:
             match = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
             hint = f"; did you mean '{match[0]}'?" if match else f" (known: {', '.join(known)})"
             raise RecipeError(f"{source}: key '{key}': unknown value {value!r}{hint}")
+    targets = report_targets(training.report_to)
+    if not targets:
+        return
+    from transformers.integrations import get_available_reporting_integrations  # slow to import: only when asked
+
     available = get_available_reporting_integrations()
-    for name in report_targets(training.report_to):
+    for name in targets:
         if name == "all":
             continue
         if name not in available:
