@@ -86,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--keep-last", type=int, default=10, help="keep what the newest N finetune runs used")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     gc.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
+    verify = commands.add_parser("verify", help="re-hash every artifact (and a recipe's sources) instead of trusting "
+                                 "file status; damaged artifacts are rebuilt on the next run")
+    verify.add_argument("recipe", nargs="?", help="also re-read the sources this recipe plans from")
+    verify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    verify.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
     evaluate = commands.add_parser("eval", help="score a recipe's base and tuned models, or a model folder, on an exam")
     add_source_arguments(evaluate)
     evaluate.add_argument("--experiment", help="MLflow experiment (default: the recipe or folder name)")
@@ -337,6 +342,19 @@ def gc_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_command(args: argparse.Namespace) -> int:
+    from flows.verify import verify_store
+    from tasks.core.recipe import load_recipe
+    from tasks.core.store import ArtifactStore
+
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    result = verify_store(ArtifactStore(home_of(args)), recipe)
+    for artifact_id in result.damaged:
+        print(f"damaged {artifact_id}")
+    print(result.summary())
+    return 1 if result.damaged else 0
+
+
 def interrupt(signum, frame) -> None:
     """SIGTERM outside a flow run ends the command like Ctrl-C (inside one, Prefect turns it into a
     TerminationSignal); either way the `finally` blocks run and stop what the command started."""
@@ -365,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, interrupt)
     commands = {"run": run, "data": preview_data, "templates": templates, "retune": retune_command,
                 "export": export_command, "eval": eval_command, "chat": chat_command, "api": api_command,
-                "serve": serve_command, "compare": compare_command, "runs": runs_command, "gc": gc_command}
+                "serve": serve_command, "compare": compare_command, "runs": runs_command, "gc": gc_command,
+                "verify": verify_command}
     try:
         return commands[args.command](args)
     except TuneFactoryError as exc:

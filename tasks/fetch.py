@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.digest_cache import source_sha256
 from tasks.core.errors import DataError, read_utf8
-from tasks.core.hashing import file_sha256, tree_digest
+from tasks.core.hashing import tree_digest
 from tasks.core.registry import DatasetEntry
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 from tasks.rows import save_rows
@@ -72,7 +73,7 @@ def plan(entry: DatasetEntry, streaming: bool) -> Step:
         if not path.exists():
             raise DataError(f"dataset '{entry.name}': file not found: {path}")
         loader, files = local_files(path)
-        digest = tree_digest(path) if path.is_dir() else file_sha256(path)
+        digest = tree_digest(path) if path.is_dir() else source_sha256(path)
         relative = tuple(str(f.relative_to(path)) for f in files) if path.is_dir() else ()
         config = FetchConfig(source=digest, loader=loader, files=relative, hub=None,
                              num_samples=entry.num_samples, streaming=streaming)

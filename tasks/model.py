@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from tasks.core.digest_cache import source_sha256
 from tasks.core.errors import ModelError
 from tasks.core.hardware import storage_dtype, torch_dtype
-from tasks.core.hashing import file_sha256, tree_digest
+from tasks.core.hashing import tree_digest
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 
@@ -43,15 +44,16 @@ def resolve_source(name_or_path: str | None, gguf_file: str | None, revision: st
     if not name_or_path:
         directory = bundled_model_dir()
         return {"kind": "gguf", "path": str(directory), "gguf_file": BUNDLED_GGUF,
-                "digest": file_sha256(directory / BUNDLED_GGUF)}
+                "digest": source_sha256(directory / BUNDLED_GGUF)}
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return {"kind": "gguf", "path": str(path.parent), "gguf_file": path.name, "digest": file_sha256(path)}
+        return {"kind": "gguf", "path": str(path.parent), "gguf_file": path.name, "digest": source_sha256(path)}
     if path.is_dir():
         if gguf_file:
             if not (path / gguf_file).is_file():
                 raise ModelError(f"key 'gguf_file': {path / gguf_file} not found")
-            return {"kind": "gguf", "path": str(path), "gguf_file": gguf_file, "digest": file_sha256(path / gguf_file)}
+            digest = source_sha256(path / gguf_file)
+            return {"kind": "gguf", "path": str(path), "gguf_file": gguf_file, "digest": digest}
         read_config(path)
         return {"kind": "local", "path": str(path), "gguf_file": "", "digest": tree_digest(path)}
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:

@@ -13,6 +13,7 @@ import yaml
 # Isolate Prefect's database and result records, and MLflow, before anything imports them.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="tunefactory-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
+os.environ["TUNEFACTORY_CACHE_DIR"] = str(_SESSION_DIR / "cache")  # source digests, transformers option names
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -36,9 +36,12 @@ def tree_files(root: Path) -> list[Path]:
 
 
 def tree_digest(root: Path) -> str:
-    """Digest of a file or directory: relative paths and bytes of every file inside."""
+    """Digest of a source file or directory: relative paths and bytes of every file inside (read again only
+    for files whose status changed, see tasks.core.digest_cache)."""
+    from tasks.core.digest_cache import source_sha256
+
     return stable_hash(
-        {str(p.relative_to(root) if root.is_dir() else p.name): file_sha256(p) for p in tree_files(root)}
+        {str(p.relative_to(root) if root.is_dir() else p.name): source_sha256(p) for p in tree_files(root)}
     )
 
 

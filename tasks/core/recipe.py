@@ -330,9 +330,9 @@ def trainer_names() -> dict[str, list[str]]:
     import json
     import os
 
-    version = importlib.metadata.version("transformers")
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    cache = cache_home / "tunefactory" / f"trainer-names-{version}.json"
+    from tasks.core.digest_cache import cache_dir
+
+    cache = cache_dir() / f"trainer-names-{importlib.metadata.version('transformers')}.json"
     try:
         return json.loads(cache.read_text())
     except (OSError, ValueError):

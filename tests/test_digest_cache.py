@@ -1,0 +1,93 @@
+"""Source digests remembered by file status, and `tunefactory verify`, which trusts nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from flows.cli import main
+from flows.verify import verify_store
+from tasks.core import digest_cache
+from tasks.core.digest_cache import source_sha256, verifying
+from tasks.core.hashing import file_sha256, tree_digest
+from tasks.core.stage import RunContext, execute
+from tasks.core.store import ArtifactStore
+from tests.test_store import step
+
+
+@pytest.fixture
+def reads(monkeypatch, tmp_path):
+    """Count the files source_sha256 really reads; a cache of this test's own."""
+    monkeypatch.setenv("TUNEFACTORY_CACHE_DIR", str(tmp_path / "cache"))
+    counted: list[str] = []
+
+    def counting(path):
+        counted.append(os.path.basename(path))
+        return file_sha256(path)
+
+    monkeypatch.setattr(digest_cache, "file_sha256", counting)
+    return counted
+
+
+def settled(path, text: str):
+    """Write a file and date it a minute back (an old file, as sources usually are)."""
+    path.write_text(text)
+    past = time.time() - 60
+    os.utime(path, (past, past))
+    return path
+
+
+def test_an_unchanged_source_is_read_once(tmp_path, reads):
+    data = settled(tmp_path / "rows.jsonl", '{"a": 1}\n')
+    assert source_sha256(data) == source_sha256(data) == file_sha256(data)
+    assert reads == ["rows.jsonl"]
+
+
+def test_a_source_changed_in_place_is_read_again_even_with_its_old_size_and_mtime(tmp_path, reads):
+    data = settled(tmp_path / "rows.jsonl", '{"a": 1}\n')
+    before = source_sha256(data)
+    stat = data.stat()
+    data.write_text('{"a": 2}\n')  # same size
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime: only ctime tells
+    assert source_sha256(data) == file_sha256(data) != before
+    assert reads == ["rows.jsonl", "rows.jsonl"]
+
+
+def test_a_file_written_just_now_is_not_trusted_yet(tmp_path, reads):
+    data = tmp_path / "fresh.jsonl"
+    data.write_text("x\n")  # its mtime may not yet tell a second write in the same tick apart
+    source_sha256(data)
+    source_sha256(data)
+    assert reads == ["fresh.jsonl", "fresh.jsonl"]
+
+
+def test_verifying_reads_everything_and_a_folder_digest_uses_the_cache(tmp_path, reads):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        settled(folder / name, name)
+    first = tree_digest(folder)
+    assert tree_digest(folder) == first and len(reads) == 2
+    with verifying():
+        assert tree_digest(folder) == first
+    assert len(reads) == 4
+
+
+def test_verify_finds_damage_a_cache_hit_cannot_see_and_has_it_rebuilt(tmp_path):
+    store = ArtifactStore(tmp_path)
+    ref = execute(step(7), {}, RunContext(home=str(tmp_path)))
+    value = store.path(ref.stage, ref.key) / "value.json"
+    stat = value.stat()
+    value.write_text(json.dumps({"value": 8}))  # same size, then the old mtime back: bit rot
+    os.utime(value, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert store.lookup(ref.stage, ref.key) is not None  # the quick check trusts the status
+    result = verify_store(store)
+    assert result.damaged == [ref.id] and result.checked == 1
+    assert store.lookup(ref.stage, ref.key) is None  # set aside: the next run rebuilds it
+    rebuilt = execute(step(7), {}, RunContext(home=str(tmp_path)))
+    assert json.loads((store.path(rebuilt.stage, rebuilt.key) / "value.json").read_text()) == {"value": 7}
+    assert verify_store(store).damaged == []
+    assert main(["verify", "--home", str(tmp_path)]) == 0
