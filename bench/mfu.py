@@ -1,0 +1,112 @@
+"""Model FLOP utilisation of a LoRA SFT step: achieved training FLOP/s against this machine's fp32 matmul peak.
+
+The step is the train stage's own (tasks.lean_training: one unpadded row per batch, per-sample attention,
+logits only at label positions, AdamW on the adapter) on the bundled SmolLM2-135M-Instruct and the
+demo's rows (its chat template, cutoff 256, batch 8). FLOPs count the work the loss needs, on non-pad
+tokens only: every linear layer 2 FLOPs per weight per token forward and 2 backward (the base is frozen:
+gradients flow to activations, not to its weights), the LoRA matrices 6, the output head only at
+positions that predict a label, and causal attention 2 x 2 x hidden x sum of squared sample lengths / 2
+per layer forward, twice that backward. The peak is the best of repeated 2048 x 2048 fp32 matmuls.
+
+    python bench/mfu.py [--steps 6] [--batch 8] [--model FOLDER]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def matmul_peak(size: int = 2048, seconds: float = 3.0) -> float:
+    """Best fp32 GEMM rate in FLOP/s over a few seconds."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best, stop = 0.0, time.monotonic() + seconds
+    while time.monotonic() < stop:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def demo_rows(tokenizer, count: int, cutoff: int = 256) -> list[dict[str, list[int]]]:
+    """The demo's training rows through the model's chat template, prompt masked."""
+    rows = []
+    for line in (REPO / "configs" / "data" / "pydoc_summaries_train.jsonl").read_text().splitlines()[:count]:
+        row = json.loads(line)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}],
+                                               add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(row["output"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        ids = (prompt_ids + reply_ids)[:cutoff]
+        rows.append({"input_ids": ids, "labels": ([-100] * len(prompt_ids) + reply_ids)[:cutoff]})
+    return rows
+
+
+def step_flops(model, rows: list[dict[str, list[int]]], lora_params: int) -> float:
+    """The FLOPs one training step needs for these rows (see the module docstring)."""
+    config = model.config
+    head = config.vocab_size * config.hidden_size
+    linear = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n
+                 and "lora_" not in n and "lm_head" not in n)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    labelled = sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
+    squares = sum(len(r["input_ids"]) ** 2 for r in rows)
+    attention = 3 * config.num_hidden_layers * 2 * config.hidden_size * squares  # fwd 1x, bwd 2x, causal half of 4
+    return 4 * linear * tokens + 4 * head * labelled + 6 * lora_params * tokens + attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", type=Path,
+                        default=Path.home() / ".cache" / "tunefactory-bench" / "smollm2-135m-instruct")
+    args = parser.parse_args()
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.vs_llamafactory import import_model
+    from tasks.lean_training import FlatCollator, label_logits, token_loss, use_varlen_attention
+
+    folder = args.model if (args.model / "config.json").exists() else import_model(args.model.parent)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    use_varlen_attention(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = demo_rows(tokenizer, args.batch * (args.steps + 1))
+    collate = FlatCollator()
+    times, flops = [], []
+    for step in range(args.steps + 1):  # the first step warms up and is not counted
+        batch = rows[step * args.batch : (step + 1) * args.batch]
+        start = time.perf_counter()
+        token_loss(*label_logits(model, collate(batch))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step:
+            times.append(time.perf_counter() - start)
+            flops.append(step_flops(model, batch, lora))
+    peak = matmul_peak()
+    achieved = sum(flops) / sum(times)
+    print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} "
+          f"python={platform.python_version()}  date: {time.strftime('%Y-%m-%d')}")
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2048 x 2048)")
+    print(f"training: {args.steps} steps x batch {args.batch}, {sum(times) / len(times):.2f} s/step, "
+          f"{sum(flops) / len(flops) / 1e9:.1f} GFLOP/step -> {achieved / 1e9:.1f} GFLOP/s")
+    print(f"mfu={achieved / peak:.3f}")
+
+
+if __name__ == "__main__":
+    main()
