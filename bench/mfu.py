@@ -1,4 +1,4 @@
-"""Model FLOP utilisation of a LoRA SFT step: achieved training FLOP/s against this machine's fp32 matmul peak.
+"""Model FLOP utilisation of a LoRA SFT step: achieved training FLOP/s against this machine's matmul peak.
 
 The step is the train stage's own (tasks.lean_training: one unpadded row per batch, per-sample attention,
 logits only at label positions, AdamW on the adapter) on the bundled SmolLM2-135M-Instruct and the
@@ -6,7 +6,8 @@ demo's rows (its chat template, cutoff 256, batch 8). FLOPs count the work the l
 tokens only: every linear layer 2 FLOPs per weight per token forward and 2 backward (the base is frozen:
 gradients flow to activations, not to its weights), the LoRA matrices 6, the output head only at
 positions that predict a label, and causal attention 2 x 2 x hidden x sum of squared sample lengths / 2
-per layer forward, twice that backward. The peak is the best of repeated 2048 x 2048 fp32 matmuls.
+per layer forward, twice that backward. The peak is the best of repeated 2048 x 2048 matmuls in the
+step's precision (fp32, or bf16 with --bf16).
 
     python bench/mfu.py [--steps 6] [--batch 8] [--model FOLDER]
 """
@@ -25,11 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def matmul_peak(size: int = 2048, seconds: float = 3.0) -> float:
-    """Best fp32 GEMM rate in FLOP/s over a few seconds."""
+def matmul_peak(dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """Best GEMM rate in FLOP/s over a few seconds."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     best, stop = 0.0, time.monotonic() + seconds
     while time.monotonic() < stop:
         start = time.perf_counter()
@@ -69,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast; the peak is bf16's")
     parser.add_argument("--model", type=Path,
                         default=Path.home() / ".cache" / "tunefactory-bench" / "smollm2-135m-instruct")
     args = parser.parse_args()
@@ -92,17 +94,20 @@ def main() -> None:
     for step in range(args.steps + 1):  # the first step warms up and is not counted
         batch = rows[step * args.batch : (step + 1) * args.batch]
         start = time.perf_counter()
-        token_loss(*label_logits(model, collate(batch))).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = token_loss(*label_logits(model, collate(batch)))
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step:
             times.append(time.perf_counter() - start)
             flops.append(step_flops(model, batch, lora))
-    peak = matmul_peak()
+    fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    peak = bf16 if args.bf16 else fp32
     achieved = sum(flops) / sum(times)
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} "
           f"python={platform.python_version()}  date: {time.strftime('%Y-%m-%d')}")
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2048 x 2048)")
+    print(f"matmul peak (2048 x 2048): fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s")
     print(f"training: {args.steps} steps x batch {args.batch}, {sum(times) / len(times):.2f} s/step, "
           f"{sum(flops) / len(flops) / 1e9:.1f} GFLOP/step -> {achieved / 1e9:.1f} GFLOP/s")
     print(f"mfu={achieved / peak:.3f}")

@@ -9,6 +9,7 @@ import yaml
 
 from flows.plan import plan_run
 from tasks.core.errors import RecipeError
+from tasks.core.hardware import cpu_has_native_bf16, has_cuda
 from tasks.core.hashing import stable_hash
 from tasks.core.recipe import FIELD_SECTION, Recipe
 from tasks.model import BUNDLED_GGUF, bundled_model_dir
@@ -91,7 +92,8 @@ CASES = {
     "weight_decay": [({}, {"weight_decay": 0.1}, {"train"})],
     "max_grad_norm": [({}, {"max_grad_norm": 0.5}, {"train"})],
     "optim": [({}, {"optim": "sgd"}, {"train"})],
-    "bf16": [({}, {"bf16": True}, set())],  # a CPU trains in fp32 either way
+    # bf16 autocast where the hardware has bf16 instructions; an older CPU trains in fp32 either way
+    "bf16": [({}, {"bf16": True}, {"train"} if has_cuda() or cpu_has_native_bf16() else set())],
     "fp16": [({}, {"fp16": True}, set())],
     "seed": [({}, {"seed": 7}, {"train"}), ({"eval_dataset": None, "val_size": 4}, {"seed": 7}, {"tokenize", "train"}),
              ({"do_sample": True}, {"seed": 7}, {"train"} | EVALS)],

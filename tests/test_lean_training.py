@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from tasks.core.hardware import cpu_has_native_bf16
 from tasks.lean_training import (
     VARLEN_ATTENTION,
     FlatCollator,
@@ -194,3 +198,26 @@ def test_generation_in_length_sorted_batches_keeps_the_prompts_order():
     one_by_one = [generate(model, tokenizer, [p], config, generation)[0] for p in prompts]
     assert batched == one_by_one
     assert len(set(batched)) > 1
+
+
+def test_a_bf16_autocast_step_gives_nearly_the_fp32_loss():
+    """`bf16: true` on a CPU with bf16 instructions trains under autocast: the same step, rounded matmuls."""
+    model = tiny_model(attn=VARLEN_ATTENTION)
+    exact = lean_loss(model, ROWS).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = lean_loss(model, ROWS)
+    rounded.backward()
+    assert rounded.dtype == torch.float32 and rounded.item() == pytest.approx(exact, rel=2e-2)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 autocast on this CPU would be emulated")
+def test_bf16_recipe_trains_under_autocast_through_the_dag(write_recipe):
+    from flows.finetune import finetune
+    from tasks.core.recipe import load_recipe
+
+    summary = finetune(load_recipe(write_recipe(bf16=True, do_eval=False, max_steps=2)))
+    train = json.loads((Path(summary.artifacts["train"]) / "train_results.json").read_text())
+    manifest = json.loads((Path(summary.artifacts["train"]) / "manifest.json").read_text())
+    assert manifest["config"]["precision"] == "bf16" and train["global_step"] == 2
+    assert train["padding_share"] == 0.0 and train["tokens_trained"] > 0
