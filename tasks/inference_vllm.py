@@ -15,7 +15,7 @@ from tasks.inference import ChatEngine, Generated, parse_tool_calls
 
 
 class VllmEngine(ChatEngine):
-    def __init__(self, model_dir: Path, template: str, adapter_dir: Path | None = None, name: str = "tunefactory"):
+    def __init__(self, model_dir: Path, template, adapter_dir: Path | None = None, name: str = "tunefactory"):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 

@@ -48,7 +48,15 @@ CASES = {
     "dataset_dir": [({}, {"dataset_dir": "{data_copy}"}, set())],
     "allow_outside_dataset_dir": [({}, {"allow_outside_dataset_dir": True}, set())],
     "eval_dataset": [({}, {"eval_dataset": "mine"}, {"fetch#1", "align#1"})],
-    "template": [({}, {"template": "default"}, {"tokenize"})],
+    "template": [({}, {"template": "default"}, {"tokenize"}),
+                 ({}, {"template": None}, {"tokenize"})],  # then resolved against the model's tokenizer (keyed)
+    "default_system": [({}, {"default_system": "Be kind."}, {"tokenize"}),
+                       ({"task": "pystdlib_test"}, {"default_system": "Be kind."}, {"tokenize"} | EXAMS)],
+    "tool_format": [({}, {"tool_format": "qwen"}, {"tokenize"})],
+    "enable_thinking": [({}, {"enable_thinking": False}, set()),  # chatml has no thinking blocks
+                        ({"template": "qwen3"}, {"enable_thinking": False}, {"tokenize"})],
+    "preserve_thinking": [({}, {"preserve_thinking": True}, set()),
+                          ({"template": "qwen3"}, {"preserve_thinking": True}, {"tokenize"})],
     "cutoff_len": [({}, {"cutoff_len": 64}, {"tokenize"})],
     "train_on_prompt": [({}, {"train_on_prompt": True}, {"tokenize"})],
     "mask_history": [({}, {"mask_history": True}, {"tokenize"})],

@@ -350,3 +350,20 @@ def test_default_system_and_tool_format_override_the_template(tokenizer):
     pairs = encode_pairs(tokenizer, configured, CONVERSATION, "")
     assert tokenizer.decode([t for p in pairs for part in p for t in part]) == (
         "<|im_start|>system\nBe kind.<|im_end|>\n" + text)
+
+
+def test_without_a_template_the_tokenizers_own_is_used_else_default(tokenizer):
+    from tasks.core.recipe import Recipe
+    from tasks.templates import template_name
+    from tasks.templates.choice import TemplateChoice
+
+    data = Recipe.from_flat({}).data
+    assert data.template is None  # LlamaFactory's default: no template named
+    choice = TemplateChoice.of(data)
+    tokenizer.chat_template = None
+    assert template_name(None, tokenizer) == "default" and choice.load(tokenizer).name == "default"
+    tokenizer.chat_template = CHATML
+    assert template_name(None, tokenizer) == "auto" and choice.load(tokenizer).jinja
+    assert template_name("llama3", tokenizer) == "llama3"
+    assert TemplateChoice.of(data, name="qwen3").enable_thinking is True  # options apply to reasoning templates
+    assert choice.enable_thinking is None

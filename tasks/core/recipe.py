@@ -57,7 +57,14 @@ class DataSection(Section):
     allow_outside_dataset_dir: bool = option(
         False, "Let dataset_info.json point at files outside dataset_dir (off: paths are confined to it).")
     eval_dataset: str | None = option(None, "Registry dataset names to evaluate on, comma-separated.")
-    template: str = option("default", "Chat template name.")
+    template: str | None = option(
+        None, "Chat template name; empty: the tokenizer's own chat template (auto) if it has one, else default.")
+    default_system: str | None = option(None, "Replace the template's default system prompt.")
+    tool_format: Literal["default", "qwen", "llama3", "mistral"] | None = option(
+        None, "Write tool definitions and tool calls in this format instead of the template's own.")
+    enable_thinking: bool = option(
+        True, "Reasoning templates: train on the <think> block (false: drop thoughts, an empty block in the prompt).")
+    preserve_thinking: bool = option(False, "Reasoning templates: keep the thinking blocks of replies in history.")
     cutoff_len: int = option(2048, "Maximum tokens per sample after tokenization.", gt=0)
     train_on_prompt: bool = option(False, "Compute the loss on prompt tokens too.")
     mask_history: bool = option(False, "Train only on the last assistant turn.")
