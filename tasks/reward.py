@@ -25,7 +25,7 @@ from tasks.train_common import (
     training_values,
     write_results,
 )
-from tasks.train_methods import attach_trainable, save_weights, starting_adapter
+from tasks.train_methods import attach_trainable, grown_vocabulary, save_weights, starting_adapter
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -74,7 +74,8 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
     model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_classifier(model_dir, config, tokenizer.pad_token_id)
-    model = attach_trainable(model, config, starting_adapter(ctx), task_type="SEQ_CLS")
+    model = attach_trainable(model, config, starting_adapter(ctx), task_type="SEQ_CLS",
+                             train_embeddings=grown_vocabulary(ctx))
     arguments = RewardConfig(**arguments_values(config, ctx.staging), max_length=None, center_rewards_coefficient=None)
     pairs = load_rows(data.part("eval_pairs")) if data.has("eval_pairs") else None
     trainer = RewardTrainer(model=model, args=arguments, processing_class=tokenizer,

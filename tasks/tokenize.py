@@ -30,6 +30,7 @@ from tasks.rows import load_rows, save_rows
 from tasks.streaming import merged_aligned, training_stream
 from tasks.templates import stop_token_ids
 from tasks.templates.choice import TemplateChoice
+from tasks.vocab import check_template_tokens
 
 Packing = Literal["none", "blocks", "neat", "plain"]
 
@@ -137,6 +138,7 @@ def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
 
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model")))
     template = config.template.load(tokenizer)
+    check_template_tokens(tokenizer, template)
     check_cutoff(tokenizer, template, config)
     datasets.disable_caching()  # map() would otherwise write cache files into the input artifacts
     if config.streaming:
@@ -261,6 +263,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.tokenize", "tasks.objective_rows", "tasks.encoding", "tasks.templates", "tasks.data_report",
-          "tasks.packing", "tasks.mixing", "tasks.rows", "tasks.sources", "tasks.streaming", "tasks.formats"),
+          "tasks.packing", "tasks.mixing", "tasks.rows", "tasks.sources", "tasks.streaming", "tasks.formats",
+          "tasks.vocab"),
     libraries=("transformers", "tokenizers", "datasets"),
 )

@@ -25,7 +25,7 @@ from tasks.train_common import (
     training_values,
     write_results,
 )
-from tasks.train_methods import attach_trainable, load_base, save_weights, starting_adapter
+from tasks.train_methods import attach_trainable, grown_vocabulary, load_base, save_weights, starting_adapter
 
 
 class TrainConfig(TrainingConfig):
@@ -58,7 +58,8 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = attach_trainable(load_base(model_dir, config), config, starting_adapter(ctx))
+    model = attach_trainable(load_base(model_dir, config), config, starting_adapter(ctx),
+                             train_embeddings=grown_vocabulary(ctx))
     padding = None
     if data.info["train"] == "stream":  # rows are aligned and tokenized lazily as training consumes them
         spec = json.loads(data.part("stream").read_text())

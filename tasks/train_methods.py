@@ -114,16 +114,34 @@ def starting_adapter(ctx) -> Path | None:
     return adapter.part("adapter") if adapter is not None else None
 
 
-def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
+def grown_vocabulary(ctx) -> bool:
+    """Whether the model artifact added tokens (tasks.vocab): their embedding rows must then be trained."""
+    return bool(ctx.inputs["model"].info.get("added_token_ids"))
+
+
+def embedding_modules(model) -> list[str]:
+    """Short names of the input embedding and output head modules (LlamaFactory's additional_target)."""
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if name and any(module is target for target in wanted)})
+
+
+def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                tied: bool = False):
     from peft import LoraConfig
 
+    extra = {"modules_to_save": modules_to_save, "ensure_weight_tying": tied} if modules_to_save else {}
     return LoraConfig(task_type=task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora_targets(lora.target), use_dora=lora.use_dora, use_rslora=lora.use_rslora)
+                      target_modules=lora_targets(lora.target), use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                      **extra)
 
 
-def attach_trainable(model, config, adapter: Path | None = None, task_type: str = "CAUSAL_LM"):
+def attach_trainable(model, config, adapter: Path | None = None, task_type: str = "CAUSAL_LM",
+                     train_embeddings: bool = False):
     """Wrap or unfreeze the model according to finetuning_type; returns the model to train. With a starting
-    adapter (adapter_name_or_path), LoRA training continues that adapter instead of a new one."""
+    adapter (adapter_name_or_path), LoRA training continues that adapter instead of a new one. With
+    train_embeddings (the vocabulary grew), the embedding and head are trained too: LoRA saves them whole
+    (modules_to_save, as LlamaFactory's additional_target), freeze tuning unfreezes them."""
     import torch
 
     check_trainable(model, config.lora, config.freeze)
@@ -137,7 +155,9 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
         if adapter is not None:
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         else:
-            model = get_peft_model(model, lora_config(config.lora, task_type))
+            extra = embedding_modules(model) if train_embeddings else None
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            model = get_peft_model(model, lora_config(config.lora, task_type, extra, tied))
         for param in model.parameters():  # adapters train in fp32 even on a half-precision base
             if param.requires_grad:
                 param.data = param.data.to(torch.float32)
@@ -149,6 +169,10 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
         for name, param in model.named_parameters():
             match = LAYER_NUMBER.search(name)
             param.requires_grad = bool(match) and int(match.group(1)) in chosen
+        if train_embeddings:
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if module is not None:
+                    module.weight.requires_grad = True
     return model
 
 

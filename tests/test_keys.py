@@ -40,6 +40,15 @@ CASES = {
                           ({"quantization_bit": 8}, {"quantization_type": "fp4"}, set())],
     "double_quantization": [({}, {"double_quantization": False}, set()),
                             ({"quantization_bit": 4}, {"double_quantization": False}, {"train"})],
+    "resize_vocab": [({}, {"resize_vocab": True}, {"model"})],
+    "split_special_tokens": [({}, {"split_special_tokens": True}, {"model"})],
+    "add_tokens": [({}, {"add_tokens": "foo,bar"}, {"model"})],
+    "add_special_tokens": [({}, {"add_special_tokens": "<|x|>"}, {"model"})],
+    "new_special_tokens_config": [({}, {"new_special_tokens_config": "{tokens}"}, {"model"}),
+                                  ({"new_special_tokens_config": "{tokens}"},  # the same bytes elsewhere
+                                   {"new_special_tokens_config": "{tokens_copy}"}, set())],
+    "init_special_tokens": [({"new_special_tokens_config": "{tokens}"}, {"init_special_tokens": "desc_init"},
+                             {"model"})],
     "dataset": [({}, {"dataset": "renamed"}, set()),  # another registry name for the same file
                 # the bundled entry: the same file bytes (fetch unchanged) declared with its own column mapping
                 ({}, {"dataset": "pydoc_summaries"}, {"align#0"}),
@@ -49,6 +58,7 @@ CASES = {
     "allow_outside_dataset_dir": [({}, {"allow_outside_dataset_dir": True}, set())],
     "eval_dataset": [({}, {"eval_dataset": "mine"}, {"fetch#1", "align#1"})],
     "template": [({}, {"template": "default"}, {"tokenize"}),
+                 ({"resize_vocab": True}, {"template": "llama3"}, {"tokenize", "model"}),  # its stop tokens join
                  ({}, {"template": None}, {"tokenize"})],  # then resolved against the model's tokenizer (keyed)
     "default_system": [({}, {"default_system": "Be kind."}, {"tokenize"}),
                        ({"task": "pystdlib_test"}, {"default_system": "Be kind."}, {"tokenize"} | EXAMS)],
@@ -195,13 +205,16 @@ def places(tmp_path_factory, tiny_model_dir):
                             eval_dataset="pydoc_preferences_test")
     (root / "rm.yaml").write_text(yaml.safe_dump(rm))
     (root / "sft.yaml").write_text(yaml.safe_dump(tiny_recipe_values(tiny_model_dir)))
+    (root / "tokens.yaml").write_text("'<|x|>': a new token\n")
+    (root / "tokens_copy.yaml").write_text("'<|x|>': a new token\n")
     (root / "checkpoint").mkdir()
     (root / "checkpoint" / "trainer_state.json").write_text("{}")
     return {"model": str(tiny_model_dir), "copy": str(root / "copy"), "altered": str(root / "altered"),
             "bundled": str(bundled_model_dir()), "data": str(data), "data_copy": str(root / "data_copy"),
             "checkpoint": str(root / "checkpoint"), "adapter": str(adapter), "reward_folder": str(reward_folder),
             "rm_recipe": str(root / "rm.yaml"), "sft_recipe": str(root / "sft.yaml"), "out": str(root / "out"),
-            "export": str(root / "export")}
+            "export": str(root / "export"), "tokens": str(root / "tokens.yaml"),
+            "tokens_copy": str(root / "tokens_copy.yaml")}
 
 
 def fill(values: dict, places: dict) -> dict:

@@ -49,6 +49,16 @@ class ModelSection(Section):
     )
     quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit quantization data type.")
     double_quantization: bool = option(True, "Quantize the 4-bit quantization constants too.")
+    resize_vocab: bool = option(
+        False, "Grow the embeddings to the tokenizer, adding the template's missing stop tokens as special tokens.")
+    split_special_tokens: bool = option(False, "Tokenize special tokens' text as ordinary text, not as one token.")
+    add_tokens: str | None = option(None, "Non-special tokens to add to the vocabulary, comma-separated.")
+    add_special_tokens: str | None = option(None, "Special tokens to add to the vocabulary, comma-separated.")
+    new_special_tokens_config: str | None = option(
+        None, "YAML file mapping new special tokens to description texts (replaces add_special_tokens).")
+    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = option(
+        "noise_init", "New token rows start at the mean of the old rows plus noise, or (desc_init) at the mean of "
+        "their description's tokens.")
 
 
 class DataSection(Section):
@@ -258,6 +268,9 @@ def check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: keys 'streaming' and 'packing'/'neat_packing' cannot be combined")
     if data.streaming and 0 < data.val_size < 1:
         raise RecipeError(f"{source}: key 'val_size' must be a row count (>= 1) with streaming")
+    if recipe.model.init_special_tokens != "noise_init" and not recipe.model.new_special_tokens_config:
+        raise RecipeError(f"{source}: key 'init_special_tokens': {recipe.model.init_special_tokens} needs "
+                          "'new_special_tokens_config' (the token descriptions)")
     if data.mask_history and data.train_on_prompt:
         raise RecipeError(f"{source}: keys 'mask_history' and 'train_on_prompt' cannot both be true")
     if training.max_steps == 0 or training.max_steps < -1:
