@@ -78,7 +78,7 @@ def model_structure(model_step: Step, store: ArtifactStore | None):
     if model_step.config.source_kind == "local" and not model_step.config.trust_remote_code:
         return meta_model(Path(model_step.locators["path"]))
     found = store.lookup("model", model_step.stage.key(model_step.config, {})) if store else None
-    return meta_model(found.part("model")) if found else None
+    return meta_model(found.part("model")) if found and not found.info.get("trust_remote_code") else None
 
 
 def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[str, ...] = ()) -> Plan:

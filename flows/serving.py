@@ -59,4 +59,5 @@ def engine_for(source: str, overrides: list[str], home: str | None, template: st
             raise RecipeError(f"--adapter {adapter}: no adapter_config.json there (not a PEFT adapter folder)")
     name = path.stem if path.is_file() else path.name
     choice = TemplateChoice.of(recipe.data, name=template)  # the recipe's template options apply to --template too
-    return load_engine(recipe.model.infer_backend, model_dir, choice, adapter_dir, name)
+    return load_engine(recipe.model.infer_backend, model_dir, choice, adapter_dir, name,
+                       recipe.model.trust_remote_code)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from tasks.core.errors import DataError, RecipeError
 from tasks.core.hardware import attn_implementation
 from tasks.core.hashing import tree_digest
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
 from tasks.encoding import prompt_and_reply
@@ -182,8 +183,10 @@ def build(config: ExamConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = ctx.inputs["model"].part("model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation)
+    remote = remote_code(ctx.inputs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation,
+                                                 **remote)
     model.eval()
     template = config.template.load(tokenizer)
     folder = Path(ctx.locators["folder"]) if ctx.locators["folder"] else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.core.hardware import has_cuda
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
 from tasks.templates.choice import TemplateChoice
@@ -58,12 +59,13 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
 
     source = ctx.inputs["model"].part("model")
     device = "cuda" if config.device == "auto" and has_cuda() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device)
+    remote = remote_code(ctx.inputs["model"])
+    model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device, **remote)
     if config.legacy_format:
         save_legacy(model, out / "model", f"{config.shard_size_gb}GB")
     else:
         model.save_pretrained(str(out / "model"), max_shard_size=f"{config.shard_size_gb}GB")
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer = AutoTokenizer.from_pretrained(str(source), **remote)
     if config.template or not tokenizer.chat_template:  # apply_chat_template renders what the model learned
         tokenizer.chat_template = to_jinja((config.template or TemplateChoice(name="default")).load(tokenizer))
     tokenizer.save_pretrained(str(out / "model"))

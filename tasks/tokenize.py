@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.core.errors import DataError, RecipeError
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
 from tasks.data_report import preview_markdown
@@ -136,7 +137,8 @@ def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
     import datasets
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model")))
+    model = ctx.inputs["model"]
+    tokenizer = AutoTokenizer.from_pretrained(str(model.part("model")), **remote_code(model))
     template = config.template.load(tokenizer)
     check_template_tokens(tokenizer, template)
     check_cutoff(tokenizer, template, config)

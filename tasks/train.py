@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.data_report import shuffled_padding_share
@@ -57,8 +58,9 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = attach_trainable(load_base(model_dir, config), config, starting_adapter(ctx),
+    remote = remote_code(ctx.inputs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
+    model = attach_trainable(load_base(model_dir, config, **remote), config, starting_adapter(ctx),
                              train_embeddings=grown_vocabulary(ctx))
     padding = None
     if data.info["train"] == "stream":  # rows are aligned and tokenized lazily as training consumes them

@@ -58,10 +58,11 @@ def quantization_config(quant: QuantSettings | None, precision: str):
     )
 
 
-def load_base(model_dir: Path, config) -> Any:
+def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
+    kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation,
+                              "trust_remote_code": trust_remote_code}
     if quant := quantization_config(config.quantization, config.precision):
         kwargs["quantization_config"] = quant
     if config.precision == "fp32":
@@ -114,6 +115,20 @@ def starting_adapter(ctx) -> Path | None:
     return adapter.part("adapter") if adapter is not None else None
 
 
+def upcast(model, which: tuple[str, ...]) -> None:
+    """LlamaFactory's upcast_layernorm (1-d norm weights in float32) and upcast_lmhead_output (the head's
+    output cast to float32 by a forward hook)."""
+    import torch
+
+    if "layernorm" in which:
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and any(part in name for part in ("norm", "ln")):
+                param.data = param.data.to(torch.float32)
+    head = model.get_output_embeddings()
+    if "lmhead_output" in which and isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
+        head.register_forward_hook(lambda module, args, output: output.to(torch.float32))
+
+
 def grown_vocabulary(ctx) -> bool:
     """Whether the model artifact added tokens (tasks.vocab): their embedding rows must then be trained."""
     return bool(ctx.inputs["model"].info.get("added_token_ids"))
@@ -145,6 +160,7 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
     import torch
 
     check_trainable(model, config.lora, config.freeze)
+    upcast(model, getattr(config, "upcast", ()))
     if config.gradient_checkpointing and config.finetuning_type == "lora":
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     if config.finetuning_type == "lora":

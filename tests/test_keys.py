@@ -40,6 +40,11 @@ CASES = {
                           ({"quantization_bit": 8}, {"quantization_type": "fp4"}, set())],
     "double_quantization": [({}, {"double_quantization": False}, set()),
                             ({"quantization_bit": 4}, {"double_quantization": False}, {"train"})],
+    "rope_scaling": [({}, {"rope_scaling": "linear"}, {"model"})],
+    "upcast_layernorm": [({}, {"upcast_layernorm": True}, {"train"})],
+    "upcast_lmhead_output": [({}, {"upcast_lmhead_output": True}, {"train"})],
+    "low_cpu_mem_usage": [({}, {"low_cpu_mem_usage": False}, set())],  # transformers 5 ignores it
+    "train_from_scratch": [({}, {"train_from_scratch": True}, {"model"})],
     "resize_vocab": [({}, {"resize_vocab": True}, {"model"})],
     "split_special_tokens": [({}, {"split_special_tokens": True}, {"model"})],
     "add_tokens": [({}, {"add_tokens": "foo,bar"}, {"model"})],
@@ -67,7 +72,8 @@ CASES = {
                         ({"template": "qwen3"}, {"enable_thinking": False}, {"tokenize"})],
     "preserve_thinking": [({}, {"preserve_thinking": True}, set()),
                           ({"template": "qwen3"}, {"preserve_thinking": True}, {"tokenize"})],
-    "cutoff_len": [({}, {"cutoff_len": 64}, {"tokenize"})],
+    "cutoff_len": [({}, {"cutoff_len": 64}, {"tokenize"}),
+                   ({"rope_scaling": "linear"}, {"cutoff_len": 64}, {"tokenize", "model"})],  # RoPE stretched to it
     "train_on_prompt": [({}, {"train_on_prompt": True}, {"tokenize"})],
     "mask_history": [({}, {"mask_history": True}, {"tokenize"})],
     "max_samples": [({}, {"max_samples": 12}, {"tokenize"})],
@@ -112,7 +118,8 @@ CASES = {
     "bf16": [({}, {"bf16": True}, set())],  # a CPU trains in fp32 either way
     "fp16": [({}, {"fp16": True}, set())],
     "seed": [({}, {"seed": 7}, {"train"}), ({"eval_dataset": None, "val_size": 4}, {"seed": 7}, {"tokenize", "train"}),
-             ({"do_sample": True}, {"seed": 7}, {"train"} | EVALS)],
+             ({"do_sample": True}, {"seed": 7}, {"train"} | EVALS),
+             ({"train_from_scratch": True}, {"seed": 7}, {"model", "train"})],  # the random weights' seed
     "disable_gradient_checkpointing": [({}, {"disable_gradient_checkpointing": False}, set())],
     "logging_steps": [({}, {"logging_steps": 1}, set())],
     "save_steps": [({}, {"save_steps": 1}, set())],

@@ -153,5 +153,5 @@ def test_split_special_tokens_reaches_the_saved_tokenizer(tiny_model_dir):
 
     config = ModelConfig(source="x", source_kind="local", dtype="float32", trust_remote_code=False,
                          split_special_tokens=True)
-    _, tokenizer = load_source({"kind": "local", "path": str(tiny_model_dir), "gguf_file": ""}, config)
+    _, tokenizer, _ = load_source({"kind": "local", "path": str(tiny_model_dir), "gguf_file": ""}, config)
     assert len(tokenizer.encode("<|im_end|>", add_special_tokens=False)) > 1

@@ -49,6 +49,13 @@ class ModelSection(Section):
     )
     quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit quantization data type.")
     double_quantization: bool = option(True, "Quantize the 4-bit quantization constants too.")
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = option(
+        None, "Stretch RoPE when cutoff_len exceeds the model's context: factor ceil(cutoff_len / context).")
+    upcast_layernorm: bool = option(False, "Train with the layernorm weights in float32.")
+    upcast_lmhead_output: bool = option(False, "Compute the lm_head output in float32 while training.")
+    low_cpu_mem_usage: bool = option(
+        True, "Accepted for LlamaFactory recipes: transformers 5 always loads memory-efficiently.")
+    train_from_scratch: bool = option(False, "Start from random weights (the model's config, seeded) instead.")
     resize_vocab: bool = option(
         False, "Grow the embeddings to the tokenizer, adding the template's missing stop tokens as special tokens.")
     split_special_tokens: bool = option(False, "Tokenize special tokens' text as ordinary text, not as one token.")
