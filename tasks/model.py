@@ -196,10 +196,15 @@ def load_source(source: dict[str, str], config: ModelConfig):
 
 def build(config: ModelConfig, ctx: BuildContext, out: Path) -> Built:
     model, tokenizer, patches = load_source(ctx.locators, config)
-    # A GGUF import is dequantized on load; drop its quantizer so the checkpoint saves as plain weights.
-    model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    prequantized = None
+    if config.source_kind == "gguf":  # dequantized on load: drop its quantizer so it saves as plain weights
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    elif getattr(model.config, "quantization_config", None) is not None:  # GPTQ, AWQ, ...: kept as shipped
+        quant = model.config.quantization_config
+        prequantized = str(quant.get("quant_method") if isinstance(quant, dict) else
+                           getattr(quant, "quant_method", "unknown"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     grown = grow_vocabulary(model, tokenizer, config.tokens, config.special_tokens, config.init or "noise_init",
@@ -210,6 +215,7 @@ def build(config: ModelConfig, ctx: BuildContext, out: Path) -> Built:
     tokenizer.save_pretrained(str(out / "model"))
     info = {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": config.dtype, "trust_remote_code": config.trust_remote_code, **grown,
+            **({"prequantized": prequantized} if prequantized else {}),
             **({"patches": patches} if patches else {})}
     ctx.log.info("imported %s (%d parameters, %s)", info["architecture"], info["parameters"], info["dtype"])
     return Built("base_model", {"model": "model"}, info)

@@ -6,6 +6,7 @@ key, options that would train nothing (a lora_target matching no module, too man
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,12 @@ def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
 
     kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation,
                               "trust_remote_code": trust_remote_code}
-    if quant := quantization_config(config.quantization, config.precision):
-        kwargs["quantization_config"] = quant
+    shipped = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    if shipped and config.finetuning_type != "lora":  # a hub model found quantized only once imported
+        raise RecipeError(f"key 'finetuning_type': the model is already quantized "
+                          f"({shipped.get('quant_method', 'unknown')}); only finetuning_type: lora can train it")
+    if not shipped and (quant := quantization_config(config.quantization, config.precision)):
+        kwargs["quantization_config"] = quant  # a quantize artifact (or a GPTQ/AWQ model) is loaded as it is
     if config.precision == "fp32":
         kwargs["dtype"] = torch_dtype("float32")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
