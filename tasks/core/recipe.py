@@ -229,6 +229,9 @@ class Recipe(Section):
     def from_flat(cls, values: dict[str, Any], source: str = "recipe") -> Recipe:
         """Validate LlamaFactory-style flat keys; errors name the key and the source."""
         grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key in values:
+            if key in MULTIMODAL_KEYS:
+                raise RecipeError(f"{source}: key '{key}': image/video/audio inputs are not supported yet")
         for key, value in values.items():
             section = FIELD_SECTION.get(key)
             if section is None:
@@ -255,6 +258,11 @@ class Recipe(Section):
 
 
 FIELD_SECTION = {f: name for name, sec in SECTIONS.items() for f in sec.model_fields}
+# LlamaFactory's keys for image, video and audio inputs: a recipe using them is refused by name.
+MULTIMODAL_KEYS = {"image_max_pixels", "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches",
+                   "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video",
+                   "audio_sampling_rate", "media_dir", "freeze_vision_tower", "freeze_multi_modal_projector",
+                   "freeze_language_model", "train_mm_proj_only"}
 
 
 def _suggestion(key: str) -> str:

@@ -40,8 +40,21 @@ def collect(templates: list[Template]) -> dict[str, Template]:
 TEMPLATES: dict[str, Template] = collect([t for family in FAMILIES for t in family.TEMPLATES] + [AUTO])
 
 
+# LlamaFactory's templates for image/video/audio models that have no text-only declaration here.
+MULTIMODAL = {"ernie_vl", "glm4v", "glm4_5v", "glm_ocr", "granite3_vision", "intern_vl", "intern_s1", "keye_vl",
+              "kimi_vl", "lfm2_vl", "mllama", "llava", "llava_next", "llava_next_llama3", "llava_next_mistral",
+              "llava_next_qwen", "llava_next_yi", "llava_next_video", "llava_next_video_mistral",
+              "llava_next_video_yi", "mimo_vl", "minicpm_v", "minicpm_v_4_6", "minicpm_o", "ministral3", "paligemma",
+              "paligemma_chat", "pixtral", "qwen2_audio", "qwen2_vl", "qwen3_vl", "qwen3_vl_nothink",
+              "video_llava", "yi_vl", "youtu_vl", "moss_vl", "qwen2_omni", "qwen3_omni", "qwen3_omni_nothink",
+              "dots_ocr"}
+
+
 def check_template(name: str | None) -> None:
     """A RecipeError listing the known names unless name is one of them (None: chosen by the tokenizer)."""
+    if name in MULTIMODAL:
+        raise RecipeError(f"key 'template': '{name}' is a multimodal template; image/video/audio inputs are not "
+                          "supported yet")
     if name is not None and name not in TEMPLATES:
         raise RecipeError(f"key 'template': unknown template '{name}' (known: {', '.join(sorted(TEMPLATES))})")
 
