@@ -39,6 +39,7 @@ CASES = {
     "quantization_type": [({}, {"quantization_type": "fp4"}, set()),
                           ({"quantization_bit": 4}, {"quantization_type": "fp4"}, {"quantize", "train"}),
                           ({"quantization_bit": 8}, {"quantization_type": "fp4"}, set())],
+    "quantization_method": [({"quantization_bit": 4}, {"quantization_method": "bnb"}, set())],  # the only one
     "double_quantization": [({}, {"double_quantization": False}, set()),
                             ({"quantization_bit": 4}, {"double_quantization": False}, {"quantize", "train"})],
     "rope_scaling": [({}, {"rope_scaling": "linear"}, {"model"})],

@@ -48,6 +48,8 @@ class ModelSection(Section):
         None, "Load the base model in 4- or 8-bit with bitsandbytes for training (QLoRA)."
     )
     quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit quantization data type.")
+    quantization_method: Literal["bnb", "hqq", "eetq"] = option(
+        "bnb", "On-the-fly quantization backend for quantization_bit; bnb (bitsandbytes) only.")
     double_quantization: bool = option(True, "Quantize the 4-bit quantization constants too.")
     rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = option(
         None, "Stretch RoPE when cutoff_len exceeds the model's context: factor ceil(cutoff_len / context).")
@@ -275,6 +277,9 @@ def check_combinations(recipe: Recipe, source: str) -> None:
     data, training = recipe.data, recipe.training
     if training.bf16 and training.fp16:
         raise RecipeError(f"{source}: keys 'bf16' and 'fp16' are both true; choose one")
+    if recipe.model.quantization_method != "bnb":
+        raise RecipeError(f"{source}: key 'quantization_method': {recipe.model.quantization_method} is not supported; "
+                          "quantization_bit quantizes with bitsandbytes (bnb)")
     if recipe.model.quantization_bit and recipe.finetuning.finetuning_type != "lora":
         raise RecipeError(f"{source}: key 'quantization_bit' needs finetuning_type: lora (QLoRA)")
     if data.streaming and training.max_steps <= 0:
