@@ -55,6 +55,7 @@ def build(config: QuantizeConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     imported = ctx.inputs["model"]
+    check_prequantized(imported.info.get("prequantized"), "lora", config.quantization.bits)  # a hub model
     source, remote = imported.part("model"), remote_code(imported)
     quant = quantization_config(config.quantization, config.compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=quant, **remote)

@@ -77,7 +77,8 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     weights = save_weights(trainer.model, tokenizer, config, out)
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
     kind = "adapter" if weights == "adapter" else "full_weights"
-    return Built(kind, {weights: weights, **REPORTS}, summary, reports=tuple(REPORTS))
+    patches = {"upcast": list(config.upcast)} if config.upcast else {}
+    return Built(kind, {weights: weights, **REPORTS}, summary | patches, reports=tuple(REPORTS))
 
 
 STAGE = Stage(
