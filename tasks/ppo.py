@@ -39,7 +39,14 @@ from tasks.ppo_math import (
 from tasks.reward import VALUE_HEAD
 from tasks.rows import load_rows
 from tasks.train_common import REPORTS, TrainingConfig, training_locators, training_values, write_history, write_results
-from tasks.train_methods import QuantSettings, attach_trainable, load_base, quantization_config, starting_adapter
+from tasks.train_methods import (
+    QuantSettings,
+    attach_trainable,
+    grown_vocabulary,
+    load_base,
+    quantization_config,
+    starting_adapter,
+)
 
 POLICY, REWARD = "default", "reward"
 
@@ -329,7 +336,7 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
 
     data = ctx.inputs["data"]
     model = attach_trainable(load_base(ctx.inputs["model"].part("model"), config, **remote_code(ctx.inputs["model"])),
-                             config, starting_adapter(ctx))
+                             config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
     reward_head, classifier = reward_parts(ctx, config, model)
     critic = linear_head(reward_head.weight.detach(), trainable=True)  # the critic starts as the reward head
     shared = SharedModel(model, critic, reward_head, classifier)
