@@ -197,7 +197,7 @@ def templates(args: argparse.Namespace) -> int:
         print(render_sample(args.name, tokenizer))
         return 0
     for name, description in list_templates():
-        print(f"{name:<14} {description}")
+        print(f"{name:<16} {description}")
     return 0
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 
 from flows.chaining import deduplicated, resolve, same_base
 from flows.user_output import check_target
-from tasks import align, evaluate, exam, export, fetch, merge, model, ppo, preference, reward, tokenize, train
+from tasks import align, evaluate, exam, export, fetch, merge, model, ppo, preference, quantize, reward, tokenize, train
 from tasks.core.errors import RecipeError
+from tasks.core.hardware import mixed_precision
 from tasks.core.recipe import Recipe
 from tasks.core.registry import DatasetEntry, resolve_datasets
 from tasks.core.stage import Step
 from tasks.core.store import ArtifactRef, ArtifactStore
 from tasks.formats import dataset_kind
+from tasks.quantize import check_prequantized, prequantized
 from tasks.train_methods import check_trainable, meta_model
 
 DATA_STAGES = {"fetch", "align", "tokenize"}
@@ -78,7 +80,7 @@ def model_structure(model_step: Step, store: ArtifactStore | None):
     if model_step.config.source_kind == "local" and not model_step.config.trust_remote_code:
         return meta_model(Path(model_step.locators["path"]))
     found = store.lookup("model", model_step.stage.key(model_step.config, {})) if store else None
-    return meta_model(found.part("model")) if found else None
+    return meta_model(found.part("model")) if found and not found.info.get("trust_remote_code") else None
 
 
 def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[str, ...] = ()) -> Plan:
@@ -101,7 +103,13 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
         steps.append(tokenized)
     scored = {"base": base}
     if recipe.finetuning.do_train:
-        upstream, trained = trainer_step(recipe, tokenized, base, store, chain)
+        check_prequantized(prequantized_method(base), recipe.finetuning.finetuning_type,
+                           recipe.model.quantization_bit)
+        loaded = base  # what the trainer loads: the quantized checkpoint for QLoRA
+        if recipe.model.quantization_bit:
+            loaded = quantize.plan(recipe, base, mixed_precision(recipe.training.bf16, recipe.training.fp16))
+            steps.append(loaded)
+        upstream, trained = trainer_step(recipe, tokenized, base, store, chain, loaded)
         structure = model_structure(base, store)
         if structure is not None:
             check_trainable(structure, trained.config.lora, trained.config.freeze)
@@ -141,10 +149,18 @@ def plan_export(recipe: Recipe, store: ArtifactStore | None = None) -> Plan:
     return Plan(tuple(deduplicated(steps)))
 
 
+def prequantized_method(model_step: Step) -> str | None:
+    """The quantization a local model folder ships with (GPTQ, AWQ, ...), read from its config.json."""
+    if model_step.config.source_kind != "local":
+        return None
+    return prequantized(model.read_config(Path(model_step.locators["path"])))
+
+
 def trainer_step(recipe: Recipe, tokenized: Step, base: Step, store: ArtifactStore | None,
-                 chain: tuple[str, ...]) -> tuple[list[Step], Step]:
-    """The objective's training step, and the steps of what it starts from (adapter_name_or_path), scores with
-    (reward_model) or compares to (ref_model)."""
+                 chain: tuple[str, ...], loaded: Step | None = None) -> tuple[list[Step], Step]:
+    """The objective's training step (on `loaded`, the base or its quantized checkpoint), and the steps of
+    what it starts from (adapter_name_or_path), scores with (reward_model) or compares to (ref_model)."""
+    loaded = loaded or base
     def upstream_plan(upstream: Recipe, path: str) -> list[Step]:
         return list(plan_run(upstream, store, (*chain, path)).steps)
 
@@ -157,19 +173,19 @@ def trainer_step(recipe: Recipe, tokenized: Step, base: Step, store: ArtifactSto
         same_base(base, steps, "adapter_name_or_path")
         upstream += steps + [start]
     if objective in ("pt", "sft"):
-        return upstream, train.plan(recipe, tokenized, base, start)
+        return upstream, train.plan(recipe, tokenized, loaded, start)
     if objective == "rm":
-        return upstream, reward.plan(recipe, tokenized, base, start)
+        return upstream, reward.plan(recipe, tokenized, loaded, start)
     if objective in ("dpo", "kto"):
         reference = None
         if rlhf.ref_model:
             reference = replace(model.plan(recipe.replace(model_name_or_path=rlhf.ref_model, gguf_file=None)),
                                 label="model[ref]")
             upstream.append(reference)
-        return upstream, preference.plan(recipe, tokenized, base, start, reference)
+        return upstream, preference.plan(recipe, tokenized, loaded, start, reference)
     scorer, steps = resolve(rlhf.reward_model, "reward_model", "reward_model", store, upstream_plan, chain)
     same_base(base, steps, "reward_model")
-    return upstream + steps + [scorer], ppo.plan(recipe, tokenized, base, scorer, start)
+    return upstream + steps + [scorer], ppo.plan(recipe, tokenized, loaded, scorer, start)
 
 
 def check_targets(recipe: Recipe) -> None:

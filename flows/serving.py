@@ -12,6 +12,7 @@ from tasks.core.errors import RecipeError
 from tasks.core.stage import Step, run_in_process
 from tasks.core.store import ArtifactStore
 from tasks.inference import ChatEngine, check_backend, load_engine
+from tasks.templates.choice import TemplateChoice
 
 
 def needed(plan: Plan, label: str) -> list[Step]:
@@ -57,4 +58,6 @@ def engine_for(source: str, overrides: list[str], home: str | None, template: st
         if not (adapter_dir / "adapter_config.json").is_file():
             raise RecipeError(f"--adapter {adapter}: no adapter_config.json there (not a PEFT adapter folder)")
     name = path.stem if path.is_file() else path.name
-    return load_engine(recipe.model.infer_backend, model_dir, template or recipe.data.template, adapter_dir, name)
+    choice = TemplateChoice.of(recipe.data, name=template)  # the recipe's template options apply to --template too
+    return load_engine(recipe.model.infer_backend, model_dir, choice, adapter_dir, name,
+                       recipe.model.trust_remote_code)

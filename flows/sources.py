@@ -13,13 +13,6 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def folder_template(path: Path) -> str:
-    """The tokenizer's own chat template when it has one ('auto'), else the plain 'default' template."""
-    from transformers import AutoTokenizer
-
-    return "auto" if AutoTokenizer.from_pretrained(str(path)).chat_template else "default"
-
-
 def source_recipe(source: str, overrides: list[str]) -> Recipe:
     """The recipe file with its overrides, or a model folder as a recipe with do_train false."""
     path = Path(source)
@@ -28,5 +21,5 @@ def source_recipe(source: str, overrides: list[str]) -> Recipe:
     if not is_model_folder(path):
         raise RecipeError(f"{source}: neither a recipe file nor a model folder (no config.json)")
     values = {"model_name_or_path": str(path.resolve()), "do_train": False, **dict(map(parse_override, overrides))}
-    values.setdefault("template", folder_template(path))
+    # No template: the folder's own chat template (auto) when its tokenizer has one, else default.
     return Recipe.from_flat(values, source=str(path))

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.hardware import attn_implementation
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
 from tasks.lean_training import (
@@ -201,8 +202,10 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation)
+    remote = remote_code(ctx.inputs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation,
+                                                 **remote)
     use_varlen_attention(model)  # per-sample attention for the flattened perplexity batches; SDPA when generating
     model.eval()
     generation = json.loads(data.part("generation").read_text())

@@ -23,10 +23,11 @@ from typing import Any, Literal
 from tasks.core.errors import DataError, RecipeError
 from tasks.core.hardware import attn_implementation
 from tasks.core.hashing import tree_digest
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
 from tasks.encoding import prompt_and_reply
-from tasks.templates import get_template
+from tasks.templates.choice import TemplateChoice
 
 CHOICES = "ABCD"
 BUNDLED = Path(__file__).resolve().parents[1] / "configs" / "exams"
@@ -42,7 +43,7 @@ class ExamConfig(StageConfig):
     source: str  # content digest of the exam folder, or hub repo and commit
     lang: Literal["en", "zh"]
     n_shot: int
-    template: str
+    template: TemplateChoice
     batch_size: int  # shapes padding, and so the last digits of the logits
     attn_implementation: str
     progress: bool = unkeyed(True)
@@ -80,9 +81,8 @@ def plan(recipe: Recipe, scored: Step, role: str) -> Step:
     name, split = task_parts(e.task)
     folder = exam_folder(e.task_dir, name)
     source = tree_digest(folder) if folder else hub_source(e.task_dir, name)
-    get_template(recipe.data.template)
     config = ExamConfig(exam=name, split=split, source=source, lang=e.lang, n_shot=e.n_shot,
-                        template=recipe.data.template, batch_size=e.batch_size,
+                        template=TemplateChoice.of(recipe.data), batch_size=e.batch_size,
                         attn_implementation=attn_implementation(recipe.model.flash_attn))
     locators = {"folder": str(folder) if folder else "", "hub": "" if folder else source, "role": role}
     return STAGE.step(f"exam[{role}]", config, {"model": scored}, locators)
@@ -183,10 +183,12 @@ def build(config: ExamConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = ctx.inputs["model"].part("model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation)
+    remote = remote_code(ctx.inputs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation,
+                                                 **remote)
     model.eval()
-    template = get_template(config.template)
+    template = config.template.load(tokenizer)
     folder = Path(ctx.locators["folder"]) if ctx.locators["folder"] else None
     if folder is not None:
         mapping = json.loads((folder / "mapping.json").read_text(encoding="utf-8"))

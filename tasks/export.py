@@ -7,24 +7,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.core.hardware import has_cuda
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
-from tasks.templates import get_template
+from tasks.templates.choice import TemplateChoice
 from tasks.templates.jinja import to_jinja
 
 
 class ExportConfig(StageConfig):
     shard_size_gb: int
     legacy_format: bool  # pytorch_model.bin instead of safetensors
-    template: str | None  # written as the tokenizer's chat template (None: keep the tokenizer's own, `auto`)
+    # written as the tokenizer's chat template (None: keep the tokenizer's own, `auto`, or write `default`'s
+    # when it has none, as training then used `default`)
+    template: TemplateChoice | None
     device: str = unkeyed("cpu", "where the weights are loaded to be re-saved; the bytes are the same")
 
 
 def plan(recipe: Recipe, merged: Step) -> Step:
     e = recipe.export
-    get_template(recipe.data.template)
+    choice = TemplateChoice.of(recipe.data)
     config = ExportConfig(shard_size_gb=e.export_size, legacy_format=e.export_legacy_format,
-                          template=None if recipe.data.template == "auto" else recipe.data.template,
+                          template=None if choice.name in (None, "auto") else choice,
                           device=e.export_device)
     return STAGE.step("export", config, {"model": merged})
 
@@ -56,14 +59,15 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
 
     source = ctx.inputs["model"].part("model")
     device = "cuda" if config.device == "auto" and has_cuda() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device)
+    remote = remote_code(ctx.inputs["model"])
+    model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device, **remote)
     if config.legacy_format:
         save_legacy(model, out / "model", f"{config.shard_size_gb}GB")
     else:
         model.save_pretrained(str(out / "model"), max_shard_size=f"{config.shard_size_gb}GB")
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    if config.template:  # apply_chat_template then renders what the model was trained on
-        tokenizer.chat_template = to_jinja(get_template(config.template))
+    tokenizer = AutoTokenizer.from_pretrained(str(source), **remote)
+    if config.template or not tokenizer.chat_template:  # apply_chat_template renders what the model learned
+        tokenizer.chat_template = to_jinja((config.template or TemplateChoice(name="default")).load(tokenizer))
     tokenizer.save_pretrained(str(out / "model"))
     return Built("exported_model", {"model": "model"}, config.keyed())
 

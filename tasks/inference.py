@@ -23,7 +23,8 @@ from transformers import StoppingCriteria
 
 from tasks.core.errors import RecipeError
 from tasks.encoding import prompt_and_reply
-from tasks.templates import get_template, stop_token_ids
+from tasks.templates import stop_token_ids
+from tasks.templates.choice import TemplateChoice
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 USER_SIDE = {"user": "user", "tool": "observation", "observation": "observation"}
@@ -99,14 +100,17 @@ class ChatEngine:
     name: str
     tokenizer: Any
 
-    def __init__(self, model_dir: Path, template: str, adapter_dir: Path | None, name: str):
+    def __init__(self, model_dir: Path, template: str | TemplateChoice | None, adapter_dir: Path | None, name: str,
+                 trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
         self.name = name
+        self.remote = {"trust_remote_code": trust_remote_code}
         # A trained adapter carries its tokenizer (special tokens it may have added); a bare one does not.
         with_tokenizer = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else None
-        self.tokenizer = AutoTokenizer.from_pretrained(str(with_tokenizer or model_dir))
-        self.template = get_template(template)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(with_tokenizer or model_dir), **self.remote)
+        choice = template if isinstance(template, TemplateChoice) else TemplateChoice(name=template)
+        self.template = choice.load(self.tokenizer)
         if self.template.jinja and not self.tokenizer.chat_template:
             raise RecipeError(f"key 'template': 'auto' needs a chat template in {model_dir}'s tokenizer; name one")
         self.stops = stop_token_ids(self.tokenizer, self.template)
@@ -152,11 +156,12 @@ class ChatEngine:
 class HuggingFaceEngine(ChatEngine):
     """transformers' generate on a model plus an optional adapter, not merged."""
 
-    def __init__(self, model_dir: Path, template: str, adapter_dir: Path | None = None, name: str = "tunefactory"):
+    def __init__(self, model_dir: Path, template: str | TemplateChoice | None, adapter_dir: Path | None = None,
+                 name: str = "tunefactory", trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
-        super().__init__(model_dir, template, adapter_dir, name)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        super().__init__(model_dir, template, adapter_dir, name, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **self.remote)
         if adapter_dir is not None:
             from peft import PeftModel
 
@@ -260,11 +265,12 @@ class ReplyStream:
             self.result = engine.finish(output[0], len(self.ids), self.max_tokens, self.stop, None)
 
 
-def load_engine(backend: str, model_dir: Path, template: str, adapter_dir: Path | None, name: str) -> ChatEngine:
+def load_engine(backend: str, model_dir: Path, template: str | TemplateChoice | None, adapter_dir: Path | None,
+                name: str, trust_remote_code: bool = False) -> ChatEngine:
     """The engine for a recipe's `infer_backend`; one whose package is missing is refused in one line."""
     check_backend(backend)
     if backend == "vllm":
         from tasks.inference_vllm import VllmEngine
 
-        return VllmEngine(model_dir, template, adapter_dir, name)
-    return HuggingFaceEngine(model_dir, template, adapter_dir, name)
+        return VllmEngine(model_dir, template, adapter_dir, name, trust_remote_code)
+    return HuggingFaceEngine(model_dir, template, adapter_dir, name, trust_remote_code)

@@ -15,18 +15,20 @@ from tasks.inference import ChatEngine, Generated, parse_tool_calls
 
 
 class VllmEngine(ChatEngine):
-    def __init__(self, model_dir: Path, template: str, adapter_dir: Path | None = None, name: str = "tunefactory"):
+    def __init__(self, model_dir: Path, template, adapter_dir: Path | None = None, name: str = "tunefactory",
+                 trust_remote_code: bool = False):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        super().__init__(model_dir, template, adapter_dir, name)
+        super().__init__(model_dir, template, adapter_dir, name, trust_remote_code)
         options: dict[str, Any] = {}
         self.lora = None
         if adapter_dir is not None:
             rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16)
             options = {"enable_lora": True, "max_lora_rank": max(16, rank)}
             self.lora = LoRARequest("adapter", 1, str(adapter_dir))
-        self.llm = LLM(model=str(model_dir), tokenizer=str(adapter_dir if adapter_dir else model_dir), **options)
+        self.llm = LLM(model=str(model_dir), tokenizer=str(adapter_dir if adapter_dir else model_dir),
+                       trust_remote_code=trust_remote_code, **options)
 
     def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 
@@ -26,17 +27,18 @@ def build(config: MergeConfig, ctx: BuildContext, out: Path) -> Built:
 
     base_dir = ctx.inputs["model"].part("model")
     trained = ctx.inputs["train"]
+    remote = remote_code(ctx.inputs["model"])
     if trained.kind == "adapter":
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), **remote)
         model = PeftModel.from_pretrained(base, str(trained.part("adapter"))).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(trained.part("model")))
+        model = AutoModelForCausalLM.from_pretrained(str(trained.part("model")), **remote)
     model.save_pretrained(str(out / "model"))
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out / "model"))
+    AutoTokenizer.from_pretrained(str(base_dir), **remote).save_pretrained(str(out / "model"))
     ctx.log.info("merged model written (%s)", "adapter merged" if trained.kind == "adapter" else "full weights")
-    return Built("merged_model", {"model": "model"}, {"from": trained.kind})
+    return Built("merged_model", {"model": "model"}, {"from": trained.kind, **remote})
 
 
 STAGE = Stage(

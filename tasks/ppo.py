@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.errors import RecipeError
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step, check_stop
 from tasks.ppo_math import (
@@ -38,7 +39,14 @@ from tasks.ppo_math import (
 from tasks.reward import VALUE_HEAD
 from tasks.rows import load_rows
 from tasks.train_common import REPORTS, TrainingConfig, training_locators, training_values, write_history, write_results
-from tasks.train_methods import QuantSettings, attach_trainable, load_base, quantization_config, starting_adapter
+from tasks.train_methods import (
+    QuantSettings,
+    attach_trainable,
+    grown_vocabulary,
+    load_base,
+    quantization_config,
+    starting_adapter,
+)
 
 POLICY, REWARD = "default", "reward"
 
@@ -273,7 +281,7 @@ def reward_parts(ctx: BuildContext, config: PPOConfig, shared_model):
     if reward.info.get("weights") != "model":
         raise RecipeError("key 'reward_model_type': full needs a reward model with whole weights (trained with "
                           "finetuning_type full or freeze); this one is a LoRA adapter (use reward_model_type: lora)")
-    kwargs = {}
+    kwargs = {**remote_code(ctx.inputs["model"])}  # a full reward model is trained from this same base
     if quant := quantization_config(config.reward_quantization, config.precision):
         kwargs["quantization_config"] = quant
     classifier = AutoModelForSequenceClassification.from_pretrained(str(reward.part(reward.info["weights"])), **kwargs)
@@ -327,7 +335,8 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     from safetensors.torch import save_file
 
     data = ctx.inputs["data"]
-    model = attach_trainable(load_base(ctx.inputs["model"].part("model"), config), config, starting_adapter(ctx))
+    model = attach_trainable(load_base(ctx.inputs["model"].part("model"), config, **remote_code(ctx.inputs["model"])),
+                             config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
     reward_head, classifier = reward_parts(ctx, config, model)
     critic = linear_head(reward_head.weight.detach(), trainable=True)  # the critic starts as the reward head
     shared = SharedModel(model, critic, reward_head, classifier)
@@ -345,7 +354,8 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     model.save_pretrained(str(out / "adapter"), selected_adapters=[POLICY])
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model"))).save_pretrained(str(out / "adapter"))
+    AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model")), **remote_code(ctx.inputs["model"])
+                                  ).save_pretrained(str(out / "adapter"))
     save_file({"weight": critic.weight.detach().contiguous()}, str(out / VALUE_HEAD))
     write_history(history, out)
     quarter = max(1, len(history) // 4)

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import Trainer
 
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.preference_losses import (
@@ -48,6 +49,7 @@ from tasks.train_common import (
 from tasks.train_methods import (
     QuantSettings,
     attach_trainable,
+    grown_vocabulary,
     load_base,
     quantization_config,
     save_weights,
@@ -249,7 +251,8 @@ def load_reference(ctx: BuildContext, config: PreferenceConfig):
 
     reference_dir = ctx.inputs["reference"].part("model")
 
-    kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
+    kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation,
+                              **remote_code(ctx.inputs["reference"])}
     if quant := quantization_config(config.reference_quantization, config.precision):
         kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(str(reference_dir), **kwargs)
@@ -264,8 +267,10 @@ def build(config: PreferenceConfig, ctx: BuildContext, out: Path) -> Built:
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = attach_trainable(load_base(model_dir, config), config, starting_adapter(ctx))
+    remote = remote_code(ctx.inputs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
+    model = attach_trainable(load_base(model_dir, config, **remote), config, starting_adapter(ctx),
+                             train_embeddings=grown_vocabulary(ctx))
     collator = FeedbackCollator if config.objective == "kto" else PairCollator
     trainer = PreferenceTrainer(
         config.loss, load_reference(ctx, config), model=model,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.core.hardware import torch_dtype
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.rows import load_rows
@@ -25,7 +26,7 @@ from tasks.train_common import (
     training_values,
     write_results,
 )
-from tasks.train_methods import attach_trainable, save_weights, starting_adapter
+from tasks.train_methods import attach_trainable, grown_vocabulary, save_weights, starting_adapter
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -39,13 +40,14 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, adapter: Step | None = No
     return STAGE.step("reward", RewardModelConfig(**training_values(recipe)), inputs, training_locators(recipe))
 
 
-def load_classifier(model_dir: Path, config: TrainingConfig, pad_token_id: int):
+def load_classifier(model_dir: Path, config: TrainingConfig, pad_token_id: int, trust_remote_code: bool = False):
     """The base as a one-output sequence classifier (a new score head, seeded)."""
     from transformers import AutoModelForSequenceClassification
 
     from tasks.train_methods import quantization_config
 
-    kwargs = {"num_labels": 1, "attn_implementation": config.attn_implementation}
+    kwargs = {"num_labels": 1, "attn_implementation": config.attn_implementation,
+              "trust_remote_code": trust_remote_code}
     if quant := quantization_config(config.quantization, config.precision):
         kwargs["quantization_config"] = quant
     if config.precision == "fp32":
@@ -72,9 +74,11 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = load_classifier(model_dir, config, tokenizer.pad_token_id)
-    model = attach_trainable(model, config, starting_adapter(ctx), task_type="SEQ_CLS")
+    remote = remote_code(ctx.inputs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
+    model = load_classifier(model_dir, config, tokenizer.pad_token_id, **remote)
+    model = attach_trainable(model, config, starting_adapter(ctx), task_type="SEQ_CLS",
+                             train_embeddings=grown_vocabulary(ctx))
     arguments = RewardConfig(**arguments_values(config, ctx.staging), max_length=None, center_rewards_coefficient=None)
     pairs = load_rows(data.part("eval_pairs")) if data.has("eval_pairs") else None
     trainer = RewardTrainer(model=model, args=arguments, processing_class=tokenizer,

@@ -18,7 +18,8 @@ from tasks.formats import RowError, convert_row
 from tasks.formats.common import unified
 from tasks.mixing import merge_parts
 from tasks.sources import open_source
-from tasks.templates import IGNORE_INDEX, get_template
+from tasks.templates import IGNORE_INDEX
+from tasks.templates.choice import TemplateChoice
 
 CHECKED_ROWS = 100  # rows align reads up front, so a bad file fails before training starts
 UNIFIED = [*unified([], []), "row"]  # the aligned columns that encoding replaces
@@ -81,7 +82,7 @@ def training_stream(spec: dict[str, Any], tokenizer, sources: Sources, shuffle_b
         encoded = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=UNIFIED)
         encoded = encoded.map(truncated_document, fn_kwargs={"cutoff_len": masking.cutoff_len})
     else:
-        template = get_template(encode["template"])
+        template = TemplateChoice(**encode["template"]).load(tokenizer)
         encoded = rows.map(encode_supervised, remove_columns=UNIFIED,
                            fn_kwargs={"tokenizer": tokenizer, "template": template, "masking": masking})
         encoded = encoded.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]))

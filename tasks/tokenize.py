@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.core.errors import DataError, RecipeError
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
 from tasks.data_report import preview_markdown
@@ -28,14 +29,16 @@ from tasks.objective_rows import (
 )
 from tasks.rows import load_rows, save_rows
 from tasks.streaming import merged_aligned, training_stream
-from tasks.templates import get_template, stop_token_ids
+from tasks.templates import stop_token_ids
+from tasks.templates.choice import TemplateChoice
+from tasks.vocab import check_template_tokens
 
 Packing = Literal["none", "blocks", "neat", "plain"]
 
 
 class TokenizeConfig(StageConfig):
     objective: Literal["pt", "sft", "rm", "dpo", "kto", "ppo"]
-    template: str
+    template: TemplateChoice
     cutoff_len: int
     train_on_prompt: bool
     mask_history: bool
@@ -65,13 +68,12 @@ def packing_mode(recipe: Recipe) -> Packing:
 
 def plan(recipe: Recipe, train: list[Step], evaluation: list[Step], model: Step) -> Step:
     data = recipe.data
-    get_template(data.template)  # fail at plan time, not after the model import
     val_size = data.val_size if data.val_size and not evaluation and train else None
     mixes = len(train) > 1 or len(evaluation) > 1
     interleaving = mixes and data.mix_strategy != "concat"
     config = TokenizeConfig(
         objective=recipe.finetuning.stage,
-        template=data.template,
+        template=TemplateChoice.of(data),  # an unknown name fails at plan time, not after the model import
         cutoff_len=data.cutoff_len,
         train_on_prompt=data.train_on_prompt,
         mask_history=data.mask_history,
@@ -128,15 +130,17 @@ def check_cutoff(tokenizer, template, config: TokenizeConfig) -> None:
     overhead = template_overhead(tokenizer, template)
     if overhead >= config.cutoff_len:
         raise RecipeError(f"key 'cutoff_len': {config.cutoff_len} tokens leave no room for a conversation; the "
-                          f"template '{config.template}' alone takes {overhead} tokens per exchange")
+                          f"template '{template.name}' alone takes {overhead} tokens per exchange")
 
 
 def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
     import datasets
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model")))
-    template = get_template(config.template)
+    model = ctx.inputs["model"]
+    tokenizer = AutoTokenizer.from_pretrained(str(model.part("model")), **remote_code(model))
+    template = config.template.load(tokenizer)
+    check_template_tokens(tokenizer, template)
     check_cutoff(tokenizer, template, config)
     datasets.disable_caching()  # map() would otherwise write cache files into the input artifacts
     if config.streaming:
@@ -200,8 +204,9 @@ def stream_spec(config: TokenizeConfig, ctx: BuildContext) -> dict[str, Any]:
         "eval_parts": parts("eval_"),
         "mix": {"max_samples": config.max_samples, "strategy": config.mix_strategy,
                 "probs": config.interleave_probs, "seed": config.seed},
-        "encode": {"objective": config.objective, "template": config.template, "cutoff_len": config.cutoff_len,
-                   "train_on_prompt": config.train_on_prompt, "mask_history": config.mask_history},
+        "encode": {"objective": config.objective, "template": config.template.model_dump(),
+                   "cutoff_len": config.cutoff_len, "train_on_prompt": config.train_on_prompt,
+                   "mask_history": config.mask_history},
         "skip": int(config.val_size or 0),  # the stream's first rows are the validation split
     }
 
@@ -260,6 +265,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.tokenize", "tasks.objective_rows", "tasks.encoding", "tasks.templates", "tasks.data_report",
-          "tasks.packing", "tasks.mixing", "tasks.rows", "tasks.sources", "tasks.streaming", "tasks.formats"),
+          "tasks.packing", "tasks.mixing", "tasks.rows", "tasks.sources", "tasks.streaming", "tasks.formats",
+          "tasks.vocab"),
     libraries=("transformers", "tokenizers", "datasets"),
 )

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.data_report import shuffled_padding_share
@@ -32,7 +33,7 @@ from tasks.train_common import (
     training_values,
     write_results,
 )
-from tasks.train_methods import attach_trainable, load_base, save_weights, starting_adapter
+from tasks.train_methods import attach_trainable, grown_vocabulary, load_base, save_weights, starting_adapter
 
 
 class TrainConfig(TrainingConfig):
@@ -67,10 +68,11 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    base = load_base(model_dir, config)
+    remote = remote_code(ctx.inputs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
+    base = load_base(model_dir, config, **remote)
     use_varlen_attention(base)
-    model = attach_trainable(base, config, starting_adapter(ctx))
+    model = attach_trainable(base, config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
     collator = collator_for(data, tokenizer, model)
     padding = None
     if data.info["train"] == "stream":  # rows are aligned and tokenized lazily as training consumes them
@@ -90,7 +92,8 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     weights = save_weights(trainer.model, tokenizer, config, out)
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
     kind = "adapter" if weights == "adapter" else "full_weights"
-    return Built(kind, {weights: weights, **REPORTS}, summary, reports=tuple(REPORTS))
+    patches = {"upcast": list(config.upcast)} if config.upcast else {}
+    return Built(kind, {weights: weights, **REPORTS}, summary | patches, reports=tuple(REPORTS))
 
 
 STAGE = Stage(

@@ -53,6 +53,7 @@ class TrainingConfig(StageConfig):
     seed: int
     save_only_model: bool  # a resume without optimizer state trains differently
     resume_from: str | None  # content digest of an explicit resume_from_checkpoint
+    upcast: tuple[str, ...] = ()  # upcast_layernorm / upcast_lmhead_output: "layernorm", "lmhead_output"
     logging_steps: int = unkeyed(10)
     save_steps: int = unkeyed(500)
     save_total_limit: int | None = unkeyed(None)
@@ -112,6 +113,8 @@ def training_values(recipe: Recipe) -> dict[str, Any]:
         "seed": t.seed,
         "save_only_model": t.save_only_model,
         "resume_from": tree_digest(Path(resume)) if resume else None,
+        "upcast": tuple(n for n, on in (("layernorm", recipe.model.upcast_layernorm),
+                                        ("lmhead_output", recipe.model.upcast_lmhead_output)) if on),
         "logging_steps": t.logging_steps,
         "save_steps": t.save_steps,
         "save_total_limit": t.save_total_limit,

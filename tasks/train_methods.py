@@ -6,6 +6,7 @@ key, options that would train nothing (a lora_target matching no module, too man
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,17 @@ def quantization_config(quant: QuantSettings | None, precision: str):
     )
 
 
-def load_base(model_dir: Path, config) -> Any:
+def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
-    if quant := quantization_config(config.quantization, config.precision):
-        kwargs["quantization_config"] = quant
+    kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation,
+                              "trust_remote_code": trust_remote_code}
+    shipped = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    if shipped and config.finetuning_type != "lora":  # a hub model found quantized only once imported
+        raise RecipeError(f"key 'finetuning_type': the model is already quantized "
+                          f"({shipped.get('quant_method', 'unknown')}); only finetuning_type: lora can train it")
+    if not shipped and (quant := quantization_config(config.quantization, config.precision)):
+        kwargs["quantization_config"] = quant  # a quantize artifact (or a GPTQ/AWQ model) is loaded as it is
     if config.precision == "fp32":
         kwargs["dtype"] = torch_dtype("float32")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
@@ -114,19 +120,52 @@ def starting_adapter(ctx) -> Path | None:
     return adapter.part("adapter") if adapter is not None else None
 
 
-def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
+def upcast(model, which: tuple[str, ...]) -> None:
+    """LlamaFactory's upcast_layernorm (1-d norm weights in float32) and upcast_lmhead_output (the head's
+    output cast to float32 by a forward hook)."""
+    import torch
+
+    if "layernorm" in which:
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and any(part in name for part in ("norm", "ln")):
+                param.data = param.data.to(torch.float32)
+    head = model.get_output_embeddings()
+    if "lmhead_output" in which and isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
+        head.register_forward_hook(lambda module, args, output: output.to(torch.float32))
+
+
+def grown_vocabulary(ctx) -> bool:
+    """Whether the model artifact added tokens (tasks.vocab): their embedding rows must then be trained."""
+    return bool(ctx.inputs["model"].info.get("added_token_ids"))
+
+
+def embedding_modules(model) -> list[str]:
+    """Short names of the input embedding and output head modules (LlamaFactory's additional_target)."""
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if name and any(module is target for target in wanted)})
+
+
+def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                tied: bool = False):
     from peft import LoraConfig
 
+    extra = {"modules_to_save": modules_to_save, "ensure_weight_tying": tied} if modules_to_save else {}
     return LoraConfig(task_type=task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora_targets(lora.target), use_dora=lora.use_dora, use_rslora=lora.use_rslora)
+                      target_modules=lora_targets(lora.target), use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                      **extra)
 
 
-def attach_trainable(model, config, adapter: Path | None = None, task_type: str = "CAUSAL_LM"):
+def attach_trainable(model, config, adapter: Path | None = None, task_type: str = "CAUSAL_LM",
+                     train_embeddings: bool = False):
     """Wrap or unfreeze the model according to finetuning_type; returns the model to train. With a starting
-    adapter (adapter_name_or_path), LoRA training continues that adapter instead of a new one."""
+    adapter (adapter_name_or_path), LoRA training continues that adapter instead of a new one. With
+    train_embeddings (the vocabulary grew), the embedding and head are trained too: LoRA saves them whole
+    (modules_to_save, as LlamaFactory's additional_target), freeze tuning unfreezes them."""
     import torch
 
     check_trainable(model, config.lora, config.freeze)
+    upcast(model, getattr(config, "upcast", ()))
     if config.gradient_checkpointing and config.finetuning_type == "lora":
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     if config.finetuning_type == "lora":
@@ -137,7 +176,9 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
         if adapter is not None:
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         else:
-            model = get_peft_model(model, lora_config(config.lora, task_type))
+            extra = embedding_modules(model) if train_embeddings else None
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            model = get_peft_model(model, lora_config(config.lora, task_type, extra, tied))
         for param in model.parameters():  # adapters train in fp32 even on a half-precision base
             if param.requires_grad:
                 param.data = param.data.to(torch.float32)
@@ -149,6 +190,10 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
         for name, param in model.named_parameters():
             match = LAYER_NUMBER.search(name)
             param.requires_grad = bool(match) and int(match.group(1)) in chosen
+        if train_embeddings:
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if module is not None:
+                    module.weight.requires_grad = True
     return model
 
 

@@ -35,12 +35,28 @@ CASES = {
     "trust_remote_code": [({}, {"trust_remote_code": True}, {"model"})],
     "infer_dtype": [({}, {"infer_dtype": "float32"}, set()), ({}, {"infer_dtype": "bfloat16"}, {"model"})],
     "flash_attn": [({}, {"flash_attn": "sdpa"}, set()), ({}, {"flash_attn": "disabled"}, {"train"} | EVALS)],
-    "quantization_bit": [({}, {"quantization_bit": 4}, {"train"})],
+    "quantization_bit": [({}, {"quantization_bit": 4}, {"quantize", "train"}),  # QLoRA trains on its checkpoint
+                         ({"quantization_bit": 4}, {"quantization_bit": 8}, {"quantize", "train"})],
     "quantization_type": [({}, {"quantization_type": "fp4"}, set()),
-                          ({"quantization_bit": 4}, {"quantization_type": "fp4"}, {"train"}),
+                          ({"quantization_bit": 4}, {"quantization_type": "fp4"}, {"quantize", "train"}),
                           ({"quantization_bit": 8}, {"quantization_type": "fp4"}, set())],
+    "quantization_method": [({"quantization_bit": 4}, {"quantization_method": "bnb"}, set())],  # the only one
     "double_quantization": [({}, {"double_quantization": False}, set()),
-                            ({"quantization_bit": 4}, {"double_quantization": False}, {"train"})],
+                            ({"quantization_bit": 4}, {"double_quantization": False}, {"quantize", "train"})],
+    "rope_scaling": [({}, {"rope_scaling": "linear"}, {"model"})],
+    "upcast_layernorm": [({}, {"upcast_layernorm": True}, {"train"})],
+    "upcast_lmhead_output": [({}, {"upcast_lmhead_output": True}, {"train"})],
+    "low_cpu_mem_usage": [({}, {"low_cpu_mem_usage": False}, set())],  # transformers 5 ignores it
+    "train_from_scratch": [({}, {"train_from_scratch": True}, {"model"})],
+    "resize_vocab": [({}, {"resize_vocab": True}, {"model"})],
+    "split_special_tokens": [({}, {"split_special_tokens": True}, {"model"})],
+    "add_tokens": [({}, {"add_tokens": "foo,bar"}, {"model"})],
+    "add_special_tokens": [({}, {"add_special_tokens": "<|x|>"}, {"model"})],
+    "new_special_tokens_config": [({}, {"new_special_tokens_config": "{tokens}"}, {"model"}),
+                                  ({"new_special_tokens_config": "{tokens}"},  # the same bytes elsewhere
+                                   {"new_special_tokens_config": "{tokens_copy}"}, set())],
+    "init_special_tokens": [({"new_special_tokens_config": "{tokens}"}, {"init_special_tokens": "desc_init"},
+                             {"model"})],
     "dataset": [({}, {"dataset": "renamed"}, set()),  # another registry name for the same file
                 # the bundled entry: the same file bytes (fetch unchanged) declared with its own column mapping
                 ({}, {"dataset": "pydoc_summaries"}, {"align#0"}),
@@ -49,8 +65,18 @@ CASES = {
     "dataset_dir": [({}, {"dataset_dir": "{data_copy}"}, set())],
     "allow_outside_dataset_dir": [({}, {"allow_outside_dataset_dir": True}, set())],
     "eval_dataset": [({}, {"eval_dataset": "mine"}, {"fetch#1", "align#1"})],
-    "template": [({}, {"template": "default"}, {"tokenize"})],
-    "cutoff_len": [({}, {"cutoff_len": 64}, {"tokenize"})],
+    "template": [({}, {"template": "default"}, {"tokenize"}),
+                 ({"resize_vocab": True}, {"template": "llama3"}, {"tokenize", "model"}),  # its stop tokens join
+                 ({}, {"template": None}, {"tokenize"})],  # then resolved against the model's tokenizer (keyed)
+    "default_system": [({}, {"default_system": "Be kind."}, {"tokenize"}),
+                       ({"task": "pystdlib_test"}, {"default_system": "Be kind."}, {"tokenize"} | EXAMS)],
+    "tool_format": [({}, {"tool_format": "qwen"}, {"tokenize"})],
+    "enable_thinking": [({}, {"enable_thinking": False}, set()),  # chatml has no thinking blocks
+                        ({"template": "qwen3"}, {"enable_thinking": False}, {"tokenize"})],
+    "preserve_thinking": [({}, {"preserve_thinking": True}, set()),
+                          ({"template": "qwen3"}, {"preserve_thinking": True}, {"tokenize"})],
+    "cutoff_len": [({}, {"cutoff_len": 64}, {"tokenize"}),
+                   ({"rope_scaling": "linear"}, {"cutoff_len": 64}, {"tokenize", "model"})],  # RoPE stretched to it
     "train_on_prompt": [({}, {"train_on_prompt": True}, {"tokenize"})],
     "mask_history": [({}, {"mask_history": True}, {"tokenize"})],
     "max_samples": [({}, {"max_samples": 12}, {"tokenize"})],
@@ -96,7 +122,8 @@ CASES = {
     "bf16": [({}, {"bf16": True}, {"train"} if has_cuda() or cpu_has_native_bf16() else set())],
     "fp16": [({}, {"fp16": True}, set())],
     "seed": [({}, {"seed": 7}, {"train"}), ({"eval_dataset": None, "val_size": 4}, {"seed": 7}, {"tokenize", "train"}),
-             ({"do_sample": True}, {"seed": 7}, {"train"} | EVALS)],
+             ({"do_sample": True}, {"seed": 7}, {"train"} | EVALS),
+             ({"train_from_scratch": True}, {"seed": 7}, {"model", "train"})],  # the random weights' seed
     "disable_gradient_checkpointing": [({}, {"disable_gradient_checkpointing": False}, set())],
     "logging_steps": [({}, {"logging_steps": 1}, set())],
     "save_steps": [({}, {"save_steps": 1}, set())],
@@ -189,13 +216,16 @@ def places(tmp_path_factory, tiny_model_dir):
                             eval_dataset="pydoc_preferences_test")
     (root / "rm.yaml").write_text(yaml.safe_dump(rm))
     (root / "sft.yaml").write_text(yaml.safe_dump(tiny_recipe_values(tiny_model_dir)))
+    (root / "tokens.yaml").write_text("'<|x|>': a new token\n")
+    (root / "tokens_copy.yaml").write_text("'<|x|>': a new token\n")
     (root / "checkpoint").mkdir()
     (root / "checkpoint" / "trainer_state.json").write_text("{}")
     return {"model": str(tiny_model_dir), "copy": str(root / "copy"), "altered": str(root / "altered"),
             "bundled": str(bundled_model_dir()), "data": str(data), "data_copy": str(root / "data_copy"),
             "checkpoint": str(root / "checkpoint"), "adapter": str(adapter), "reward_folder": str(reward_folder),
             "rm_recipe": str(root / "rm.yaml"), "sft_recipe": str(root / "sft.yaml"), "out": str(root / "out"),
-            "export": str(root / "export")}
+            "export": str(root / "export"), "tokens": str(root / "tokens.yaml"),
+            "tokens_copy": str(root / "tokens_copy.yaml")}
 
 
 def fill(values: dict, places: dict) -> dict:

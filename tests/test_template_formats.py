@@ -362,11 +362,11 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def published(tokenizer, jinja: str, messages: list[dict], system: str, generation: bool = False) -> str:
-    """The family's own rendering of the conversation, via apply_chat_template."""
+def published(tokenizer, jinja: str, messages: list[dict], system: str, generation: bool = False, **options) -> str:
+    """The family's own rendering of the conversation, via apply_chat_template (options: template variables)."""
     tokenizer.chat_template = jinja
     head = [{"role": "system", "content": system}] if system else []
-    return tokenizer.apply_chat_template(head + messages, tokenize=False, add_generation_prompt=generation)
+    return tokenizer.apply_chat_template(head + messages, tokenize=False, add_generation_prompt=generation, **options)
 
 
 def encoded(tokenizer, name: str, messages: list[dict], system: str) -> tuple[list[int], list[int]]:

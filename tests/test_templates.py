@@ -160,3 +160,24 @@ def test_show_marks_the_trained_spans(tiny_model_dir):
         render_sample("auto")
     names = [name for name, _ in list_templates()]
     assert names == sorted(names) and "auto" in names and "gemma" in names
+
+
+def test_mask_history_keeps_the_last_turn_and_cuts_older_turns_first():
+    # Three exchanges of 30 prompt + 20 reply tokens at cutoff 100: the last one must survive whole.
+    pairs = [([10 * turn + 1] * 30, [10 * turn + 2] * 20) for turn in range(3)]
+    input_ids, labels = supervised_example(pairs, 100, train_on_prompt=False, mask_history=True)
+    assert input_ids == pairs[1][0] + pairs[1][1] + pairs[2][0] + pairs[2][1]  # the oldest turn is dropped
+    assert [t for t in labels if t != IGNORE_INDEX] == pairs[2][1]  # only the last reply is trained
+    # Without mask_history the first turns are kept and the last is cut, as before.
+    input_ids, labels = supervised_example(pairs, 100, train_on_prompt=False, mask_history=False)
+    assert input_ids == [t for pair in pairs[:2] for part in pair for t in part]
+    # A budget smaller than the last turn truncates it in proportion, still trainable.
+    input_ids, labels = supervised_example(pairs, 40, train_on_prompt=False, mask_history=True)
+    assert len(input_ids) == 40 and any(t != IGNORE_INDEX for t in labels) and labels[-1] == pairs[2][1][0]
+
+
+def test_default_template_renders_as_llamafactory_0_9_3():
+    pairs = format_pairs(get_template("default"), CONVERSATION, "Be brief.", "<s>", "</s>")
+    assert "".join(p + r for p, r in pairs) == (
+        "System: Be brief.</s>\nHuman: Hi {there}</s>\nAssistant:Hello.</s>\nHuman: Sum 2+2?</s>\nAssistant:4.</s>\n")
+    assert [r for _, r in pairs] == ["Hello.</s>\n", "4.</s>\n"]

@@ -48,7 +48,26 @@ class ModelSection(Section):
         None, "Load the base model in 4- or 8-bit with bitsandbytes for training (QLoRA)."
     )
     quantization_type: Literal["nf4", "fp4"] = option("nf4", "4-bit quantization data type.")
+    quantization_method: Literal["bnb", "hqq", "eetq"] = option(
+        "bnb", "On-the-fly quantization backend for quantization_bit; bnb (bitsandbytes) only.")
     double_quantization: bool = option(True, "Quantize the 4-bit quantization constants too.")
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = option(
+        None, "Stretch RoPE when cutoff_len exceeds the model's context: factor ceil(cutoff_len / context).")
+    upcast_layernorm: bool = option(False, "Train with the layernorm weights in float32.")
+    upcast_lmhead_output: bool = option(False, "Compute the lm_head output in float32 while training.")
+    low_cpu_mem_usage: bool = option(
+        True, "Accepted for LlamaFactory recipes: transformers 5 always loads memory-efficiently.")
+    train_from_scratch: bool = option(False, "Start from random weights (the model's config, seeded) instead.")
+    resize_vocab: bool = option(
+        False, "Grow the embeddings to the tokenizer, adding the template's missing stop tokens as special tokens.")
+    split_special_tokens: bool = option(False, "Tokenize special tokens' text as ordinary text, not as one token.")
+    add_tokens: str | None = option(None, "Non-special tokens to add to the vocabulary, comma-separated.")
+    add_special_tokens: str | None = option(None, "Special tokens to add to the vocabulary, comma-separated.")
+    new_special_tokens_config: str | None = option(
+        None, "YAML file mapping new special tokens to description texts (replaces add_special_tokens).")
+    init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = option(
+        "noise_init", "New token rows start at the mean of the old rows plus noise, or (desc_init) at the mean of "
+        "their description's tokens.")
 
 
 class DataSection(Section):
@@ -57,7 +76,14 @@ class DataSection(Section):
     allow_outside_dataset_dir: bool = option(
         False, "Let dataset_info.json point at files outside dataset_dir (off: paths are confined to it).")
     eval_dataset: str | None = option(None, "Registry dataset names to evaluate on, comma-separated.")
-    template: str = option("default", "Chat template name.")
+    template: str | None = option(
+        None, "Chat template name; empty: the tokenizer's own chat template (auto) if it has one, else default.")
+    default_system: str | None = option(None, "Replace the template's default system prompt.")
+    tool_format: Literal["default", "qwen", "llama3", "mistral"] | None = option(
+        None, "Write tool definitions and tool calls in this format instead of the template's own.")
+    enable_thinking: bool = option(
+        True, "Reasoning templates: train on the <think> block (false: drop thoughts, an empty block in the prompt).")
+    preserve_thinking: bool = option(False, "Reasoning templates: keep the thinking blocks of replies in history.")
     cutoff_len: int = option(2048, "Maximum tokens per sample after tokenization.", gt=0)
     train_on_prompt: bool = option(False, "Compute the loss on prompt tokens too.")
     mask_history: bool = option(False, "Train only on the last assistant turn.")
@@ -205,6 +231,9 @@ class Recipe(Section):
     def from_flat(cls, values: dict[str, Any], source: str = "recipe") -> Recipe:
         """Validate LlamaFactory-style flat keys; errors name the key and the source."""
         grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key in values:
+            if key in MULTIMODAL_KEYS:
+                raise RecipeError(f"{source}: key '{key}': image/video/audio inputs are not supported yet")
         for key, value in values.items():
             section = FIELD_SECTION.get(key)
             if section is None:
@@ -231,6 +260,11 @@ class Recipe(Section):
 
 
 FIELD_SECTION = {f: name for name, sec in SECTIONS.items() for f in sec.model_fields}
+# LlamaFactory's keys for image, video and audio inputs: a recipe using them is refused by name.
+MULTIMODAL_KEYS = {"image_max_pixels", "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches",
+                   "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video",
+                   "audio_sampling_rate", "media_dir", "freeze_vision_tower", "freeze_multi_modal_projector",
+                   "freeze_language_model", "train_mm_proj_only"}
 
 
 def _suggestion(key: str) -> str:
@@ -243,6 +277,9 @@ def check_combinations(recipe: Recipe, source: str) -> None:
     data, training = recipe.data, recipe.training
     if training.bf16 and training.fp16:
         raise RecipeError(f"{source}: keys 'bf16' and 'fp16' are both true; choose one")
+    if recipe.model.quantization_method != "bnb":
+        raise RecipeError(f"{source}: key 'quantization_method': {recipe.model.quantization_method} is not supported; "
+                          "quantization_bit quantizes with bitsandbytes (bnb)")
     if recipe.model.quantization_bit and recipe.finetuning.finetuning_type != "lora":
         raise RecipeError(f"{source}: key 'quantization_bit' needs finetuning_type: lora (QLoRA)")
     if data.streaming and training.max_steps <= 0:
@@ -251,6 +288,9 @@ def check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: keys 'streaming' and 'packing'/'neat_packing' cannot be combined")
     if data.streaming and 0 < data.val_size < 1:
         raise RecipeError(f"{source}: key 'val_size' must be a row count (>= 1) with streaming")
+    if recipe.model.init_special_tokens != "noise_init" and not recipe.model.new_special_tokens_config:
+        raise RecipeError(f"{source}: key 'init_special_tokens': {recipe.model.init_special_tokens} needs "
+                          "'new_special_tokens_config' (the token descriptions)")
     if data.mask_history and data.train_on_prompt:
         raise RecipeError(f"{source}: keys 'mask_history' and 'train_on_prompt' cannot both be true")
     if training.max_steps == 0 or training.max_steps < -1:

@@ -14,12 +14,14 @@ from tasks.templates.encode import (
     stop_token_ids,
     supervised_example,
 )
-from tasks.templates.registry import TEMPLATES, get_template
+from tasks.templates.registry import TEMPLATES, check_template, configure, get_template, template_name
 
 __all__ = [
     "IGNORE_INDEX",
     "TEMPLATES",
     "Template",
+    "check_template",
+    "configure",
     "encode_pairs",
     "format_pairs",
     "generation_prompt",
@@ -28,4 +30,5 @@ __all__ = [
     "render",
     "stop_token_ids",
     "supervised_example",
+    "template_name",
 ]

@@ -12,6 +12,8 @@ Content is substituted literally (braces in user text are safe). Conventions:
 - Tool turns: `observation` (a tool result, user side) and `function` (a tool call, assistant side);
   empty means "written like a user turn / an assistant reply". A function message's content is the
   call as the dataset stores it (usually JSON), written literally.
+- `thought_words` (open, close) make a reasoning template (LlamaFactory's ReasoningTemplate): see
+  tasks.templates.thinking for how `enable_thinking` / `preserve_thinking` render and mask them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from tasks.core.errors import DataError
+from tasks.templates import thinking
 
 IGNORE_INDEX = -100
 USER_ROLES = ("user", "observation")
@@ -48,10 +51,16 @@ class Template:
     # object per tool per line.
     tools: str = "{content}\n\nYou have access to the following tools:\n{tools}"
     jinja: bool = False  # ignore the formats above and render with the tokenizer's chat_template (auto)
+    empty_system: bool = False  # write the system block even when there is no system text (EXAONE)
+    thought_words: tuple[str, ...] = ()  # (open, close) of a thinking block: a reasoning template
+    enable_thinking: bool = True  # reasoning templates: train on the thinking block (false: drop it, prompt it)
+    preserve_thinking: bool = False  # reasoning templates: keep thinking blocks of replies in history
 
     def __post_init__(self) -> None:
         if self.system_in_user not in SYSTEM_PLACES:
             raise ValueError(f"template {self.name}: system_in_user must be one of {SYSTEM_PLACES}")
+        if len(self.thought_words) not in (0, 2):
+            raise ValueError(f"template {self.name}: thought_words is (open, close)")
         formats = (self.user, self.assistant, self.system, self.observation, self.function)
         if not self.jinja and any(f and "{content}" not in f for f in formats):
             raise ValueError(f"template {self.name}: every turn format needs a {{content}} slot")
@@ -98,9 +107,11 @@ def format_pairs(
     """(prompt text, response text) per exchange; prefix and system go where the template puts them."""
     check_roles(messages)
     count = len(messages) // 2  # a trailing user turn without a reply has nothing to train on
+    messages = thinking.strip_thoughts(template, messages[: 2 * count])
     system_text = system or template.default_system
     fold_at = {"first": 0, "last": count - 1}.get(template.system_in_user)
-    system_block = fill(template.system, system_text, bos_token, eos_token) if system_text else ""
+    written = system_text or template.empty_system
+    system_block = fill(template.system, system_text, bos_token, eos_token) if written else ""
     pairs = []
     for turn in range(count):
         query, reply = messages[2 * turn], messages[2 * turn + 1]
@@ -115,4 +126,4 @@ def format_pairs(
         if turn == count - 1:
             response += fill(template.suffix, "", bos_token, eos_token)
         pairs.append((prompt, response))
-    return pairs
+    return thinking.add_empty_thoughts(template, messages, pairs)

@@ -61,19 +61,24 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
 def supervised_example(
     pairs: list[tuple[list[int], list[int]]], cutoff_len: int, train_on_prompt: bool, mask_history: bool
 ) -> tuple[list[int], list[int]]:
-    """input_ids and labels (IGNORE_INDEX where no loss is taken) for one conversation."""
+    """input_ids and labels (IGNORE_INDEX where no loss is taken) for one conversation. With mask_history
+    only the last reply is trained and it is kept first: turns are cut from the last one backwards, so
+    older turns are truncated (or dropped) before it (LlamaFactory's supervised processor)."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for turn, (source, target) in enumerate(pairs):
+    order = list(reversed(pairs)) if mask_history else pairs
+    for turn, (source, target) in enumerate(order):
         budget = cutoff_len - len(input_ids)
         if budget <= 0:
             break
         source_len, target_len = infer_seqlen(len(source), len(target), budget)
         source, target = source[:source_len], target[:target_len]
-        is_history = turn != len(pairs) - 1
-        input_ids += source + target
-        labels += source if train_on_prompt else [IGNORE_INDEX] * len(source)
-        labels += [IGNORE_INDEX] * len(target) if (mask_history and is_history) else target
+        source_labels = source if train_on_prompt else [IGNORE_INDEX] * len(source)
+        target_labels = [IGNORE_INDEX] * len(target) if (mask_history and turn != 0) else target
+        if mask_history:  # walking backwards: earlier turns go in front
+            input_ids, labels = source + target + input_ids, source_labels + target_labels + labels
+        else:
+            input_ids, labels = input_ids + source + target, labels + source_labels + target_labels
     return input_ids, labels
 
 

@@ -48,7 +48,7 @@ def to_jinja(template: Template) -> str:
         "{%- set last_user = (turns | length) - 1 if turns and turns[-1]['role'] in ['user', 'tool', 'observation']",
         " else (turns | length) - 2 -%}",
         "{%- set last_exchange = last_user // 2 -%}",
-        f"{{%- set block = {system_block} if system else '' -%}}",
+        f"{{%- set block = {system_block} if system {'or true ' if template.empty_system else ''}else '' -%}}",
         f"{{{{- {expression(template.prefix, '')} -}}}}",
         f"{{%- if {fold} < 0 -%}}{{{{- block -}}}}{{%- endif -%}}",
         "{%- for message in turns -%}",
@@ -61,12 +61,40 @@ def to_jinja(template: Template) -> str:
         "{%- else -%}",
         f"{{{{- {turns['observation']} -}}}}",
         "{%- endif -%}",
-        "{%- elif role == 'function' -%}",
+        "{%- else -%}",
+        *thinking(template),
+        "{%- if role == 'function' -%}",
         f"{{{{- {turns['function']} -}}}}",
         "{%- else -%}",
         f"{{{{- {turns['assistant']} -}}}}",
         "{%- endif -%}",
+        "{%- endif -%}",
         f"{{%- if loop.last and role in ['assistant', 'function'] -%}}{{{{- {expression(template.suffix, '')} -}}}}"
         "{%- endif -%}",
         "{%- endfor -%}",
+        *thinking_prompt(template),
     ])
+
+
+def thinking(template: Template) -> list[str]:
+    """A reply's thinking block as tasks.templates.thinking writes it: dropped where the options drop it,
+    an empty block before a reply that needs one (set up in `text`, the reply's content)."""
+    if not template.thought_words:
+        return []
+    opening, closing = (json.dumps(word.strip()) for word in template.thought_words)
+    drop = "true" if not template.enable_thinking else "false" if template.preserve_thinking else "not loop.last"
+    every = "true" if template.preserve_thinking else "loop.last"
+    return [
+        f"{{%- if ({drop}) and {closing} in text -%}}{{%- set text = text.split({closing})[-1].lstrip('\\n') -%}}"
+        "{%- endif -%}",
+        f"{{%- if ({every}) and not ({opening} in text or {closing} in text) -%}}"
+        f"{{{{- {json.dumps(''.join(template.thought_words))} -}}}}{{%- endif -%}}",
+    ]
+
+
+def thinking_prompt(template: Template) -> list[str]:
+    """With enable_thinking false, a generation prompt ends with the empty block (the model answers after it)."""
+    if not template.thought_words or template.enable_thinking:
+        return []
+    return ["{%- if turns and turns[-1]['role'] in ['user', 'tool', 'observation'] -%}"
+            f"{{{{- {json.dumps(''.join(template.thought_words))} -}}}}{{%- endif -%}}"]

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tasks.core.errors import RecipeError
 from tasks.templates.auto import AUTO
 from tasks.templates.base import Template
-from tasks.templates.families import chatml, deepseek, generic, google, meta, microsoft, mistral, others
+from tasks.templates.families import (
+    chatml,
+    deepseek,
+    generic,
+    google,
+    ibm,
+    meta,
+    microsoft,
+    mistral,
+    mistral3,
+    openai,
+    others,
+    qwen3,
+    vendors,
+)
+from tasks.templates.tools import TOOL_FORMATS
 
-FAMILIES = (generic, chatml, meta, mistral, google, microsoft, deepseek, others)
+FAMILIES = (generic, chatml, qwen3, meta, mistral, mistral3, google, microsoft, deepseek, ibm, openai, vendors, others)
 
 
 def collect(templates: list[Template]) -> dict[str, Template]:
@@ -23,8 +40,54 @@ def collect(templates: list[Template]) -> dict[str, Template]:
 TEMPLATES: dict[str, Template] = collect([t for family in FAMILIES for t in family.TEMPLATES] + [AUTO])
 
 
-def get_template(name: str) -> Template:
-    """The template called name; a RecipeError listing the known names otherwise."""
-    if name not in TEMPLATES:
+# LlamaFactory's templates for image/video/audio models that have no text-only declaration here.
+MULTIMODAL = {"ernie_vl", "glm4v", "glm4_5v", "glm_ocr", "granite3_vision", "intern_vl", "intern_s1", "keye_vl",
+              "kimi_vl", "lfm2_vl", "mllama", "llava", "llava_next", "llava_next_llama3", "llava_next_mistral",
+              "llava_next_qwen", "llava_next_yi", "llava_next_video", "llava_next_video_mistral",
+              "llava_next_video_yi", "mimo_vl", "minicpm_v", "minicpm_v_4_6", "minicpm_o", "ministral3", "paligemma",
+              "paligemma_chat", "pixtral", "qwen2_audio", "qwen2_vl", "qwen3_vl", "qwen3_vl_nothink",
+              "video_llava", "yi_vl", "youtu_vl", "moss_vl", "qwen2_omni", "qwen3_omni", "qwen3_omni_nothink",
+              "dots_ocr"}
+
+
+def check_template(name: str | None) -> None:
+    """A RecipeError listing the known names unless name is one of them (None: chosen by the tokenizer)."""
+    if name in MULTIMODAL:
+        raise RecipeError(f"key 'template': '{name}' is a multimodal template; image/video/audio inputs are not "
+                          "supported yet")
+    if name is not None and name not in TEMPLATES:
         raise RecipeError(f"key 'template': unknown template '{name}' (known: {', '.join(sorted(TEMPLATES))})")
-    return TEMPLATES[name]
+
+
+def template_name(name: str | None, tokenizer=None) -> str:
+    """The template to use: the one named, else the tokenizer's own chat template ('auto') when it has
+    one, else 'default' (as LlamaFactory does without a `template`)."""
+    if name is not None:
+        return name
+    return "auto" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "default"
+
+
+def get_template(name: str | None, tokenizer=None, **options) -> Template:
+    """The template called name (None: see template_name) with the recipe's template options applied."""
+    check_template(name)
+    return configure(TEMPLATES[template_name(name, tokenizer)], **options)
+
+
+def configure(template: Template, default_system: str | None = None, tool_format: str | None = None,
+              enable_thinking: bool | None = None, preserve_thinking: bool | None = None) -> Template:
+    """The template with LlamaFactory's overrides: default_system, tool_format, and for reasoning
+    templates enable_thinking / preserve_thinking (None leaves the template's own)."""
+    changes: dict = {}
+    if default_system is not None:
+        changes["default_system"] = default_system
+    if tool_format is not None:
+        tools = TOOL_FORMATS[tool_format]
+        changes["tools"] = tools.tools
+        if not template.jinja:
+            changes["function"] = template.assistant.replace("{content}", tools.call)
+    if template.thought_words:
+        if enable_thinking is not None:
+            changes["enable_thinking"] = enable_thinking
+        if preserve_thinking is not None:
+            changes["preserve_thinking"] = preserve_thinking
+    return replace(template, **changes) if changes else template

@@ -48,4 +48,9 @@ TEMPLATES = [
     ),
     chatml("yi", "Yi / Yi-1.5 chat (ChatML)"),
     chatml("intern2", "InternLM2 / 2.5 chat (ChatML after BOS)", prefix="{bos_token}"),
+    chatml(
+        "smollm2",
+        "SmolLM2 (ChatML with SmolLM2's published default system prompt)",
+        default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    ),
 ]

@@ -22,4 +22,30 @@ TEMPLATES = [
         stop_words=("<｜end▁of▁sentence｜>",),
         description="DeepSeek V3 '<｜User｜> / <｜Assistant｜>' (non-thinking)",
     ),
+    # deepseek-ai/DeepSeek-R1 (and its distills): V3's turns as a reasoning template. The published
+    # template drops every thinking block; as LlamaFactory does, the last reply keeps its block (or an
+    # empty one) so the model learns to reason, and replies in history lose theirs.
+    Template(
+        name="deepseekr1",
+        prefix="{bos_token}",
+        user="<｜User｜>{content}<｜Assistant｜>",
+        assistant="{content}<｜end▁of▁sentence｜>",
+        thought_words=("<think>\n", "\n</think>\n\n"),
+        stop_words=("<｜end▁of▁sentence｜>",),
+        description="DeepSeek R1 '<｜User｜> / <｜Assistant｜>' with <think> blocks",
+    ),
+    # deepseek-ai/deepseek-coder-6.7b-instruct: the default system prompt is written only without a system;
+    # it ends 'refuse to answer\n' as published (LlamaFactory adds a full stop).
+    Template(
+        name="deepseekcoder",
+        prefix="{bos_token}",
+        user="### Instruction:\n{content}\n### Response:",
+        assistant="\n{content}\n<|EOT|>\n",
+        default_system="You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by "
+        "DeepSeek Company, and you only answer questions related to computer science. For politically "
+        "sensitive questions, security and privacy issues, and other non-computer science questions, you will "
+        "refuse to answer\n",
+        stop_words=("<|EOT|>",),
+        description="DeepSeek Coder instruct '### Instruction: / ### Response:'",
+    ),
 ]

@@ -9,12 +9,13 @@ TEMPLATES = [
         assistant="{content}",
         description="no formatting at all: turns are concatenated as they are",
     ),
+    # LlamaFactory 0.9.3+: EOS closes every turn, the system's and the user's included.
     Template(
         name="default",
-        system="System: {content}\n",
-        user="Human: {content}\nAssistant:",
-        assistant=" {content}{eos_token}\n",
-        description="plain 'Human: / Assistant:' turns, EOS after each reply",
+        system="System: {content}{eos_token}\n",
+        user="Human: {content}{eos_token}\nAssistant:",
+        assistant="{content}{eos_token}\n",
+        description="plain 'Human: / Assistant:' turns, EOS after every turn (LlamaFactory 0.9.3+)",
     ),
     Template(
         name="alpaca",

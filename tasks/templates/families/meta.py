@@ -25,4 +25,16 @@ TEMPLATES = [
         stop_words=("<|eot_id|>", "<|eom_id|>"),
         description="Llama-3 / 3.1 / 3.2 instruct header turns (no date header; use auto for that)",
     ),
+    # meta-llama/Llama-4-Scout-17B-16E-Instruct (text): Llama 3's layout with new header and end tokens.
+    Template(
+        name="llama4",
+        prefix="{bos_token}",
+        system="<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
+        user="<|header_start|>user<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
+        assistant="{content}<|eot|>",
+        observation="<|header_start|>ipython<|header_end|>\n\n{content}<|eot|>"
+        "<|header_start|>assistant<|header_end|>\n\n",
+        stop_words=("<|eot|>", "<|eom|>"),
+        description="Llama 4 '<|header_start|>role<|header_end|>' turns (text only)",
+    ),
 ]

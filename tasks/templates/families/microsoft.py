@@ -23,4 +23,15 @@ TEMPLATES = [
         stop_words=("<|im_end|>",),
         description="Phi-4 '<|im_start|>role<|im_sep|>' turns",
     ),
+    # microsoft/Phi-4-mini-instruct: Phi-3's tags without newlines; EOS closes an un-prompted conversation.
+    Template(
+        name="phi4_mini",
+        system="<|system|>{content}<|end|>",
+        user="<|user|>{content}<|end|><|assistant|>",
+        assistant="{content}<|end|>",
+        suffix="{eos_token}",
+        tools="{content}<|tool|>[{tools}]<|/tool|>",
+        stop_words=("<|end|>",),
+        description="Phi-4-mini '<|user|>...<|end|><|assistant|>' turns",
+    ),
 ]

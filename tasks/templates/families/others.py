@@ -36,4 +36,19 @@ TEMPLATES = [
         stop_words=("<|END_OF_TURN_TOKEN|>",),
         description="Cohere Command-R / R+ turn tokens",
     ),
+    # zai-org/GLM-4.5 (LlamaFactory's glm4_moe): GLM-4 turns as a reasoning template with LlamaFactory's
+    # thinking words; the published template writes '\n<think></think>' before every reply instead.
+    Template(
+        name="glm4_moe",
+        prefix="[gMASK]<sop>",
+        system="<|system|>\n{content}",
+        user="<|user|>\n{content}<|assistant|>",
+        assistant="\n{content}",
+        observation="<|observation|>\n{content}<|assistant|>",
+        function="{content}",
+        suffix="{eos_token}",
+        thought_words=("<think>\n", "\n</think>\n\n"),
+        stop_words=("<|user|>", "<|observation|>"),
+        description="GLM-4.5 / 4.6 (MoE) chat with <think> blocks (LlamaFactory's rendering)",
+    ),
 ]

@@ -1,0 +1,63 @@
+"""QLoRA's quantize stage: the bitsandbytes checkpoint is cached beside the full-precision import,
+training loads it directly and merge folds the adapter into the import; models that ship quantized
+(GPTQ, AWQ, ...) train with adapters only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from flows.plan import plan_run
+from tasks.core.errors import RecipeError
+from tasks.core.recipe import Recipe
+from tests.conftest import tiny_recipe_values
+
+
+def test_qlora_trains_on_the_quantized_checkpoint_and_merges_into_the_import(tiny_model_dir):
+    steps = {s.label: s for s in plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, quantization_bit=4)))}
+    assert steps["quantize"].inputs == {"model": "model"}
+    assert steps["train"].inputs["model"] == "quantize" and steps["merge"].inputs["model"] == "model"
+    assert steps["evaluate[base]"].inputs["model"] == "model"
+    plain = {s.label for s in plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir)))}
+    assert "quantize" not in plain
+
+
+def test_the_quantize_stage_writes_a_4bit_checkpoint(write_recipe, workdir):
+    from transformers import AutoModelForCausalLM
+
+    from flows.finetune import finetune
+    from tasks.core.recipe import load_recipe
+    from tasks.core.store import ArtifactStore
+
+    summary = finetune(load_recipe(write_recipe(quantization_bit=4, do_eval=False, max_samples=8)))
+    store = ArtifactStore(str(workdir / "artifacts"))
+    key = {s.label: s.key for s in summary.stages}
+    quantized = store.lookup("quantize", key["quantize"])
+    config = json.loads((quantized.part("model") / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit"] and quantized.info["quantization"]["bits"] == 4
+    model = AutoModelForCausalLM.from_pretrained(quantized.part("model"))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    merged = json.loads((store.lookup("merge", key["merge"]).part("model") / "config.json").read_text())
+    assert "quantization_config" not in merged  # merged into the full-precision import
+    again = finetune(load_recipe(write_recipe(quantization_bit=4, do_eval=False, max_samples=8)))
+    assert all(s.cached for s in again.stages)
+
+
+@pytest.fixture
+def gptq_model(tiny_model_dir, tmp_path):
+    folder = tmp_path / "gptq"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_prequantized_model_trains_with_adapters_only(gptq_model):
+    with pytest.raises(RecipeError, match=r"'finetuning_type': the model is already quantized \(gptq\)"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model, finetuning_type="full")))
+    with pytest.raises(RecipeError, match=r"'quantization_bit': the model is already quantized \(gptq\)"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model, quantization_bit=4)))
+    assert "train" in {s.label for s in plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model)))}

@@ -1,0 +1,369 @@
+"""The families added in issue 12 against their published chat templates, and reasoning templates'
+thinking blocks (enable_thinking, preserve_thinking) against Qwen3's published rendering.
+
+Published templates are given as constants (Llama 4's comes with transformers). Where a constant is
+marked "text-only", it is the published template's path for plain text conversations (string content,
+no tools), transcribed without the tool and multimodal branches. Templates that follow LlamaFactory's
+rendering rather than a published template (gpt_oss, glm4_moe, olmo, hunyuan) are checked against the
+text LlamaFactory writes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.templates import configure, encode_pairs, generation_prompt, get_template, supervised_example
+from tests.test_template_formats import (
+    CHATML,
+    CONVERSATION,
+    GEMMA3,
+    SMOLLM2,
+    SYSTEM,
+    encoded,
+    published,
+    trained_spans,
+)
+
+# Qwen/Qwen3-8B (hybrid thinking), tokenizer_config.json chat_template.
+QWEN3 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""  # noqa: E501
+
+# google/gemma-2-9b-it (refuses a system role)
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+# microsoft/Phi-4-mini-instruct
+PHI4_MINI = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is "
+    "not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + "
+    "'<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# deepseek-ai/deepseek-coder-6.7b-instruct
+DEEPSEEK_CODER = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{%- set ns = namespace(found=false) -%}{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
+    "{%- set ns.found = true -%}{%- endif -%}{%- endfor -%}{{bos_token}}{%- if not ns.found -%}"
+    "{{'You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeek Company, and "
+    "you only answer questions related to computer science. For politically sensitive questions, security and privacy "
+    "issues, and other non-computer science questions, you will refuse to answer\\n'}}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{{ message['content'] }}{%- else %}"
+    "{%- if message['role'] == 'user' %}{{'### Instruction:\\n' + message['content'] + '\\n'}}{%- else %}"
+    "{{'### Response:\\n' + message['content'] + '\\n<|EOT|>\\n'}}{%- endif %}{%- endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}{{'### Response:'}}{% endif %}"
+)
+
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503, text-only (its default system prompt left out).
+MISTRAL_SMALL = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+# mistralai/Ministral-8B-Instruct-2410, text-only: the system text joins the last user turn.
+MINISTRAL = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST]' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+# ibm-granite/granite-3.1-8b-instruct, text-only, with a system message (without one the published
+# template writes a dated default system prompt).
+GRANITE3 = (
+    "{%- for message in messages %}{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + "
+    "message['content'] + '<|end_of_text|>\\n' }}{%- if loop.last and add_generation_prompt %}"
+    "{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}{%- endfor %}"
+)
+
+# LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct, text-only.
+EXAONE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '[|system|][|endofturn|]\\n' }}{% endif %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
+    "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
+
+# deepseek-ai/DeepSeek-R1, text-only: the system text after BOS, every reply without its thinking.
+DEEPSEEK_R1 = (
+    "{% set ns = namespace(system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}{{ '<｜Assistant｜>' + content + "
+    "'<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}"
+    "{% endif %}"
+)
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def llama4_template() -> str:
+    from transformers.models.llama4.processing_llama4 import chat_template
+
+    return chat_template
+
+
+QWEN_REPLIES = ["Hello.<|im_end|>\n", "4.<|im_end|>\n"]
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+# (template, published jinja, system prompt, the text trained in each reply); the tiny tokenizer's
+# BOS is <|endoftext|> and its EOS <|im_end|>.
+FAMILIES = [
+    ("qwen3", QWEN3, SYSTEM, ["Hello.<|im_end|>\n", EMPTY_THOUGHT + "4.<|im_end|>\n"]),
+    ("qwen3", QWEN3, "", ["Hello.<|im_end|>\n", EMPTY_THOUGHT + "4.<|im_end|>\n"]),  # no default system
+    ("qwen3_nothink", CHATML, SYSTEM, QWEN_REPLIES),
+    ("smollm2", SMOLLM2, "", QWEN_REPLIES),
+    ("gemma2", GEMMA2, "", ["Hello.<end_of_turn>\n", "4.<end_of_turn>\n"]),
+    ("gemma3", GEMMA3, SYSTEM, ["Hello.<end_of_turn>\n", "4.<end_of_turn>\n"]),
+    ("phi4_mini", PHI4_MINI, SYSTEM, ["Hello.<|end|>", "4.<|end|><|im_end|>"]),  # EOS closes the conversation
+    ("deepseekcoder", DEEPSEEK_CODER, SYSTEM, ["\nHello.\n<|EOT|>\n", "\n4.\n<|EOT|>\n"]),
+    ("mistral_small", MISTRAL_SMALL, SYSTEM, ["Hello.<|im_end|>", "4.<|im_end|>"]),
+    ("mistral_small", MISTRAL_SMALL, "", ["Hello.<|im_end|>", "4.<|im_end|>"]),
+    ("ministral", MINISTRAL, "", ["Hello.<|im_end|>", "4.<|im_end|>"]),
+    ("granite3", GRANITE3, SYSTEM, ["Hello.<|end_of_text|>\n", "4.<|end_of_text|>\n"]),
+    ("exaone", EXAONE, SYSTEM, ["Hello.[|endofturn|]\n", "4.[|endofturn|]\n"]),
+    ("exaone", EXAONE, "", ["Hello.[|endofturn|]\n", "4.[|endofturn|]\n"]),  # an empty system block
+]
+
+
+@pytest.mark.parametrize(("name", "jinja", "system", "replies"), FAMILIES,
+                         ids=[f"{f[0]}{'-system' if f[2] else ''}" for f in FAMILIES])
+def test_new_family_matches_published_chat_template(tokenizer, name, jinja, system, replies):
+    input_ids, labels = encoded(tokenizer, name, CONVERSATION, system)
+    assert tokenizer.decode(input_ids) == published(tokenizer, jinja, CONVERSATION, system)
+    assert trained_spans(tokenizer, input_ids, labels) == replies
+
+
+def test_llama4_matches_the_template_transformers_ships(tokenizer):
+    input_ids, labels = encoded(tokenizer, "llama4", CONVERSATION, SYSTEM)
+    assert tokenizer.decode(input_ids) == published(tokenizer, llama4_template(), CONVERSATION, SYSTEM)
+    assert trained_spans(tokenizer, input_ids, labels) == ["Hello.<|eot|>", "4.<|eot|>"]
+    pairs = encode_pairs(tokenizer, get_template("llama4"), CONVERSATION, SYSTEM)
+    prompt = published(tokenizer, llama4_template(), CONVERSATION[:-1], SYSTEM, generation=True)
+    assert tokenizer.decode(generation_prompt(pairs, 4096)) == prompt
+
+
+def test_ministral_and_mistral_small_generation_prompts_match(tokenizer):
+    for name, jinja in (("ministral", MINISTRAL), ("mistral_small", MISTRAL_SMALL)):
+        pairs = encode_pairs(tokenizer, get_template(name), CONVERSATION, SYSTEM)
+        expected = published(tokenizer, jinja, CONVERSATION[:-1], SYSTEM, generation=True)
+        assert tokenizer.decode(generation_prompt(pairs, 4096)) == expected, name
+
+
+def test_deepseekr1_keeps_the_last_thinking_block_the_published_template_drops(tokenizer):
+    thought = "<think>\nAdd them.\n</think>\n\n"
+    chat = [*CONVERSATION[:3], {"role": "assistant", "content": thought + "4."}]
+    input_ids, labels = encoded(tokenizer, "deepseekr1", chat, SYSTEM)
+    text = published(tokenizer, DEEPSEEK_R1, chat, SYSTEM)
+    assert text.endswith("<｜Assistant｜>\n\n4.<｜end▁of▁sentence｜>")  # the published rendering cuts at </think>
+    assert tokenizer.decode(input_ids) == text.replace("<｜Assistant｜>\n\n4.", "<｜Assistant｜>" + thought + "4.")
+    assert trained_spans(tokenizer, input_ids, labels) == ["Hello.<｜end▁of▁sentence｜>",
+                                                           thought + "4.<｜end▁of▁sentence｜>"]
+    # The generation prompt is the published one up to its opening '<think>\n', which the model writes.
+    pairs = encode_pairs(tokenizer, get_template("deepseekr1"), chat, SYSTEM)
+    expected = published(tokenizer, DEEPSEEK_R1, chat[:3], SYSTEM, generation=True)
+    assert tokenizer.decode(generation_prompt(pairs, 4096)) + "<think>\n" == expected
+
+
+@pytest.mark.parametrize(("name", "expected", "replies"), [
+    ("gpt_oss", "<|start|>system<|message|>Be brief.<|end|><|start|>user<|message|>Hi there<|end|><|start|>assistant"
+     "Hello.<|start|>user<|message|>Sum 2+2?<|end|><|start|>assistant<|channel|>analysis<|message|><|end|>"
+     "<|start|>assistant<|channel|>final<|message|>4.<|im_end|>",
+     ["Hello.", "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>4.<|im_end|>"]),
+    ("glm4_moe", "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\nHello.<|user|>\nSum 2+2?"
+     "<|assistant|><think>\n\n</think>\n\n\n4.<|im_end|>", ["\nHello.", "<think>\n\n</think>\n\n\n4.<|im_end|>"]),
+    ("olmo", "<|im_end|><|user|>\nHi there<|assistant|>\nHello.<|im_end|><|user|>\nSum 2+2?<|assistant|>\n4.<|im_end|>",
+     ["Hello.<|im_end|>", "4.<|im_end|>"]),
+    ("hunyuan", "<|startoftext|>Be brief.<|extra_4|>Hi there<|extra_0|>Hello.<|eos|>Sum 2+2?<|extra_0|>4.<|eos|>",
+     ["Hello.<|eos|>", "4.<|eos|>"]),
+])
+def test_templates_that_follow_llamafactory_render_as_it_does(tokenizer, name, expected, replies):
+    system = "" if name == "olmo" else SYSTEM
+    input_ids, labels = encoded(tokenizer, name, CONVERSATION, system)
+    assert tokenizer.decode(input_ids) == expected
+    assert trained_spans(tokenizer, input_ids, labels) == replies
+
+
+COT = [
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "<think>\nGreet back.\n</think>\n\nHello."},
+    {"role": "user", "content": "Sum 2+2?"},
+    {"role": "assistant", "content": "<think>\nAdd them.\n</think>\n\n4."},
+]
+
+
+def qwen3(**options):
+    return configure(get_template("qwen3"), **options)
+
+
+def spans(tokenizer, template, messages, mask_history=False):
+    pairs = encode_pairs(tokenizer, template, messages, SYSTEM)
+    input_ids, labels = supervised_example(pairs, 4096, train_on_prompt=False, mask_history=mask_history)
+    return tokenizer.decode(input_ids), trained_spans(tokenizer, input_ids, labels)
+
+
+def test_thinking_history_is_dropped_as_qwen3_publishes_and_the_last_block_is_trained(tokenizer):
+    text, trained = spans(tokenizer, qwen3(), COT)
+    assert text == published(tokenizer, QWEN3, COT, SYSTEM)
+    assert trained == ["Hello.<|im_end|>\n", "<think>\nAdd them.\n</think>\n\n4.<|im_end|>\n"]
+
+
+def test_preserve_thinking_keeps_history_blocks(tokenizer):
+    text, trained = spans(tokenizer, qwen3(preserve_thinking=True), COT)
+    assert trained == ["<think>\nGreet back.\n</think>\n\nHello.<|im_end|>\n",
+                       "<think>\nAdd them.\n</think>\n\n4.<|im_end|>\n"]
+    # Without thinking in the data, every reply gets an empty block (LlamaFactory's multi-turn rendering).
+    _, trained = spans(tokenizer, qwen3(preserve_thinking=True), CONVERSATION)
+    assert trained == [EMPTY_THOUGHT + "Hello.<|im_end|>\n", EMPTY_THOUGHT + "4.<|im_end|>\n"]
+
+
+def test_enable_thinking_false_drops_thoughts_and_prompts_the_empty_block(tokenizer):
+    text, trained = spans(tokenizer, qwen3(enable_thinking=False), COT)
+    assert text == published(tokenizer, QWEN3, CONVERSATION, SYSTEM)  # every thought removed, empty block written
+    assert trained == QWEN_REPLIES  # ... but not trained on
+    pairs = encode_pairs(tokenizer, qwen3(enable_thinking=False), COT, SYSTEM)
+    expected = published(tokenizer, QWEN3, COT[:3], SYSTEM, generation=True, enable_thinking=False)
+    assert tokenizer.decode(generation_prompt(pairs, 4096)) == expected
+
+
+def test_mask_history_trains_only_the_last_thinking_reply(tokenizer):
+    _, trained = spans(tokenizer, qwen3(), COT, mask_history=True)
+    assert trained == ["<think>\nAdd them.\n</think>\n\n4.<|im_end|>\n"]
+
+
+def test_thinking_options_leave_other_templates_alone():
+    assert configure(get_template("qwen3_nothink"), enable_thinking=False) == get_template("qwen3_nothink")
+    assert configure(get_template("qwen3"), enable_thinking=False).enable_thinking is False
+
+
+def test_default_system_and_tool_format_override_the_template(tokenizer):
+    template = get_template("llama3", default_system="Be kind.", tool_format="qwen")
+    assert template.default_system == "Be kind."
+    assert template.function == "<tool_call>\n{content}\n</tool_call><|eot_id|>"  # a call closes like a reply
+    assert "<tools>" in template.system_with_tools("", '[{"name": "f"}]')
+    text = tokenizer.decode(encoded(tokenizer, "chatml", CONVERSATION, "")[0])
+    configured = configure(get_template("chatml"), default_system="Be kind.")
+    pairs = encode_pairs(tokenizer, configured, CONVERSATION, "")
+    assert tokenizer.decode([t for p in pairs for part in p for t in part]) == (
+        "<|im_start|>system\nBe kind.<|im_end|>\n" + text)
+
+
+def test_without_a_template_the_tokenizers_own_is_used_else_default(tokenizer):
+    from tasks.core.recipe import Recipe
+    from tasks.templates import template_name
+    from tasks.templates.choice import TemplateChoice
+
+    data = Recipe.from_flat({}).data
+    assert data.template is None  # LlamaFactory's default: no template named
+    choice = TemplateChoice.of(data)
+    tokenizer.chat_template = None
+    assert template_name(None, tokenizer) == "default" and choice.load(tokenizer).name == "default"
+    tokenizer.chat_template = CHATML
+    assert template_name(None, tokenizer) == "auto" and choice.load(tokenizer).jinja
+    assert template_name("llama3", tokenizer) == "llama3"
+    assert TemplateChoice.of(data, name="qwen3").enable_thinking is True  # options apply to reasoning templates
+    assert choice.enable_thinking is None
