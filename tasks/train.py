@@ -74,6 +74,7 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     use_varlen_attention(base)
     model = attach_trainable(base, config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
     collator = collator_for(data, tokenizer, model)
+    flat = isinstance(collator, FlatCollator)  # no pad tokens: every token counted is a real one
     padding = None
     if data.info["train"] == "stream":  # rows are aligned and tokenized lazily as training consumes them
         spec = json.loads(data.part("stream").read_text())
@@ -81,9 +82,9 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     else:
         train_rows = load_rows(data.part("train"))
         lengths = [len(ids) for ids in train_rows["input_ids"]]
-        flat = isinstance(collator, FlatCollator)
         padding = 0.0 if flat else shuffled_padding_share(lengths, config.batch_size, config.seed)
-    arguments = TrainingArguments(**arguments_values(config, ctx.staging), include_num_input_tokens_seen="non_padding")
+    arguments = TrainingArguments(**arguments_values(config, ctx.staging),
+                                  include_num_input_tokens_seen="all" if flat else "non_padding")
     trainer = trainer_class()(model=model, args=arguments, train_dataset=train_rows,
                               data_collator=collator,
                               callbacks=[run_callback(ctx.run.mlflow_run_id)])
