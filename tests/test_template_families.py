@@ -1,14 +1,17 @@
 """The families added in issue 12 against their published chat templates, and reasoning templates'
 thinking blocks (enable_thinking, preserve_thinking) against Qwen3's published rendering.
 
-Published templates are given as constants (Llama 4's comes with transformers). Where a constant is
-marked "text-only", it is the published template's path for plain text conversations (string content,
-no tools), transcribed without the tool and multimodal branches. Templates that follow LlamaFactory's
+Published templates are given as constants or, when long, as verbatim copies in
+tests/data/chat_templates/ (Llama 4's comes with transformers); each names the hub repo it comes from
+and where the copy was found. A constant marked "transcribed, not verified against the published file"
+was written without a copy of the published file to compare. Templates that follow LlamaFactory's
 rendering rather than a published template (gpt_oss, glm4_moe, olmo, hunyuan) are checked against the
 text LlamaFactory writes.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -115,7 +118,17 @@ QWEN3 = r"""{%- if tools %}
     {%- endif %}
 {%- endif %}"""  # noqa: E501
 
-# google/gemma-2-9b-it (refuses a system role)
+# Published templates kept verbatim in tests/data/chat_templates/, each named after its hub repo.
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+
+def chat_template(hub_repo: str) -> str:
+    return (CHAT_TEMPLATES / (hub_repo.replace("/", "-") + ".jinja")).read_text(encoding="utf-8")
+
+
+# google/gemma-2-9b-it tokenizer_config.json (refuses a system role). Verified against the copy in
+# guidance-ai/guidance's guidance/chat.py ("From https://huggingface.co/google/gemma-2-9b-it/blob/main/
+# tokenizer_config.json#L1747") and llama.cpp's models/templates/google-gemma-2-2b-it.jinja (ye-NX/llama.cpp).
 GEMMA2 = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -125,7 +138,10 @@ GEMMA2 = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
-# microsoft/Phi-4-mini-instruct
+# microsoft/Phi-4-mini-instruct tokenizer_config.json. Verified against a chat-template table in the style
+# of guidance's chat.py ("[06/16/25] https://huggingface.co/microsoft/Phi-4-mini-instruct/blob/main/
+# tokenizer_config.json#L104"; its repository not confirmed) and a test that copies it "from
+# mlx-community/Phi-4-mini-instruct-4bit tokenizer_config.json".
 PHI4_MINI = (
     "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is "
     "not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + "
@@ -133,30 +149,21 @@ PHI4_MINI = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-# deepseek-ai/deepseek-coder-6.7b-instruct
-DEEPSEEK_CODER = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{%- set ns = namespace(found=false) -%}{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
-    "{%- set ns.found = true -%}{%- endif -%}{%- endfor -%}{{bos_token}}{%- if not ns.found -%}"
-    "{{'You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeek Company, and "
-    "you only answer questions related to computer science. For politically sensitive questions, security and privacy "
-    "issues, and other non-computer science questions, you will refuse to answer\\n'}}{%- endif %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}{{ message['content'] }}{%- else %}"
-    "{%- if message['role'] == 'user' %}{{'### Instruction:\\n' + message['content'] + '\\n'}}{%- else %}"
-    "{{'### Response:\\n' + message['content'] + '\\n<|EOT|>\\n'}}{%- endif %}{%- endif %}{%- endfor %}"
-    "{% if add_generation_prompt %}{{'### Response:'}}{% endif %}"
-)
+# deepseek-ai/deepseek-coder-33b-instruct tokenizer_config.json, as llama.cpp quotes it in
+# tests/test-chat-template.cpp (ggml-org/llama.cpp); the 1.3b/6.7b instruct models share the template
+# (not verified against their own files). Its generation prompt is '### Response:\n' (the newline before
+# the closing endif is not trimmed).
+DEEPSEEK_CODER = chat_template("deepseek-ai/deepseek-coder-33b-instruct")
 
-# mistralai/Mistral-Small-3.1-24B-Instruct-2503, text-only (its default system prompt left out).
-MISTRAL_SMALL = (
-    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
-    "{%- set loop_messages = messages[1:] %}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
-    "{%- else %}{%- set loop_messages = messages %}{%- endif %}{%- for message in loop_messages %}"
-    "{%- if message['role'] == 'user' %}{{- '[INST]' + message['content'] + '[/INST]' }}"
-    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
-)
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503 tokenizer_config.json, as llama.cpp stores it in
+# models/templates/mistralai-Mistral-Small-3.1-24B-Instruct-2503.jinja (ggml-org/llama.cpp). Without a
+# system message it writes a default system prompt carrying today's date (strftime_now).
+MISTRAL_SMALL = chat_template("mistralai/Mistral-Small-3.1-24B-Instruct-2503")
+MISTRAL_SMALL_DEFAULT_SYSTEM = "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI"
 
 # mistralai/Ministral-8B-Instruct-2410, text-only: the system text joins the last user turn.
+# Transcribed, not verified against the published file (no copy of it was found); the same rule as the
+# Tekken v3 template llama.cpp quotes for Mistral-Nemo-Instruct-2407.
 MINISTRAL = (
     "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
     "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
@@ -167,32 +174,27 @@ MINISTRAL = (
     "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
 )
 
-# ibm-granite/granite-3.1-8b-instruct, text-only, with a system message (without one the published
-# template writes a dated default system prompt).
-GRANITE3 = (
-    "{%- for message in messages %}{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + "
-    "message['content'] + '<|end_of_text|>\\n' }}{%- if loop.last and add_generation_prompt %}"
-    "{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}{%- endfor %}"
-)
+# ibm-granite/granite-3.0-8b-instruct tokenizer_config.json, as llama.cpp quotes it in
+# tests/test-chat-template.cpp (ggml-org/llama.cpp). Granite 3.1+ templates add a dated default system
+# prompt when there is no system message; with one they render these same turns.
+GRANITE3 = chat_template("ibm-granite/granite-3.0-8b-instruct")
 
-# LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct, text-only.
+# LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct chat_template, as embedded in the model's GGUF (quoted as ollama's
+# library/exaone3.5:7.8b "gguf" template in a stored copy of ollama's template tests, and in projects
+# that load EXAONE-3.5 ONNX/HF checkpoints). The hub's tokenizer_config.json itself was not found; its
+# repository is not identified for the ollama copy.
 EXAONE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "{{ '[|system|][|endofturn|]\\n' }}{% endif %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
-    "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}{% endfor %}"
+    "{{ '[|system|][|endofturn|]\n' }}{% endif %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
+    "{% if message['role'] == 'user' %}{{ '\n' }}{% else %}{{ '[|endofturn|]\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
 )
 
-# deepseek-ai/DeepSeek-R1, text-only: the system text after BOS, every reply without its thinking.
-DEEPSEEK_R1 = (
-    "{% set ns = namespace(system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' %}{% set content = message['content'] %}{% if '</think>' in content %}"
-    "{% set content = content.split('</think>')[-1] %}{% endif %}{{ '<｜Assistant｜>' + content + "
-    "'<｜end▁of▁sentence｜>' }}{%- endif %}{%- endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}"
-    "{% endif %}"
-)
+# deepseek-ai/DeepSeek-R1-Distill-Qwen-32B tokenizer_config.json, as llama.cpp stores it in
+# models/templates/deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja (ggml-org/llama.cpp): the system text
+# after BOS, every reply cut after its '</think>'. DeepSeek-R1's own template (joins several system
+# messages with blank lines, otherwise the same text-only rendering) was found only in a blog post.
+DEEPSEEK_R1 = chat_template("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")
 
 
 @pytest.fixture
@@ -220,9 +222,8 @@ FAMILIES = [
     ("gemma2", GEMMA2, "", ["Hello.<end_of_turn>\n", "4.<end_of_turn>\n"]),
     ("gemma3", GEMMA3, SYSTEM, ["Hello.<end_of_turn>\n", "4.<end_of_turn>\n"]),
     ("phi4_mini", PHI4_MINI, SYSTEM, ["Hello.<|end|>", "4.<|end|><|im_end|>"]),  # EOS closes the conversation
-    ("deepseekcoder", DEEPSEEK_CODER, SYSTEM, ["\nHello.\n<|EOT|>\n", "\n4.\n<|EOT|>\n"]),
+    ("deepseekcoder", DEEPSEEK_CODER, SYSTEM, ["Hello.\n<|EOT|>\n", "4.\n<|EOT|>\n"]),
     ("mistral_small", MISTRAL_SMALL, SYSTEM, ["Hello.<|im_end|>", "4.<|im_end|>"]),
-    ("mistral_small", MISTRAL_SMALL, "", ["Hello.<|im_end|>", "4.<|im_end|>"]),
     ("ministral", MINISTRAL, "", ["Hello.<|im_end|>", "4.<|im_end|>"]),
     ("granite3", GRANITE3, SYSTEM, ["Hello.<|end_of_text|>\n", "4.<|end_of_text|>\n"]),
     ("exaone", EXAONE, SYSTEM, ["Hello.[|endofturn|]\n", "4.[|endofturn|]\n"]),
@@ -245,6 +246,25 @@ def test_llama4_matches_the_template_transformers_ships(tokenizer):
     pairs = encode_pairs(tokenizer, get_template("llama4"), CONVERSATION, SYSTEM)
     prompt = published(tokenizer, llama4_template(), CONVERSATION[:-1], SYSTEM, generation=True)
     assert tokenizer.decode(generation_prompt(pairs, 4096)) == prompt
+
+
+def test_mistral_small_writes_no_default_system_where_the_published_template_writes_a_dated_one(tokenizer):
+    input_ids, labels = encoded(tokenizer, "mistral_small", CONVERSATION, "")
+    text = published(tokenizer, MISTRAL_SMALL, CONVERSATION, "")
+    head, _, rest = text.partition("[/SYSTEM_PROMPT]")
+    assert head.startswith(tokenizer.bos_token + "[SYSTEM_PROMPT]" + MISTRAL_SMALL_DEFAULT_SYSTEM)
+    assert tokenizer.decode(input_ids) == tokenizer.bos_token + rest
+    assert trained_spans(tokenizer, input_ids, labels) == ["Hello.<|im_end|>", "4.<|im_end|>"]
+
+
+def test_deepseekcoder_generation_prompt_ends_with_the_published_newline(tokenizer):
+    pairs = encode_pairs(tokenizer, get_template("deepseekcoder"), CONVERSATION, SYSTEM)
+    expected = published(tokenizer, DEEPSEEK_CODER, CONVERSATION[:-1], SYSTEM, generation=True)
+    assert expected.endswith("### Response:\n")
+    assert tokenizer.decode(generation_prompt(pairs, 4096)) == expected
+    # Without a system message the published default system prompt is written.
+    input_ids, _ = encoded(tokenizer, "deepseekcoder", CONVERSATION, "")
+    assert tokenizer.decode(input_ids) == published(tokenizer, DEEPSEEK_CODER, CONVERSATION, "")
 
 
 def test_ministral_and_mistral_small_generation_prompts_match(tokenizer):

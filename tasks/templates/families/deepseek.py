@@ -34,15 +34,18 @@ TEMPLATES = [
         stop_words=("<｜end▁of▁sentence｜>",),
         description="DeepSeek R1 '<｜User｜> / <｜Assistant｜>' with <think> blocks",
     ),
-    # deepseek-ai/deepseek-coder-6.7b-instruct: the default system prompt is written only without a system;
-    # it ends 'refuse to answer\n' as published (LlamaFactory adds a full stop).
+    # deepseek-ai/deepseek-coder-*-instruct (the template published with deepseek-coder-33b-instruct): the
+    # default system prompt is written only without a system, spelt 'Deepseek' and ending 'refuse to
+    # answer\n' as published (LlamaFactory writes 'DeepSeek' and adds a full stop). The published generation
+    # prompt is '### Response:\n', so the newline belongs to the prompt and the reply is content + '\n<|EOT|>\n'
+    # (LlamaFactory opens the reply with the newline instead; the rendered text is the same).
     Template(
         name="deepseekcoder",
         prefix="{bos_token}",
-        user="### Instruction:\n{content}\n### Response:",
-        assistant="\n{content}\n<|EOT|>\n",
-        default_system="You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by "
-        "DeepSeek Company, and you only answer questions related to computer science. For politically "
+        user="### Instruction:\n{content}\n### Response:\n",
+        assistant="{content}\n<|EOT|>\n",
+        default_system="You are an AI programming assistant, utilizing the Deepseek Coder model, developed by "
+        "Deepseek Company, and you only answer questions related to computer science. For politically "
         "sensitive questions, security and privacy issues, and other non-computer science questions, you will "
         "refuse to answer\n",
         stop_words=("<|EOT|>",),

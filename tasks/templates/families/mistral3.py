@@ -9,7 +9,9 @@ TOOLS = {
 
 TEMPLATES = [
     # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (v7 Tekken): the system prompt is its own block after BOS.
-    # The 2501 release's template also writes a long default system prompt; none is written here.
+    # Unlike the published template, which writes a long default system prompt carrying today's date
+    # (strftime_now) when the conversation has none, none is written here (as LlamaFactory): a date would make
+    # the training text depend on the day it is rendered. Set default_system for one.
     Template(
         name="mistral_small",
         prefix="{bos_token}",
@@ -20,7 +22,8 @@ TEMPLATES = [
         **TOOLS,
     ),
     # mistralai/Ministral-8B-Instruct-2410: the published (Tekken v3) template writes the system text in the
-    # LAST user turn; LlamaFactory's ministral folds it into the first.
+    # LAST user turn; LlamaFactory's ministral folds it into the first. (Ministral's own file was not found to
+    # check against; Mistral-Nemo-Instruct-2407's Tekken v3 template, which llama.cpp quotes, does this.)
     Template(
         name="ministral",
         prefix="{bos_token}",

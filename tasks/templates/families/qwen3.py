@@ -6,6 +6,9 @@ Qwen/Qwen3-8B's published template renders a conversation (see tasks.templates.t
 enable_thinking / preserve_thinking). The `_nothink` variants are the instruct models' plain ChatML
 (Qwen3-*-Instruct-2507). Qwen3.5's published tool calls are XML (<function=...>); tool calls are
 written here as the dataset stores them, inside <tool_call> tags.
+
+`qwen3_5` / `qwen3_5_nothink` follow LlamaFactory's qwen3_5 templates and Qwen3's rendering; they are
+not verified against Qwen3.5's published chat_template.jinja (no copy of it was found to compare).
 """
 
 from tasks.templates.families.chatml import QWEN_FUNCTION, QWEN_OBSERVATION, QWEN_TOOLS, chatml
