@@ -13,6 +13,7 @@ from typing import Literal
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.data_report import shuffled_padding_share
+from tasks.optimizers import OPTIMIZER_LIBRARIES
 from tasks.rows import load_rows
 from tasks.streaming import training_stream
 from tasks.train_common import (
@@ -21,6 +22,7 @@ from tasks.train_common import (
     arguments_values,
     run_callback,
     run_trainer,
+    trainer_hooks,
     training_locators,
     training_values,
     write_results,
@@ -69,7 +71,8 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
         padding = shuffled_padding_share(lengths, config.batch_size, config.seed)
     arguments = TrainingArguments(**arguments_values(config, ctx.staging), include_num_input_tokens_seen="non_padding")
     trainer = Trainer(model=model, args=arguments, train_dataset=train_rows,
-                      data_collator=collator_for(data, tokenizer), callbacks=[run_callback(ctx.run.mlflow_run_id)])
+                      data_collator=collator_for(data, tokenizer), callbacks=[run_callback(ctx.run.mlflow_run_id)],
+                      **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out) | {"padding_share": padding}
     weights = save_weights(trainer.model, tokenizer, config, out)
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
@@ -82,7 +85,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.packing",
-          "tasks.streaming", "tasks.encoding", "tasks.formats"),
-    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
+          "tasks.streaming", "tasks.encoding", "tasks.formats", "tasks.optimizers"),
+    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )
