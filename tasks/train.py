@@ -13,6 +13,7 @@ from typing import Literal
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.data_report import shuffled_padding_share
+from tasks.launch import launch_ranks
 from tasks.optimizers import OPTIMIZER_LIBRARIES
 from tasks.rows import load_rows
 from tasks.streaming import training_stream
@@ -57,6 +58,8 @@ def collator_for(data, tokenizer):
 def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
+    if (launched := launch_ranks(config, ctx, out)) is not None:  # several ranks: torchrun runs this build
+        return launched
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -85,7 +88,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.packing",
-          "tasks.streaming", "tasks.encoding", "tasks.formats", "tasks.optimizers"),
+          "tasks.streaming", "tasks.encoding", "tasks.formats", "tasks.optimizers", "tasks.launch"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

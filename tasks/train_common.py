@@ -153,7 +153,7 @@ def training_values(recipe: Recipe) -> dict[str, Any]:
         "gradient_checkpointing": not t.disable_gradient_checkpointing,
         "badam_verbose": recipe.finetuning.badam_verbose,
         "launch": launch(recipe),
-        "nproc_per_node": processes_per_node(t.nproc_per_node),
+        "nproc_per_node": processes_per_node(t.nproc_per_node, recipe.finetuning.stage),
         "nnodes": t.nnodes,
         "node_rank": t.node_rank,
         "master_addr": t.master_addr,
@@ -161,10 +161,13 @@ def training_values(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def processes_per_node(asked: int | None) -> int:
-    """Training processes on this machine: as asked, else one per visible GPU (one on a CPU)."""
+def processes_per_node(asked: int | None, objective: str = "sft") -> int:
+    """Training processes on this machine: as asked, else one per visible GPU (one on a CPU, and for the
+    objectives that train in one process: rm, dpo, kto, ppo)."""
     if asked is not None:
         return asked
+    if objective not in ("pt", "sft"):
+        return 1
     import torch
 
     return torch.cuda.device_count() if has_cuda() else 1
@@ -182,7 +185,7 @@ def json_file(key: str, path: str | None) -> dict[str, Any] | None:
 
 def launch(recipe: Recipe) -> Launch:
     t = recipe.training
-    return Launch(world_size=processes_per_node(t.nproc_per_node) * t.nnodes,
+    return Launch(world_size=processes_per_node(t.nproc_per_node, recipe.finetuning.stage) * t.nnodes,
                   deepspeed=json_file("deepspeed", t.deepspeed), fsdp=t.fsdp or None,
                   fsdp_config=json_file("fsdp_config", t.fsdp_config))
 
@@ -262,6 +265,7 @@ def arguments_values(config: TrainingConfig, staging: Path) -> dict[str, Any]:
         "deepspeed": config.launch.deepspeed,
         "fsdp": config.launch.fsdp,
         "fsdp_config": config.launch.fsdp_config,
+        "save_on_each_node": config.nnodes > 1,  # each node resumes from its own staging folder
         **low_rank_arguments(config.optimizer, config.optim),
     }
 

@@ -245,9 +245,27 @@ def save_weights(model, tokenizer, config, out: Path) -> str:
     if start is not None:  # a plain LoRA of rank 2r on the original base (PEFT's conversion)
         model.save_pretrained(str(out / weights), path_initial_model_for_weight_conversion=str(start))
     else:
-        model.save_pretrained(str(out / weights))
+        model.save_pretrained(str(out / weights), **gathered_state(model))
     tokenizer.save_pretrained(str(out / weights))  # beside an adapter too: AutoPeftModel then needs only the base
     return weights
+
+
+def gathered_state(model) -> dict[str, Any]:
+    """Under DeepSpeed ZeRO-3 each rank holds a slice of every weight: gather them (every rank takes part) into
+    the state dict save_pretrained writes. Elsewhere nothing to add."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return {}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        state, seen = {}, set()
+        for name, value in model.state_dict().items():
+            if value.data_ptr() not in seen:  # tied weights (embeddings and head) once, as save_pretrained does
+                seen.add(value.data_ptr())
+                state[name] = value.detach().cpu().clone()
+        return {"state_dict": state}
 
 
 def meta_model(folder: Path):

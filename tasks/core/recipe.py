@@ -422,6 +422,9 @@ def check_launch(recipe: Recipe, source: str) -> None:
     if zero is not None and m.use_unsloth and zero == 3:
         raise RecipeError(f"{source}: keys 'use_unsloth' and 'deepspeed' (ZeRO-3) cannot be combined")
     several = t.nnodes > 1 or (t.nproc_per_node or 1) > 1
+    if f.stage not in ("pt", "sft") and (several or zero is not None or t.fsdp):
+        raise RecipeError(f"{source}: keys 'deepspeed', 'fsdp', 'nproc_per_node' and 'nnodes' launch stage pt and "
+                          f"sft only for now; stage {f.stage} trains in one process")
     if several and f.use_badam and (f.badam_mode == "ratio" or zero != 3):
         raise RecipeError(f"{source}: key 'use_badam' on several ranks needs badam_mode: layer with DeepSpeed ZeRO-3")
     for key in ("galore", "apollo"):
