@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -95,10 +96,18 @@ def launch_ranks(config, ctx: BuildContext, out: Path) -> Built | None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def die_with_parent(signal_number: int) -> None:
+    """Ask Linux to send this process a signal when its parent dies (a killed worker takes its ranks along)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal_number)  # PR_SET_PDEATHSIG
+
+
 def run_forwarding(command: list[str], env: dict[str, str], log) -> None:
     """Run the launcher, its output line by line into the stage's log; stop it if the run is interrupted."""
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             bufsize=1, start_new_session=True)
+                             bufsize=1, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     tail: list[str] = []
     try:
         for line in child.stdout:
@@ -109,7 +118,7 @@ def run_forwarding(command: list[str], env: dict[str, str], log) -> None:
             check_stop()
         code = child.wait()
     except BaseException:
-        os.killpg(child.pid, 15)  # torchrun passes SIGTERM on to its ranks
+        child.terminate()  # torchrun passes SIGTERM on to its ranks
         child.wait()
         raise
     if code != 0:
@@ -120,6 +129,7 @@ def rank_main(request: Path) -> None:
     """One rank: rebuild the build's context from the request and run the stage's build in this process."""
     import importlib
 
+    die_with_parent(signal.SIGKILL)  # torchrun starts ranks in their own sessions: go when it goes
     payload: dict[str, Any] = pickle.loads(request.read_bytes())
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     stage = importlib.import_module(payload["module"]).STAGE
