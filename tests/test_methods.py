@@ -227,3 +227,23 @@ def test_plan_time_refusals(tiny_model_dir):
         plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, enable_liger_kernel=True)))
     with pytest.raises(RecipeError, match="key 'optim': use_apollo works with adamw_torch"):
         plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, **FULL, use_apollo=True, optim="sgd")))
+
+
+@pytest.mark.parametrize(("precision", "kind", "dtype"), [
+    ("bf16", "full", torch.float32), ("fp16", "freeze", torch.float32), ("pure_bf16", "full", torch.bfloat16)])
+def test_trainable_weights_train_in_fp32_under_mixed_precision(tiny_model_dir, precision, kind, dtype):
+    """A half-precision base under bf16/fp16 mixed precision: what trains is upcast to fp32 (pure_bf16: kept)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from tasks.train_methods import FreezeSettings, attach_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    config = SimpleNamespace(finetuning_type=kind, lora=None, quantization=None, precision=precision, optimizer=None,
+                             gradient_checkpointing=False,
+                             freeze=FreezeSettings(trainable_layers=1) if kind == "freeze" else None)
+    model = attach_trainable(model, config)
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {dtype} and frozen <= {torch.bfloat16}
