@@ -321,7 +321,9 @@ def run_trainer(trainer, config: TrainingConfig, ctx: BuildContext, out: Path) -
         "train_seconds": round(seconds, 2),  # this process's share of the run
         "tokens_trained": int(state.num_input_tokens_seen),  # the whole run's non-padding tokens
         "tokens_per_second": round(tokens_this_run / max(seconds, 1e-9), 1),
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        # ZeRO-3 leaves each rank a slice of every weight; ds_numel is the whole weight's size
+        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()
+                                    if p.requires_grad),
         "optimizer": optimizer_name(trainer.optimizer),
     }
     ctx.log.info("trained %d steps (resumed at %d), %.1f tokens/s", state.global_step, resumed_step,

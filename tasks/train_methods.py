@@ -6,6 +6,7 @@ key, options that would train nothing (a lora_target matching no module, too man
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,7 @@ def save_weights(model, tokenizer, config, out: Path) -> str:
     start = getattr(model, "pissa_start", None)
     if start is not None:  # a plain LoRA of rank 2r on the original base (PEFT's conversion)
         model.save_pretrained(str(out / weights), path_initial_model_for_weight_conversion=str(start))
+        shutil.rmtree(start, ignore_errors=True)
     else:
         model.save_pretrained(str(out / weights), **gathered_state(model))
     tokenizer.save_pretrained(str(out / weights))  # beside an adapter too: AutoPeftModel then needs only the base

@@ -47,6 +47,8 @@ def test_two_ranks_match_one(one_rank, tiny_model_dir, monkeypatch, zero):
     assert gap < TOLERANCE, (losses, single_losses)
     results = json.loads(artifact.part("results").read_text())
     assert results["global_step"] == 6 and results["optimizer"] == "torch.optim.adamw.AdamW"
+    expected = json.loads(single.part("results").read_text())["trainable_parameters"]
+    assert results["trainable_parameters"] == expected
     ours = load_file(str(artifact.part("model") / "model.safetensors"))
     theirs = load_file(str(single.part("model") / "model.safetensors"))
     assert ours.keys() == theirs.keys()
