@@ -185,6 +185,8 @@ def json_file(key: str, path: str | None) -> dict[str, Any] | None:
 
 def launch(recipe: Recipe) -> Launch:
     t = recipe.training
+    if t.fsdp and not has_cuda():  # accelerate would quietly fall back to plain data parallel on CPU ranks
+        raise RecipeError("key 'fsdp': accelerate shards with FSDP on GPUs only; on a CPU use 'deepspeed'")
     return Launch(world_size=processes_per_node(t.nproc_per_node, recipe.finetuning.stage) * t.nnodes,
                   deepspeed=json_file("deepspeed", t.deepspeed), fsdp=t.fsdp or None,
                   fsdp_config=json_file("fsdp_config", t.fsdp_config))
@@ -325,6 +327,8 @@ def run_trainer(trainer, config: TrainingConfig, ctx: BuildContext, out: Path) -
         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()
                                     if p.requires_grad),
         "optimizer": optimizer_name(trainer.optimizer),
+        "world_size": trainer.args.world_size,
+        "distributed": str(trainer.accelerator.distributed_type.value),  # NO, MULTI_CPU, DEEPSPEED, FSDP, ...
     }
     ctx.log.info("trained %d steps (resumed at %d), %.1f tokens/s", state.global_step, resumed_step,
                  summary["tokens_per_second"])

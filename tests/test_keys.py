@@ -9,6 +9,7 @@ import yaml
 
 from flows.plan import plan_run
 from tasks.core.errors import RecipeError
+from tasks.core.hardware import has_cuda
 from tasks.core.hashing import stable_hash
 from tasks.core.recipe import FIELD_SECTION, Recipe
 from tasks.model import BUNDLED_GGUF, bundled_model_dir
@@ -125,8 +126,9 @@ CASES = {
     "deepspeed": [({}, {"deepspeed": "{ds_z2}"}, {"train"}),
                   ({"deepspeed": "{ds_z2}"}, {"deepspeed": "{ds_copy}"}, set()),
                   ({"deepspeed": "{ds_z2}"}, {"deepspeed": "{ds_z3}"}, {"train"})],
-    "fsdp": [({}, {"fsdp": "full_shard auto_wrap"}, {"train"})],
-    "fsdp_config": [({"fsdp": "full_shard"}, {"fsdp_config": "{fsdp_json}"}, {"train"})],
+    # FSDP is refused without a GPU (tests/test_multirank.py)
+    "fsdp": [({}, {"fsdp": "full_shard auto_wrap"}, {"train"})] if has_cuda() else [],
+    "fsdp_config": [({"fsdp": "full_shard"}, {"fsdp_config": "{fsdp_json}"}, {"train"})] if has_cuda() else [],
     "nproc_per_node": [({}, {"nproc_per_node": 2}, {"train"}), ({}, {"nproc_per_node": 1}, set())],  # CPU: 1
     "nnodes": [({"master_port": 29500}, {"nnodes": 2}, {"train"})],
     "node_rank": [({"nnodes": 2, "master_port": 29500}, {"node_rank": 1}, set())],  # the same run, another node

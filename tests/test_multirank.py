@@ -34,25 +34,37 @@ def one_rank(tmp_path_factory, tiny_model_dir):
     return store, run(store, tiny_model_dir, per_device_train_batch_size=4)
 
 
-@pytest.mark.parametrize("zero", ["ds_z2_config.json", "ds_z3_config.json"])
-def test_two_ranks_match_one(one_rank, tiny_model_dir, monkeypatch, zero):
+@pytest.mark.parametrize("sharding", ["ds_z2_config.json", "ds_z3_config.json"])
+def test_two_ranks_match_one(one_rank, tiny_model_dir, sharding):
     store, (single, single_losses) = one_rank
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    artifact, losses = run(store, tiny_model_dir, per_device_train_batch_size=2, nproc_per_node=2,
-                           deepspeed=str(DEEPSPEED / zero))
+    keys = {"deepspeed": str(DEEPSPEED / sharding)}
+    artifact, losses = run(store, tiny_model_dir, per_device_train_batch_size=2, nproc_per_node=2, **keys)
     assert len(losses) == len(single_losses) == 6
     gap = max(abs(a - b) for a, b in zip(losses, single_losses, strict=True))
-    print(f"{zero}: 2 ranks {[round(x, 5) for x in losses]}, 1 rank {[round(x, 5) for x in single_losses]}, "
+    print(f"{sharding}: 2 ranks {[round(x, 5) for x in losses]}, 1 rank {[round(x, 5) for x in single_losses]}, "
           f"largest gap {gap:.2e}")
     assert gap < TOLERANCE, (losses, single_losses)
     results = json.loads(artifact.part("results").read_text())
     assert results["global_step"] == 6 and results["optimizer"] == "torch.optim.adamw.AdamW"
+    assert results["world_size"] == 2 and results["distributed"] == "DEEPSPEED"
     expected = json.loads(single.part("results").read_text())["trainable_parameters"]
     assert results["trainable_parameters"] == expected
     ours = load_file(str(artifact.part("model") / "model.safetensors"))
     theirs = load_file(str(single.part("model") / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-3  # the same weights, gathered
+
+
+def test_fsdp_needs_a_gpu(tiny_model_dir):
+    from flows.plan import plan_run
+    from tasks.core.errors import RecipeError
+    from tasks.core.hardware import has_cuda
+    from tasks.core.recipe import Recipe
+
+    if has_cuda():
+        pytest.skip("a GPU machine runs FSDP")
+    with pytest.raises(RecipeError, match="key 'fsdp': accelerate shards with FSDP on GPUs only"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, fsdp="full_shard auto_wrap")))
 
 
 def test_launcher_command(tiny_model_dir):
