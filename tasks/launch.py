@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ from tasks.core.store import ArtifactStore
 
 IN_RANK = "TUNEFACTORY_IN_RANK"  # set in the ranks' environment: their build trains in-process
 REQUEST, RESULT = "launch-request.pkl", "launch-built.pkl"
+ERROR_LINE = re.compile(r"^(\[rank ?\d+\]:? )?(\w+\.)*\w*(Error|Exception)\b")
 
 
 def needs_ranks(config) -> bool:
@@ -108,13 +110,14 @@ def run_forwarding(command: list[str], env: dict[str, str], log) -> None:
     """Run the launcher, its output line by line into the stage's log; stop it if the run is interrupted."""
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              bufsize=1, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
-    tail: list[str] = []
+    error = ""
     try:
         for line in child.stdout:
             line = line.rstrip()
             if line:
                 log.info("%s", line)
-                tail = (tail + [line])[-5:]
+                if ERROR_LINE.search(line) and "ChildFailedError" not in line:
+                    error = line  # the last exception a rank printed: the one-line cause
             check_stop()
         code = child.wait()
     except BaseException:
@@ -122,7 +125,7 @@ def run_forwarding(command: list[str], env: dict[str, str], log) -> None:
         child.wait()
         raise
     if code != 0:
-        raise TuneFactoryError(f"training ranks failed (torchrun exit {code}): {' | '.join(tail[-2:])}")
+        raise TuneFactoryError(f"training ranks failed (torchrun exit {code}): {error or 'see the log'}")
 
 
 def rank_main(request: Path) -> None:

@@ -164,3 +164,15 @@ def test_deepspeed_checkpoint_checks(tmp_path):
     assert checkpoint_problem(folder, False) is None
     (folder / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"torn")
     assert "optim_states.pt is missing or torn" in checkpoint_problem(folder, False)
+
+
+def test_a_failing_rank_fails_the_task_in_one_line():
+    import logging
+    import sys
+
+    from tasks.core.errors import TuneFactoryError
+    from tasks.launch import run_forwarding
+
+    script = "import sys; print('[rank1]: ValueError: the cause'); print('...ChildFailedError:'); sys.exit(1)"
+    with pytest.raises(TuneFactoryError, match=r"torchrun exit 1\): \[rank1\]: ValueError: the cause$"):
+        run_forwarding([sys.executable, "-c", script], {}, logging.getLogger("test"))
