@@ -34,10 +34,11 @@ def one_rank(tmp_path_factory, tiny_model_dir):
     return store, run(store, tiny_model_dir, per_device_train_batch_size=4)
 
 
-@pytest.mark.parametrize("sharding", ["ds_z2_config.json", "ds_z3_config.json"])
+@pytest.mark.parametrize("sharding", ["ds_z2_config.json", "ds_z3_config.json", "ddp"])
 def test_two_ranks_match_one(one_rank, tiny_model_dir, sharding):
+    """ZeRO-2, ZeRO-3, and plain data parallel (nproc_per_node alone)."""
     store, (single, single_losses) = one_rank
-    keys = {"deepspeed": str(DEEPSPEED / sharding)}
+    keys = {} if sharding == "ddp" else {"deepspeed": str(DEEPSPEED / sharding)}
     artifact, losses = run(store, tiny_model_dir, per_device_train_batch_size=2, nproc_per_node=2, **keys)
     assert len(losses) == len(single_losses) == 6
     gap = max(abs(a - b) for a, b in zip(losses, single_losses, strict=True))
@@ -46,7 +47,7 @@ def test_two_ranks_match_one(one_rank, tiny_model_dir, sharding):
     assert gap < TOLERANCE, (losses, single_losses)
     results = json.loads(artifact.part("results").read_text())
     assert results["global_step"] == 6 and results["optimizer"] == "torch.optim.adamw.AdamW"
-    assert results["world_size"] == 2 and results["distributed"] == "DEEPSPEED"
+    assert results["world_size"] == 2 and results["distributed"] == ("MULTI_CPU" if sharding == "ddp" else "DEEPSPEED")
     expected = json.loads(single.part("results").read_text())["trainable_parameters"]
     assert results["trainable_parameters"] == expected
     ours = load_file(str(artifact.part("model") / "model.safetensors"))
