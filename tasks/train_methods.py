@@ -6,6 +6,7 @@ key, options that would train nothing (a lora_target matching no module, too man
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -242,19 +243,37 @@ def keep_pissa_start(model) -> None:
 def save_weights(model, tokenizer, config, out: Path) -> str:
     """Save the trained adapter (LoRA) or whole weights with the tokenizer; returns the part name."""
     weights = "adapter" if config.finetuning_type == "lora" else "model"
+    gathered = gathered_state(model, keep=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # all ranks take part
+    if not node_writer():
+        return weights  # another rank of this machine writes the artifact
     start = getattr(model, "pissa_start", None)
     if start is not None:  # a plain LoRA of rank 2r on the original base (PEFT's conversion)
         model.save_pretrained(str(out / weights), path_initial_model_for_weight_conversion=str(start))
         shutil.rmtree(start, ignore_errors=True)
     else:
-        model.save_pretrained(str(out / weights), **gathered_state(model))
+        model.save_pretrained(str(out / weights), **gathered)
     tokenizer.save_pretrained(str(out / weights))  # beside an adapter too: AutoPeftModel then needs only the base
     return weights
 
 
-def gathered_state(model) -> dict[str, Any]:
+def node_writer() -> bool:
+    """Whether this process writes the artifact: always in one process; of several ranks, each machine's local
+    rank 0. transformers saves only on global rank 0 while the process group lives, so another node's writer
+    leaves the group first (training is over; every collective is done)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return True
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return False
+    if dist.get_rank() != 0:
+        dist.destroy_process_group()
+    return True
+
+
+def gathered_state(model, keep: bool = True) -> dict[str, Any]:
     """Under DeepSpeed ZeRO-3 each rank holds a slice of every weight: gather them (every rank takes part) into
-    the state dict save_pretrained writes. Elsewhere nothing to add."""
+    the state dict save_pretrained writes (copied only where `keep`: the writing rank). Elsewhere nothing."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if not is_deepspeed_zero3_enabled():
@@ -262,6 +281,8 @@ def gathered_state(model) -> dict[str, Any]:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if not keep:
+            return {}
         state, seen = {}, set()
         for name, value in model.state_dict().items():
             if value.data_ptr() not in seen:  # tied weights (embeddings and head) once, as save_pretrained does

@@ -177,3 +177,37 @@ def test_a_failing_rank_fails_the_task_in_one_line():
     script = "import sys; print('[rank1]: ValueError: the cause'); print('...ChildFailedError:'); sys.exit(1)"
     with pytest.raises(TuneFactoryError, match=r"torchrun exit 1\): \[rank1\]: ValueError: the cause$"):
         run_forwarding([sys.executable, "-c", script], {}, logging.getLogger("test"))
+
+
+def test_two_nodes_on_one_machine(one_rank, tiny_model_dir, tmp_path):
+    """nnodes: 2 with one rank each, as two Prefect workers would run it (each its own store and node_rank):
+    torchrun gets --nnodes/--node_rank/--master_addr/--master_port, and each node publishes the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks.launch import free_port
+
+    _, (single, single_losses) = one_rank
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    children, stores = [], []
+    for node in (0, 1):
+        values = tiny_recipe_values(tiny_model_dir, max_steps=6, logging_steps=1, save_steps=100, learning_rate=5e-3,
+                                    finetuning_type="full", per_device_train_batch_size=2, nproc_per_node=1,
+                                    nnodes=2, node_rank=node, master_addr="127.0.0.1", master_port=port)
+        stores.append(tmp_path / f"node{node}")
+        children.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(values), str(stores[-1])],
+                                         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for child in children:
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err.decode()[-2000:]
+    theirs = load_file(str(single.part("model") / "model.safetensors"))
+    for store in stores:
+        (folder,) = [p for p in (store / "train").iterdir() if not p.name.startswith(".")]
+        history = json.loads((folder / "log_history.json").read_text())
+        losses = [e["loss"] for e in history if "loss" in e]
+        assert max(abs(a - b) for a, b in zip(losses, single_losses, strict=True)) < TOLERANCE
+        ours = load_file(str(folder / "model" / "model.safetensors"))
+        assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-3
+        assert json.loads((folder / "train_results.json").read_text())["world_size"] == 2
