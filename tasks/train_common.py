@@ -7,6 +7,7 @@ with their own options and build their own trainer; `run_trainer` runs any trans
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import time
@@ -264,9 +265,10 @@ def arguments_values(config: TrainingConfig, staging: Path) -> dict[str, Any]:
         "disable_tqdm": False,
         "neftune_noise_alpha": config.neftune_noise_alpha,
         "use_liger_kernel": config.liger_kernel,
-        "deepspeed": config.launch.deepspeed,
+        # copies: transformers fills the configs' "auto" values in place, and the keyed config must not change
+        "deepspeed": copy.deepcopy(config.launch.deepspeed),
         "fsdp": config.launch.fsdp,
-        "fsdp_config": config.launch.fsdp_config,
+        "fsdp_config": copy.deepcopy(config.launch.fsdp_config),
         "save_on_each_node": config.nnodes > 1,  # each node resumes from its own staging folder
         **low_rank_arguments(config.optimizer, config.optim),
     }

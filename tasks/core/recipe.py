@@ -380,7 +380,7 @@ def check_methods(recipe: Recipe, source: str) -> None:
                           "shorter cutoff_len")
 
 
-def deepspeed_stage(path: str | None) -> int | None:
+def deepspeed_stage(path: str | None, source: str = "recipe") -> int | None:
     """The ZeRO stage a DeepSpeed config file asks for (0 when it has no zero_optimization), None without one."""
     if not path:
         return None
@@ -388,19 +388,19 @@ def deepspeed_stage(path: str | None) -> int | None:
 
     file = Path(path)
     if not file.is_file():
-        raise RecipeError(f"key 'deepspeed': config file not found: {path}")
+        raise RecipeError(f"{source}: key 'deepspeed': config file not found: {path}")
     try:
         config = json.loads(read_utf8(file, "the DeepSpeed config", RecipeError))
         return int(config.get("zero_optimization", {}).get("stage", 0))
     except (ValueError, AttributeError, TypeError):
-        raise RecipeError(f"key 'deepspeed': {path} is not a DeepSpeed JSON config with a zero_optimization "
-                          "stage") from None
+        raise RecipeError(f"{source}: key 'deepspeed': {path} is not a DeepSpeed JSON config with a "
+                          "zero_optimization stage") from None
 
 
 def check_launch(recipe: Recipe, source: str) -> None:
     """Multi-device options against each other and against the methods that cannot be sharded."""
     f, t, m = recipe.finetuning, recipe.training, recipe.model
-    zero = deepspeed_stage(t.deepspeed)
+    zero = deepspeed_stage(t.deepspeed, source)
     if zero is not None and (t.fsdp or t.fsdp_config):
         raise RecipeError(f"{source}: keys 'deepspeed' and 'fsdp' cannot be combined; choose one")
     if t.fsdp_config and not t.fsdp:
@@ -419,8 +419,6 @@ def check_launch(recipe: Recipe, source: str) -> None:
     if zero is not None and (f.use_galore or f.use_apollo):
         raise RecipeError(f"{source}: keys '{'use_galore' if f.use_galore else 'use_apollo'}' and 'deepspeed' "
                           "cannot be combined")
-    if zero is not None and m.use_unsloth and zero == 3:
-        raise RecipeError(f"{source}: keys 'use_unsloth' and 'deepspeed' (ZeRO-3) cannot be combined")
     several = t.nnodes > 1 or (t.nproc_per_node or 1) > 1
     if f.stage not in ("pt", "sft") and (several or zero is not None or t.fsdp):
         raise RecipeError(f"{source}: keys 'deepspeed', 'fsdp', 'nproc_per_node' and 'nnodes' launch stage pt and "
