@@ -128,6 +128,25 @@ def run_forwarding(command: list[str], env: dict[str, str], log) -> None:
         raise TuneFactoryError(f"training ranks failed (torchrun exit {code}): {error or 'see the log'}")
 
 
+def zero3_loading(config, ctx: BuildContext):
+    """Under ZeRO-3, the Trainer's arguments made (and the process group started) before the model loads:
+    transformers then loads each weight straight into its partition (deepspeed.zero.Init) rather than a whole
+    copy per rank. Returns what must stay referenced meanwhile (transformers holds its DeepSpeed config weakly)."""
+    deepspeed = config.launch.deepspeed
+    if not deepspeed or int(deepspeed.get("zero_optimization", {}).get("stage", 0)) != 3:
+        return None
+    from transformers import TrainingArguments
+
+    from tasks.train_common import arguments_values
+
+    arguments = TrainingArguments(**arguments_values(config, ctx.staging))
+    arguments.device  # noqa: B018 (starts the process group)
+    import deepspeed
+
+    deepspeed.init_distributed()  # DeepSpeed's own view of it, which zero.Init counts the ranks with
+    return arguments
+
+
 def rank_main(request: Path) -> None:
     """One rank: rebuild the build's context from the request and run the stage's build in this process."""
     import importlib
@@ -147,11 +166,13 @@ def rank_main(request: Path) -> None:
     writer = local_rank == 0
     out = Path(payload["out"]) if writer else Path(tempfile.mkdtemp(prefix=f"rank{rank}-"))
     seed_everything(step.config.rng_seed)
+    zero3 = zero3_loading(step.config, ctx)  # alive while the build loads the model: it loads partitioned
     try:
         built = stage.build(step.config, ctx, out)
         if writer:
             Path(payload["result"]).write_bytes(pickle.dumps(built))
     finally:
+        del zero3
         if not writer:
             shutil.rmtree(out, ignore_errors=True)
 
