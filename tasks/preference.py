@@ -24,6 +24,7 @@ from transformers import Trainer
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
+from tasks.optimizers import OPTIMIZER_LIBRARIES
 from tasks.preference_losses import (
     dpo_loss,
     kto_loss,
@@ -42,6 +43,7 @@ from tasks.train_common import (
     arguments_values,
     run_callback,
     run_trainer,
+    trainer_hooks,
     training_locators,
     training_values,
     write_results,
@@ -272,10 +274,12 @@ def build(config: PreferenceConfig, ctx: BuildContext, out: Path) -> Built:
     model = attach_trainable(load_base(model_dir, config, **remote), config, starting_adapter(ctx),
                              train_embeddings=grown_vocabulary(ctx))
     collator = FeedbackCollator if config.objective == "kto" else PairCollator
+    arguments = TrainingArguments(**arguments_values(config, ctx.staging))
     trainer = PreferenceTrainer(
         config.loss, load_reference(ctx, config), model=model,
-        args=TrainingArguments(**arguments_values(config, ctx.staging)), train_dataset=load_rows(data.part("train")),
-        data_collator=collator(tokenizer.pad_token_id), callbacks=[run_callback(ctx.run.mlflow_run_id)])
+        args=arguments, train_dataset=load_rows(data.part("train")),
+        data_collator=collator(tokenizer.pad_token_id), callbacks=[run_callback(ctx.run.mlflow_run_id)],
+        **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out)
     weights = save_weights(trainer.model, tokenizer, config, out)
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
@@ -288,7 +292,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.preference", "tasks.preference_losses", "tasks.train_common", "tasks.train_methods",
-          "tasks.train_checkpoints"),
-    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
+          "tasks.train_checkpoints", "tasks.optimizers"),
+    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

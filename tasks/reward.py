@@ -15,6 +15,7 @@ from tasks.core.hardware import torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
+from tasks.optimizers import OPTIMIZER_LIBRARIES
 from tasks.rows import load_rows
 from tasks.train_common import (
     REPORTS,
@@ -22,6 +23,7 @@ from tasks.train_common import (
     arguments_values,
     run_callback,
     run_trainer,
+    trainer_hooks,
     training_locators,
     training_values,
     write_results,
@@ -83,7 +85,7 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
     pairs = load_rows(data.part("eval_pairs")) if data.has("eval_pairs") else None
     trainer = RewardTrainer(model=model, args=arguments, processing_class=tokenizer,
                             train_dataset=load_rows(data.part("train")), eval_dataset=pairs,
-                            callbacks=[run_callback(ctx.run.mlflow_run_id)])
+                            callbacks=[run_callback(ctx.run.mlflow_run_id)], **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out)
     if pairs is not None:
         scores = trainer.evaluate()
@@ -102,7 +104,7 @@ STAGE = Stage(
     name="reward",
     plan=plan,
     build=build,
-    code=("tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints"),
-    libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"),
+    code=("tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.optimizers"),
+    libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

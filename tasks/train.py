@@ -14,6 +14,7 @@ from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.data_report import shuffled_padding_share
+from tasks.launch import launch_ranks
 from tasks.lean_training import (
     FlatCollator,
     flat_batches_supported,
@@ -21,6 +22,7 @@ from tasks.lean_training import (
     trainer_class,
     use_varlen_attention,
 )
+from tasks.optimizers import OPTIMIZER_LIBRARIES
 from tasks.rows import load_rows
 from tasks.streaming import training_stream
 from tasks.train_common import (
@@ -29,6 +31,7 @@ from tasks.train_common import (
     arguments_values,
     run_callback,
     run_trainer,
+    trainer_hooks,
     training_locators,
     training_values,
     write_results,
@@ -66,6 +69,8 @@ def collator_for(data, tokenizer, model):
 def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoTokenizer, TrainingArguments
 
+    if (launched := launch_ranks(config, ctx, out)) is not None:  # several ranks: torchrun runs this build
+        return launched
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     remote = remote_code(ctx.inputs["model"])
@@ -85,9 +90,8 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
         padding = 0.0 if flat else shuffled_padding_share(lengths, config.batch_size, config.seed)
     arguments = TrainingArguments(**arguments_values(config, ctx.staging),
                                   include_num_input_tokens_seen="all" if flat else "non_padding")
-    trainer = trainer_class()(model=model, args=arguments, train_dataset=train_rows,
-                              data_collator=collator,
-                              callbacks=[run_callback(ctx.run.mlflow_run_id)])
+    trainer = trainer_class()(model=model, args=arguments, train_dataset=train_rows, data_collator=collator,
+                              callbacks=[run_callback(ctx.run.mlflow_run_id)], **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out) | {"padding_share": padding}
     restore_attention(trainer.model, config.attn_implementation)
     weights = save_weights(trainer.model, tokenizer, config, out)
@@ -102,7 +106,8 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.packing",
-          "tasks.streaming", "tasks.encoding", "tasks.formats", "tasks.lean_training"),
-    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
+          "tasks.streaming", "tasks.encoding", "tasks.formats", "tasks.lean_training", "tasks.optimizers",
+          "tasks.launch"),
+    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

@@ -34,12 +34,28 @@ def checkpoint_problem(path: Path, save_only_model: bool) -> str | None:
                 handle.keys()
         except Exception as exc:  # a torn or truncated safetensors file
             return f"{file.name} does not read ({type(exc).__name__})"
+    if not save_only_model and (path / "latest").is_file():  # DeepSpeed: optimizer state sharded per rank
+        return deepspeed_problem(path)
     if not save_only_model:
         for name in ("optimizer.pt", "scheduler.pt"):
             try:
                 zipfile.ZipFile(path / name).close()  # torch.save writes a zip; a torn one has no directory
             except (OSError, zipfile.BadZipFile):
                 return f"{name} is missing or torn (the optimizer would restart from scratch)"
+    return None
+
+
+def deepspeed_problem(path: Path) -> str | None:
+    """Why a DeepSpeed checkpoint cannot be resumed from: the tag `latest` names, its model and optimizer shards."""
+    tag = (path / "latest").read_text().strip()
+    shards = sorted((path / tag).glob("*optim_states.pt")) if tag else []
+    if not shards or not sorted((path / tag).glob("*model_states.pt")):
+        return f"DeepSpeed state {tag or '(no tag)'} is missing its model or optimizer shards"
+    for file in [*shards, path / "scheduler.pt"]:
+        try:
+            zipfile.ZipFile(file).close()
+        except (OSError, zipfile.BadZipFile):
+            return f"{file.name} is missing or torn (the optimizer would restart from scratch)"
     return None
 
 

@@ -7,6 +7,8 @@ with their own options and build their own trainer; `run_trainer` runs any trans
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -20,8 +22,9 @@ from tasks.core.hardware import attn_implementation, has_cuda, mixed_precision
 from tasks.core.hashing import tree_digest
 from tasks.core.recipe import Recipe, report_targets
 from tasks.core.stage import BuildContext, StageConfig, check_stop, unkeyed
+from tasks.optimizers import OptimizerSettings, low_rank_arguments, optimizer_settings, trainer_optimizer
 from tasks.train_checkpoints import checkpoint_problem, latest_usable_checkpoint
-from tasks.train_methods import FreezeSettings, LoraSettings, QuantSettings
+from tasks.train_methods import FreezeSettings, LoraSettings, QuantSettings, split_names
 
 
 class Schedule(BaseModel):
@@ -34,6 +37,17 @@ class Schedule(BaseModel):
     warmup_ratio: float | None
 
 
+class Launch(BaseModel):
+    """How many ranks train and how they share the work; keyed, since each changes the numbers a little."""
+
+    model_config = ConfigDict(frozen=True)
+
+    world_size: int  # nproc_per_node x nnodes
+    deepspeed: dict[str, Any] | None  # the DeepSpeed config file's content (not its path)
+    fsdp: str | None
+    fsdp_config: dict[str, Any] | None
+
+
 class TrainingConfig(StageConfig):
     """The options every objective trains with; the stages' configs add their own."""
 
@@ -41,7 +55,11 @@ class TrainingConfig(StageConfig):
     lora: LoraSettings | None
     freeze: FreezeSettings | None
     quantization: QuantSettings | None
-    precision: Literal["fp32", "bf16", "fp16"]  # resolved against the hardware
+    precision: Literal["fp32", "bf16", "fp16", "pure_bf16"]  # resolved against the hardware
+    optimizer: OptimizerSettings | None  # a use_* optimizer (or LoRA+) instead of `optim` as named
+    neftune_noise_alpha: float | None
+    liger_kernel: bool
+    launch: Launch
     attn_implementation: str
     batch_size: int
     gradient_accumulation_steps: int
@@ -62,6 +80,12 @@ class TrainingConfig(StageConfig):
     dataloader_num_workers: int = unkeyed(0)
     ddp_timeout: int = unkeyed(1800)
     gradient_checkpointing: bool = unkeyed(True, "recomputes activations; the same result with less memory")
+    badam_verbose: int = unkeyed(0)
+    nproc_per_node: int = unkeyed(1, "processes on this machine")
+    nnodes: int = unkeyed(1)
+    node_rank: int = unkeyed(0)
+    master_addr: str = unkeyed("127.0.0.1")
+    master_port: int | None = unkeyed(None)
 
 
 def schedule(recipe: Recipe) -> Schedule:
@@ -82,9 +106,14 @@ def method_settings(recipe: Recipe) -> dict[str, Any]:
     lora = freeze = quant = None
     if f.finetuning_type == "lora":
         lora = LoraSettings(rank=f.lora_rank, alpha=f.lora_alpha or f.lora_rank * 2, dropout=f.lora_dropout,
-                            target=f.lora_target, use_dora=f.use_dora, use_rslora=f.use_rslora)
+                            target=f.lora_target, use_dora=f.use_dora, use_rslora=f.use_rslora,
+                            additional_target=split_names(f.additional_target),
+                            pissa_iter=f.pissa_iter if f.pissa_init else None,
+                            create_new_adapter=f.create_new_adapter)
     if f.finetuning_type == "freeze":
-        freeze = FreezeSettings(trainable_layers=f.freeze_trainable_layers)
+        freeze = FreezeSettings(trainable_layers=f.freeze_trainable_layers,
+                                trainable_modules=split_names(f.freeze_trainable_modules) or ("all",),
+                                extra_modules=split_names(f.freeze_extra_modules))
     if m.quantization_bit:
         four = m.quantization_bit == 4
         quant = QuantSettings(bits=m.quantization_bit, type=m.quantization_type if four else None,
@@ -101,7 +130,10 @@ def training_values(recipe: Recipe) -> dict[str, Any]:
     return {
         "finetuning_type": recipe.finetuning.finetuning_type,
         **method_settings(recipe),
-        "precision": mixed_precision(t.bf16, t.fp16),
+        "precision": precision(recipe),
+        "optimizer": optimizer_settings(recipe),
+        "neftune_noise_alpha": t.neftune_noise_alpha,
+        "liger_kernel": liger_kernel(recipe.model.enable_liger_kernel),
         "attn_implementation": attn_implementation(recipe.model.flash_attn),
         "batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -123,7 +155,63 @@ def training_values(recipe: Recipe) -> dict[str, Any]:
         "dataloader_num_workers": t.dataloader_num_workers,
         "ddp_timeout": t.ddp_timeout,
         "gradient_checkpointing": not t.disable_gradient_checkpointing,
+        "badam_verbose": recipe.finetuning.badam_verbose,
+        "launch": launch(recipe),
+        "nproc_per_node": processes_per_node(t.nproc_per_node, recipe.finetuning.stage),
+        "nnodes": t.nnodes,
+        "node_rank": t.node_rank,
+        "master_addr": t.master_addr,
+        "master_port": t.master_port,
     }
+
+
+def processes_per_node(asked: int | None, objective: str = "sft") -> int:
+    """Training processes on this machine: as asked, else one per visible GPU (one on a CPU, and for the
+    objectives that train in one process: rm, dpo, kto, ppo)."""
+    if asked is not None:
+        return asked
+    if objective not in ("pt", "sft"):
+        return 1
+    import torch
+
+    return torch.cuda.device_count() if has_cuda() else 1
+
+
+def json_file(key: str, path: str | None) -> dict[str, Any] | None:
+    """A JSON config file's content, for the key (its bytes shape the run, its path does not)."""
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"key '{key}': {path} is not a readable JSON file ({type(exc).__name__})") from None
+
+
+def launch(recipe: Recipe) -> Launch:
+    t = recipe.training
+    if t.fsdp and not has_cuda():  # accelerate would quietly fall back to plain data parallel on CPU ranks
+        raise RecipeError("key 'fsdp': accelerate shards with FSDP on GPUs only; on a CPU use 'deepspeed'")
+    return Launch(world_size=processes_per_node(t.nproc_per_node, recipe.finetuning.stage) * t.nnodes,
+                  deepspeed=json_file("deepspeed", t.deepspeed), fsdp=t.fsdp or None,
+                  fsdp_config=json_file("fsdp_config", t.fsdp_config))
+
+
+def precision(recipe: Recipe) -> str:
+    """The training precision: pure_bf16 (bf16 weights, no autocast; CPUs compute bf16 too) or mixed_precision."""
+    if recipe.finetuning.pure_bf16:
+        import torch
+
+        if has_cuda() and not torch.cuda.is_bf16_supported():
+            raise RecipeError("key 'pure_bf16': this GPU has no bfloat16; use fp16 mixed precision")
+        return "pure_bf16"
+    return mixed_precision(recipe.training.bf16, recipe.training.fp16)
+
+
+def liger_kernel(enabled: bool) -> bool:
+    """Liger's Triton kernels: on only where they can run (a CUDA GPU and the liger-kernel package)."""
+    if enabled and not (has_cuda() and importlib.util.find_spec("liger_kernel")):
+        raise RecipeError("key 'enable_liger_kernel': needs a CUDA GPU and the liger-kernel package; set it false")
+    return enabled
 
 
 def training_locators(recipe: Recipe) -> dict[str, Any]:
@@ -178,7 +266,20 @@ def arguments_values(config: TrainingConfig, staging: Path) -> dict[str, Any]:
         "save_only_model": config.save_only_model,
         "ddp_timeout": config.ddp_timeout,
         "disable_tqdm": False,
+        "neftune_noise_alpha": config.neftune_noise_alpha,
+        "use_liger_kernel": config.liger_kernel,
+        # copies: transformers fills the configs' "auto" values in place, and the keyed config must not change
+        "deepspeed": copy.deepcopy(config.launch.deepspeed),
+        "fsdp": config.launch.fsdp,
+        "fsdp_config": copy.deepcopy(config.launch.fsdp_config),
+        "save_on_each_node": config.nnodes > 1,  # each node resumes from its own staging folder
+        **low_rank_arguments(config.optimizer, config.optim),
     }
+
+
+def trainer_hooks(config: TrainingConfig, arguments) -> dict[str, Any]:
+    """Trainer keywords a config adds to any objective's Trainer: the use_* optimizer, when one is chosen."""
+    return trainer_optimizer(config.optimizer, arguments, config.badam_verbose)
 
 
 def resume_point(config: TrainingConfig, ctx: BuildContext) -> Path | None:
@@ -227,11 +328,26 @@ def run_trainer(trainer, config: TrainingConfig, ctx: BuildContext, out: Path) -
         "train_seconds": round(seconds, 2),  # this process's share of the run
         "tokens_trained": int(state.num_input_tokens_seen),  # the whole run's non-padding tokens
         "tokens_per_second": round(tokens_this_run / max(seconds, 1e-9), 1),
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        # ZeRO-3 leaves each rank a slice of every weight; ds_numel is the whole weight's size
+        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()
+                                    if p.requires_grad),
+        "optimizer": optimizer_name(trainer.optimizer),
+        "world_size": trainer.args.world_size,
+        "distributed": str(trainer.accelerator.distributed_type.value),  # NO, MULTI_CPU, DEEPSPEED, FSDP, ...
     }
     ctx.log.info("trained %d steps (resumed at %d), %.1f tokens/s", state.global_step, resumed_step,
                  summary["tokens_per_second"])
     return summary
+
+
+def optimizer_name(optimizer) -> str:
+    """The class that really stepped: inside accelerate's and DeepSpeed's wrappers, and for layer-wise optimizers
+    (one per parameter) the class of the first."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if getattr(optimizer, "optimizer_dict", None):
+        optimizer = next(iter(optimizer.optimizer_dict.values()))
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def write_history(history: list[dict[str, Any]], out: Path) -> None:

@@ -7,7 +7,8 @@ key, options that would train nothing (a lora_target matching no module, too man
 from __future__ import annotations
 
 import json
-import re
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,6 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.core.errors import RecipeError
 from tasks.core.hardware import torch_dtype
-
-LAYER_NUMBER = re.compile(r"\.layers\.(\d+)\.")
 
 
 class LoraSettings(BaseModel):
@@ -28,12 +27,17 @@ class LoraSettings(BaseModel):
     target: str
     use_dora: bool
     use_rslora: bool
+    additional_target: tuple[str, ...] = ()  # modules trained in full and saved with the adapter
+    pissa_iter: int | None = None  # PiSSA initialisation: fast-SVD iterations, -1 exact SVD; None: plain LoRA
+    create_new_adapter: bool = False  # a starting adapter is merged into the base and a new one trained
 
 
 class FreezeSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     trainable_layers: int  # the last N layers (N > 0) or the first -N (N < 0)
+    trainable_modules: tuple[str, ...] = ("all",)  # first name parts inside a layer (mlp, self_attn), or all
+    extra_modules: tuple[str, ...] = ()  # modules outside the layers (embed_tokens, norm)
 
 
 class QuantSettings(BaseModel):
@@ -70,8 +74,8 @@ def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
                           f"({shipped.get('quant_method', 'unknown')}); only finetuning_type: lora can train it")
     if not shipped and (quant := quantization_config(config.quantization, config.precision)):
         kwargs["quantization_config"] = quant  # a quantize artifact (or a GPTQ/AWQ model) is loaded as it is
-    if config.precision == "fp32":
-        kwargs["dtype"] = torch_dtype("float32")
+    if config.precision in ("fp32", "pure_bf16"):
+        kwargs["dtype"] = torch_dtype("bfloat16" if config.precision == "pure_bf16" else "float32")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     # PEFT writes the base's name into adapter_config.json and the model card; here it is a store path, which
     # would make the adapter's bytes depend on where the store is. The copy in output_dir names the user's model.
@@ -89,14 +93,65 @@ def module_names(model) -> dict[str, str]:
     return {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules() if name}
 
 
+def split_names(value: str | None) -> tuple[str, ...]:
+    """A comma-separated recipe value as a tuple of names."""
+    return tuple(name.strip() for name in (value or "").split(",") if name.strip())
+
+
+def decoder_layers(model) -> tuple[str, int]:
+    """The decoder's stack of layers, found by structure rather than by name: the longest ModuleList whose
+    members are all one class (preferring one as long as config.num_hidden_layers). Returns its dotted name and
+    length, or ("", 0)."""
+    from torch import nn
+
+    wanted = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    stacks = [(name, len(module)) for name, module in model.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1]
+    if not stacks:
+        return "", 0
+    return max(stacks, key=lambda s: (s[1] == wanted, s[1]))
+
+
 def layer_count(model) -> int:
-    """Number of numbered decoder layers (`.layers.N.` in parameter names)."""
-    numbers = {int(m.group(1)) for name, _ in model.named_parameters() if (m := LAYER_NUMBER.search(name))}
-    return max(numbers) + 1 if numbers else 0
+    """Number of decoder layers (see `decoder_layers`)."""
+    return decoder_layers(model)[1]
+
+
+def freeze_selection(model, freeze: FreezeSettings) -> set[str]:
+    """Names of the parameters freeze tuning trains: the chosen layers' (chosen modules'), and the extra modules'.
+    Refuses module names that are in no layer, or outside them, naming the recipe key."""
+    prefix, layers = decoder_layers(model)
+    count = freeze.trainable_layers
+    chosen = range(layers - count, layers) if count > 0 else range(-count)
+    inside: dict[str, tuple[int, str]] = {}  # parameter name -> (layer index, first name part inside the layer)
+    outside: set[str] = set()
+    for name, _ in model.named_parameters():
+        head, _, rest = name.partition(prefix + ".") if prefix else ("", "", "")
+        index, _, part = rest.partition(".")
+        if prefix and not head and index.isdigit():
+            inside[name] = (int(index), part.split(".")[0])
+        else:
+            outside.add(name)
+    parts = {part for _, part in inside.values()}
+    modules = set(freeze.trainable_modules)
+    if "all" not in modules and (missing := sorted(modules - parts)):
+        raise RecipeError(f"key 'freeze_trainable_modules': no {', '.join(map(repr, missing))} inside the decoder "
+                          f"layers (choose from {', '.join(sorted(parts))}, or 'all')")
+    extra_names = {n.rsplit(".", 2)[-2] for n in outside if "." in n}
+    if missing := sorted(set(freeze.extra_modules) - extra_names):
+        raise RecipeError(f"key 'freeze_extra_modules': no {', '.join(map(repr, missing))} outside the decoder layers "
+                          f"(choose from {', '.join(sorted(extra_names))})")
+    picked = {n for n, (i, part) in inside.items() if i in chosen and ("all" in modules or part in modules)}
+    return picked | {n for n in outside if "." in n and n.rsplit(".", 2)[-2] in freeze.extra_modules}
 
 
 def check_trainable(model, lora: LoraSettings | None, freeze: FreezeSettings | None) -> None:
     """Refuse options that match nothing in this model, naming the recipe key."""
+    if lora is not None and lora.additional_target:
+        names = module_names(model)
+        if missing := [t for t in lora.additional_target if t not in names]:
+            raise RecipeError(f"key 'additional_target': no module named {', '.join(map(repr, missing))} in this "
+                              "model")
     if lora is not None and lora.target.strip() != "all":
         names = module_names(model)
         linear = sorted(n for n, kind in names.items() if kind in ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D"))
@@ -107,11 +162,12 @@ def check_trainable(model, lora: LoraSettings | None, freeze: FreezeSettings | N
     if freeze is not None:
         layers = layer_count(model)
         if layers == 0:
-            raise RecipeError("key 'finetuning_type': freeze tuning needs numbered decoder layers "
-                              "('.layers.N.'), which this model does not have")
+            raise RecipeError("key 'finetuning_type': freeze tuning needs a stack of decoder layers (a ModuleList), "
+                              "which this model does not have")
         if freeze.trainable_layers == 0 or abs(freeze.trainable_layers) > layers:
             raise RecipeError(f"key 'freeze_trainable_layers': {freeze.trainable_layers} leaves nothing sensible "
                               f"to train; the model has {layers} layers (use 1..{layers}, or -1..-{layers})")
+        freeze_selection(model, freeze)  # refuses module names the model does not have
 
 
 def starting_adapter(ctx) -> Path | None:
@@ -150,10 +206,30 @@ def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_sav
                 tied: bool = False):
     from peft import LoraConfig
 
-    extra = {"modules_to_save": modules_to_save, "ensure_weight_tying": tied} if modules_to_save else {}
+    init = True if lora.pissa_iter is None else "pissa" if lora.pissa_iter == -1 else f"pissa_niter_{lora.pissa_iter}"
+    saved = [*lora.additional_target, *(modules_to_save or [])]
+    extra = {"modules_to_save": saved, "ensure_weight_tying": tied} if saved else {}
     return LoraConfig(task_type=task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora_targets(lora.target), use_dora=lora.use_dora, use_rslora=lora.use_rslora,
-                      **extra)
+                      init_lora_weights=init, **extra)
+
+
+def keeps_half_precision(config) -> bool:
+    """Trainable weights stay in the model's dtype under pure_bf16 and BAdam (it keeps its own fp32 copies) and
+    under ZeRO-3 (DeepSpeed holds fp32 masters); otherwise they train in fp32, also under mixed precision."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    optimizer = getattr(config, "optimizer", None)
+    return (config.precision == "pure_bf16" or (optimizer is not None and optimizer.kind == "badam")
+            or (is_deepspeed_zero3_enabled() and not config.quantization))
+
+
+def upcast_trainable(model) -> None:
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
 
 
 def attach_trainable(model, config, adapter: Path | None = None, task_type: str = "CAUSAL_LM",
@@ -162,7 +238,6 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
     adapter (adapter_name_or_path), LoRA training continues that adapter instead of a new one. With
     train_embeddings (the vocabulary grew), the embedding and head are trained too: LoRA saves them whole
     (modules_to_save, as LlamaFactory's additional_target), freeze tuning unfreezes them."""
-    import torch
 
     check_trainable(model, config.lora, config.freeze)
     upcast(model, getattr(config, "upcast", ()))
@@ -173,36 +248,92 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
 
         if config.quantization:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if adapter is not None and config.lora.create_new_adapter:  # the old adapter becomes part of the base
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            adapter = None
         if adapter is not None:
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         else:
             extra = embedding_modules(model) if train_embeddings else None
             tied = bool(getattr(model.config, "tie_word_embeddings", False))
             model = get_peft_model(model, lora_config(config.lora, task_type, extra, tied))
-        for param in model.parameters():  # adapters train in fp32 even on a half-precision base
-            if param.requires_grad:
-                param.data = param.data.to(torch.float32)
+            if config.lora.pissa_iter is not None:
+                keep_pissa_start(model)
+        if not keeps_half_precision(config):  # adapters train in fp32 even on a half-precision base
+            upcast_trainable(model)
         return model
     if config.finetuning_type == "freeze":
-        layers = layer_count(model)
-        count = config.freeze.trainable_layers
-        chosen = set(range(layers - count, layers) if count > 0 else range(-count))
+        trained = freeze_selection(model, config.freeze)
         for name, param in model.named_parameters():
-            match = LAYER_NUMBER.search(name)
-            param.requires_grad = bool(match) and int(match.group(1)) in chosen
+            param.requires_grad = name in trained
         if train_embeddings:
             for module in (model.get_input_embeddings(), model.get_output_embeddings()):
                 if module is not None:
                     module.weight.requires_grad = True
+    if not keeps_half_precision(config):
+        upcast_trainable(model)
     return model
+
+
+def keep_pissa_start(model) -> None:
+    """Save the PiSSA adapter as initialised: converting the trained one into a plain LoRA on the original base
+    (pissa_convert) needs it. It goes to a temporary folder whose path the model carries to `save_weights`."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="pissa-init-"))
+    model.save_pretrained(str(folder))
+    model.pissa_start = folder
 
 
 def save_weights(model, tokenizer, config, out: Path) -> str:
     """Save the trained adapter (LoRA) or whole weights with the tokenizer; returns the part name."""
     weights = "adapter" if config.finetuning_type == "lora" else "model"
-    model.save_pretrained(str(out / weights))
+    gathered = gathered_state(model, keep=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # all ranks take part
+    if not node_writer():
+        return weights  # another rank of this machine writes the artifact
+    start = getattr(model, "pissa_start", None)
+    if start is not None:  # a plain LoRA of rank 2r on the original base (PEFT's conversion)
+        model.save_pretrained(str(out / weights), path_initial_model_for_weight_conversion=str(start))
+        shutil.rmtree(start, ignore_errors=True)
+    else:
+        model.save_pretrained(str(out / weights), **gathered)
     tokenizer.save_pretrained(str(out / weights))  # beside an adapter too: AutoPeftModel then needs only the base
     return weights
+
+
+def node_writer() -> bool:
+    """Whether this process writes the artifact: always in one process; of several ranks, each machine's local
+    rank 0. transformers saves only on global rank 0 while the process group lives, so another node's writer
+    leaves the group first (training is over; every collective is done)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return True
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return False
+    if dist.get_rank() != 0:
+        dist.destroy_process_group()
+    return True
+
+
+def gathered_state(model, keep: bool = True) -> dict[str, Any]:
+    """Under DeepSpeed ZeRO-3 each rank holds a slice of every weight: gather them (every rank takes part) into
+    the state dict save_pretrained writes (copied only where `keep`: the writing rank). Elsewhere nothing."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return {}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if not keep:
+            return {}
+        state, seen = {}, set()
+        for name, value in model.state_dict().items():
+            if value.data_ptr() not in seen:  # tied weights (embeddings and head) once, as save_pretrained does
+                seen.add(value.data_ptr())
+                state[name] = value.detach().cpu().clone()
+        return {"state_dict": state}
 
 
 def meta_model(folder: Path):

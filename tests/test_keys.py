@@ -13,7 +13,7 @@ from tasks.core.hardware import cpu_has_native_bf16, has_cuda
 from tasks.core.hashing import stable_hash
 from tasks.core.recipe import FIELD_SECTION, Recipe
 from tasks.model import BUNDLED_GGUF, bundled_model_dir
-from tests.conftest import BUNDLED_DATA, tiny_recipe_values
+from tests.conftest import BUNDLED_DATA, REPO, tiny_recipe_values
 
 EVALS = {"evaluate[base]", "evaluate[tuned]"}
 EXAMS = {"exam[base]", "exam[tuned]"}
@@ -22,6 +22,15 @@ TWO_DATASETS = {"dataset": "mine,pydoc_summaries", "eval_dataset": None, "val_si
 DPO = {"stage": "dpo", "dataset": "pydoc_preferences", "eval_dataset": "pydoc_preferences_test"}
 KTO = {"stage": "kto", "dataset": "pydoc_feedback", "eval_dataset": "pydoc_feedback_test"}
 PPO = {"stage": "ppo", "reward_model": "{rm_recipe}"}
+FULL = {"finetuning_type": "full"}
+GALORE, APOLLO, BADAM = {**FULL, "use_galore": True}, {**FULL, "use_apollo": True}, {**FULL, "use_badam": True}
+PISSA = {"pissa_init": True, "pissa_convert": True}
+
+
+def method_cases(field: str, value, method: dict) -> list:
+    """An option of an optimizer or method: no change without it, a train change with it."""
+    return [({}, {field: value}, set()), (method, {field: value}, {"train"})]
+
 
 # field -> cases of (recipe keys to start from, the change, the steps whose config must change).
 # Steps are named by stage and position (fetch#0, align#1, ...) so renaming a dataset is not a change.
@@ -106,6 +115,51 @@ CASES = {
     "use_rslora": [({}, {"use_rslora": True}, {"train"}), ({"finetuning_type": "full"}, {"use_rslora": True}, set())],
     "freeze_trainable_layers": [({}, {"freeze_trainable_layers": 1}, set()),
                                 ({"finetuning_type": "freeze"}, {"freeze_trainable_layers": 1}, {"train"})],
+    "enable_liger_kernel": [],  # refused at plan time without a CUDA GPU and liger-kernel (tests/test_methods.py)
+    "use_unsloth": [],  # refused at recipe time
+    "shift_attn": [],  # refused at recipe time
+    "freeze_trainable_modules": method_cases("freeze_trainable_modules", "mlp", {"finetuning_type": "freeze"}),
+    "freeze_extra_modules": method_cases("freeze_extra_modules", "norm", {"finetuning_type": "freeze"}),
+    "additional_target": [({}, {"additional_target": "norm"}, {"train"})],
+    "module_dropout": [],  # any value but 0 is refused (OFT's key)
+    "loraplus_lr_ratio": [({}, {"loraplus_lr_ratio": 2.0}, {"train"})],
+    "loraplus_lr_embedding": method_cases("loraplus_lr_embedding", 1e-5, {"loraplus_lr_ratio": 2.0}),
+    "pissa_init": [({"pissa_convert": True}, {"pissa_init": True}, {"train"})],
+    "pissa_iter": method_cases("pissa_iter", 4, PISSA),
+    "pissa_convert": [({}, {"pissa_convert": True}, set())],  # required with pissa_init
+    "create_new_adapter": [({"adapter_name_or_path": "{adapter}"}, {"create_new_adapter": True}, {"train"})],
+    "pure_bf16": [({}, {"pure_bf16": True}, {"train"})],
+    "use_galore": [(FULL, {"use_galore": True}, {"train"})],
+    **{f"galore_{k}": method_cases(f"galore_{k}", v, GALORE) for k, v in (
+        ("target", "mlp"), ("rank", 4), ("update_interval", 2), ("scale", 1.0), ("proj_type", "right"),
+        ("layerwise", True))},
+    "use_apollo": [(FULL, {"use_apollo": True}, {"train"})],
+    **{f"apollo_{k}": method_cases(f"apollo_{k}", v, APOLLO) for k, v in (
+        ("target", "mlp"), ("rank", 4), ("update_interval", 2), ("scale", 1.0), ("proj", "svd"),
+        ("proj_type", "left"), ("scale_type", "tensor"), ("layerwise", True))},
+    "apollo_scale_front": [({}, {"apollo_scale_front": True}, set())],  # refused with use_apollo
+    "use_badam": [(FULL, {"use_badam": True}, {"train"})],
+    "badam_mode": [({}, {"badam_mode": "ratio"}, set())],  # ratio is refused with use_badam
+    **{f"badam_{k}": method_cases(f"badam_{k}", v, BADAM) for k, v in (
+        ("start_block", 1), ("switch_mode", "descending"), ("switch_interval", 5))},
+    "badam_update_ratio": [(BADAM, {"badam_update_ratio": 0.5}, set())],  # ratio mode only
+    "badam_mask_mode": [(BADAM, {"badam_mask_mode": "scatter"}, set())],
+    "badam_verbose": [(BADAM, {"badam_verbose": 1}, set())],  # logging only
+    "use_adam_mini": [({}, {"use_adam_mini": True}, {"train"})],
+    "use_muon": [({}, {"use_muon": True}, {"train"})],
+    "neftune_noise_alpha": [({}, {"neftune_noise_alpha": 5.0}, {"train"})],
+    # The DeepSpeed/FSDP config files are keyed by content: the same bytes elsewhere change nothing.
+    "deepspeed": [({}, {"deepspeed": "{ds_z2}"}, {"train"}),
+                  ({"deepspeed": "{ds_z2}"}, {"deepspeed": "{ds_copy}"}, set()),
+                  ({"deepspeed": "{ds_z2}"}, {"deepspeed": "{ds_z3}"}, {"train"})],
+    # FSDP is refused without a GPU (tests/test_multirank.py)
+    "fsdp": [({}, {"fsdp": "full_shard auto_wrap"}, {"train"})] if has_cuda() else [],
+    "fsdp_config": [({"fsdp": "full_shard"}, {"fsdp_config": "{fsdp_json}"}, {"train"})] if has_cuda() else [],
+    "nproc_per_node": [({}, {"nproc_per_node": 2}, {"train"}), ({}, {"nproc_per_node": 1}, set())],  # CPU: 1
+    "nnodes": [({"master_port": 29500}, {"nnodes": 2}, {"train"})],
+    "node_rank": [({"nnodes": 2, "master_port": 29500}, {"node_rank": 1}, set())],  # the same run, another node
+    "master_addr": [({}, {"master_addr": "10.0.0.1"}, set())],
+    "master_port": [({}, {"master_port": 29501}, set())],
     "per_device_train_batch_size": [({}, {"per_device_train_batch_size": 2}, {"train"})],
     "gradient_accumulation_steps": [({}, {"gradient_accumulation_steps": 2}, {"train"})],
     "learning_rate": [({}, {"learning_rate": 1e-4}, {"train"})],
@@ -218,6 +272,9 @@ def places(tmp_path_factory, tiny_model_dir):
     (root / "sft.yaml").write_text(yaml.safe_dump(tiny_recipe_values(tiny_model_dir)))
     (root / "tokens.yaml").write_text("'<|x|>': a new token\n")
     (root / "tokens_copy.yaml").write_text("'<|x|>': a new token\n")
+    deepspeed = REPO / "configs" / "deepspeed"
+    shutil.copy(deepspeed / "ds_z2_config.json", root / "ds_copy.json")
+    (root / "fsdp.json").write_text(json.dumps({"min_num_params": 1000}))
     (root / "checkpoint").mkdir()
     (root / "checkpoint" / "trainer_state.json").write_text("{}")
     return {"model": str(tiny_model_dir), "copy": str(root / "copy"), "altered": str(root / "altered"),
@@ -225,7 +282,9 @@ def places(tmp_path_factory, tiny_model_dir):
             "checkpoint": str(root / "checkpoint"), "adapter": str(adapter), "reward_folder": str(reward_folder),
             "rm_recipe": str(root / "rm.yaml"), "sft_recipe": str(root / "sft.yaml"), "out": str(root / "out"),
             "export": str(root / "export"), "tokens": str(root / "tokens.yaml"),
-            "tokens_copy": str(root / "tokens_copy.yaml")}
+            "tokens_copy": str(root / "tokens_copy.yaml"), "ds_z2": str(deepspeed / "ds_z2_config.json"),
+            "ds_z3": str(deepspeed / "ds_z3_config.json"), "ds_copy": str(root / "ds_copy.json"),
+            "fsdp_json": str(root / "fsdp.json")}
 
 
 def fill(values: dict, places: dict) -> dict:

@@ -68,6 +68,10 @@ class ModelSection(Section):
     init_special_tokens: Literal["noise_init", "desc_init", "desc_init_w_noise"] = option(
         "noise_init", "New token rows start at the mean of the old rows plus noise, or (desc_init) at the mean of "
         "their description's tokens.")
+    enable_liger_kernel: bool = option(
+        False, "Liger's fused Triton kernels for training (needs a CUDA GPU and liger-kernel).")
+    use_unsloth: bool = option(False, "Unsloth's patched training (needs a CUDA GPU and the unsloth package).")
+    shift_attn: bool = option(False, "LongLoRA's shifted short attention, S^2-Attn (not built in).")
 
 
 class DataSection(Section):
@@ -116,6 +120,51 @@ class FinetuningSection(Section):
     use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = option(False, "Rank-stabilised LoRA scaling.")
     freeze_trainable_layers: int = option(2, "Freeze tuning: train this many last (or, if <0, first) layers.")
+    freeze_trainable_modules: str = option(
+        "all", "Freeze tuning: comma-separated modules inside the trainable layers (mlp, self_attn), or 'all'.")
+    freeze_extra_modules: str | None = option(
+        None, "Freeze tuning: comma-separated modules outside the decoder layers to train too (embed_tokens, norm).")
+    additional_target: str | None = option(
+        None, "LoRA: comma-separated modules trained in full and saved with the adapter (embed_tokens, lm_head).")
+    module_dropout: float = option(0.0, "OFT's module dropout (LlamaFactory's OFT key); LoRA has none.", ge=0, lt=1)
+    loraplus_lr_ratio: float | None = option(None, "LoRA+: the B matrices learn this many times faster.", gt=0)
+    loraplus_lr_embedding: float = option(1e-6, "LoRA+: learning rate of LoRA embedding layers.", gt=0)
+    pissa_init: bool = option(False, "LoRA: initialise the adapter from the base's principal singular vectors (PiSSA).")
+    pissa_iter: int = option(16, "PiSSA: fast-SVD iterations; -1 uses the exact SVD.", ge=-1)
+    pissa_convert: bool = option(
+        False, "PiSSA: save the adapter converted to a plain LoRA on the original base (required here).")
+    create_new_adapter: bool = option(
+        False, "With adapter_name_or_path: merge that adapter into the base and train a new one.")
+    pure_bf16: bool = option(False, "Train in bfloat16 weights without mixed precision (no fp32 master copy).")
+    use_galore: bool = option(False, "GaLore: gradient low-rank projection (full or freeze tuning).")
+    galore_target: str = option("all", "GaLore: comma-separated linear module names, or 'all'.")
+    galore_rank: int = option(16, "GaLore: projection rank.", gt=0)
+    galore_update_interval: int = option(200, "GaLore: steps between projection updates.", gt=0)
+    galore_scale: float = option(2.0, "GaLore: scale of the projected update.", gt=0)
+    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = option("std", "GaLore: projection type.")
+    galore_layerwise: bool = option(False, "GaLore: step each parameter as its gradient arrives (saves memory).")
+    use_apollo: bool = option(False, "APOLLO: approximated gradient scaling (full or freeze tuning).")
+    apollo_target: str = option("all", "APOLLO: comma-separated linear module names, or 'all'.")
+    apollo_rank: int = option(16, "APOLLO: projection rank.", gt=0)
+    apollo_update_interval: int = option(200, "APOLLO: steps between projection updates.", gt=0)
+    apollo_scale: float = option(32.0, "APOLLO: scale of the update.", gt=0)
+    apollo_proj: Literal["svd", "random"] = option("random", "APOLLO: projection.")
+    apollo_proj_type: Literal["std", "right", "left"] = option("std", "APOLLO: projection type.")
+    apollo_scale_type: Literal["channel", "tensor"] = option("channel", "APOLLO: scaling per channel or tensor.")
+    apollo_layerwise: bool = option(False, "APOLLO: step each parameter as its gradient arrives.")
+    apollo_scale_front: bool = option(False, "APOLLO: scale the gradient before the norm-growth limiter.")
+    use_badam: bool = option(False, "BAdam: block coordinate descent with Adam (full tuning).")
+    badam_mode: Literal["layer", "ratio"] = option("layer", "BAdam: update one layer block at a time, or a ratio of "
+                                                   "each parameter (ratio: not with transformers 5's Trainer).")
+    badam_start_block: int | None = option(None, "BAdam layer mode: the block to start with.", ge=0)
+    badam_switch_mode: Literal["ascending", "descending", "random", "fixed"] = option(
+        "ascending", "BAdam layer mode: the order blocks take turns in.")
+    badam_switch_interval: int = option(50, "BAdam layer mode: steps before switching block.", gt=0)
+    badam_update_ratio: float = option(0.05, "BAdam ratio mode: share of each parameter updated.", gt=0, le=1)
+    badam_mask_mode: Literal["adjacent", "scatter"] = option("adjacent", "BAdam ratio mode: which entries are updated.")
+    badam_verbose: int = option(0, "BAdam: 0 quiet, 1 block switches, 2 trainable parameters.", ge=0, le=2)
+    use_adam_mini: bool = option(False, "Adam-mini: one learning rate per parameter block (less optimizer memory).")
+    use_muon: bool = option(False, "Muon for 2-D hidden weights, AdamW for the rest.")
 
 
 class RLHFSection(Section):
@@ -175,6 +224,18 @@ class TrainingSection(Section):
     save_only_model: bool = option(False, "Checkpoints without optimizer state (smaller, but resume restarts it).")
     ddp_timeout: int = option(1800, "Seconds before a multi-process collective times out.", gt=0)
     resume_from_checkpoint: str | None = option(None, "Resume from this checkpoint instead of the newest staged one.")
+    neftune_noise_alpha: float | None = option(None, "NEFTune: noise added to the input embeddings while training.",
+                                               gt=0)
+    deepspeed: str | None = option(None, "DeepSpeed config file (configs/deepspeed/ds_z{0,2,3}[_offload]_config.json).")
+    fsdp: str | None = option(None, "PyTorch FSDP options as transformers takes them ('full_shard auto_wrap').")
+    fsdp_config: str | None = option(None, "FSDP config file (JSON), as transformers takes it.")
+    nproc_per_node: int | None = option(None, "Training processes on this machine (default: every visible GPU; 1 "
+                                              "on CPU).", gt=0)
+    nnodes: int = option(1, "Machines training together (one Prefect worker runs the recipe on each).", gt=0)
+    node_rank: int = option(0, "This machine's rank among nnodes (0 gathers the artifact).", ge=0)
+    master_addr: str = option("127.0.0.1", "Address of the node_rank 0 machine.")
+    master_port: int | None = option(None, "Port for the ranks' rendezvous (default: a free port, one node only).",
+                                     gt=0, lt=65536)
 
 
 class EvaluationSection(Section):
@@ -299,6 +360,114 @@ def check_combinations(recipe: Recipe, source: str) -> None:
     check_interleave_probs(recipe, source)
     check_trainer_names(recipe, source)
     check_rlhf(recipe, source)
+    check_methods(recipe, source)
+    check_launch(recipe, source)
+
+
+OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon", "loraplus_lr_ratio")
+
+
+def check_methods(recipe: Recipe, source: str) -> None:
+    """Finetuning methods and optimizers that exclude each other (LlamaFactory's rules, plus the artifact's)."""
+    f, t, m = recipe.finetuning, recipe.training, recipe.model
+    chosen = [key for key in OPTIMIZER_KEYS if getattr(f, key) not in (None, False)]
+    if len(chosen) > 1:
+        raise RecipeError(f"{source}: keys {' and '.join(map(repr, chosen))} each choose the optimizer; keep one")
+    if f.stage == "ppo":
+        for key in chosen + ["neftune_noise_alpha"] * bool(t.neftune_noise_alpha):
+            raise RecipeError(f"{source}: key '{key}' does not apply to stage ppo (its own loop trains with AdamW)")
+    lora_only = ("loraplus_lr_ratio", "pissa_init", "additional_target", "create_new_adapter")
+    for key in lora_only:
+        if f.finetuning_type != "lora" and getattr(f, key) not in (None, False):
+            raise RecipeError(f"{source}: key '{key}' applies to finetuning_type: lora (got {f.finetuning_type})")
+    for key in ("use_galore", "use_apollo", "use_badam"):
+        if getattr(f, key) and f.finetuning_type == "lora":
+            raise RecipeError(f"{source}: key '{key}' trains full weights; use finetuning_type: full or freeze, "
+                              "not lora")
+    if f.use_badam and f.finetuning_type != "full":
+        raise RecipeError(f"{source}: key 'use_badam' chooses its own blocks; use finetuning_type: full")
+    if f.use_badam and f.badam_mode == "ratio":
+        raise RecipeError(f"{source}: key 'badam_mode': ratio masks gradients into sparse tensors, whose norm "
+                          "transformers 5's Trainer cannot take (it logs grad_norm every step); use layer")
+    if f.module_dropout:
+        raise RecipeError(f"{source}: key 'module_dropout' is OFT's (LoRA has no module dropout); use lora_dropout")
+    if f.pissa_init:
+        if m.quantization_bit:
+            raise RecipeError(f"{source}: keys 'pissa_init' and 'quantization_bit' cannot be combined (PiSSA "
+                              "factorises full-precision weights)")
+        if f.stage in ("ppo", "kto") or (f.stage == "dpo" and recipe.rlhf.pref_loss not in ("orpo", "simpo")):
+            raise RecipeError(f"{source}: key 'pissa_init' does not fit stage {f.stage} (its reference model is the "
+                              "base with the adapter off)")
+        if not f.pissa_convert:
+            raise RecipeError(f"{source}: key 'pissa_init' needs 'pissa_convert: true': the artifact is an adapter "
+                              "on the original base, which a PiSSA adapter only fits once converted")
+    if f.create_new_adapter and not m.adapter_name_or_path:
+        raise RecipeError(f"{source}: key 'create_new_adapter' needs 'adapter_name_or_path' (the adapter to merge)")
+    for key in ("galore", "apollo"):
+        if getattr(f, f"use_{key}") and getattr(f, f"{key}_layerwise") and t.gradient_accumulation_steps > 1:
+            raise RecipeError(f"{source}: key '{key}_layerwise' steps as gradients arrive; set "
+                              "gradient_accumulation_steps: 1")
+    if f.use_apollo and f.apollo_scale_front:
+        raise RecipeError(f"{source}: key 'apollo_scale_front' is not in apollo-torch 1.0.3's APOLLOAdamW; "
+                          "leave it false")
+    if f.pure_bf16 and t.fp16:
+        raise RecipeError(f"{source}: keys 'pure_bf16' and 'fp16' cannot both be true")
+    if m.use_unsloth:
+        raise RecipeError(f"{source}: key 'use_unsloth': unsloth's patched models are not built in (they need a CUDA "
+                          "GPU and the unsloth package); set it false")
+    if m.shift_attn:
+        raise RecipeError(f"{source}: key 'shift_attn' (LongLoRA S^2-Attn) is not built in; use flash_attn or a "
+                          "shorter cutoff_len")
+
+
+def deepspeed_stage(path: str | None, source: str = "recipe") -> int | None:
+    """The ZeRO stage a DeepSpeed config file asks for (0 when it has no zero_optimization), None without one."""
+    if not path:
+        return None
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(f"{source}: key 'deepspeed': config file not found: {path}")
+    try:
+        config = json.loads(read_utf8(file, "the DeepSpeed config", RecipeError))
+        return int(config.get("zero_optimization", {}).get("stage", 0))
+    except (ValueError, AttributeError, TypeError):
+        raise RecipeError(f"{source}: key 'deepspeed': {path} is not a DeepSpeed JSON config with a "
+                          "zero_optimization stage") from None
+
+
+def check_launch(recipe: Recipe, source: str) -> None:
+    """Multi-device options against each other and against the methods that cannot be sharded."""
+    f, t, m = recipe.finetuning, recipe.training, recipe.model
+    zero = deepspeed_stage(t.deepspeed, source)
+    if zero is not None and (t.fsdp or t.fsdp_config):
+        raise RecipeError(f"{source}: keys 'deepspeed' and 'fsdp' cannot be combined; choose one")
+    if t.fsdp_config and not t.fsdp:
+        raise RecipeError(f"{source}: key 'fsdp_config' needs 'fsdp' (for example 'full_shard auto_wrap')")
+    if t.node_rank >= t.nnodes:
+        raise RecipeError(f"{source}: key 'node_rank' must be below nnodes ({t.nnodes}), got {t.node_rank}")
+    if t.nnodes > 1 and not t.master_port:
+        raise RecipeError(f"{source}: key 'master_port' must be given when nnodes > 1 (every node uses the same)")
+    if zero == 3 and m.quantization_bit:
+        raise RecipeError(f"{source}: keys 'deepspeed' (ZeRO-3) and 'quantization_bit' cannot be combined: "
+                          "bitsandbytes weights cannot be partitioned")
+    if zero == 3 and f.pure_bf16:
+        raise RecipeError(f"{source}: keys 'pure_bf16' and 'deepspeed' (ZeRO-3) cannot be combined")
+    if zero == 3 and f.pissa_init:
+        raise RecipeError(f"{source}: keys 'pissa_init' and 'deepspeed' (ZeRO-3) cannot be combined")
+    if zero is not None and (f.use_galore or f.use_apollo):
+        raise RecipeError(f"{source}: keys '{'use_galore' if f.use_galore else 'use_apollo'}' and 'deepspeed' "
+                          "cannot be combined")
+    several = t.nnodes > 1 or (t.nproc_per_node or 1) > 1
+    if f.stage not in ("pt", "sft") and (several or zero is not None or t.fsdp):
+        raise RecipeError(f"{source}: keys 'deepspeed', 'fsdp', 'nproc_per_node' and 'nnodes' launch stage pt and "
+                          f"sft only for now; stage {f.stage} trains in one process")
+    if several and f.use_badam and (f.badam_mode == "ratio" or zero != 3):
+        raise RecipeError(f"{source}: key 'use_badam' on several ranks needs badam_mode: layer with DeepSpeed ZeRO-3")
+    for key in ("galore", "apollo"):
+        if several and getattr(f, f"use_{key}") and getattr(f, f"{key}_layerwise"):
+            raise RecipeError(f"{source}: key '{key}_layerwise' runs on one rank only (nproc_per_node: 1)")
 
 
 def check_rlhf(recipe: Recipe, source: str) -> None:

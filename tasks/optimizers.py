@@ -1,0 +1,209 @@
+"""The optimizers a recipe can choose besides transformers' `optim` names: GaLore, APOLLO, BAdam, Adam-mini,
+Muon and LoRA+ (LlamaFactory's keys and meanings).
+
+GaLore and APOLLO are transformers' own optimizers (`optim: galore_adamw`, `apollo_adamw`, with
+`optim_target_modules` and `optim_args`), so they become TrainingArguments values. The others are built by
+`OptimizerFactory`, which the Trainer calls through its supported `optimizer_cls_and_kwargs` hook when it
+creates its optimizer (also under DeepSpeed, whose config then holds no optimizer).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tasks.core.errors import RecipeError
+from tasks.core.recipe import Recipe
+
+OPTIMIZER_LIBRARIES = ("galore-torch", "apollo-torch", "badam", "adam-mini")  # they shape a result when chosen
+GALORE_OPTIM = {"adamw_torch": "galore_adamw", "adamw_8bit": "galore_adamw_8bit", "adamw_bnb_8bit": "galore_adamw_8bit",
+                "paged_adamw_8bit": "galore_adamw_8bit", "adafactor": "galore_adafactor"}
+APOLLO_OPTIM = {"adamw_torch": "apollo_adamw"}
+
+
+class OptimizerSettings(BaseModel):
+    """One of the optimizers chosen by a `use_*` key (or loraplus_lr_ratio), with only its own options."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["galore", "apollo", "badam", "adam_mini", "muon", "loraplus"]
+    options: dict[str, Any] = {}
+
+
+def optimizer_settings(recipe: Recipe) -> OptimizerSettings | None:
+    """The recipe's optimizer choice and its options (None: transformers' `optim` as named)."""
+    f = recipe.finetuning
+    for kind, known in (("galore", GALORE_OPTIM), ("apollo", APOLLO_OPTIM)):
+        if getattr(f, f"use_{kind}") and recipe.training.optim not in known:
+            raise RecipeError(f"key 'optim': use_{kind} works with {', '.join(known)}, not {recipe.training.optim!r}")
+    if f.use_galore:
+        names = ("target", "rank", "update_interval", "scale", "proj_type", "layerwise")
+        return OptimizerSettings(kind="galore", options={n: getattr(f, f"galore_{n}") for n in names})
+    if f.use_apollo:
+        names = ("target", "rank", "update_interval", "scale", "proj", "proj_type", "scale_type", "layerwise")
+        return OptimizerSettings(kind="apollo", options={n: getattr(f, f"apollo_{n}") for n in names})
+    if f.use_badam:
+        names = ("start_block", "switch_mode", "switch_interval") if f.badam_mode == "layer" else (
+            "update_ratio", "mask_mode")
+        return OptimizerSettings(kind="badam", options={"mode": f.badam_mode} | {n: getattr(f, f"badam_{n}")
+                                                                                   for n in names})
+    if f.use_adam_mini:
+        return OptimizerSettings(kind="adam_mini")
+    if f.use_muon:
+        return OptimizerSettings(kind="muon")
+    if f.loraplus_lr_ratio is not None:
+        return OptimizerSettings(kind="loraplus", options={"lr_ratio": f.loraplus_lr_ratio,
+                                                           "lr_embedding": f.loraplus_lr_embedding})
+    return None
+
+
+def low_rank_arguments(settings: OptimizerSettings | None, optim: str) -> dict[str, Any]:
+    """TrainingArguments values for GaLore or APOLLO (transformers' optimizers), else nothing."""
+    if settings is None or settings.kind not in ("galore", "apollo"):
+        return {}
+    o, kind = settings.options, settings.kind
+    names = GALORE_OPTIM if kind == "galore" else APOLLO_OPTIM
+    args = {"rank": o["rank"], "update_proj_gap": o["update_interval"], "scale": o["scale"],
+            "proj_type": o["proj_type"]}
+    if kind == "apollo":
+        args |= {"proj": o["proj"], "scale_type": o["scale_type"]}
+    return {
+        "optim": names[optim] + ("_layerwise" if o["layerwise"] else ""),
+        "optim_args": ",".join(f"{k}={v}" for k, v in args.items()),
+        "optim_target_modules": low_rank_targets(o["target"]),
+    }
+
+
+def low_rank_targets(target: str) -> str:
+    """A regex over module names for galore_target/apollo_target: every linear layer but the output head for 'all',
+    else the modules whose names contain one of the comma-separated names (LlamaFactory's substring match)."""
+    names = [n.strip() for n in target.split(",") if n.strip()]
+    if names == ["all"]:
+        return r"^(?!(.*\.)?lm_head$).+$"
+    return r".*(" + "|".join(map(re.escape, names)) + r").*"
+
+
+
+
+def trainer_optimizer(settings: OptimizerSettings | None, arguments, verbose: int = 0) -> dict[str, Any]:
+    """The Trainer keyword that builds a `use_*` optimizer when the Trainer creates its optimizer (or nothing)."""
+    if settings is None or settings.kind in ("galore", "apollo"):
+        return {}
+    kwargs = {"settings": settings, "arguments": arguments, "verbose": verbose}
+    return {"optimizer_cls_and_kwargs": (OptimizerFactory, kwargs)}
+
+
+def decay_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups, weight decay on all but norms and biases (as the Trainer does)."""
+    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+
+
+class OptimizerFactory:
+    """The Trainer calls `OptimizerFactory()(model, settings=..., arguments=...)` (transformers' factory hook)."""
+
+    def __call__(self, model, settings: OptimizerSettings, arguments, verbose: int = 0):
+        from transformers import Trainer
+
+        base_cls, base_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments, model)
+        o = settings.options
+        if settings.kind == "loraplus":
+            from peft.optimizers import create_loraplus_optimizer
+
+            return create_loraplus_optimizer(model, base_cls, loraplus_lr_ratio=o["lr_ratio"],
+                                             loraplus_lr_embedding=o["lr_embedding"],
+                                             weight_decay=arguments.weight_decay, **base_kwargs)
+        adam = {"lr": arguments.learning_rate, "betas": (arguments.adam_beta1, arguments.adam_beta2),
+                "eps": arguments.adam_epsilon}
+        if settings.kind == "adam_mini":
+            from adam_mini import Adam_mini
+
+            config = model.config
+            return Adam_mini(named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                             weight_decay=arguments.weight_decay, model_sharding=sharded(), dim=config.hidden_size,
+                             n_heads=config.num_attention_heads,
+                             n_kv_heads=getattr(config, "num_key_value_heads", None), verbose=False, **adam)
+        if settings.kind == "muon":
+            return MuonAdamW.for_model(model, weight_decay=arguments.weight_decay, **adam)
+        return badam_optimizer(model, o, base_cls, base_kwargs, arguments.weight_decay, adam, verbose)
+
+
+def sharded() -> bool:
+    """Whether parameters are partitioned across ranks (DeepSpeed ZeRO-3 or FSDP)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.modeling_utils import is_fsdp_enabled
+
+    return is_deepspeed_zero3_enabled() or is_fsdp_enabled()
+
+
+def badam_optimizer(model, o: dict[str, Any], base_cls, base_kwargs: dict[str, Any], weight_decay: float,
+                    adam: dict[str, Any], verbose: int = 0):
+    """BAdam: Adam on one block of layers at a time (layer mode), or on a share of every parameter (ratio mode)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    groups = decay_groups(model, weight_decay)
+    if o["mode"] == "layer":
+        from badam import BlockOptimizer
+
+        return BlockOptimizer(base_optimizer=base_cls(groups, **base_kwargs),
+                              named_parameters_list=list(model.named_parameters()), block_prefix_list=None,
+                              switch_block_every=o["switch_interval"], start_block=o["start_block"],
+                              switch_mode=o["switch_mode"], verbose=verbose,
+                              ds_zero3_enabled=is_deepspeed_zero3_enabled())
+    from badam import BlockOptimizerRatio
+
+    named = list(model.named_parameters())
+    tied_head = not any("lm_head" in name for name, _ in named)  # BAdam would freeze a head that is not there
+    return BlockOptimizerRatio(param_groups=groups, named_parameters_list=named, update_ratio=o["update_ratio"],
+                               mask_mode=o["mask_mode"], verbose=verbose, include_embedding=False,
+                               include_lm_head=tied_head, **adam)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """torch's Muon on the 2-D hidden weights, AdamW on embeddings, the head and 1-D parameters, as one optimizer
+    (LlamaFactory's split); the learning rate is AdamW-matched (`adjust_lr_fn="match_rms_adamw"`)."""
+
+    def __init__(self, muon_params, adamw_params, lr: float, weight_decay: float, betas, eps: float):
+        self.parts = []
+        if muon_params:
+            self.parts.append(torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay,
+                                               adjust_lr_fn="match_rms_adamw"))
+        if adamw_params:
+            self.parts.append(torch.optim.AdamW(adamw_params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+        super().__init__([p for part in self.parts for g in part.param_groups for p in g["params"]], {"lr": lr})
+        self.param_groups = [g for part in self.parts for g in part.param_groups]  # shared: schedulers reach both
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> MuonAdamW:
+        muon, adamw = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                hidden = param.ndim == 2 and "embed" not in name and "lm_head" not in name
+                (muon if hidden else adamw).append(param)
+        return cls(muon, adamw, **kwargs)
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for part in self.parts:
+            part.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part, state in zip(self.parts, state_dict["parts"], strict=True):
+            part.load_state_dict(state)
+        self.param_groups = [g for part in self.parts for g in part.param_groups]

@@ -1,0 +1,249 @@
+"""Finetuning methods and optimizers really run: which parameters changed, how many trained, which optimizer class
+stepped, the loss falling, and the artifact loading back (each on the tiny model, a few steps)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.plan import plan_run
+from tasks.core.errors import RecipeError
+from tasks.core.recipe import Recipe
+from tasks.core.stage import run_in_process
+from tasks.core.store import ArtifactStore
+from tests.conftest import tiny_recipe_values
+
+FULL = {"finetuning_type": "full", "learning_rate": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("methods-store")
+
+
+def plan_train(values: dict):
+    """The steps a recipe's train step needs, in order (no merge or evaluation)."""
+    plan = plan_run(Recipe.from_flat(values))
+    needed, wanted = [], {"train"}
+    for step in reversed(plan.steps):
+        if step.label in wanted:
+            needed.append(step)
+            wanted |= set(step.inputs.values())
+    return list(reversed(needed))
+
+
+def train(store, model_dir, **overrides):
+    """Train the tiny model; returns (train artifact, its results, its log's losses)."""
+    defaults = {"max_steps": 8, "logging_steps": 1, "save_steps": 100, "learning_rate": 5e-3}
+    values = tiny_recipe_values(model_dir, **{**defaults, **overrides})
+    refs = run_in_process(plan_train(values), store)
+    artifact = ArtifactStore(store).open(refs["train"])
+    results = json.loads(artifact.part("results").read_text())
+    losses = [e["loss"] for e in json.loads(artifact.part("log_history").read_text()) if "loss" in e]
+    return artifact, results, losses
+
+
+def base_weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name, value in after.items() if not torch.equal(value.float(), before[name].float())}
+
+
+def falls(losses: list[float]) -> bool:
+    return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_freeze_modules_and_extra_modules(store, tiny_model_dir):
+    artifact, results, losses = train(store, tiny_model_dir, finetuning_type="freeze", freeze_trainable_layers=1,
+                                      freeze_trainable_modules="mlp", freeze_extra_modules="norm")
+    after = load_file(str(artifact.part("model") / "model.safetensors"))
+    moved = changed(base_weights(tiny_model_dir), after)
+    assert moved == {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {"model.norm.weight"}
+    assert results["trainable_parameters"] == 3 * 32 * 64 + 32
+    assert results["optimizer"] == "torch.optim.adamw.AdamW" and falls(losses)
+
+
+def test_freeze_finds_layers_by_structure():
+    """Layer discovery follows the decoder's ModuleList, whatever it is called."""
+    from torch import nn
+
+    from tasks.train_methods import FreezeSettings, decoder_layers, freeze_selection
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.ffn = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.h = nn.ModuleList([Block() for _ in range(3)])
+            self.heads = nn.ModuleList([nn.Linear(4, 4), nn.Conv1d(4, 4, 1)])  # mixed classes: not the layers
+
+    assert decoder_layers(Odd()) == ("h", 3)
+    picked = freeze_selection(Odd(), FreezeSettings(trainable_layers=-1, trainable_modules=("ffn",),
+                                                     extra_modules=("embed",)))
+    assert picked == {"h.0.ffn.weight", "h.0.ffn.bias", "embed.weight"}
+    with pytest.raises(RecipeError, match="key 'freeze_trainable_modules': no 'mlp'"):
+        freeze_selection(Odd(), FreezeSettings(trainable_layers=1, trainable_modules=("mlp",)))
+    with pytest.raises(RecipeError, match="key 'freeze_extra_modules': no 'norm'"):
+        freeze_selection(Odd(), FreezeSettings(trainable_layers=1, extra_modules=("norm",)))
+
+
+def test_lora_additional_target(store, tiny_model_dir):
+    artifact, results, losses = train(store, tiny_model_dir, additional_target="norm", lora_target="q_proj")
+    saved = load_file(str(artifact.part("adapter") / "adapter_model.safetensors"))
+    assert any("norm" in name and "lora" not in name for name in saved)  # the full module is saved with it
+    lora = 2 * 2 * 4 * 32  # q_proj A and B, rank 4, hidden 32, two layers
+    # PEFT matches modules_to_save by name suffix: model.norm and the four *_layernorm modules, 32 weights each
+    assert results["trainable_parameters"] == lora + 5 * 32 and falls(losses)
+    assert json.loads((artifact.part("adapter") / "adapter_config.json").read_text())["modules_to_save"] == ["norm"]
+
+
+def test_pissa_converted_adapter_fits_the_original_base(store, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    artifact, results, losses = train(store, tiny_model_dir, pissa_init=True, pissa_iter=4, pissa_convert=True,
+                                      lora_target="q_proj,v_proj")
+    config = json.loads((artifact.part("adapter") / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # rank 2r, a plain LoRA
+    assert falls(losses)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                                      str(artifact.part("adapter")))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    tuned = model(input_ids=ids).logits
+    with model.disable_adapter():
+        plain = model(input_ids=ids).logits
+    assert not torch.allclose(tuned, plain)  # it learned something, and applies to the unchanged base
+
+
+def test_create_new_adapter_merges_the_old_one(store, tiny_model_dir, tmp_path):
+    first, _, _ = train(store, tiny_model_dir, lora_target="q_proj")
+    artifact, results, losses = train(store, tiny_model_dir, lora_target="v_proj",
+                                      adapter_name_or_path=str(first.part("adapter")), create_new_adapter=True)
+    config = json.loads((artifact.part("adapter") / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["v_proj"]  # a new adapter, not the continued q_proj one
+    assert results["trainable_parameters"] == 2 * 2 * 4 * 32 and falls(losses)
+
+
+def test_loraplus_groups(store, tiny_model_dir):
+    from tasks.optimizers import OptimizerFactory, OptimizerSettings
+
+    artifact, results, losses = train(store, tiny_model_dir, loraplus_lr_ratio=16.0)
+    assert results["optimizer"] == "torch.optim.adamw.AdamW" and falls(losses)
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from tasks.train_methods import LoraSettings, lora_config
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), lora_config(
+        LoraSettings(rank=4, alpha=8, dropout=0.0, target="all", use_dora=False, use_rslora=False)))
+    arguments = TrainingArguments(output_dir="unused", learning_rate=1e-3, use_cpu=True, report_to="none")
+    settings = OptimizerSettings(kind="loraplus", options={"lr_ratio": 16.0, "lr_embedding": 1e-6})
+    optimizer = OptimizerFactory()(model, settings=settings, arguments=arguments)
+    rates = {group["lr"] for group in optimizer.param_groups if group["params"]}
+    assert rates == {1e-3, 16e-3}  # B matrices learn 16 times faster
+
+
+@pytest.mark.parametrize(("keys", "optimizer"), [
+    ({"use_galore": True, "galore_rank": 4, "galore_update_interval": 2}, "galore_torch.adamw.AdamW"),
+    ({"use_galore": True, "galore_rank": 4, "galore_layerwise": True, "galore_target": "mlp"},
+     "galore_torch.adamw.AdamW"),
+    ({"use_apollo": True, "apollo_rank": 4, "apollo_update_interval": 2}, "apollo_torch.apollo.AdamW"),
+    ({"use_adam_mini": True}, "adam_mini.adam_mini.Adam_mini"),
+    ({"use_muon": True}, "tasks.optimizers.MuonAdamW"),
+])
+def test_full_tuning_optimizers(store, tiny_model_dir, keys, optimizer):
+    artifact, results, losses = train(store, tiny_model_dir, **FULL, **keys)
+    assert results["optimizer"] == optimizer
+    assert falls(losses), losses
+    after = load_file(str(artifact.part("model") / "model.safetensors"))
+    assert "model.layers.0.mlp.up_proj.weight" in changed(base_weights(tiny_model_dir), after)
+
+
+def test_badam_layer_mode_updates_one_block_at_a_time(store, tiny_model_dir):
+    artifact, results, losses = train(store, tiny_model_dir, **FULL, use_badam=True, badam_switch_interval=4,
+                                      badam_start_block=0, max_steps=3)
+    moved = changed(base_weights(tiny_model_dir), load_file(str(artifact.part("model") / "model.safetensors")))
+    # BAdam switches after the step that ends a block's turn: 3 steps with an interval of 4 are all block 0's
+    assert moved and all(name.startswith("model.layers.0.") for name in moved)
+    assert results["optimizer"] == "badam.block_optim.BlockOptimizer"
+    assert results["trainable_parameters"] < sum(v.numel() for v in base_weights(tiny_model_dir).values()) / 2
+
+
+def test_neftune_and_pure_bf16(store, tiny_model_dir):
+    _, plain, _ = train(store, tiny_model_dir)
+    _, noisy, _ = train(store, tiny_model_dir, neftune_noise_alpha=5.0)
+    assert noisy["train_loss"] != plain["train_loss"]  # the same run, with noise on the embeddings
+    artifact, results, losses = train(store, tiny_model_dir, **{**FULL, "learning_rate": 1e-2}, pure_bf16=True)
+    weights = load_file(str(artifact.part("model") / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16} and falls(losses)
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"use_galore": True}, "key 'use_galore' trains full weights"),
+    ({**FULL, "use_galore": True, "use_badam": True}, "keys 'use_galore' and 'use_badam' each choose the optimizer"),
+    ({**FULL, "loraplus_lr_ratio": 2.0}, "key 'loraplus_lr_ratio' applies to finetuning_type: lora"),
+    ({"pissa_init": True}, "key 'pissa_init' needs 'pissa_convert: true'"),
+    ({"pissa_init": True, "pissa_convert": True, "quantization_bit": 4}, "keys 'pissa_init' and 'quantization_bit'"),
+    ({"create_new_adapter": True}, "key 'create_new_adapter' needs 'adapter_name_or_path'"),
+    ({**FULL, "use_galore": True, "galore_layerwise": True, "gradient_accumulation_steps": 2},
+     "key 'galore_layerwise'"),
+    ({"module_dropout": 0.1}, "key 'module_dropout' is OFT's"),
+    ({"shift_attn": True}, "key 'shift_attn'"),
+    ({"use_unsloth": True}, "key 'use_unsloth'"),
+    ({"finetuning_type": "freeze", "use_badam": True}, "key 'use_badam'"),
+    ({**FULL, "use_badam": True, "badam_mode": "ratio"}, "key 'badam_mode': ratio"),
+    ({"quantization_bit": 4, "deepspeed": "configs/deepspeed/ds_z3_config.json"},
+     "keys 'deepspeed' \\(ZeRO-3\\) and 'quantization_bit'"),
+    ({**FULL, "use_galore": True, "deepspeed": "configs/deepspeed/ds_z2_config.json"},
+     "keys 'use_galore' and 'deepspeed'"),
+    ({"deepspeed": "configs/deepspeed/ds_z2_config.json", "fsdp": "full_shard"}, "keys 'deepspeed' and 'fsdp'"),
+    ({"nnodes": 2, "node_rank": 2, "master_port": 29500}, "key 'node_rank' must be below nnodes"),
+    ({"deepspeed": "nowhere.json"}, "key 'deepspeed': config file not found"),
+])
+def test_combinations_are_refused_naming_the_keys(tiny_model_dir, keys, message):
+    from tests.conftest import REPO
+
+    values = {k: str(REPO / v) if k == "deepspeed" and v != "nowhere.json" else v for k, v in keys.items()}
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_flat(tiny_recipe_values(tiny_model_dir, **values))
+
+
+def test_plan_time_refusals(tiny_model_dir):
+    with pytest.raises(RecipeError, match="key 'additional_target': no module named 'nope'"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, additional_target="nope")))
+    with pytest.raises(RecipeError, match="key 'freeze_trainable_modules'"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, finetuning_type="freeze",
+                                                     freeze_trainable_modules="attention")))
+    with pytest.raises(RecipeError, match="key 'enable_liger_kernel'"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, enable_liger_kernel=True)))
+    with pytest.raises(RecipeError, match="key 'optim': use_apollo works with adamw_torch"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, **FULL, use_apollo=True, optim="sgd")))
+
+
+@pytest.mark.parametrize(("precision", "kind", "dtype"), [
+    ("bf16", "full", torch.float32), ("fp16", "freeze", torch.float32), ("pure_bf16", "full", torch.bfloat16)])
+def test_trainable_weights_train_in_fp32_under_mixed_precision(tiny_model_dir, precision, kind, dtype):
+    """A half-precision base under bf16/fp16 mixed precision: what trains is upcast to fp32 (pure_bf16: kept)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from tasks.train_methods import FreezeSettings, attach_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    config = SimpleNamespace(finetuning_type=kind, lora=None, quantization=None, precision=precision, optimizer=None,
+                             gradient_checkpointing=False,
+                             freeze=FreezeSettings(trainable_layers=1) if kind == "freeze" else None)
+    model = attach_trainable(model, config)
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {dtype} and frozen <= {torch.bfloat16}

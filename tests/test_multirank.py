@@ -1,0 +1,213 @@
+"""Training on several ranks: the train task launches torchrun (2 CPU ranks over gloo, DeepSpeed's CPU accelerator)
+and collects the artifact; the loss curve matches a one-rank run with the same global batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tasks.core.stage import run_in_process
+from tasks.core.store import ArtifactStore
+from tasks.launch import torchrun_command
+from tests.conftest import REPO, tiny_recipe_values
+from tests.test_methods import plan_train
+
+TOLERANCE = 1e-3  # per logged step, absolute, on losses near 6.4: the ranks only reorder float sums
+DEEPSPEED = REPO / "configs" / "deepspeed"
+
+
+def run(store, model_dir, **overrides):
+    values = tiny_recipe_values(model_dir, **{"max_steps": 6, "logging_steps": 1, "save_steps": 100,
+                                             "learning_rate": 5e-3, "finetuning_type": "full", **overrides})
+    refs = run_in_process(plan_train(values), store)
+    artifact = ArtifactStore(store).open(refs["train"])
+    history = json.loads(artifact.part("log_history").read_text())
+    return artifact, [e["loss"] for e in history if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_model_dir):
+    store = tmp_path_factory.mktemp("one-rank")
+    return store, run(store, tiny_model_dir, per_device_train_batch_size=4)
+
+
+@pytest.mark.parametrize("sharding", ["ds_z2_config.json", "ds_z3_config.json", "ddp"])
+def test_two_ranks_match_one(one_rank, tiny_model_dir, sharding):
+    """ZeRO-2, ZeRO-3, and plain data parallel (nproc_per_node alone)."""
+    store, (single, single_losses) = one_rank
+    keys = {} if sharding == "ddp" else {"deepspeed": str(DEEPSPEED / sharding)}
+    artifact, losses = run(store, tiny_model_dir, per_device_train_batch_size=2, nproc_per_node=2, **keys)
+    assert len(losses) == len(single_losses) == 6
+    gap = max(abs(a - b) for a, b in zip(losses, single_losses, strict=True))
+    print(f"{sharding}: 2 ranks {[round(x, 5) for x in losses]}, 1 rank {[round(x, 5) for x in single_losses]}, "
+          f"largest gap {gap:.2e}")
+    assert gap < TOLERANCE, (losses, single_losses)
+    results = json.loads(artifact.part("results").read_text())
+    assert results["global_step"] == 6 and results["optimizer"] == "torch.optim.adamw.AdamW"
+    assert results["world_size"] == 2 and results["distributed"] == ("MULTI_CPU" if sharding == "ddp" else "DEEPSPEED")
+    expected = json.loads(single.part("results").read_text())["trainable_parameters"]
+    assert results["trainable_parameters"] == expected
+    ours = load_file(str(artifact.part("model") / "model.safetensors"))
+    theirs = load_file(str(single.part("model") / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-3  # the same weights, gathered
+
+
+def test_fsdp_needs_a_gpu(tiny_model_dir):
+    from flows.plan import plan_run
+    from tasks.core.errors import RecipeError
+    from tasks.core.hardware import has_cuda
+    from tasks.core.recipe import Recipe
+
+    if has_cuda():
+        pytest.skip("a GPU machine runs FSDP")
+    with pytest.raises(RecipeError, match="key 'fsdp': accelerate shards with FSDP on GPUs only"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, fsdp="full_shard auto_wrap")))
+
+
+def test_launcher_command(tiny_model_dir):
+    from tasks.core.recipe import Recipe
+    from tasks.train import plan
+
+    class Step:
+        label, locators = "upstream", {"sources": {}}
+
+    recipe = Recipe.from_flat(tiny_recipe_values(tiny_model_dir, nproc_per_node=4, nnodes=2, node_rank=1,
+                                                 master_addr="10.0.0.1", master_port=29400))
+    config = plan(recipe, Step(), Step()).config
+    command = torchrun_command(config, REPO / "request.pkl")
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1",
+            "--master_port=29400"} <= set(command)
+    assert config.launch.world_size == 8
+    assert torch.distributed.is_available()
+
+
+CHILD = """
+import json, sys
+from tasks.core.stage import run_in_process
+from tests.test_methods import plan_train
+run_in_process(plan_train(json.loads(sys.argv[1])), sys.argv[2])
+"""
+
+
+def checkpoints(staging) -> list[int]:
+    """Complete DeepSpeed checkpoints (their `latest` tag written) under the train stage's staging folder."""
+    return sorted(int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*") if (p / "latest").is_file())
+
+
+def test_killed_deepspeed_run_resumes_and_reports(tiny_model_dir, workdir, tmp_path):
+    """A 2-rank ZeRO-2 run killed mid-way (worker SIGKILLed: torchrun and its ranks go with it) resumes from the
+    newest checkpoint; the resumed ranks report loss per step to the stage's MLflow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.core import tracking
+    from tasks.core.stage import RunContext, execute
+
+    store = workdir / "artifacts"
+    values = tiny_recipe_values(tiny_model_dir, max_steps=40, save_steps=4, logging_steps=1, finetuning_type="full",
+                                per_device_train_batch_size=2, nproc_per_node=2, deepspeed=str(DEEPSPEED /
+                                                                                               "ds_z2_config.json"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(values), str(store)], cwd=workdir, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    staging = store / ".staging" / "train"
+    deadline = time.monotonic() + 240
+    try:
+        while len(checkpoints(staging)) < 2:
+            assert child.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    time.sleep(3)
+    saved = checkpoints(staging)
+    assert saved[-1] < 40 and checkpoints(staging) == saved  # the ranks are gone: nothing more is written
+
+    parent = tracking.start_parent("resume", {}, {}, "tests")
+    run_id = tracking.start_stage(parent, "train", {})
+    refs = {}
+    for step in plan_train(values):
+        run = RunContext(home=str(store), mlflow_run_id=run_id if step.stage.name == "train" else None)
+        refs[step.label] = execute(step, {n: refs[label] for n, label in step.inputs.items()}, run)
+    artifact = ArtifactStore(store).open(refs["train"])
+    results = json.loads(artifact.part("results").read_text())
+    assert results["resumed_from_step"] == saved[-1] and results["global_step"] == 40
+    logged = {m.step for m in tracking.client().get_metric_history(run_id, "loss")}
+    assert logged == set(range(saved[-1] + 1, 41))  # each step after the resume, from rank 0 only, once
+    reported = [m.value for m in tracking.client().get_metric_history(run_id, "train_loss")]
+    assert results["train_loss"] in reported  # the whole run's figure, beside the Trainer's own for this part
+    print(f"killed after checkpoint {saved[-1]}, resumed to step 40: train_loss {results['train_loss']:.4f}")
+
+
+def test_deepspeed_checkpoint_checks(tmp_path):
+    from tasks.train_checkpoints import checkpoint_problem
+
+    folder = tmp_path / "checkpoint-4"
+    (folder / "global_step4").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    torch.save({"w": 1}, folder / "scheduler.pt")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    (folder / "latest").write_text("global_step4")
+    assert checkpoint_problem(folder, False).startswith("DeepSpeed state global_step4 is missing")
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"x": 1}, folder / "global_step4" / name)
+    assert checkpoint_problem(folder, False) is None
+    (folder / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"torn")
+    assert "optim_states.pt is missing or torn" in checkpoint_problem(folder, False)
+
+
+def test_a_failing_rank_fails_the_task_in_one_line():
+    import logging
+    import sys
+
+    from tasks.core.errors import TuneFactoryError
+    from tasks.launch import run_forwarding
+
+    script = "import sys; print('[rank1]: ValueError: the cause'); print('...ChildFailedError:'); sys.exit(1)"
+    with pytest.raises(TuneFactoryError, match=r"torchrun exit 1\): \[rank1\]: ValueError: the cause$"):
+        run_forwarding([sys.executable, "-c", script], {}, logging.getLogger("test"))
+
+
+def test_two_nodes_on_one_machine(one_rank, tiny_model_dir, tmp_path):
+    """nnodes: 2 with one rank each, as two Prefect workers would run it (each its own store and node_rank):
+    torchrun gets --nnodes/--node_rank/--master_addr/--master_port, and each node publishes the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks.launch import free_port
+
+    _, (single, single_losses) = one_rank
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    children, stores = [], []
+    for node in (0, 1):
+        values = tiny_recipe_values(tiny_model_dir, max_steps=6, logging_steps=1, save_steps=100, learning_rate=5e-3,
+                                    finetuning_type="full", per_device_train_batch_size=2, nproc_per_node=1,
+                                    nnodes=2, node_rank=node, master_addr="127.0.0.1", master_port=port)
+        stores.append(tmp_path / f"node{node}")
+        children.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(values), str(stores[-1])],
+                                         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for child in children:
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err.decode()[-2000:]
+    theirs = load_file(str(single.part("model") / "model.safetensors"))
+    for store in stores:
+        (folder,) = [p for p in (store / "train").iterdir() if not p.name.startswith(".")]
+        history = json.loads((folder / "log_history.json").read_text())
+        losses = [e["loss"] for e in history if "loss" in e]
+        assert max(abs(a - b) for a, b in zip(losses, single_losses, strict=True)) < TOLERANCE
+        ours = load_file(str(folder / "model" / "model.safetensors"))
+        assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-3
+        assert json.loads((folder / "train_results.json").read_text())["world_size"] == 2
