@@ -106,7 +106,7 @@ def test_a_lora_tuned_model_learns_to_emit_the_added_stop_token(tiny):
     assert not any(eot_rank(model, tokenizer, pairs))
 
     class Config:
-        finetuning_type, quantization, gradient_checkpointing, freeze = "lora", None, False, None
+        finetuning_type, quantization, gradient_checkpointing, freeze, precision = "lora", None, False, None, "fp32"
         lora = LoraSettings(rank=4, alpha=8, dropout=0.0, target="all", use_dora=False, use_rslora=False)
 
     peft_model = attach_trainable(model, Config, train_embeddings=True)
