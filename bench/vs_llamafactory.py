@@ -83,7 +83,7 @@ def job(rows: int) -> dict:
     shared = ("stage", "do_train", "finetuning_type", "lora_rank", "lora_target", "dataset", "eval_dataset",
               "cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
               "num_train_epochs", "lr_scheduler_type", "warmup_ratio", "seed", "per_device_eval_batch_size",
-              "max_new_tokens", "logging_steps")
+              "max_new_tokens", "logging_steps", "bf16")
     return {**{k: demo[k] for k in shared}, "max_samples": rows, "do_sample": False,
             "dataset_dir": str(REPO / "configs" / "data")}
 
@@ -91,8 +91,7 @@ def job(rows: int) -> dict:
 def run_tunefactory(work: Path, model: Path, rows: int) -> dict:
     folder = work / "tunefactory"
     folder.mkdir(parents=True, exist_ok=True)
-    recipe = {**job(rows), "model_name_or_path": str(model), "template": "smollm", "save_steps": 1000,
-              "disable_gradient_checkpointing": True}
+    recipe = {**job(rows), "model_name_or_path": str(model), "template": "smollm", "save_steps": 1000}
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     store = folder / f"store-{int(time.time())}"  # fresh: every stage is built
     wall, rss = timed([str(Path(sys.executable).with_name("tunefactory")), "run", "recipe.yaml", "--home", str(store)],
@@ -115,11 +114,13 @@ def artifact(store: Path, label: str) -> Path:
     raise SystemExit(f"no {label} artifact in {store}")
 
 
-def run_llamafactory(work: Path, cli: Path, model: Path, rows: int) -> dict:
+def run_llamafactory(work: Path, cli: Path, model: Path, rows: int, bf16: bool | None) -> dict:
     folder = work / "llamafactory"
     folder.mkdir(parents=True, exist_ok=True)
     common = {**job(rows), "model_name_or_path": str(model), "template": "smollm2", "default_system": SMOLLM_SYSTEM,
-              "bf16": False, "report_to": "none", "overwrite_cache": True, "preprocessing_num_workers": 1}
+              "report_to": "none", "overwrite_cache": True, "preprocessing_num_workers": 1}
+    if bf16 is not None:
+        common["bf16"] = bf16
     train = {**common, "do_eval": True, "output_dir": str(folder / "adapter"), "overwrite_output_dir": True,
              "save_strategy": "no", "include_num_input_tokens_seen": True}
     predict = {k: v for k, v in common.items() if k not in ("do_train", "dataset")}
@@ -144,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=320, help="training rows (the demo's max_samples: 320)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "tunefactory-bench")
+    parser.add_argument("--llamafactory-bf16", choices=("same", "true", "false"), default="same",
+                        help="LlamaFactory's bf16 (default: the demo's, as TuneFactory gets it)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
@@ -152,9 +155,11 @@ def main() -> None:
     cli = setup_llamafactory(args.work)
     model = import_model(args.work)
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} python={platform.python_version()}")
-    print(f"date: {time.strftime('%Y-%m-%d')}  job: the demo's LoRA SFT, {args.rows} rows, greedy prediction")
+    print(f"date: {time.strftime('%Y-%m-%d')}  job: the demo's LoRA SFT, {args.rows} rows, greedy prediction; "
+          f"bf16: TuneFactory {job(args.rows).get('bf16', False)}, LlamaFactory {args.llamafactory_bf16}")
     tf = run_tunefactory(args.work, model, args.rows)
-    lf = run_llamafactory(args.work, cli, model, args.rows)
+    lf_bf16 = None if args.llamafactory_bf16 == "same" else args.llamafactory_bf16 == "true"
+    lf = run_llamafactory(args.work, cli, model, args.rows, lf_bf16)
     rouge = load("rouge")
     for tool in (tf, lf):
         tool["rougeL"] = 100 * rouge.compute(predictions=tool["predictions"], references=lf["labels"])["rougeL"]
