@@ -162,9 +162,53 @@ def badam_optimizer(model, o: dict[str, Any], base_cls, base_kwargs: dict[str, A
 
     named = list(model.named_parameters())
     tied_head = not any("lm_head" in name for name, _ in named)  # BAdam would freeze a head that is not there
+    # its gradient hook leaves sparse gradients, which the Trainer measures through SparseGradClipping below
     return BlockOptimizerRatio(param_groups=groups, named_parameters_list=named, update_ratio=o["update_ratio"],
                                mask_mode=o["mask_mode"], verbose=verbose, include_embedding=False,
                                include_lm_head=tied_head, **adam)
+
+
+def has_sparse_grads(model) -> bool:
+    return any(p.grad is not None and p.grad.is_sparse for p in model.parameters())
+
+
+def clip_sparse_grads(parameters, max_norm: float) -> torch.Tensor:
+    """The gradients' total 2-norm, and each gradient scaled in place so the total is at most max_norm (inf: only
+    measured); sparse gradients count by their stored values (torch 1.13's clip_grad_norm_, as BAdam's own
+    `clip_grad_norm_old_version`)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = [torch.linalg.vector_norm((g.coalesce()._values() if g.is_sparse else g).detach().float()) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+    if max_norm != float("inf"):
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        with torch.no_grad():
+            for g in grads:  # a sparse tensor's mul_ would not reach its stored values in place; _values() does
+                (g._values() if g.is_sparse else g).mul_(scale.to(g.device, g.dtype))
+    return total
+
+
+class SparseGradClipping:
+    """Trainer mixin for BAdam ratio mode: its gradient hook masks each gradient into a sparse tensor, and the
+    Trainer's clipping and grad_norm logging (accelerate's, then torch's clip_grad_norm_, every step: max_grad_norm
+    is always > 0 here, and the norm is taken for logging even without it) cannot read sparse tensors
+    (`linalg_vector_norm` has no sparse kernel). These overrides of the Trainer's own clipping methods measure and
+    clip them instead; dense gradients, and every other optimizer, go the Trainer's way. (LlamaFactory replaces
+    `accelerator.clip_grad_norm_` with BAdam's old-torch version; making the gradients dense before clipping would
+    instead give up the memory the sparse gradients save.) Ratio mode runs in one plain process only (no DeepSpeed,
+    FSDP or several ranks, which own the clipping), so unscaling (fp16) is all accelerate's clipping would add."""
+
+    def _clip_grad_norm(self, model):
+        if not has_sparse_grads(model):
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return clip_sparse_grads(model.parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and has_sparse_grads(model):
+            grad_norm = clip_sparse_grads(model.parameters(), float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
 
 class MuonAdamW(torch.optim.Optimizer):

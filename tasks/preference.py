@@ -24,7 +24,7 @@ from transformers import Trainer
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
-from tasks.optimizers import OPTIMIZER_LIBRARIES
+from tasks.optimizers import OPTIMIZER_LIBRARIES, SparseGradClipping
 from tasks.preference_losses import (
     dpo_loss,
     kto_loss,
@@ -153,7 +153,7 @@ def response_lengths(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).sum(dim=-1)
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(SparseGradClipping, Trainer):
     """A Trainer whose loss is a preference loss over the pair (or feedback) batches of the collators above."""
 
     def __init__(self, loss: Loss, reference_model, **kwargs):

@@ -15,7 +15,7 @@ from tasks.core.hardware import torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
-from tasks.optimizers import OPTIMIZER_LIBRARIES
+from tasks.optimizers import OPTIMIZER_LIBRARIES, SparseGradClipping
 from tasks.rows import load_rows
 from tasks.train_common import (
     REPORTS,
@@ -83,9 +83,10 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
                              train_embeddings=grown_vocabulary(ctx))
     arguments = RewardConfig(**arguments_values(config, ctx.staging), max_length=None, center_rewards_coefficient=None)
     pairs = load_rows(data.part("eval_pairs")) if data.has("eval_pairs") else None
-    trainer = RewardTrainer(model=model, args=arguments, processing_class=tokenizer,
-                            train_dataset=load_rows(data.part("train")), eval_dataset=pairs,
-                            callbacks=[run_callback(ctx.run.mlflow_run_id)], **trainer_hooks(config, arguments))
+    trainer_cls = type("RewardTrainer", (SparseGradClipping, RewardTrainer), {})  # BAdam ratio: sparse gradients
+    trainer = trainer_cls(model=model, args=arguments, processing_class=tokenizer,
+                          train_dataset=load_rows(data.part("train")), eval_dataset=pairs,
+                          callbacks=[run_callback(ctx.run.mlflow_run_id)], **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out)
     if pairs is not None:
         scores = trainer.evaluate()

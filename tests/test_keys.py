@@ -139,11 +139,12 @@ CASES = {
         ("proj_type", "left"), ("scale_type", "tensor"), ("layerwise", True))},
     "apollo_scale_front": [({}, {"apollo_scale_front": True}, set())],  # refused with use_apollo
     "use_badam": [(FULL, {"use_badam": True}, {"train"})],
-    "badam_mode": [({}, {"badam_mode": "ratio"}, set())],  # ratio is refused with use_badam
+    "badam_mode": method_cases("badam_mode", "ratio", BADAM),
     **{f"badam_{k}": method_cases(f"badam_{k}", v, BADAM) for k, v in (
         ("start_block", 1), ("switch_mode", "descending"), ("switch_interval", 5))},
-    "badam_update_ratio": [(BADAM, {"badam_update_ratio": 0.5}, set())],  # ratio mode only
-    "badam_mask_mode": [(BADAM, {"badam_mask_mode": "scatter"}, set())],
+    **{f"badam_{k}": [(BADAM, {f"badam_{k}": v}, set()),  # ratio mode only
+                      ({**BADAM, "badam_mode": "ratio"}, {f"badam_{k}": v}, {"train"})]
+       for k, v in (("update_ratio", 0.5), ("mask_mode", "scatter"))},
     "badam_verbose": [(BADAM, {"badam_verbose": 1}, set())],  # logging only
     "use_adam_mini": [({}, {"use_adam_mini": True}, {"train"})],
     "use_muon": [({}, {"use_muon": True}, {"train"})],

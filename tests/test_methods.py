@@ -178,6 +178,41 @@ def test_badam_layer_mode_updates_one_block_at_a_time(store, tiny_model_dir):
     assert results["trainable_parameters"] < sum(v.numel() for v in base_weights(tiny_model_dir).values()) / 2
 
 
+def test_badam_ratio_mode_updates_a_share_of_each_matrix(store, tiny_model_dir):
+    """Ratio mode's gradients are sparse; the Trainer still clips and logs their norm (SparseGradClipping)."""
+    ratio = 0.1
+    artifact, results, losses = train(store, tiny_model_dir, **FULL, use_badam=True, badam_mode="ratio",
+                                      badam_update_ratio=ratio, max_steps=6, max_grad_norm=0.5)
+    assert results["optimizer"] == "badam.block_optim.BlockOptimizerRatio"
+    assert falls(losses), losses
+    log = json.loads(artifact.part("log_history").read_text())
+    norms = [e["grad_norm"] for e in log if "grad_norm" in e]
+    assert len(norms) == 6 and all(n > 0 for n in norms)
+    before = base_weights(tiny_model_dir)
+    after = load_file(str(artifact.part("model") / "model.safetensors"))
+    matrices = [n for n, v in before.items() if v.ndim == 2 and n.startswith("model.layers.")]
+    assert matrices and set(matrices) <= changed(before, after)
+    for name in matrices:  # one mask per step-window (BAdam switches it every 100 steps): the same entries move
+        share = (after[name].float() != before[name].float()).float().mean().item()
+        assert ratio / 2 < share <= ratio, (name, share)
+    assert torch.equal(after["model.embed_tokens.weight"].float(), before["model.embed_tokens.weight"].float())
+
+
+def test_badam_ratio_sparse_grads_clip_as_dense_ones():
+    from tasks.optimizers import clip_sparse_grads
+
+    torch.manual_seed(0)
+    grads = [torch.randn(8, 8) * (torch.rand(8, 8) < 0.2), torch.randn(5)]
+    sparse = [torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(5))]
+    dense = [torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(5))]
+    sparse[0].grad, sparse[1].grad = grads[0].to_sparse(), grads[1].clone()
+    dense[0].grad, dense[1].grad = grads[0].clone(), grads[1].clone()
+    assert torch.allclose(clip_sparse_grads(sparse, float("inf")), torch.nn.utils.clip_grad_norm_(dense, float("inf")))
+    assert torch.allclose(clip_sparse_grads(sparse, 0.5), torch.nn.utils.clip_grad_norm_(dense, 0.5))
+    assert sparse[0].grad.is_sparse and torch.allclose(sparse[0].grad.to_dense(), dense[0].grad)
+    assert torch.allclose(sparse[1].grad, dense[1].grad)
+
+
 def test_neftune_and_pure_bf16(store, tiny_model_dir):
     _, plain, _ = train(store, tiny_model_dir)
     _, noisy, _ = train(store, tiny_model_dir, neftune_noise_alpha=5.0)
@@ -200,7 +235,10 @@ def test_neftune_and_pure_bf16(store, tiny_model_dir):
     ({"shift_attn": True}, "key 'shift_attn'"),
     ({"use_unsloth": True}, "key 'use_unsloth'"),
     ({"finetuning_type": "freeze", "use_badam": True}, "key 'use_badam'"),
-    ({**FULL, "use_badam": True, "badam_mode": "ratio"}, "key 'badam_mode': ratio"),
+    ({**FULL, "use_badam": True, "badam_mode": "ratio", "deepspeed": "configs/deepspeed/ds_z2_config.json"},
+     "key 'badam_mode': ratio runs in one plain process"),
+    ({**FULL, "use_badam": True, "badam_mode": "ratio", "nproc_per_node": 2},
+     "key 'use_badam' on several ranks needs badam_mode: layer"),
     ({"quantization_bit": 4, "deepspeed": "configs/deepspeed/ds_z3_config.json"},
      "keys 'deepspeed' \\(ZeRO-3\\) and 'quantization_bit'"),
     ({**FULL, "use_galore": True, "deepspeed": "configs/deepspeed/ds_z2_config.json"},

@@ -155,7 +155,7 @@ class FinetuningSection(Section):
     apollo_scale_front: bool = option(False, "APOLLO: scale the gradient before the norm-growth limiter.")
     use_badam: bool = option(False, "BAdam: block coordinate descent with Adam (full tuning).")
     badam_mode: Literal["layer", "ratio"] = option("layer", "BAdam: update one layer block at a time, or a ratio of "
-                                                   "each parameter (ratio: not with transformers 5's Trainer).")
+                                                   "each parameter (ratio: one process, no DeepSpeed or FSDP).")
     badam_start_block: int | None = option(None, "BAdam layer mode: the block to start with.", ge=0)
     badam_switch_mode: Literal["ascending", "descending", "random", "fixed"] = option(
         "ascending", "BAdam layer mode: the order blocks take turns in.")
@@ -386,9 +386,6 @@ def check_methods(recipe: Recipe, source: str) -> None:
                               "not lora")
     if f.use_badam and f.finetuning_type != "full":
         raise RecipeError(f"{source}: key 'use_badam' chooses its own blocks; use finetuning_type: full")
-    if f.use_badam and f.badam_mode == "ratio":
-        raise RecipeError(f"{source}: key 'badam_mode': ratio masks gradients into sparse tensors, whose norm "
-                          "transformers 5's Trainer cannot take (it logs grad_norm every step); use layer")
     if f.module_dropout:
         raise RecipeError(f"{source}: key 'module_dropout' is OFT's (LoRA has no module dropout); use lora_dropout")
     if f.pissa_init:
@@ -465,6 +462,9 @@ def check_launch(recipe: Recipe, source: str) -> None:
                           f"sft only for now; stage {f.stage} trains in one process")
     if several and f.use_badam and (f.badam_mode == "ratio" or zero != 3):
         raise RecipeError(f"{source}: key 'use_badam' on several ranks needs badam_mode: layer with DeepSpeed ZeRO-3")
+    if f.use_badam and f.badam_mode == "ratio" and (zero is not None or t.fsdp):
+        raise RecipeError(f"{source}: key 'badam_mode': ratio runs in one plain process (its sparse gradients are "
+                          "clipped by the Trainer, not by DeepSpeed or FSDP); drop 'deepspeed'/'fsdp' or use layer")
     for key in ("galore", "apollo"):
         if several and getattr(f, f"use_{key}") and getattr(f, f"{key}_layerwise"):
             raise RecipeError(f"{source}: key '{key}_layerwise' runs on one rank only (nproc_per_node: 1)")
