@@ -3,7 +3,9 @@
 Both tools get the same model folder (the bundled SmolLM2-135M-Instruct, imported once), the demo's data,
 template text, cutoff, batch, epochs, LoRA settings and learning rate, each tool's own defaults otherwise,
 and both predict the test split greedily (both default to sampling). LlamaFactory is installed once into
-its own virtualenv (torch 2.13.0 CPU; torchvision/torchaudio removed: their wheels do not match that torch).
+its own virtualenv (torch 2.13.0 CPU; torchvision/torchaudio removed: their wheels do not match that torch;
+LlamaFactory 0.9.5 imports torchaudio at module level for audio inputs, so the venv gets an empty
+`torchaudio` module in its place, which text-only training never calls).
 
 Printed per tool: wall time of training and of evaluation, non-pad training tokens/s, peak RSS, eval loss
 and ROUGE-L of the tuned model (one metric implementation for both), and how many tuned predictions are
@@ -56,6 +58,10 @@ def setup_llamafactory(work: Path) -> Path:
         subprocess.run([*pip, "install", "-q", *LLAMAFACTORY], check=True)
         subprocess.run([*pip, "uninstall", "-q", "-y", "torchvision", "torchaudio"], check=True)
         stamp.touch()
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    if not (site / "torchaudio").exists():  # see the module docstring
+        (site / "torchaudio").mkdir()
+        (site / "torchaudio" / "__init__.py").write_text('"""Stand-in: no torchaudio build matches torch 2.13."""\n')
     return cli
 
 
