@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from tasks.core.hashing import file_sha256
@@ -49,7 +49,7 @@ def source_sha256(path: Path) -> str:
     path = Path(path).resolve()
     status = _status(path)
     try:
-        with _connect() as connection:
+        with closing(_connect()) as connection, connection:  # commit, then close
             row = connection.execute("SELECT size, mtime_ns, ctime_ns, inode, sha256 FROM digests WHERE path = ?",
                                      (str(path),)).fetchone()
             if _trust_status and row and tuple(row[:4]) == status:
