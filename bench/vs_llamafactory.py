@@ -30,7 +30,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "recipes" / "demo_sft_lora.yaml"
-LLAMAFACTORY = ["llamafactory==0.9.5", "torch==2.13.0", "transformers==5.6.0", "peft==0.18.1"]
+LLAMAFACTORY = ["llamafactory==0.9.5", "torch==2.13.0", "transformers==5.6.0", "peft==0.18.1",
+                "jieba", "nltk", "rouge-chinese"]  # the last three: its predict_with_generate metrics
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # TuneFactory's smollm
 
 
@@ -107,9 +108,11 @@ def run_tunefactory(work: Path, model: Path, rows: int) -> dict:
     train = json.loads(next((store / "train").glob("*/train_results.json")).read_text())
     tuned = artifact(store, "evaluate[tuned]")
     predictions = [json.loads(line)["predict"] for line in (tuned / "generated_predictions.jsonl").open()]
-    return {"train_s": seconds["train"], "eval_s": seconds["evaluate[base]"] + seconds["evaluate[tuned]"],
-            "wall_s": wall, "rss_mib": rss, "tokens": train["tokens_trained"],
-            "eval_loss": json.loads((tuned / "metrics.json").read_text())["eval_loss"], "predictions": predictions}
+    result = {"train_s": seconds["train"], "eval_s": seconds["evaluate[base]"] + seconds["evaluate[tuned]"],
+              "wall_s": wall, "rss_mib": rss, "tokens": train["tokens_trained"],
+              "eval_loss": json.loads((tuned / "metrics.json").read_text())["eval_loss"], "predictions": predictions}
+    (folder / "results.json").write_text(json.dumps(result))
+    return result
 
 
 def artifact(store: Path, label: str) -> Path:
@@ -124,7 +127,8 @@ def run_llamafactory(work: Path, cli: Path, model: Path, rows: int, bf16: bool |
     folder = work / "llamafactory"
     folder.mkdir(parents=True, exist_ok=True)
     common = {**job(rows), "model_name_or_path": str(model), "template": "smollm2", "default_system": SMOLLM_SYSTEM,
-              "report_to": "none", "overwrite_cache": True, "preprocessing_num_workers": 1}
+              "report_to": "none", "overwrite_cache": True, "preprocessing_num_workers": 1,
+              "use_cpu": True}  # transformers refuses bf16 on a CPU unless told it is one
     if bf16 is not None:
         common["bf16"] = bf16
     train = {**common, "do_eval": True, "output_dir": str(folder / "adapter"), "overwrite_output_dir": True,
@@ -153,6 +157,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "tunefactory-bench")
     parser.add_argument("--llamafactory-bf16", choices=("same", "true", "false"), default="same",
                         help="LlamaFactory's bf16 (default: the demo's, as TuneFactory gets it)")
+    parser.add_argument("--reuse-tunefactory", action="store_true",
+                        help="take TuneFactory's figures from the last run in --work instead of running it again")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
@@ -163,7 +169,8 @@ def main() -> None:
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} python={platform.python_version()}")
     print(f"date: {time.strftime('%Y-%m-%d')}  job: the demo's LoRA SFT, {args.rows} rows, greedy prediction; "
           f"bf16: TuneFactory {job(args.rows).get('bf16', False)}, LlamaFactory {args.llamafactory_bf16}")
-    tf = run_tunefactory(args.work, model, args.rows)
+    saved = args.work / "tunefactory" / "results.json"
+    tf = json.loads(saved.read_text()) if args.reuse_tunefactory else run_tunefactory(args.work, model, args.rows)
     lf_bf16 = None if args.llamafactory_bf16 == "same" else args.llamafactory_bf16 == "true"
     lf = run_llamafactory(args.work, cli, model, args.rows, lf_bf16)
     rouge = load("rouge")
