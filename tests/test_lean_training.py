@@ -10,8 +10,11 @@ import torch
 
 from tasks.core.hardware import cpu_has_native_bf16
 from tasks.lean_training import (
+    SHAPE_BUCKET,
     VARLEN_ATTENTION,
     FlatCollator,
+    bucketed_row,
+    label_logits,
     label_positions,
     register_varlen_attention,
     sample_bounds,
@@ -66,11 +69,8 @@ def padded_loss(model, rows):
 
 
 def lean_loss(model, rows):
-    batch = FlatCollator()([dict(r) for r in rows])
-    batch |= sample_bounds(batch["position_ids"])
-    targets, keep = label_positions(batch.pop("labels"))
-    logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
-    return token_loss(logits.reshape(-1, logits.shape[-1]), targets[keep])
+    """The train stage's loss step: the flat row bucketed to SHAPE_BUCKET, logits at label positions."""
+    return token_loss(*label_logits(model, FlatCollator()([dict(r) for r in rows])))
 
 
 def gradients(model):
@@ -104,14 +104,31 @@ def test_without_per_sample_attention_the_flat_loss_differs():
     assert abs(crossed - padded_loss(model, ROWS).item()) > 1e-3
 
 
-def test_output_head_sees_only_positions_that_predict_a_label():
+def test_output_head_sees_only_label_positions_rounded_up_to_the_shape_bucket():
     model = tiny_model(attn=VARLEN_ATTENTION)
     rows_seen = []
     model.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape))
-    lean_loss(model, ROWS)
-    trained = sum(sum(label != -100 for label in row["labels"][1:]) for row in ROWS)
-    assert rows_seen == [torch.Size([trained, 32])]
-    assert trained < sum(len(row["input_ids"]) for row in ROWS) / 2
+    ids = [i % 60 + 1 for i in range(150)]
+    long_rows = [{"input_ids": ids, "labels": [-100] * 140 + ids[140:]}] * 3
+    lean_loss(model, long_rows)
+    trained = 3 * 10
+    assert rows_seen == [torch.Size([SHAPE_BUCKET, 32])]  # 30 label positions, filled to one bucket
+    assert SHAPE_BUCKET < 3 * 150 / 4 and trained < SHAPE_BUCKET
+
+
+def test_bucketed_row_pads_to_the_grid_without_changing_the_loss():
+    model = tiny_model(attn=VARLEN_ATTENTION)
+    batch = FlatCollator()([dict(r) for r in ROWS])
+    targets, keep = label_positions(batch["labels"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    grown, grown_targets, grown_keep = bucketed_row(inputs, targets, keep)
+    assert grown["input_ids"].shape[1] % SHAPE_BUCKET == 0 and int(grown_keep.sum()) % SHAPE_BUCKET == 0
+    assert grown["position_ids"][0, :24].tolist() == batch["position_ids"][0].tolist()
+    assert grown["position_ids"][0, 23:26].tolist() == [1, 2, 3]  # the last sample runs on: no new sample
+    assert (grown_targets[grown_keep] != -100).sum() == (targets[keep] != -100).sum()
+    exact = model(**inputs | sample_bounds(inputs["position_ids"]), use_cache=False).logits[0, :24]
+    assert torch.allclose(model(**grown | sample_bounds(grown["position_ids"]), use_cache=False).logits[0, :24],
+                          exact, atol=1e-5)
 
 
 def test_varlen_attention_equals_sdpa_with_a_block_diagonal_causal_mask():
