@@ -238,3 +238,34 @@ def test_bf16_recipe_trains_under_autocast_through_the_dag(write_recipe):
     manifest = json.loads((Path(summary.artifacts["train"]) / "manifest.json").read_text())
     assert manifest["config"]["precision"] == "bf16" and train["global_step"] == 2
     assert train["padding_share"] == 0.0 and train["tokens_trained"] > 0
+
+
+def test_frozen_linears_cast_for_autocast_give_the_autocast_loss_exactly():
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.train_methods import cast_frozen_linears_for_autocast
+
+    def lora_model():
+        model = get_peft_model(tiny_model(attn=VARLEN_ATTENTION), LoraConfig(r=4, target_modules="all-linear"))
+        torch.manual_seed(3)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so the adapter takes part in the loss
+                torch.nn.init.normal_(parameter, std=0.1)
+        return model
+
+    def autocast_loss(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lean_loss(model, ROWS).item()
+
+    cast = lora_model()
+    launch = SimpleNamespace(deepspeed=None, fsdp=None)
+    cast_frozen_linears_for_autocast(cast, SimpleNamespace(precision="bf16", lora=SimpleNamespace(use_dora=False),
+                                                           quantization=None, launch=launch))
+    dtypes = {name: p.dtype for name, p in cast.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"] == torch.float32
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
+    assert dtypes["base_model.model.model.norm.weight"] == torch.float32
+    assert autocast_loss(cast) == autocast_loss(lora_model())
