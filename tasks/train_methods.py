@@ -173,6 +173,11 @@ def freeze_selection(model, freeze: FreezeSettings) -> set[str]:
     return picked | {n for n in outside if "." in n and n.rsplit(".", 2)[-2] in freeze.extra_modules}
 
 
+def needs_module_names(lora: LoraSettings | None, freeze: FreezeSettings | None) -> bool:
+    """Whether `check_trainable` has anything to check: named LoRA targets or modules, or freeze tuning."""
+    return freeze is not None or (lora is not None and (bool(lora.additional_target) or lora.target.strip() != "all"))
+
+
 def check_trainable(model, lora: LoraSettings | None, freeze: FreezeSettings | None) -> None:
     """Refuse options that match nothing in this model, naming the recipe key."""
     if lora is not None and lora.additional_target:
