@@ -200,7 +200,8 @@ def label_logits(model, batch: dict[str, Any]):
     inputs = dict(batch)
     targets, keep = label_positions(inputs.pop("labels"))
     if inputs.get("position_ids") is not None and inputs["position_ids"].shape[0] == 1:
-        inputs, targets, keep = bucketed_row(inputs, targets, keep)
+        if inputs.get("attention_mask") is None:  # a flattened row (a padded batch of one keeps its shape)
+            inputs, targets, keep = bucketed_row(inputs, targets, keep)
         inputs |= sample_bounds(inputs["position_ids"])
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     return logits.reshape(-1, logits.shape[-1]), targets[keep]
