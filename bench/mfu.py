@@ -86,14 +86,10 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     use_varlen_attention(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    if args.bf16:  # as the train stage does under bf16 autocast: frozen linear weights held in bf16
-        from types import SimpleNamespace
+    if args.bf16:  # as the train stage does under bf16 autocast
+        from tasks.train_methods import hold_frozen_linears_in_bf16
 
-        from tasks.train_methods import cast_frozen_linears_for_autocast
-
-        cast_frozen_linears_for_autocast(model, SimpleNamespace(
-            precision="bf16", lora=SimpleNamespace(use_dora=False), quantization=None,
-            launch=SimpleNamespace(deepspeed=None, fsdp=None)))
+        hold_frozen_linears_in_bf16(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = demo_rows(tokenizer, args.batch * (args.steps + 1))

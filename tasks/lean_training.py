@@ -187,9 +187,10 @@ def bucketed_row(inputs: dict[str, Any], targets, keep):
     positions = inputs["position_ids"]
     grown = dict(inputs)
     grown["input_ids"] = torch.cat([inputs["input_ids"], inputs["input_ids"].new_zeros(1, extra)], dim=1)
-    grown["position_ids"] = torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1)], dim=1)
+    grown["position_ids"] = torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1,
+                                                                                  device=positions.device)], dim=1)
     targets = torch.cat([targets, targets.new_full((1, extra), IGNORE_INDEX)], dim=1)
-    added = torch.zeros(1, extra, dtype=torch.bool)
+    added = keep.new_zeros(1, extra)  # on the batch's device: the Trainer has moved the batch there
     added[:, :kept_extra] = True
     return grown, targets, torch.cat([keep, added], dim=1)
 

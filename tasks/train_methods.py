@@ -84,28 +84,35 @@ def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
 
 
 def cast_frozen_linears_for_autocast(model, config) -> None:
-    """Under bf16 autocast, hold a LoRA run's frozen linear weights in bf16 instead of fp32.
+    """Under bf16 autocast, hold a LoRA run's frozen linear weights in bf16 (`hold_frozen_linears_in_bf16`).
+    Only plain LoRA qualifies: its base is never saved, DoRA would take its weight norms from the rounded
+    weights, and DeepSpeed and FSDP place and cast weights themselves."""
+    lora, sharded = config.lora, config.launch.deepspeed or config.launch.fsdp
+    plain_lora = lora is not None and not lora.use_dora and config.quantization is None and not sharded
+    if config.precision == "bf16" and plain_lora:
+        hold_frozen_linears_in_bf16(model)
+
+
+def hold_frozen_linears_in_bf16(model) -> None:
+    """Cast the frozen linear weights (and biases) to bf16; every other parameter stays fp32.
 
     Autocast computes every linear layer from a bf16 copy of its weight, made again each forward (and each
     recompute under gradient checkpointing) and kept until the forward ends: casting the frozen weights once
     gives the same numbers, without the copies, the per-step casts or the fp32 originals. Embeddings (tied
-    to the head in many models), norms and the adapter stay fp32, as autocast would keep them. Every other
-    parameter is copied off the safetensors mapping so the file's touched pages are released: their
-    residency is what a weight costs until then. Only plain LoRA qualifies: its base is never saved, and
-    DoRA would take its weight norms from the rounded weights."""
+    to the head in many models), norms and the adapter stay fp32, as autocast would keep them. They are
+    copied off the safetensors mapping so the file's touched pages are released: their residency is what a
+    weight costs until then."""
     import torch
 
-    lora = config.lora
-    sharded = config.launch.deepspeed or config.launch.fsdp  # those engines place and cast weights themselves
-    if config.precision != "bf16" or lora is None or lora.use_dora or config.quantization is not None or sharded:
-        return
     embeddings = model.get_input_embeddings().weight
     for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
-            if not module.weight.requires_grad and module.weight is not embeddings:
-                module.weight.data = module.weight.data.to(torch.bfloat16)
-                if module.bias is not None and not module.bias.requires_grad:
-                    module.bias.data = module.bias.data.to(torch.bfloat16)
+        if type(module) is not torch.nn.Linear:
+            continue
+        weight = module.weight
+        if weight.dtype == torch.float32 and not weight.requires_grad and weight is not embeddings:
+            weight.data = weight.data.to(torch.bfloat16)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(torch.bfloat16)
     for parameter in model.parameters():
         if parameter.dtype == torch.float32:
             parameter.data = parameter.data.clone()

@@ -241,11 +241,9 @@ def test_bf16_recipe_trains_under_autocast_through_the_dag(write_recipe):
 
 
 def test_frozen_linears_cast_for_autocast_give_the_autocast_loss_exactly():
-    from types import SimpleNamespace
-
     from peft import LoraConfig, get_peft_model
 
-    from tasks.train_methods import cast_frozen_linears_for_autocast
+    from tasks.train_methods import hold_frozen_linears_in_bf16
 
     def lora_model():
         model = get_peft_model(tiny_model(attn=VARLEN_ATTENTION), LoraConfig(r=4, target_modules="all-linear"))
@@ -260,9 +258,7 @@ def test_frozen_linears_cast_for_autocast_give_the_autocast_loss_exactly():
             return lean_loss(model, ROWS).item()
 
     cast = lora_model()
-    launch = SimpleNamespace(deepspeed=None, fsdp=None)
-    cast_frozen_linears_for_autocast(cast, SimpleNamespace(precision="bf16", lora=SimpleNamespace(use_dora=False),
-                                                           quantization=None, launch=launch))
+    hold_frozen_linears_in_bf16(cast)
     dtypes = {name: p.dtype for name, p in cast.named_parameters()}
     assert dtypes["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"] == torch.bfloat16
     assert dtypes["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"] == torch.float32

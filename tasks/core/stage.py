@@ -242,8 +242,8 @@ def _glibc():
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # musl, macOS: no malloc_trim
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only: not musl or macOS
+    except OSError:
         return None
 
 
