@@ -252,7 +252,8 @@ STAGE = Stage(
     name="evaluate",
     plan=plan,
     build=build,
-    code=("tasks.evaluate", "tasks.metrics", "tasks.rows", "tasks.preference_losses", "tasks.lean_training"),
+    code=("tasks.evaluate", "tasks.metrics", "tasks.rows", "tasks.preference_losses", "tasks.lean_training",
+          "tasks.varlen_attention"),
     libraries=("torch", "transformers", "evaluate", "rouge-score", "nltk"),
     heavy=True,
 )

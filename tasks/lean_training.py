@@ -1,25 +1,23 @@
 """Training steps that compute only what the loss uses: no pad tokens, no attention across samples, and
 the output head only where a label is.
 
-Three pieces, each through a supported transformers hook:
+Four pieces, each through a supported transformers hook:
 - `FlatCollator` lays a batch out as ONE row of all its samples end to end (no padding), with
   position_ids restarting per sample. The samples and their order are the batch's own: the optimizer
   sees exactly the unpadded batch. The loss step derives the sample boundaries from the positions
   (`cu_seq_lens_q`/`cu_seq_lens_k`, the names of transformers' flash-attention kwargs), and the model
   forwards them to its attention function. (They are not part of the batch: accelerate's dispatcher for
   streamed data slices every batch tensor along its first dimension.)
-- `varlen_sdpa_attention`, registered as the attention implementation "sdpa_varlen": causal SDPA run
-  sample by sample over those boundaries. One masked SDPA over the flattened row would cost the square of
-  the whole batch's length (on the CPU a boolean mask skips nothing); sample by sample it costs the sum of
-  the squares. Samples of similar length share one batched call (`_length_buckets`). Without boundaries
-  (generation, evaluation) it is transformers' own SDPA, unchanged.
+- The attention implementation "sdpa_varlen" (tasks.varlen_attention) runs causal SDPA sample by sample
+  over those boundaries, so no sample attends to another and no compute goes to the cross-sample blocks.
 - `LabelOnlyLossTrainer.compute_loss` asks the model for logits only at positions that predict a label
   (`logits_to_keep` as a boolean mask): in SFT about a tenth of the positions, so most of the output
   head's matmul, its full-vocabulary logits and their gradient are never computed. The loss is the same
   token-mean cross-entropy the model's own loss computes (summed over `num_items_in_batch` under
   gradient accumulation, as the Trainer expects).
-- Shapes stay on a grid (`bucketed_row`, `_length_buckets`): the CPU's bf16 kernels are cached per shape,
-  and a flattened row of a new length each step grew the demo's training process from 2.2 to 3.4 GB.
+- Shapes stay on a grid (`bucketed_row`, and the attention's length buckets): the CPU's bf16 kernels
+  are cached per shape, and a flattened row of a new length each step grew the demo's training process
+  from 2.2 to 3.4 GB.
 """
 
 from __future__ import annotations
@@ -32,64 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.templates import IGNORE_INDEX
+from tasks.varlen_attention import VARLEN_ATTENTION, register_varlen_attention
 
-VARLEN_ATTENTION = "sdpa_varlen"
-ATTENTION_BUCKET = 32  # tokens; see _length_buckets
 SHAPE_BUCKET = 64  # tokens; see bucketed_row
-
-
-def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                          scaling: float | None = None, **kwargs: Any):
-    """Causal SDPA per sample of a flattened row (see the module docstring); transformers' SDPA otherwise."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    bounds = kwargs.get("cu_seq_lens_q")
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    unsupported = kwargs.get("softcap") is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
-    if bounds is None or unsupported or (window and int(kwargs.get("max_length_q") or 0) > window):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    edges = bounds.tolist()
-    spans = [(start, end) for start, end in zip(edges[:-1], edges[1:], strict=True) if end > start]
-    outputs: dict[int, Any] = {}
-    for length, members in _length_buckets(spans).items():
-        result = torch.nn.functional.scaled_dot_product_attention(
-            *(_stacked(tensor, members, length) for tensor in (query, key, value)),
-            dropout_p=dropout, is_causal=True, scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1])
-        for index, (start, end) in enumerate(members):
-            outputs[start] = result[index : index + 1, :, : end - start]
-    return torch.cat([outputs[start] for start, _ in spans], dim=2).transpose(1, 2).contiguous(), None
-
-
-def _stacked(tensor, spans: list[tuple[int, int]], length: int):
-    """The spans' slices of a (1, heads, tokens, dim) tensor, each zero-padded at its end to `length`, as a batch."""
-    import torch
-
-    return torch.cat([torch.nn.functional.pad(tensor[:, :, start:end], (0, 0, 0, length - end + start))
-                      for start, end in spans])
-
-
-def _length_buckets(spans: list[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
-    """Samples grouped by their length rounded up to ATTENTION_BUCKET. Causal attention lets a sample be
-    padded at its end without changing its real positions (they never attend forward), so each group is one
-    batched SDPA call, and the CPU kernels, which cache per shape (bf16 backward several MB each), see a few
-    shapes instead of one per sample length: without it the cache grows the process by ~30 MB a step."""
-    buckets: dict[int, list[tuple[int, int]]] = {}
-    for start, end in spans:
-        buckets.setdefault(-(-(end - start) // ATTENTION_BUCKET) * ATTENTION_BUCKET, []).append((start, end))
-    return buckets
-
-
-def register_varlen_attention() -> None:
-    """Make "sdpa_varlen" a valid attn_implementation (its masks are SDPA's)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-
-    if VARLEN_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
-        AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
 
 
 def sequence_starts(positions: Sequence[int]) -> list[int]:

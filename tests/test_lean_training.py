@@ -11,20 +11,18 @@ import torch
 from tasks.core.hardware import cpu_has_native_bf16
 from tasks.lean_training import (
     SHAPE_BUCKET,
-    VARLEN_ATTENTION,
     FlatCollator,
     bucketed_row,
     label_logits,
     label_positions,
-    register_varlen_attention,
     sample_bounds,
     sequence_starts,
     supports_label_only_logits,
     token_loss,
     trainer_class,
-    varlen_sdpa_attention,
 )
 from tasks.packing import neat_pack
+from tasks.varlen_attention import VARLEN_ATTENTION, register_varlen_attention
 from tests.conftest import tiny_llama_config
 
 ROWS = [  # prompts masked with -100, replies of different lengths: a batch that pads by 60%
@@ -129,20 +127,6 @@ def test_bucketed_row_pads_to_the_grid_without_changing_the_loss():
     exact = model(**inputs | sample_bounds(inputs["position_ids"]), use_cache=False).logits[0, :24]
     assert torch.allclose(model(**grown | sample_bounds(grown["position_ids"]), use_cache=False).logits[0, :24],
                           exact, atol=1e-5)
-
-
-def test_varlen_attention_equals_sdpa_with_a_block_diagonal_causal_mask():
-    torch.manual_seed(1)
-    query, key, value = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
-    bounds = torch.tensor([0, 3, 7, 10], dtype=torch.int32)
-    module = torch.nn.Module()
-    out, _ = varlen_sdpa_attention(module, query, key, value, None, cu_seq_lens_q=bounds, max_length_q=4)
-    sample = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
-    allowed = (sample[:, None] == sample[None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=allowed)
-    assert out.shape == (1, 10, 4, 8)
-    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
 
 
 def test_flat_collator_marks_samples_and_never_predicts_across_them():
