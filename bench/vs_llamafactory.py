@@ -7,8 +7,9 @@ its own virtualenv (torch 2.13.0 CPU; torchvision/torchaudio removed: their whee
 LlamaFactory 0.9.5 imports torchaudio at module level for audio inputs, so the venv gets an empty
 `torchaudio` module in its place, which text-only training never calls).
 
-Printed per tool: wall time of training and of evaluation, non-pad training tokens/s, peak RSS, eval loss
-and ROUGE-L of the tuned model (one metric implementation for both), and how many tuned predictions are
+Printed per tool: wall time of training and of evaluation, non-pad training tokens/s, peak RSS, the tuned
+model's eval loss as the tool reports it ("own") and by one implementation for both ("same", see
+`same_eval_loss`), its ROUGE-L (one metric implementation for both), and how many tuned predictions are
 identical between the tools; the last line carries `ratio=<TuneFactory wall / LlamaFactory wall>`.
 
     python bench/vs_llamafactory.py [--rows 320] [--work ~/.cache/tunefactory-bench]
@@ -110,7 +111,9 @@ def run_tunefactory(work: Path, model: Path, rows: int) -> dict:
     predictions = [json.loads(line)["predict"] for line in (tuned / "generated_predictions.jsonl").open()]
     result = {"train_s": seconds["train"], "eval_s": seconds["evaluate[base]"] + seconds["evaluate[tuned]"],
               "wall_s": wall, "rss_mib": rss, "tokens": train["tokens_trained"],
-              "eval_loss": json.loads((tuned / "metrics.json").read_text())["eval_loss"], "predictions": predictions}
+              "eval_loss": json.loads((tuned / "metrics.json").read_text())["eval_loss"], "predictions": predictions,
+              "adapter": str(next((store / "train").glob("*/adapter"))),
+              "eval_rows": str(artifact(store, "tokenize") / "eval")}
     (folder / "results.json").write_text(json.dumps(result))
     return result
 
@@ -151,6 +154,24 @@ def run_llamafactory(work: Path, cli: Path, model: Path, rows: int, bf16: bool |
             "eval_loss": results.get("eval_loss"), "predictions": predictions, "labels": labels}
 
 
+def same_eval_loss(model: Path, adapter: Path, eval_rows: Path) -> float:
+    """The tuned model's eval loss by one implementation for both tools: each tool reports its own, and they
+    differ (TuneFactory's is the token mean over the split, in the evaluation's bf16; transformers' Trainer,
+    which LlamaFactory's is, averages per-batch token means weighted by samples). Here: the base model in
+    fp32 with the tool's adapter, TuneFactory's tokenized test rows (both tools' templates give the same
+    text), TuneFactory's token-mean loss."""
+    import torch
+    from datasets import load_from_disk
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.eval_passes import perplexity
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), adapter)
+    pad_id = AutoTokenizer.from_pretrained(model).pad_token_id
+    return perplexity(tuned.eval(), load_from_disk(str(eval_rows)), pad_id, batch_size=16, progress=False)["eval_loss"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=320, help="training rows (the demo's max_samples: 320)")
@@ -173,6 +194,8 @@ def main() -> None:
     tf = json.loads(saved.read_text()) if args.reuse_tunefactory else run_tunefactory(args.work, model, args.rows)
     lf_bf16 = None if args.llamafactory_bf16 == "same" else args.llamafactory_bf16 == "true"
     lf = run_llamafactory(args.work, cli, model, args.rows, lf_bf16)
+    tf["same_eval_loss"] = same_eval_loss(model, tf["adapter"], tf["eval_rows"])
+    lf["same_eval_loss"] = same_eval_loss(model, args.work / "llamafactory" / "adapter", tf["eval_rows"])
     rouge = load("rouge")
     for tool in (tf, lf):
         tool["rougeL"] = 100 * rouge.compute(predictions=tool["predictions"], references=lf["labels"])["rougeL"]
@@ -180,7 +203,8 @@ def main() -> None:
     same = sum(a.strip() == b.strip() for a, b in zip(tf["predictions"], lf["predictions"], strict=True))
     print(f"{'':14}{'TuneFactory':>14}{'LlamaFactory':>14}{'ratio':>8}")
     for key, label in (("train_s", "train s"), ("eval_s", "evaluate s"), ("wall_s", "whole wall s"),
-                       ("tokens_per_s", "tokens/s"), ("rss_mib", "peak RSS MiB"), ("eval_loss", "eval loss"),
+                       ("tokens_per_s", "tokens/s"), ("rss_mib", "peak RSS MiB"), ("eval_loss", "eval loss own"),
+                       ("same_eval_loss", "eval loss same"),
                        ("rougeL", "ROUGE-L")):
         print(f"{label:14}{tf[key]:>14.3f}{lf[key]:>14.3f}{tf[key] / lf[key]:>8.3f}")
     print(f"identical tuned predictions: {same} of {len(lf['predictions'])}")

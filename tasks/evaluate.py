@@ -8,7 +8,6 @@ Perplexity over the reference replies, and ROUGE-1/2/L and BLEU-4 of generated r
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,8 @@ from tasks.core.hardware import attn_implementation, mixed_precision, torch_dtyp
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
-from tasks.lean_training import (
-    FlatCollator,
-    flat_batches_supported,
-    label_logits,
-    supports_label_only_logits,
-    use_varlen_attention,
-)
+from tasks.eval_passes import batches, padded_batch, perplexity, score_and_generate
+from tasks.lean_training import use_varlen_attention
 from tasks.rows import load_rows
 
 
@@ -80,53 +74,6 @@ def plan(recipe: Recipe, tokenized: Step, scored: Step, role: str) -> Step:
     return STAGE.step(f"evaluate[{role}]", configure(recipe), {"data": tokenized, "model": scored}, {"role": role})
 
 
-def batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def perplexity(model, rows, pad_id: int, batch_size: int, progress: bool) -> dict[str, float]:
-    """exp(mean negative log-likelihood) over label tokens, summed exactly across batches. Each batch is one
-    unpadded row with logits only at label positions where the model allows it (tasks.lean_training)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    lean = flat_batches_supported(model) and supports_label_only_logits(model)
-    collate = FlatCollator() if lean else padded_batch(pad_id)
-    total_nll, total_tokens = 0.0, 0
-    examples = [{"input_ids": i, "labels": labels} for i, labels in zip(rows["input_ids"], rows["labels"], strict=True)]
-    for batch in tqdm(list(batches(examples, batch_size)), desc="perplexity", disable=not progress):
-        check_stop()
-        with torch.no_grad():
-            if lean:
-                logits, targets = label_logits(model, collate(batch))
-            else:
-                inputs = collate(batch)
-                targets = inputs.pop("labels")[:, 1:]
-                logits = model(**inputs).logits[:, :-1]
-                logits = logits.reshape(-1, logits.shape[-1])
-        nll = torch.nn.functional.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((targets != -100).sum())
-    loss = total_nll / max(total_tokens, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
-
-
-def padded_batch(pad_id: int):
-    """Right-padded input_ids, labels and attention_mask of a list of rows."""
-    import torch
-
-    def collate(rows: list[dict[str, list[int]]]) -> dict[str, Any]:
-        width = max(len(row["input_ids"]) for row in rows)
-        pad = [width - len(row["input_ids"]) for row in rows]
-        return {"input_ids": torch.tensor([r["input_ids"] + [pad_id] * n for r, n in zip(rows, pad, strict=True)]),
-                "labels": torch.tensor([r["labels"] + [-100] * n for r, n in zip(rows, pad, strict=True)]),
-                "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * n
-                                                for r, n in zip(rows, pad, strict=True)])}
-
-    return collate
-
-
 def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) -> dict[str, float]:
     """How often the model prefers the chosen reply of a pair: its per-token average log-prob is higher than the
     rejected reply's (pair_accuracy), and by how much on average (pair_margin)."""
@@ -150,41 +97,6 @@ def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) 
         margins += (chosen - rejected).tolist()
     return {"pair_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
             "pair_margin": sum(margins) / max(len(margins), 1), "num_pairs": len(margins)}
-
-
-def generate(
-    model, tokenizer, prompts: list[list[int]], config: EvaluateConfig, generation: dict[str, Any]
-) -> list[str]:
-    """Replies to tokenized prompts, generated in left-padded batches of prompts of similar length (so little
-    is padded), returned in the prompts' order."""
-    import torch
-    from tqdm.auto import tqdm
-
-    pad_id = generation["pad_token_id"]
-    sampling = config.sampling
-    options = {"do_sample": False}
-    if sampling is not None:
-        options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                   "top_k": sampling.top_k}
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    replies: dict[int, str] = {}
-    for batch in tqdm(list(batches(order, config.batch_size)), desc="generate", disable=not config.progress):
-        check_stop()
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in batch])
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=config.max_new_tokens,
-                repetition_penalty=config.repetition_penalty,
-                eos_token_id=generation["stop_token_ids"],
-                pad_token_id=pad_id,
-                **options,
-            )
-        replies |= dict(zip(batch, tokenizer.batch_decode(output[:, width:], skip_special_tokens=True), strict=True))
-    return [replies[i].strip() for i in range(len(prompts))]
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -224,14 +136,16 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
     examples: list[dict[str, str]] = []
     if data.has("eval"):
         rows = load_rows(data.part("eval"))
-        metrics |= perplexity(model, rows, generation["pad_token_id"], config.batch_size, config.progress)
         if config.generate and data.info.get("eval_prompts"):
-            predictions = generate(model, tokenizer, rows["prompt_ids"], config, generation)
+            scores, predictions = score_and_generate(model, tokenizer, rows, config, generation)
+            metrics |= scores
             examples = [
                 {"prompt": p, "label": label, "predict": pred}
                 for p, label, pred in zip(rows["prompt_text"], rows["label_text"], predictions, strict=True)
             ]
             metrics.update(text_scores(predictions, rows["label_text"]))
+        else:
+            metrics |= perplexity(model, rows, generation["pad_token_id"], config.batch_size, config.progress)
         metrics["num_samples"] = len(rows)
     if data.has("eval_pairs"):
         pairs = load_rows(data.part("eval_pairs"))
@@ -252,8 +166,8 @@ STAGE = Stage(
     name="evaluate",
     plan=plan,
     build=build,
-    code=("tasks.evaluate", "tasks.metrics", "tasks.rows", "tasks.preference_losses", "tasks.lean_training",
-          "tasks.varlen_attention"),
+    code=("tasks.evaluate", "tasks.eval_passes", "tasks.metrics", "tasks.rows", "tasks.preference_losses",
+          "tasks.lean_training", "tasks.varlen_attention"),
     libraries=("torch", "transformers", "evaluate", "rouge-score", "nltk"),
     heavy=True,
 )

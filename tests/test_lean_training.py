@@ -171,7 +171,7 @@ def test_label_only_trainer_trains_like_the_default_trainer(tmp_path):
 
 
 def test_evaluate_perplexity_on_flat_batches_equals_the_padded_computation():
-    from tasks.evaluate import padded_batch, perplexity
+    from tasks.eval_passes import padded_batch, perplexity
 
     model = tiny_model(attn=VARLEN_ATTENTION).eval()
     rows = {"input_ids": [r["input_ids"] for r in ROWS], "labels": [r["labels"] for r in ROWS]}
@@ -187,7 +187,7 @@ def test_evaluate_perplexity_on_flat_batches_equals_the_padded_computation():
 def test_generation_in_length_sorted_batches_keeps_the_prompts_order():
     from types import SimpleNamespace
 
-    from tasks.evaluate import generate
+    from tasks.eval_passes import generate
 
     model = tiny_model(attn=VARLEN_ATTENTION).eval()
     decode = lambda ids, skip_special_tokens: [" ".join(map(str, row)) for row in ids.tolist()]
