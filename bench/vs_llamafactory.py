@@ -206,7 +206,8 @@ def main() -> None:
                        ("tokens_per_s", "tokens/s"), ("rss_mib", "peak RSS MiB"), ("eval_loss", "eval loss own"),
                        ("same_eval_loss", "eval loss same"),
                        ("rougeL", "ROUGE-L")):
-        print(f"{label:14}{tf[key]:>14.3f}{lf[key]:>14.3f}{tf[key] / lf[key]:>8.3f}")
+        digits = 4 if "loss" in key else 3
+        print(f"{label:14}{tf[key]:>14.{digits}f}{lf[key]:>14.{digits}f}{tf[key] / lf[key]:>8.3f}")
     print(f"identical tuned predictions: {same} of {len(lf['predictions'])}")
     print(f"ratio={tf['wall_s'] / lf['wall_s']:.3f}")
 
