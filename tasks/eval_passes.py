@@ -167,14 +167,16 @@ def _score_and_generate_batch(model, tokenizer, prompts, inputs, labels, options
         left, right = width - len(prompt), reply - (len(row_ids) - len(prompt))
         ids.append([pad_id] * left + list(row_ids) + [pad_id] * right)
         mask.append([0] * left + [1] * len(row_ids) + [0] * right)
-        targets.append([-100] * left + list(row_labels) + [-100] * right)
+        targets.append([-100] * (left + 1) + list(row_labels[1:]) + [-100] * right)  # a row's first token
+        # has nothing before it to be predicted from (train_on_prompt labels it), as in FlatCollator
     ids, mask = torch.tensor(ids), torch.tensor(mask)
     targets, keep = label_positions(torch.tensor(targets))
     lean = supports_label_only_logits(model)
+    only_labels = {"logits_to_keep": keep} if lean else {}
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         output = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       past_key_values=cache, use_cache=True, logits_to_keep=keep if lean else 0)
+                       past_key_values=cache, use_cache=True, **only_labels)
         logits = output.logits.reshape(-1, output.logits.shape[-1]) if lean else output.logits[keep]
         nll = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum").item()
         # Generation recomputes the prompts' last token, to get its first logits.

@@ -1,7 +1,7 @@
 """Training steps that compute only what the loss uses: no pad tokens, no attention across samples, and
 the output head only where a label is.
 
-Four pieces, each through a supported transformers hook:
+What it does, each part through a supported transformers hook:
 - `FlatCollator` lays a batch out as ONE row of all its samples end to end (no padding), with
   position_ids restarting per sample. The samples and their order are the batch's own: the optimizer
   sees exactly the unpadded batch. The loss step derives the sample boundaries from the positions

@@ -25,21 +25,22 @@ def tiny_model():
     return model
 
 
-def eval_rows(prompts=PROMPTS):
-    """Supervised eval rows: input = prompt + reply, loss on the reply only."""
-    return {"prompt_ids": prompts,
-            "input_ids": [p + r for p, r in zip(PROMPTS, REPLIES, strict=True)],
-            "labels": [[-100] * len(p) + r for p, r in zip(PROMPTS, REPLIES, strict=True)]}
+def eval_rows(prompts=PROMPTS, train_on_prompt=False):
+    """Supervised eval rows: input = prompt + reply, loss on the reply only (or on every token)."""
+    inputs = [p + r for p, r in zip(PROMPTS, REPLIES, strict=True)]
+    labels = inputs if train_on_prompt else [[-100] * len(p) + r for p, r in zip(PROMPTS, REPLIES, strict=True)]
+    return {"prompt_ids": prompts, "input_ids": inputs, "labels": labels}
 
 
 CONFIG = SimpleNamespace(sampling=None, batch_size=3, max_new_tokens=5, repetition_penalty=None, progress=False)
 TOKENIZER = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: [" ".join(map(str, r)) for r in ids.tolist()])
 
 
-@pytest.mark.parametrize("prompts", [PROMPTS, [PROMPTS[0][1:], *PROMPTS[1:]]], ids=["all-shared", "one-apart"])
-def test_one_forward_gives_the_perplexity_and_replies_of_the_two_passes(prompts):
+@pytest.mark.parametrize("prompts,train_on_prompt", [(PROMPTS, False), ([PROMPTS[0][1:], *PROMPTS[1:]], False),
+                                                     (PROMPTS, True)], ids=["all-shared", "one-apart", "all-labelled"])
+def test_one_forward_gives_the_perplexity_and_replies_of_the_two_passes(prompts, train_on_prompt):
     model = tiny_model()
-    rows = eval_rows(prompts)  # "one-apart": the first row's input does not begin with its prompt
+    rows = eval_rows(prompts, train_on_prompt)  # "one-apart": the first row's input does not begin with its prompt
     scores, replies = score_and_generate(model, TOKENIZER, rows, CONFIG, GENERATION)
     expected = perplexity(model, rows, 0, CONFIG.batch_size, progress=False)
     assert scores["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-6)
