@@ -1,5 +1,7 @@
 """`python -m flows ...` is the `tunefactory` command."""
 
-from flows.cli import entry
+import sys
 
-entry()
+from flows.cli import main
+
+sys.exit(main())
