@@ -2,7 +2,7 @@
 from one forward of each batch.
 
 `score_and_generate` is the one the evaluate stage runs on supervised rows. Generation's prefill (one
-forward of every prompt) was most of its time (5.1 of 7.0 s for the demo's 77 prompts), and perplexity ran
+forward of every prompt) was most of its time (4.6 of 7.0 s for the demo's 77 prompts), and perplexity ran
 a forward of the same prompts with their replies. One forward of prompt + reply gives both: the loss at
 the reply's positions, and a KV cache whose prompt part generation continues from. Causal attention
 makes the prompt's keys and values the same with or without the reply after it.
