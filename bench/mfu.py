@@ -9,7 +9,15 @@ positions that predict a label, and causal attention 2 x 2 x hidden x sum of squ
 per layer forward, twice that backward. The peak is the best of repeated 2048 x 2048 matmuls in the
 step's precision (fp32, or bf16 with --bf16).
 
-    python bench/mfu.py [--steps 16] [--batch 8] [--model FOLDER]
+After the timed steps, a few more run under torch.profiler to split the step into its matrix products
+(matmuls and the fused attention kernels) and everything else. The MFU the step would reach if everything
+else took no time is the ceiling that removing overheads alone can reach at these matrix shapes.
+
+The step's small matrices bound its MFU (hidden size 576, LoRA rank 16); `--shape 1b` runs the same step
+on a randomly initialised Llama of 1.1B parameters (hidden 2048, 16 layers, the bundled tokenizer) to
+show the figure at a size people tune.
+
+    python bench/mfu.py [--bf16] [--steps 16] [--batch 8] [--model FOLDER | --shape 1b]
 """
 
 from __future__ import annotations
@@ -66,6 +74,29 @@ def step_flops(model, rows: list[dict[str, list[int]]], lora_params: int) -> flo
     return 4 * linear * tokens + 4 * head * labelled + 6 * lora_params * tokens + attention
 
 
+MATRIX_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def matrix_share(run_step, steps: range) -> tuple[float, float]:
+    """Seconds per step in matrix products, and in all, for these steps run under torch.profiler (whose
+    per-op overhead makes the whole a little slower than the timed steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for step in steps:
+            run_step(step)
+        whole = time.perf_counter() - start
+    matrix = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATRIX_OPS) / 1e6
+    return matrix / len(steps), whole / len(steps)
+
+
+SHAPES = {"1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)  # fewer: first-shape kernel builds dominate
@@ -73,17 +104,26 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast; the peak is bf16's")
     parser.add_argument("--model", type=Path,
                         default=Path.home() / ".cache" / "tunefactory-bench" / "smollm2-135m-instruct")
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="a random Llama of this size with the model's tokenizer, instead of its weights")
     args = parser.parse_args()
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from bench.vs_llamafactory import import_model
     from tasks.lean_training import FlatCollator, label_logits, token_loss, use_varlen_attention
 
     folder = args.model if (args.model / "config.json").exists() else import_model(args.model.parent)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    if args.shape:
+        config = AutoConfig.from_pretrained(folder)
+        for name, value in SHAPES[args.shape].items():
+            setattr(config, name, value)
+        config._attn_implementation = "sdpa"
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     use_varlen_attention(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     if args.bf16:  # as the train stage does under bf16 autocast
@@ -92,28 +132,40 @@ def main() -> None:
         hold_frozen_linears_in_bf16(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rows = demo_rows(tokenizer, args.batch * (args.steps + 1))
+    profiled = range(args.steps + 1, args.steps + 5)
+    rows = demo_rows(tokenizer, args.batch * profiled.stop)
     collate = FlatCollator()
-    times, flops = [], []
-    for step in range(args.steps + 1):  # the first step warms up and is not counted
-        batch = rows[step * args.batch : (step + 1) * args.batch]
-        start = time.perf_counter()
+
+    def run_step(step: int) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = token_loss(*label_logits(model, collate(batch)))
+            loss = token_loss(*label_logits(model, collate(rows[step * args.batch : (step + 1) * args.batch])))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+    times, flops = [], []
+    for step in range(args.steps + 1):  # the first step warms up and is not counted
+        start = time.perf_counter()
+        run_step(step)
         if step:
             times.append(time.perf_counter() - start)
-            flops.append(step_flops(model, batch, lora))
+            flops.append(step_flops(model, rows[step * args.batch : (step + 1) * args.batch], lora))
+    matrix_seconds, profiled_seconds = matrix_share(run_step, profiled)
+    profiled_flops = sum(step_flops(model, rows[s * args.batch : (s + 1) * args.batch], lora)
+                         for s in profiled) / len(profiled)
     fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     peak = bf16 if args.bf16 else fp32
     achieved = sum(flops) / sum(times)
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters"
+    print(f"model: {args.shape + ' (random weights), ' if args.shape else ''}{size}")
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} "
           f"python={platform.python_version()}  date: {time.strftime('%Y-%m-%d')}")
     print(f"matmul peak (2048 x 2048): fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s")
     print(f"training: {args.steps} steps x batch {args.batch}, {sum(times) / len(times):.2f} s/step, "
           f"{sum(flops) / len(flops) / 1e9:.1f} GFLOP/step -> {achieved / 1e9:.1f} GFLOP/s")
+    print(f"profiled steps: {matrix_seconds:.2f} of {profiled_seconds:.2f} s/step in matrix products "
+          f"({matrix_seconds / profiled_seconds:.0%}); with every other op free: "
+          f"mfu ceiling {profiled_flops / matrix_seconds / peak:.3f}")
     print(f"mfu={achieved / peak:.3f}")
 
 
