@@ -23,7 +23,7 @@ from tasks.core.stage import Step
 from tasks.core.store import ArtifactRef, ArtifactStore
 from tasks.formats import dataset_kind
 from tasks.quantize import check_prequantized, prequantized
-from tasks.train_methods import check_trainable, meta_model, needs_module_names
+from tasks.train_methods import check_trainable, meta_model
 
 DATA_STAGES = {"fetch", "align", "tokenize"}
 DATA_KINDS = {"preference": "preference (ranking) data", "kto": "KTO data", "pretrain": "pretraining text (no replies)",
@@ -110,10 +110,7 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
             loaded = quantize.plan(recipe, base, mixed_precision(recipe.training.bf16, recipe.training.fp16))
             steps.append(loaded)
         upstream, trained = trainer_step(recipe, tokenized, base, store, chain, loaded)
-        lora, freeze = trained.config.lora, trained.config.freeze
-        # Building the model's structure imports its modeling code (seconds): only when a check needs names.
-        if needs_module_names(lora, freeze) and (structure := model_structure(base, store)) is not None:
-            check_trainable(structure, lora, freeze)
+        check_trainable(lambda: model_structure(base, store), trained.config.lora, trained.config.freeze)
         steps = upstream + steps + [trained]
         if trained.stage.name != "reward":  # a reward model is scored by its own pairwise accuracy
             merged = merge.plan(recipe, base, trained)

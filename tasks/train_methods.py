@@ -6,9 +6,11 @@ key, options that would train nothing (a lora_target matching no module, too man
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,34 +182,33 @@ def freeze_selection(model, freeze: FreezeSettings) -> set[str]:
     return picked | {n for n in outside if "." in n and n.rsplit(".", 2)[-2] in freeze.extra_modules}
 
 
-def needs_module_names(lora: LoraSettings | None, freeze: FreezeSettings | None) -> bool:
-    """Whether `check_trainable` has anything to check: named LoRA targets or modules, or freeze tuning."""
-    return freeze is not None or (lora is not None and (bool(lora.additional_target) or lora.target.strip() != "all"))
-
-
-def check_trainable(model, lora: LoraSettings | None, freeze: FreezeSettings | None) -> None:
-    """Refuse options that match nothing in this model, naming the recipe key."""
-    if lora is not None and lora.additional_target:
-        names = module_names(model)
+def check_trainable(structure: Callable[[], Any], lora: LoraSettings | None, freeze: FreezeSettings | None) -> None:
+    """Refuse options that match nothing in the model, naming the recipe key. `structure` returns the model
+    (or its weightless structure), or None where it cannot be had (then nothing is checked); it is called at
+    most once, and only by a check that needs the module names: making a structure imports the model's
+    modeling code, which costs seconds at planning."""
+    model = functools.cache(structure)
+    if lora is not None and lora.additional_target and model() is not None:
+        names = module_names(model())
         if missing := [t for t in lora.additional_target if t not in names]:
             raise RecipeError(f"key 'additional_target': no module named {', '.join(map(repr, missing))} in this "
                               "model")
-    if lora is not None and lora.target.strip() != "all":
-        names = module_names(model)
+    if lora is not None and lora.target.strip() != "all" and model() is not None:
+        names = module_names(model())
         linear = sorted(n for n, kind in names.items() if kind in ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D"))
         missing = [t for t in lora_targets(lora.target) if t not in names]
         if missing:
             raise RecipeError(f"key 'lora_target': no module named {', '.join(map(repr, missing))} in this model "
                               f"(linear modules: {', '.join(linear)}; or 'all')")
-    if freeze is not None:
-        layers = layer_count(model)
+    if freeze is not None and model() is not None:
+        layers = layer_count(model())
         if layers == 0:
             raise RecipeError("key 'finetuning_type': freeze tuning needs a stack of decoder layers (a ModuleList), "
                               "which this model does not have")
         if freeze.trainable_layers == 0 or abs(freeze.trainable_layers) > layers:
             raise RecipeError(f"key 'freeze_trainable_layers': {freeze.trainable_layers} leaves nothing sensible "
                               f"to train; the model has {layers} layers (use 1..{layers}, or -1..-{layers})")
-        freeze_selection(model, freeze)  # refuses module names the model does not have
+        freeze_selection(model(), freeze)  # refuses module names the model does not have
 
 
 def starting_adapter(ctx) -> Path | None:
@@ -279,7 +280,7 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
     train_embeddings (the vocabulary grew), the embedding and head are trained too: LoRA saves them whole
     (modules_to_save, as LlamaFactory's additional_target), freeze tuning unfreezes them."""
 
-    check_trainable(model, config.lora, config.freeze)
+    check_trainable(lambda: model, config.lora, config.freeze)
     upcast(model, getattr(config, "upcast", ()))
     if config.gradient_checkpointing and config.finetuning_type == "lora":
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input

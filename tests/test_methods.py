@@ -267,6 +267,31 @@ def test_plan_time_refusals(tiny_model_dir):
         plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, **FULL, use_apollo=True, optim="sgd")))
 
 
+def test_trainable_checks_make_the_structure_once_and_only_when_they_need_names(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tasks.train_methods import FreezeSettings, LoraSettings, check_trainable
+
+    calls = []
+
+    def structure():
+        calls.append(1)
+        return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+
+    def lora(target="all", extra=()):
+        return LoraSettings(rank=4, alpha=8, dropout=0.0, target=target, additional_target=extra,
+                            use_dora=False, use_rslora=False)
+
+    check_trainable(structure, lora(), None)
+    assert calls == []  # "all" needs no module names: planning does not import the modeling code
+    with pytest.raises(RecipeError, match="key 'lora_target': no module named 'nope'"):
+        check_trainable(structure, lora("q_proj,nope", extra=("norm",)), None)
+    assert calls == [1]  # two checks, one structure
+    check_trainable(structure, None, FreezeSettings(trainable_layers=1))
+    assert len(calls) == 2
+    check_trainable(lambda: None, lora("nope"), FreezeSettings(trainable_layers=99))  # no structure: no check
+
+
 @pytest.mark.parametrize(("precision", "kind", "dtype"), [
     ("bf16", "full", torch.float32), ("fp16", "freeze", torch.float32), ("pure_bf16", "full", torch.bfloat16)])
 def test_trainable_weights_train_in_fp32_under_mixed_precision(tiny_model_dir, precision, kind, dtype):
