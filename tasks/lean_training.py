@@ -3,11 +3,12 @@ the output head only where a label is.
 
 What it does, each part through a supported transformers hook:
 - `FlatCollator` lays a batch out as ONE row of all its samples end to end (no padding), with
-  position_ids restarting per sample. The samples and their order are the batch's own: the optimizer
-  sees exactly the unpadded batch. The loss step derives the sample boundaries from the positions
-  (`cu_seq_lens_q`/`cu_seq_lens_k`, the names of transformers' flash-attention kwargs), and the model
-  forwards them to its attention function. (They are not part of the batch: accelerate's dispatcher for
-  streamed data slices every batch tensor along its first dimension.)
+  position_ids restarting per sample (transformers' DataCollatorWithFlattening). The samples and their
+  order are the batch's own: the optimizer sees exactly the unpadded batch. The loss step derives the
+  sample boundaries from the positions (`cu_seq_lens_q`/`cu_seq_lens_k`, the names of transformers'
+  flash-attention kwargs), and the model forwards them to its attention function. (They are not part
+  of the batch: accelerate's dispatcher for streamed data slices every batch tensor along its first
+  dimension.)
 - The attention implementation "sdpa_varlen" (tasks.varlen_attention) runs causal SDPA sample by sample
   over those boundaries, so no sample attends to another and no compute goes to the cross-sample blocks.
 - `LabelOnlyLossTrainer.compute_loss` asks the model for logits only at positions that predict a label
@@ -27,6 +28,7 @@ import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from tasks.templates import IGNORE_INDEX
@@ -42,27 +44,28 @@ def sequence_starts(positions: Sequence[int]) -> list[int]:
 
 @dataclass(frozen=True)
 class FlatCollator:
-    """A batch of rows (unpacked, neat-packed with position_ids, or pretraining blocks) as one unpadded row."""
+    """A batch of rows (unpacked, neat-packed with position_ids, or pretraining blocks) as one unpadded row:
+    transformers' DataCollatorWithFlattening over the batch's samples (each sample's first token is never a
+    target: nothing before it in the sample predicts it). That collator numbers each row's positions from
+    0 as one sample, so a neat-packed row is first split into its samples where its positions restart."""
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
+        from transformers import DataCollatorWithFlattening
 
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for row in rows:
-            row_ids = list(row["input_ids"])
-            row_labels = list(row.get("labels", row_ids))  # pretraining blocks: labels = ids
-            row_positions = list(row.get("position_ids", range(len(row_ids))))
-            if not len(row_ids) == len(row_labels) == len(row_positions):
-                raise ValueError("rows need input_ids, labels and position_ids of equal length")
-            ids += row_ids
-            labels += row_labels
-            positions += row_positions
-        for start in sequence_starts(positions):  # never predict a sample's first token from the one before it
-            labels[start] = IGNORE_INDEX
-        return {key: torch.tensor([value], dtype=torch.long)
-                for key, value in (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
+        samples = [sample for row in rows for sample in row_samples(row)]
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)(samples)
+
+
+def row_samples(row: dict[str, Any]) -> list[dict[str, list[int]]]:
+    """The samples of one row: the row itself, or a neat-packed row's samples; labels default to the ids
+    (pretraining blocks)."""
+    ids = list(row["input_ids"])
+    labels = list(row.get("labels", ids))
+    positions = list(row.get("position_ids", range(len(ids))))
+    if not len(ids) == len(labels) == len(positions):
+        raise ValueError("rows need input_ids, labels and position_ids of equal length")
+    bounds = [*sequence_starts(positions), len(ids)]
+    return [{"input_ids": ids[start:end], "labels": labels[start:end]} for start, end in pairwise(bounds)]
 
 
 def sample_bounds(position_ids) -> dict[str, Any]:
