@@ -136,9 +136,12 @@ def main() -> None:
     rows = demo_rows(tokenizer, args.batch * profiled.stop)
     collate = FlatCollator()
 
+    def batch(step: int) -> list[dict[str, list[int]]]:
+        return rows[step * args.batch : (step + 1) * args.batch]
+
     def run_step(step: int) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = token_loss(*label_logits(model, collate(rows[step * args.batch : (step + 1) * args.batch])))
+            loss = token_loss(*label_logits(model, collate(batch(step))))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -149,10 +152,9 @@ def main() -> None:
         run_step(step)
         if step:
             times.append(time.perf_counter() - start)
-            flops.append(step_flops(model, rows[step * args.batch : (step + 1) * args.batch], lora))
+            flops.append(step_flops(model, batch(step), lora))
     matrix_seconds, profiled_seconds = matrix_share(run_step, profiled)
-    profiled_flops = sum(step_flops(model, rows[s * args.batch : (s + 1) * args.batch], lora)
-                         for s in profiled) / len(profiled)
+    profiled_flops = sum(step_flops(model, batch(step), lora) for step in profiled) / len(profiled)
     fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     peak = bf16 if args.bf16 else fp32
     achieved = sum(flops) / sum(times)

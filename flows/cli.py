@@ -422,5 +422,6 @@ def entry() -> None:
             stream.flush()
     os._exit(code)
 
+
 if __name__ == "__main__":
     entry()

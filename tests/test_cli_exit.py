@@ -19,7 +19,6 @@ def test_the_whole_output_arrives_and_the_exit_code_is_mains():
     assert [line.split()[0] for line in done.stdout.splitlines()] == [name for name, _ in list_templates()]
 
 
-
 def test_exit_waits_for_thread_pools_and_exit_handlers_in_the_interpreters_order():
     """A live thread pool (Prefect and MLflow keep some) is stopped by threading's exit hook before threads
     are joined; joining first would wait on its idle workers forever."""
