@@ -1,0 +1,81 @@
+"""Where the train stage's memory goes: resident set size after each phase of the demo's LoRA step.
+
+The step is bench/mfu.py's under bf16 autocast, with gradient checkpointing as the demo trains: the bundled
+SmolLM2-135M-Instruct, LoRA r16 on all linear layers, the frozen linears held in bf16, the demo's rows. It
+prints RSS (and the high-water mark) after the imports, after the model is loaded and wrapped, and after
+each step, so a change aimed at the demo's peak can be judged phase by phase. RSS moves by 100-200 MiB
+between identical runs (glibc and oneDNN keep freed memory): compare several runs of each variant.
+
+    python bench/train_memory.py [--steps 12] [--batch 8] [--hide-bitsandbytes]
+
+`--hide-bitsandbytes` runs without bitsandbytes importable: peft imports it as peft is imported, and it
+compiles kernels with torch.compile as it loads (torch._inductor, sympy, networkx). The difference between
+the two runs is what that import costs a run that quantizes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def resident() -> str:
+    """VmRSS and VmHWM of this process, in MiB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    rss, hwm = (int(status[key].split()[0]) // 1024 for key in ("VmRSS", "VmHWM"))
+    return f"rss {rss:5d} MiB  peak {hwm:5d} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", type=Path,
+                        default=Path.home() / ".cache" / "tunefactory-bench" / "smollm2-135m-instruct")
+    parser.add_argument("--hide-bitsandbytes", action="store_true",
+                        help="make bitsandbytes unimportable, to show what its import costs")
+    args = parser.parse_args()
+    if args.hide_bitsandbytes:
+        sys.modules["bitsandbytes"] = None  # find_spec() answers None, import raises ImportError
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.mfu import demo_rows
+    from bench.vs_llamafactory import import_model
+    from tasks.lean_training import FlatCollator, label_logits, token_loss, use_varlen_attention
+    from tasks.train_methods import hold_frozen_linears_in_bf16
+
+    print(f"imports: {resident()}  (bitsandbytes imported: {sys.modules.get('bitsandbytes') is not None})")
+    folder = args.model if (args.model / "config.json").exists() else import_model(args.model.parent)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    use_varlen_attention(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    hold_frozen_linears_in_bf16(model)
+    model.train()
+    print(f"model loaded, wrapped, frozen linears in bf16: {resident()}")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    rows, collate = demo_rows(tokenizer, args.batch * args.steps), FlatCollator()
+    for step in range(args.steps):
+        batch = rows[step * args.batch : (step + 1) * args.batch]
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = token_loss(*label_logits(model, collate(batch)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        tokens = sum(len(row["input_ids"]) for row in batch)
+        print(f"step {step + 1:2d} ({tokens:4d} tokens, {time.perf_counter() - start:.2f} s): {resident()}")
+    print(f"bitsandbytes imported at the end: {sys.modules.get('bitsandbytes') is not None}")
+
+
+if __name__ == "__main__":
+    main()
