@@ -74,6 +74,37 @@ def step_flops(model, rows: list[dict[str, list[int]]], lora_params: int) -> flo
     return 4 * linear * tokens + 4 * head * labelled + 6 * lora_params * tokens + attention
 
 
+def attach_lora(model, bf16: bool, checkpointing: bool = False):
+    """The train stage's LoRA r16 on every linear layer, per-sample attention, and (under bf16 autocast) the
+    frozen linears held in bf16; with gradient checkpointing as the demo trains, if asked."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.lean_training import use_varlen_attention
+    from tasks.train_methods import hold_frozen_linears_in_bf16
+
+    use_varlen_attention(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    if bf16:
+        hold_frozen_linears_in_bf16(model)
+    return model
+
+
+def train_step(model, optimizer, batch, bf16: bool) -> None:
+    """One optimizer step of the train stage's loss on these rows: logits at label positions only."""
+    import torch
+
+    from tasks.lean_training import FlatCollator, label_logits, token_loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = token_loss(*label_logits(model, FlatCollator()(batch)))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 MATRIX_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
               "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
@@ -108,11 +139,9 @@ def main() -> None:
                         help="a random Llama of this size with the model's tokenizer, instead of its weights")
     args = parser.parse_args()
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from bench.vs_llamafactory import import_model
-    from tasks.lean_training import FlatCollator, label_logits, token_loss, use_varlen_attention
 
     folder = args.model if (args.model / "config.json").exists() else import_model(args.model.parent)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -124,27 +153,17 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
-    use_varlen_attention(model)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    if args.bf16:  # as the train stage does under bf16 autocast
-        from tasks.train_methods import hold_frozen_linears_in_bf16
-
-        hold_frozen_linears_in_bf16(model)
+    model = attach_lora(model, args.bf16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     profiled = range(args.steps + 1, args.steps + 5)
     rows = demo_rows(tokenizer, args.batch * profiled.stop)
-    collate = FlatCollator()
 
     def batch(step: int) -> list[dict[str, list[int]]]:
         return rows[step * args.batch : (step + 1) * args.batch]
 
     def run_step(step: int) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = token_loss(*label_logits(model, collate(batch(step))))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, batch(step), args.bf16)
 
     times, flops = [], []
     for step in range(args.steps + 1):  # the first step warms up and is not counted

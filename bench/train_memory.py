@@ -42,36 +42,26 @@ def main() -> None:
     args = parser.parse_args()
     if args.hide_bitsandbytes:
         sys.modules["bitsandbytes"] = None  # find_spec() answers None, import raises ImportError
+    import peft  # noqa: F401  (imported here so the imports phase counts it and what it imports)
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.mfu import demo_rows
+    from bench.mfu import attach_lora, demo_rows, train_step
     from bench.vs_llamafactory import import_model
-    from tasks.lean_training import FlatCollator, label_logits, token_loss, use_varlen_attention
-    from tasks.train_methods import hold_frozen_linears_in_bf16
 
     print(f"imports: {resident()}  (bitsandbytes imported: {sys.modules.get('bitsandbytes') is not None})")
     folder = args.model if (args.model / "config.json").exists() else import_model(args.model.parent)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
-    use_varlen_attention(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    hold_frozen_linears_in_bf16(model)
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa"), bf16=True,
+                        checkpointing=True)
     model.train()
     print(f"model loaded, wrapped, frozen linears in bf16: {resident()}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-    rows, collate = demo_rows(tokenizer, args.batch * args.steps), FlatCollator()
+    rows = demo_rows(tokenizer, args.batch * args.steps)
     for step in range(args.steps):
         batch = rows[step * args.batch : (step + 1) * args.batch]
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = token_loss(*label_logits(model, collate(batch)))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, batch, bf16=True)
         tokens = sum(len(row["input_ids"]) for row in batch)
         print(f"step {step + 1:2d} ({tokens:4d} tokens, {time.perf_counter() - start:.2f} s): {resident()}")
     print(f"bitsandbytes imported at the end: {sys.modules.get('bitsandbytes') is not None}")
