@@ -372,7 +372,8 @@ STAGE = Stage(
     name="ppo",
     plan=plan,
     build=build,
-    code=("tasks.ppo", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods"),
+    code=("tasks.ppo", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods",
+          "tasks.lora_linear"),
     libraries=("torch", "transformers", "peft", "safetensors"),
     heavy=True,
 )
