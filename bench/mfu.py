@@ -1,8 +1,7 @@
 """Model FLOP utilisation of a LoRA SFT step: achieved training FLOP/s against this machine's matmul peak.
 
 The step is the train stage's own (tasks.lean_training: one unpadded row per batch, per-sample attention,
-logits only at label positions, AdamW on the adapter; tasks.lora_linear's fused LoRA layers, or peft's own
-with --peft-lora) on the bundled SmolLM2-135M-Instruct and the
+logits only at label positions, AdamW on the adapter) on the bundled SmolLM2-135M-Instruct and the
 demo's rows (its chat template, cutoff 256, batch 8). FLOPs count the work the loss needs, on non-pad
 tokens only: every linear layer 2 FLOPs per weight per token forward and 2 backward (the base is frozen:
 gradients flow to activations, not to its weights), the LoRA matrices 6, the output head only at
@@ -18,7 +17,7 @@ The step's small matrices bound its MFU (hidden size 576, LoRA rank 16); `--shap
 on a randomly initialised Llama of 1.1B parameters (hidden 2048, 16 layers, the bundled tokenizer) to
 show the figure at a size people tune.
 
-    python bench/mfu.py [--bf16] [--steps 16] [--batch 8] [--model FOLDER | --shape 1b] [--peft-lora]
+    python bench/mfu.py [--bf16] [--steps 16] [--batch 8] [--model FOLDER | --shape 1b]
 """
 
 from __future__ import annotations
@@ -75,24 +74,19 @@ def step_flops(model, rows: list[dict[str, list[int]]], lora_params: int) -> flo
     return 4 * linear * tokens + 4 * head * labelled + 6 * lora_params * tokens + attention
 
 
-def attach_lora(model, bf16: bool, checkpointing: bool = False, fused: bool = True):
-    """The train stage's LoRA r16 on every linear layer (its fused layers, or peft's own if not `fused`),
-    per-sample attention, and (under bf16 autocast) the frozen linears held in bf16; with gradient
-    checkpointing as the demo trains, if asked."""
+def attach_lora(model, bf16: bool, checkpointing: bool = False):
+    """The train stage's LoRA r16 on every linear layer, per-sample attention, and (under bf16 autocast) the
+    frozen linears held in bf16; with gradient checkpointing as the demo trains, if asked."""
     from peft import LoraConfig, get_peft_model
 
     from tasks.lean_training import use_varlen_attention
-    from tasks.lora_linear import use_fused_lora_linears
     from tasks.train_methods import hold_frozen_linears_in_bf16
 
     use_varlen_attention(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
-    if fused:
-        use_fused_lora_linears(config)
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     if bf16:
         hold_frozen_linears_in_bf16(model)
     return model
@@ -141,8 +135,6 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast; the peak is bf16's")
     parser.add_argument("--model", type=Path,
                         default=Path.home() / ".cache" / "tunefactory-bench" / "smollm2-135m-instruct")
-    parser.add_argument("--peft-lora", action="store_true",
-                        help="peft's own LoRA layers instead of the train stage's fused ones (tasks.lora_linear)")
     parser.add_argument("--shape", choices=sorted(SHAPES),
                         help="a random Llama of this size with the model's tokenizer, instead of its weights")
     args = parser.parse_args()
@@ -161,7 +153,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
-    model = attach_lora(model, args.bf16, fused=not args.peft_lora)
+    model = attach_lora(model, args.bf16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     profiled = range(args.steps + 1, args.steps + 5)
@@ -186,8 +178,7 @@ def main() -> None:
     peak = bf16 if args.bf16 else fp32
     achieved = sum(flops) / sum(times)
     size = f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters"
-    print(f"model: {args.shape + ' (random weights), ' if args.shape else ''}{size}, "
-          f"{'peft' if args.peft_lora else 'fused'} LoRA layers")
+    print(f"model: {args.shape + ' (random weights), ' if args.shape else ''}{size}")
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} "
           f"python={platform.python_version()}  date: {time.strftime('%Y-%m-%d')}")
     print(f"matmul peak (2048 x 2048): fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s")

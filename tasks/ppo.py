@@ -372,8 +372,7 @@ STAGE = Stage(
     name="ppo",
     plan=plan,
     build=build,
-    code=("tasks.ppo", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods",
-          "tasks.lora_linear"),
+    code=("tasks.ppo", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods"),
     libraries=("torch", "transformers", "peft", "safetensors"),
     heavy=True,
 )

@@ -300,7 +300,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.preference", "tasks.preference_losses", "tasks.train_common", "tasks.train_methods",
-          "tasks.lora_linear", "tasks.train_checkpoints", "tasks.optimizers"),
+          "tasks.train_checkpoints", "tasks.optimizers"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

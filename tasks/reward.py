@@ -105,8 +105,7 @@ STAGE = Stage(
     name="reward",
     plan=plan,
     build=build,
-    code=("tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.lora_linear", "tasks.train_checkpoints",
-          "tasks.optimizers"),
+    code=("tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.optimizers"),
     libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

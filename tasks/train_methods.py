@@ -85,19 +85,13 @@ def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
     return model
 
 
-def plain_lora(config) -> bool:
-    """LoRA without DoRA, quantization or DeepSpeed/FSDP: the runs whose frozen linears may be held in bf16
-    and whose LoRA layers may be fused (tasks.lora_linear). DoRA would take its weight norms from rounded
-    weights; quantized layers have their own LoRA classes; DeepSpeed and FSDP place and cast weights."""
-    if config.lora is None or config.lora.use_dora or config.quantization is not None:
-        return False
-    return not (config.launch.deepspeed or config.launch.fsdp)
-
-
 def cast_frozen_linears_for_autocast(model, config) -> None:
-    """Under bf16 autocast, hold a plain LoRA run's frozen linear weights in bf16 (`hold_frozen_linears_in_bf16`);
-    its base is never saved."""
-    if config.precision == "bf16" and plain_lora(config):
+    """Under bf16 autocast, hold a LoRA run's frozen linear weights in bf16 (`hold_frozen_linears_in_bf16`).
+    Only plain LoRA qualifies: its base is never saved, DoRA would take its weight norms from the rounded
+    weights, and DeepSpeed and FSDP place and cast weights themselves."""
+    lora, sharded = config.lora, config.launch.deepspeed or config.launch.fsdp
+    plain_lora = lora is not None and not lora.use_dora and config.quantization is None and not sharded
+    if config.precision == "bf16" and plain_lora:
         hold_frozen_linears_in_bf16(model)
 
 
@@ -261,15 +255,6 @@ def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_sav
                       init_lora_weights=init, **extra)
 
 
-def fused_layers(peft_config, fused: bool):
-    """The LoRA config, with tasks.lora_linear's fused layers registered for its linear targets if `fused`."""
-    if fused and getattr(peft_config, "peft_type", None) == "LORA":
-        from tasks.lora_linear import use_fused_lora_linears
-
-        use_fused_lora_linears(peft_config)
-    return peft_config
-
-
 def keeps_half_precision(config) -> bool:
     """Trainable weights stay in the model's dtype under pure_bf16 and BAdam (it keeps its own fp32 copies) and
     under ZeRO-3 (DeepSpeed holds fp32 masters); otherwise they train in fp32, also under mixed precision."""
@@ -300,21 +285,19 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
     if config.gradient_checkpointing and config.finetuning_type == "lora":
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     if config.finetuning_type == "lora":
-        from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
         if config.quantization:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if adapter is not None and config.lora.create_new_adapter:  # the old adapter becomes part of the base
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
             adapter = None
-        fused = plain_lora(config) and not getattr(model.config, "quantization_config", None)
         if adapter is not None:
-            peft_config = fused_layers(PeftConfig.from_pretrained(str(adapter)), fused)
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True, config=peft_config)
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         else:
             extra = embedding_modules(model) if train_embeddings else None
             tied = bool(getattr(model.config, "tie_word_embeddings", False))
-            model = get_peft_model(model, fused_layers(lora_config(config.lora, task_type, extra, tied), fused))
+            model = get_peft_model(model, lora_config(config.lora, task_type, extra, tied))
             if config.lora.pissa_iter is not None:
                 keep_pissa_start(model)
         if not keeps_half_precision(config):  # adapters train in fp32 even on a half-precision base

@@ -109,9 +109,6 @@ def test_a_lora_tuned_model_learns_to_emit_the_added_stop_token(tiny):
         finetuning_type, quantization, gradient_checkpointing, freeze, precision = "lora", None, False, None, "fp32"
         lora = LoraSettings(rank=4, alpha=8, dropout=0.0, target="all", use_dora=False, use_rslora=False)
 
-        class launch:  # noqa: N801  (one process, as a recipe without DeepSpeed or FSDP)
-            deepspeed = fsdp = None
-
     peft_model = attach_trainable(model, Config, train_embeddings=True)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad and "embed_tokens" in n]
     assert trainable, "the embedding (tied to the head) must train"
