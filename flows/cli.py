@@ -411,6 +411,9 @@ def entry() -> None:
     import contextlib
     import threading
 
+    from tasks.core.memory import share_one_malloc_arena
+
+    share_one_malloc_arena()  # before any thread allocates
     code = main()
     shutdown = getattr(threading, "_shutdown", None)  # CPython's own first exit step; a private name
     if shutdown is None:

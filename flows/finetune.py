@@ -26,6 +26,7 @@ from flows.plan import Plan, plan_run
 from flows.user_output import write_into
 from tasks.core import tracking
 from tasks.core.errors import TuneFactoryError
+from tasks.core.memory import share_one_malloc_arena
 from tasks.core.prefect_store import records_block
 from tasks.core.recipe import Recipe
 from tasks.core.stage import RunContext, clear_stop, request_stop, task_seconds
@@ -215,6 +216,7 @@ def finetune(
     artifact store (default $TUNEFACTORY_HOME or ./artifacts). experiment: the MLflow experiment (default
     $MLFLOW_EXPERIMENT_NAME, else named from the recipe's data, objective and method).
     A mistake in the recipe or the data ends the run Failed with the CLI's one-line message."""
+    share_one_malloc_arena()  # a deployment's run starts here, not in the command
     try:
         recipe = recipe.replace(**overrides) if overrides else recipe
         return run_stages(recipe, ArtifactStore(home), experiment_for(recipe, experiment))

@@ -21,8 +21,6 @@ Naming: a *stage* is a node of this DAG (fetch, align, ..., evaluate). LlamaFact
 
 from __future__ import annotations
 
-import functools
-import gc
 import logging
 import random
 import threading
@@ -38,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core import tracking
 from tasks.core.hashing import code_digest, library_versions, stable_hash
+from tasks.core.memory import return_freed_memory
 from tasks.core.store import Artifact, ArtifactRef, ArtifactStore
 
 CORE_LIBRARIES = ("torch", "transformers", "datasets")
@@ -224,27 +223,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     numpy.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def return_freed_memory() -> None:
-    """Collect a heavy stage's garbage and hand the freed heap back to the OS. glibc keeps freed pages of a
-    model's tensors in its heap, so the next stage (a second model for evaluation) would otherwise add to
-    the first one's peak instead of reusing it; in the demo this was the whole flow's peak RSS."""
-    gc.collect()
-    if (libc := _glibc()) is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _glibc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None  # glibc only: not musl or macOS
-    except OSError:
-        return None
 
 
 def execute(step: Step, inputs: Mapping[str, ArtifactRef], run: RunContext) -> ArtifactRef:
