@@ -10,8 +10,8 @@ import pytest
 from tasks.core.memory import _glibc
 
 THREADS_ALLOCATE = """
-import ctypes, sys, threading
-from tasks.core.memory import share_one_malloc_arena
+import sys, threading
+from tasks.core.memory import _glibc, share_one_malloc_arena
 if sys.argv[1] == "one":
     share_one_malloc_arena()
 def work():
@@ -21,7 +21,7 @@ for thread in threads:
     thread.start()
 for thread in threads:
     thread.join()
-ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
+_glibc().malloc_stats()  # one "Arena N:" block per arena, on stderr
 """
 
 

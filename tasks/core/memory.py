@@ -34,11 +34,12 @@ def share_one_malloc_arena() -> None:
 
 @functools.cache
 def _glibc():
+    """The C library this process runs on, if it is glibc. CDLL(None) looks symbols up in the process itself:
+    ctypes.util.find_library would run ldconfig in a subprocess (10 ms) at every command's start."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         return libc if hasattr(libc, "malloc_trim") else None  # glibc only: not musl or macOS
     except OSError:
         return None
