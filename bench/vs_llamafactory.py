@@ -74,8 +74,8 @@ def import_model(work: Path) -> Path:
         from tasks.model import ModelConfig, load_source, resolve_source
 
         source = resolve_source(None, None, "main")
-        model, tokenizer, _patches = load_source(source, ModelConfig(source=source["digest"], source_kind="gguf",
-                                                           dtype="float32", trust_remote_code=False))
+        config = ModelConfig(source=source["digest"], source_kind="gguf", dtype="float32", trust_remote_code=False)
+        model, tokenizer, _patches = load_source(source, config)
         model.hf_quantizer = None
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
