@@ -6,7 +6,10 @@ prints RSS (and the high-water mark) after the imports, after the model is loade
 each step, so a change aimed at the demo's peak can be judged phase by phase. RSS moves by 100-200 MiB
 between identical runs (glibc and oneDNN keep freed memory): compare several runs of each variant.
 
-    python bench/train_memory.py [--steps 12] [--batch 8] [--hide-bitsandbytes]
+    python bench/train_memory.py [--steps 12] [--batch 8] [--trim-steps N] [--hide-bitsandbytes]
+
+`--trim-steps N` hands the heap's free pages back every N steps, as the train stage does every
+HEAP_TRIM_STEPS (tasks.train_common); 0 never trims, to show what the trimming saves and costs.
 
 `--hide-bitsandbytes` runs without bitsandbytes importable: peft imports it as peft is imported, and it
 compiles kernels with torch.compile as it loads (torch._inductor, sympy, networkx). The difference between
@@ -23,6 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tasks.core.memory import share_one_malloc_arena, trim_heap  # noqa: E402  (imports nothing heavy)
+from tasks.train_common import HEAP_TRIM_STEPS  # noqa: E402
+
 
 def resident() -> str:
     """VmRSS and VmHWM of this process, in MiB."""
@@ -32,11 +38,14 @@ def resident() -> str:
 
 
 def main() -> None:
+    share_one_malloc_arena()  # as the command does before anything else
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", type=Path,
                         default=Path.home() / ".cache" / "tunefactory-bench" / "smollm2-135m-instruct")
+    parser.add_argument("--trim-steps", type=int, default=HEAP_TRIM_STEPS,
+                        help="hand the heap's free pages back every N steps (0: never)")
     parser.add_argument("--hide-bitsandbytes", action="store_true",
                         help="make bitsandbytes unimportable, to show what its import costs")
     args = parser.parse_args()
@@ -64,6 +73,8 @@ def main() -> None:
         train_step(model, optimizer, batch, bf16=True)
         tokens = sum(len(row["input_ids"]) for row in batch)
         print(f"step {step + 1:2d} ({tokens:4d} tokens, {time.perf_counter() - start:.2f} s): {resident()}")
+        if args.trim_steps and (step + 1) % args.trim_steps == 0:
+            trim_heap()
     print(f"bitsandbytes imported at the end: {sys.modules.get('bitsandbytes') is not None}")
 
 

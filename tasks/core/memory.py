@@ -14,6 +14,12 @@ def return_freed_memory() -> None:
     model's tensors in its heap, so the next stage (a second model for evaluation) would otherwise add to
     the first one's peak instead of reusing it; in the demo this was the whole flow's peak RSS."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the free pages inside glibc's heap back to the OS (malloc_trim): what the heap holds but no
+    tensor uses. Pages handed back fault in again when reused, so a caller picks how often."""
     if (libc := _glibc()) is not None:
         libc.malloc_trim(0)
 
