@@ -221,8 +221,9 @@ def training_locators(recipe: Recipe) -> dict[str, Any]:
 
 # Why trim: a step's activations come and go in sizes that change with each batch, and glibc keeps the
 # freed pages: in 30 steps of the demo's step the heap held 500-600 MiB more than its tensors used at the
-# peak. Trimming every 4 steps cut the peak RSS by 110-150 MiB at about 1% of step time; every step cut
-# 200-250 MiB but cost 2-7%, as the pages handed back fault in again (bench/train_memory.py --trim-steps).
+# peak. Trimming every 4 steps cut the demo's peak RSS by 87-121 MB at 0-5% more training time (three
+# alternated pairs); in a 30-step loop every step cut 200-250 MiB but cost 2-7%, as the pages handed back
+# fault in again, and every 2 steps was no lower than every 4 (bench/train_memory.py --trim-steps).
 HEAP_TRIM_STEPS = 4
 
 
