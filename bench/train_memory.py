@@ -1,7 +1,9 @@
 """Where the train stage's memory goes: resident set size after each phase of the demo's LoRA step.
 
-The step is bench/mfu.py's under bf16 autocast, with gradient checkpointing as the demo trains: the bundled
-SmolLM2-135M-Instruct, LoRA r16 on all linear layers, the frozen linears held in bf16, the demo's rows. It
+The step is bench/mfu.py's in the precision the train stage picks for `bf16: true` on this machine (bf16
+autocast with the frozen linears held in bf16 where the CPU has bf16 instructions, else fp32), with gradient
+checkpointing as the demo trains: the bundled SmolLM2-135M-Instruct, LoRA r16 on all linear layers, the
+demo's rows. It
 prints RSS (and the high-water mark) after the imports, after the model is loaded and wrapped, and after
 each step, so a change aimed at the demo's peak can be judged phase by phase. RSS moves by 100-200 MiB
 between identical runs (glibc and oneDNN keep freed memory): compare several runs of each variant.
@@ -57,20 +59,23 @@ def main() -> None:
 
     from bench.mfu import attach_lora, demo_rows, train_step
     from bench.vs_llamafactory import import_model
+    from tasks.core.hardware import mixed_precision
+
+    bf16 = mixed_precision(bf16=True, fp16=False) == "bf16"
 
     print(f"imports: {resident()}  (bitsandbytes imported: {sys.modules.get('bitsandbytes') is not None})")
     folder = args.model if (args.model / "config.json").exists() else import_model(args.model.parent)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = attach_lora(AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa"), bf16=True,
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa"), bf16=bf16,
                         checkpointing=True)
     model.train()
-    print(f"model loaded, wrapped, frozen linears in bf16: {resident()}")
+    print(f"model loaded and wrapped ({'bf16 autocast' if bf16 else 'fp32'}): {resident()}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     rows = demo_rows(tokenizer, args.batch * args.steps)
     for step in range(args.steps):
         batch = rows[step * args.batch : (step + 1) * args.batch]
         start = time.perf_counter()
-        train_step(model, optimizer, batch, bf16=True)
+        train_step(model, optimizer, batch, bf16=bf16)
         tokens = sum(len(row["input_ids"]) for row in batch)
         print(f"step {step + 1:2d} ({tokens:4d} tokens, {time.perf_counter() - start:.2f} s): {resident()}")
         if args.trim_steps and (step + 1) % args.trim_steps == 0:
