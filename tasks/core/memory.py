@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
+import sys
 
 
 def return_freed_memory() -> None:
@@ -22,6 +24,19 @@ def trim_heap() -> None:
     tensor uses. Pages handed back fault in again when reused, so a caller picks how often."""
     if (libc := _glibc()) is not None:
         libc.malloc_trim(0)
+
+
+def allocate_large_tensors_on_huge_pages() -> None:
+    """Have torch put CPU tensors of 2 MiB and more on transparent huge pages (THP_MEM_ALLOC_ENABLE=1, a
+    switch of torch's CPU allocator: 2 MiB-aligned, madvise(MADV_HUGEPAGE)). Those tensors then sit in
+    their own mappings rather than between the small allocations of glibc's heap, where freed space
+    fragmented and the heap grew past what the step's tensors used. Measured with
+    bench/train_memory.py --steps 10 on the demo's LoRA step, alternated runs: peak RSS 1731/1754 MiB
+    against 1817/1826 in bf16 (55.0/53.3 s against 59.2/55.8), 2080/1973 against 2901/2859 in fp32 (a
+    CPU without bf16). torch reads the switch once, at its first allocation, so this only takes effect
+    before `import torch`; a value the user set (THP_MEM_ALLOC_ENABLE=0 to opt out) is kept."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter that MALLOC_ARENA_MAX sets
