@@ -48,6 +48,8 @@ def main() -> None:
                         default=Path.home() / ".cache" / "tunefactory-bench" / "smollm2-135m-instruct")
     parser.add_argument("--trim-steps", type=int, default=HEAP_TRIM_STEPS,
                         help="hand the heap's free pages back every N steps (0: never)")
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="keep every activation (disable_gradient_checkpointing: true)")
     parser.add_argument("--hide-bitsandbytes", action="store_true",
                         help="make bitsandbytes unimportable, to show what its import costs")
     args = parser.parse_args()
@@ -67,7 +69,7 @@ def main() -> None:
     folder = args.model if (args.model / "config.json").exists() else import_model(args.model.parent)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = attach_lora(AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa"), bf16=bf16,
-                        checkpointing=True)
+                        checkpointing=not args.no_checkpointing)
     model.train()
     print(f"model loaded and wrapped ({'bf16 autocast' if bf16 else 'fp32'}): {resident()}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
