@@ -27,16 +27,14 @@ def trim_heap() -> None:
 
 
 def allocate_large_tensors_on_huge_pages() -> None:
-    """Have torch put CPU tensors of 2 MiB and more on transparent huge pages (THP_MEM_ALLOC_ENABLE=1, a
-    switch of torch's CPU allocator: 2 MiB-aligned, madvise(MADV_HUGEPAGE)). Those tensors then sit in
-    their own mappings rather than between the small allocations of glibc's heap, where freed space
-    fragmented and the heap grew past what the step's tensors used. Measured with
-    bench/train_memory.py --steps 10 on the demo's LoRA step, alternated runs: peak RSS 1731/1754 MiB
-    against 1817/1826 in bf16 (55.0/53.3 s against 59.2/55.8), 2080/1973 against 2901/2859 in fp32 (a
-    CPU without bf16); fp32 with checkpointing, 9 steps: 1979/2008 against 2812/2982 MiB at 43.4/42.2 s
-    against 42.4/44.1. Each such tensor gets fresh pages: a loop that only allocates and frees one 2 MiB
-    tensor ran 4-8 times slower, but the train step, evaluation and fp32 generation took the same time
-    (2026-12-03). torch reads the switch once, at its first allocation, so this only takes effect before
+    """Have torch advise the kernel to back its CPU tensors of 2 MiB and more with transparent huge pages
+    (THP_MEM_ALLOC_ENABLE=1, a switch of torch's CPU allocator: madvise(MADV_HUGEPAGE) on each such
+    allocation). In alternated runs the process's resident memory then peaked lower:
+    bench/train_memory.py --steps 10 peaked at 1731/1754 MiB against 1817/1826 in bf16, 2080/1973 against
+    2901/2859 in fp32 (a CPU without bf16), and 9 fp32 steps with checkpointing at 1979/2008 against
+    2812/2982, in the same time. A loop that only allocates and frees one 2 MiB tensor runs 4-8 times
+    slower (fresh pages each time); the train step, evaluation and fp32 generation did not (README,
+    Performance). torch reads the switch once, at its first allocation, so this only takes effect before
     `import torch`; a value the user set (THP_MEM_ALLOC_ENABLE=0 to opt out) is kept."""
     if "torch" not in sys.modules:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
