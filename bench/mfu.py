@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import tasks  # noqa: E402,F401  (before torch, as in the train stage: sets torch's allocator up)
+
 
 def matmul_peak(dtype, size: int = 2048, seconds: float = 3.0) -> float:
     """Best GEMM rate in FLOP/s over a few seconds."""

@@ -3,12 +3,12 @@
 The step is bench/mfu.py's in the precision the train stage picks for `bf16: true` on this machine (bf16
 autocast with the frozen linears held in bf16 where the CPU has bf16 instructions, else fp32), with gradient
 checkpointing as the demo trains: the bundled SmolLM2-135M-Instruct, LoRA r16 on all linear layers, the
-demo's rows. It
-prints RSS (and the high-water mark) after the imports, after the model is loaded and wrapped, and after
-each step, so a change aimed at the demo's peak can be judged phase by phase. RSS moves by 100-200 MiB
-between identical runs (glibc and oneDNN keep freed memory): compare several runs of each variant.
+demo's rows. It prints RSS (and the high-water mark) after the imports, after the model is loaded and
+wrapped, and after each step, so a change aimed at the demo's peak can be judged phase by phase. RSS
+moves by 100-200 MiB between identical runs (glibc and oneDNN keep freed memory): compare several runs of
+each variant.
 
-    python bench/train_memory.py [--steps 12] [--batch 8] [--trim-steps N] [--hide-bitsandbytes]
+    python bench/train_memory.py [--steps 12] [--batch 8] [--trim-steps N] [--no-checkpointing] [--hide-bitsandbytes]
 
 `--trim-steps N` hands the heap's free pages back every N steps, as the train stage does every
 HEAP_TRIM_STEPS (tasks.train_common); 0 never trims, to show what the trimming saves and costs.

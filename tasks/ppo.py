@@ -254,7 +254,7 @@ def optimize(shared: SharedModel, batch: dict[str, torch.Tensor], config: PPOCon
                 optimizer.step()
                 optimizer.zero_grad()
             for key in stats:
-                stats[key].append(losses[key].item() if torch.is_tensor(losses[key]) else float(losses[key]))
+                stats[key].append(losses[key].item())  # ppo_losses returns tensors only
     return {key: sum(values) / len(values) for key, values in stats.items()}
 
 
