@@ -95,8 +95,13 @@ run_in_process(plan_train(json.loads(sys.argv[1])), sys.argv[2])
 
 
 def checkpoints(staging) -> list[int]:
-    """Complete DeepSpeed checkpoints (their `latest` tag written) under the train stage's staging folder."""
-    return sorted(int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*") if (p / "latest").is_file())
+    """Checkpoints under the train stage's staging folder that a resume may use, judged as the train stage judges
+    them: DeepSpeed writes its `latest` tag before the Trainer writes trainer_state.json, so a kill between the two
+    leaves a folder that has a tag yet is torn."""
+    from tasks.train_checkpoints import checkpoint_problem
+
+    return sorted(int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*")
+                  if checkpoint_problem(p, save_only_model=False) is None)
 
 
 def test_killed_deepspeed_run_resumes_and_reports(tiny_model_dir, workdir, tmp_path):
