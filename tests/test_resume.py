@@ -82,9 +82,11 @@ def test_whole_run_loss_joins_the_resumed_parts():
 
 
 def complete_checkpoints(staging) -> list[int]:
-    return sorted(
-        int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*") if (p / "trainer_state.json").is_file()
-    )
+    """Checkpoints the train stage would resume from (a kill can land while trainer_state.json is half written)."""
+    from tasks.train_checkpoints import checkpoint_problem
+
+    return sorted(int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*")
+                  if checkpoint_problem(p, save_only_model=False) is None)
 
 
 def test_killed_training_resumes(write_recipe, workdir, tmp_path):
