@@ -31,8 +31,10 @@ QUIET_DEFAULTS = {  # no phoning home from a machine that may have no network
 }
 NOISY_LOGGERS = ("mlflow", "alembic", "httpx", "httpcore", "urllib3", "filelock")
 # bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when it cannot (always,
-# offline); the built-in kernel is used instead.
-SILENCED_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# offline); the built-in kernel is used instead. Prefect's workers that ship log lines and events to its server
+# warn "Still processing items: N items remaining..." when the command flushes them on the way out, which is
+# whenever lines are still queued then: chatter after the command's own last line.
+SILENCED_LOGGERS = ("bitsandbytes.backends.cpu.ops", "APILogWorker", "EventsWorker")
 
 
 def add_recipe_arguments(command: argparse.ArgumentParser) -> None:
@@ -366,6 +368,20 @@ def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def quiet_imported_libraries() -> None:
+    """datasets and transformers read their progress-bar switches (QUIET_DEFAULTS) when first imported. Where
+    main() runs in a process that has imported them already (Python use, the tests), set them directly."""
+    datasets, transformers = sys.modules.get("datasets"), sys.modules.get("transformers")
+    if datasets is not None and switched_on("HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        datasets.disable_progress_bars()
+    if transformers is not None and switched_on("HF_HUB_DISABLE_PROGRESS_BARS"):
+        transformers.utils.logging.disable_progress_bar()
+
+
+def switched_on(name: str) -> bool:
+    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}  # the libraries' own true values
+
+
 def main(argv: list[str] | None = None) -> int:
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -375,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
         for name in SILENCED_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_imported_libraries()
     from prefect.exceptions import TerminationSignal
 
     from tasks.core.errors import TuneFactoryError

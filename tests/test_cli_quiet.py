@@ -35,3 +35,13 @@ def test_a_users_own_setting_wins():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "True True"
+
+
+def test_libraries_imported_before_the_command_are_quieted_too():
+    """main() called from Python after datasets and transformers were imported (their switches read already)."""
+    script = ("import datasets, transformers\nfrom flows.cli import main\nassert main(['templates']) == 0\n"
+              "print(datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if "PROGRESS_BARS" not in k} | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False False"
