@@ -25,7 +25,7 @@ QUIET_DEFAULTS = {  # no phoning home from a machine that may have no network
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     # Per-file save/load bars of datasets and transformers (transformers reads the hub's switch); the long
     # loops (training, generation, scoring) keep theirs. Set here rather than by importing both libraries to
-    # call their switches: that import took 2.2 of a no-op re-run's 10.7 s, and a no-op loads neither.
+    # call their switches: a command that loads no data or model (a no-op re-run) need not import them.
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
