@@ -372,14 +372,12 @@ def quiet_imported_libraries() -> None:
     """datasets and transformers read their progress-bar switches (QUIET_DEFAULTS) when first imported. Where
     main() runs in a process that has imported them already (Python use, the tests), set them directly."""
     datasets, transformers = sys.modules.get("datasets"), sys.modules.get("transformers")
-    if datasets is not None and switched_on("HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    if datasets is not None and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"].upper() in \
+            datasets.config.ENV_VARS_TRUE_VALUES:
         datasets.disable_progress_bars()
-    if transformers is not None and switched_on("HF_HUB_DISABLE_PROGRESS_BARS"):
+    if transformers is not None and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].upper() in \
+            transformers.utils.ENV_VARS_TRUE_VALUES:
         transformers.utils.logging.disable_progress_bar()
-
-
-def switched_on(name: str) -> bool:
-    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}  # the libraries' own true values
 
 
 def main(argv: list[str] | None = None) -> int:

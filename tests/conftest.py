@@ -110,3 +110,13 @@ def write_recipe(workdir, tiny_model_dir):
         return path
 
     return write
+
+
+def usable_checkpoints(staging: Path) -> list[int]:
+    """Steps of the checkpoints under a train stage's staging folder that a resume may use, judged as the stage
+    judges them: a kill can land mid-save (DeepSpeed writes its `latest` tag, and the weights, before the Trainer
+    writes trainer_state.json), leaving a folder that looks complete by any one file."""
+    from tasks.train_checkpoints import checkpoint_problem
+
+    return sorted(int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*")
+                  if checkpoint_problem(p, save_only_model=False) is None)

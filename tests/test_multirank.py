@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tasks.core.stage import run_in_process
 from tasks.core.store import ArtifactStore
 from tasks.launch import torchrun_command
-from tests.conftest import REPO, tiny_recipe_values
+from tests.conftest import REPO, tiny_recipe_values, usable_checkpoints
 from tests.test_methods import plan_train
 
 TOLERANCE = 1e-3  # per logged step, absolute, on losses near 6.4: the ranks only reorder float sums
@@ -94,16 +94,6 @@ run_in_process(plan_train(json.loads(sys.argv[1])), sys.argv[2])
 """
 
 
-def checkpoints(staging) -> list[int]:
-    """Checkpoints under the train stage's staging folder that a resume may use, judged as the train stage judges
-    them: DeepSpeed writes its `latest` tag before the Trainer writes trainer_state.json, so a kill between the two
-    leaves a folder that has a tag yet is torn."""
-    from tasks.train_checkpoints import checkpoint_problem
-
-    return sorted(int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*")
-                  if checkpoint_problem(p, save_only_model=False) is None)
-
-
 def test_killed_deepspeed_run_resumes_and_reports(tiny_model_dir, workdir, tmp_path):
     """A 2-rank ZeRO-2 run killed mid-way (worker SIGKILLed: torchrun and its ranks go with it) resumes from the
     newest checkpoint; the resumed ranks report loss per step to the stage's MLflow run."""
@@ -126,7 +116,7 @@ def test_killed_deepspeed_run_resumes_and_reports(tiny_model_dir, workdir, tmp_p
     staging = store / ".staging" / "train"
     deadline = time.monotonic() + 240
     try:
-        while len(checkpoints(staging)) < 2:
+        while len(usable_checkpoints(staging)) < 2:
             assert child.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.1)
@@ -134,8 +124,8 @@ def test_killed_deepspeed_run_resumes_and_reports(tiny_model_dir, workdir, tmp_p
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     time.sleep(3)
-    saved = checkpoints(staging)
-    assert saved[-1] < 40 and checkpoints(staging) == saved  # the ranks are gone: nothing more is written
+    saved = usable_checkpoints(staging)
+    assert saved[-1] < 40 and usable_checkpoints(staging) == saved  # the ranks are gone: nothing more is written
 
     parent = tracking.start_parent("resume", {}, {}, "tests")
     run_id = tracking.start_stage(parent, "train", {})

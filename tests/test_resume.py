@@ -16,7 +16,7 @@ from flows.finetune import finetune
 from tasks.core.recipe import load_recipe
 from tasks.train_checkpoints import checkpoint_problem, latest_usable_checkpoint
 from tasks.train_common import whole_run_loss
-from tests.conftest import REPO
+from tests.conftest import REPO, usable_checkpoints
 
 LOG = logging.getLogger("test")
 
@@ -81,13 +81,6 @@ def test_whole_run_loss_joins_the_resumed_parts():
     assert whole_run_loss(history, 6, 0.0, 6) == pytest.approx((4.0 * 2 + 2.0 * 2 + 1.0 * 2) / 6)
 
 
-def complete_checkpoints(staging) -> list[int]:
-    """Checkpoints the train stage would resume from (a kill can land while trainer_state.json is half written)."""
-    from tasks.train_checkpoints import checkpoint_problem
-
-    return sorted(int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*")
-                  if checkpoint_problem(p, save_only_model=False) is None)
-
 
 def test_killed_training_resumes(write_recipe, workdir, tmp_path):
     recipe = write_recipe(max_samples=64, max_steps=120, save_steps=4, per_device_train_batch_size=2)
@@ -103,14 +96,14 @@ def test_killed_training_resumes(write_recipe, workdir, tmp_path):
     staging = workdir / "artifacts" / ".staging" / "train"
     deadline = time.monotonic() + 240
     try:
-        while len(complete_checkpoints(staging)) < 2:
+        while len(usable_checkpoints(staging)) < 2:
             assert child.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
     finally:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
-    saved = complete_checkpoints(staging)
+    saved = usable_checkpoints(staging)
     assert saved and saved[-1] < 120
     assert not [p for p in (workdir / "artifacts" / "train").glob("*") if not p.name.startswith(".")]
     newest = next(staging.glob(f"*/checkpoint-{saved[-1]}"))
