@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,21 @@ def usable_checkpoints(staging: Path) -> list[int]:
 
     return sorted(int(p.name.split("-")[1]) for p in staging.glob("*/checkpoint-*")
                   if checkpoint_problem(p, save_only_model=False) is None)
+
+
+def finished_task_runs(client, flow_run_id: str, expected: int, timeout: float = 30) -> list:
+    """A flow run's task runs as Prefect's server records them, once all `expected` are in a final state.
+
+    The server records task runs from events, asynchronously, and a flow run can be final before its task
+    runs' last events are in. Until then a task run may read Pending, and under Prefect's default name
+    ("evaluate-01e"): the rename to its task_run_name travels with the later events."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = client.read_task_runs(flow_run_filter=flow_filter)
+        if len(runs) >= expected and all(run.state is not None and run.state.is_final() for run in runs):
+            return runs
+        assert time.monotonic() < deadline, f"Prefect did not record {expected} finished task runs of {flow_run_id}"
+        time.sleep(0.2)

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from flows.deployments import prefect_yaml
 from flows.prefect_server import free_port, healthy
 from tasks.core.store import ArtifactStore
-from tests.conftest import REPO, tiny_recipe_values
+from tests.conftest import REPO, finished_task_runs, tiny_recipe_values
 
 BIN = Path(sys.executable).parent
 
@@ -67,12 +67,9 @@ def wait_final(env, run_id: str, timeout: float = 300):
         return run
 
 
-def task_states(env, run_id: str) -> list[str]:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
+def task_states(env, run_id: str, expected: int) -> list[str]:
     with client_for(env) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return [run.state.name for run in runs]
+        return [run.state.name for run in finished_task_runs(client, run_id, expected)]
 
 
 @pytest.fixture
@@ -116,7 +113,7 @@ def test_served_deployments_run_cache_share_and_fail_cleanly(server, project):
 
         again = prefect(server, "deployment", "run", "finetune/tiny", "--watch")
         assert again.returncode == 0
-        states = task_states(server, flow_run_id(again.stdout))
+        states = task_states(server, flow_run_id(again.stdout), expected=10)
         assert len(states) == 10 and set(states) == {"Cached"}
 
         # Two runs of one new recipe variant at once: each artifact is built once, the other run reuses it.

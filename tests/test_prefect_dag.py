@@ -2,24 +2,19 @@
 
 import itertools
 import json
-import time
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.finetune import run_finetune
 from flows.plan import plan_run
 from tasks.core.recipe import load_recipe
+from tests.conftest import finished_task_runs
 
 
 def recorded_edges(flow_run_id: str, expected_tasks: int) -> set[tuple[str, str]]:
     """(upstream task run name, task run name) for every input Prefect recorded in a flow run."""
     with get_client(sync_client=True) as client:
-        flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        deadline = time.monotonic() + 30
-        while len(task_runs := client.read_task_runs(flow_run_filter=flow_filter)) < expected_tasks:
-            assert time.monotonic() < deadline, "Prefect did not record every task run"
-            time.sleep(0.2)
+        task_runs = finished_task_runs(client, flow_run_id, expected_tasks)
     names = {run.id: run.name for run in task_runs}
     return {(names[source.id], run.name) for run in task_runs for sources in run.task_inputs.values()
             for source in sources}
