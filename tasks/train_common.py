@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.core import tracking
 from tasks.core.errors import RecipeError
-from tasks.core.hardware import attn_implementation, has_cuda, mixed_precision
+from tasks.core.hardware import attn_implementation, cuda_has_bf16, has_cuda, mixed_precision
 from tasks.core.hashing import tree_digest
 from tasks.core.memory import trim_heap
 from tasks.core.recipe import Recipe, report_targets
@@ -171,11 +171,11 @@ def processes_per_node(asked: int | None, objective: str = "sft") -> int:
     objectives that train in one process: rm, dpo, kto, ppo)."""
     if asked is not None:
         return asked
-    if objective not in ("pt", "sft"):
+    if objective not in ("pt", "sft") or not has_cuda():
         return 1
     import torch
 
-    return torch.cuda.device_count() if has_cuda() else 1
+    return torch.cuda.device_count()
 
 
 def json_file(key: str, path: str | None) -> dict[str, Any] | None:
@@ -200,9 +200,7 @@ def launch(recipe: Recipe) -> Launch:
 def precision(recipe: Recipe) -> str:
     """The training precision: pure_bf16 (bf16 weights, no autocast; CPUs compute bf16 too) or mixed_precision."""
     if recipe.finetuning.pure_bf16:
-        import torch
-
-        if has_cuda() and not torch.cuda.is_bf16_supported():
+        if has_cuda() and not cuda_has_bf16():
             raise RecipeError("key 'pure_bf16': this GPU has no bfloat16; use fp16 mixed precision")
         return "pure_bf16"
     return mixed_precision(recipe.training.bf16, recipe.training.fp16)

@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 import importlib.util
-
-import torch
+import os
+import sys
+from functools import cache
+from typing import TYPE_CHECKING
 
 from tasks.core.errors import RecipeError
 
+if TYPE_CHECKING:
+    import torch
+
+# Device nodes a CUDA (or ROCm) device is reached through on Linux: NVIDIA's driver (nvidia0, nvidiactl), Jetson's
+# (nvhost-*, nvmap, nvgpu), ROCm's (kfd) and WSL2's GPU paravirtualisation (dxg).
+GPU_DEVICE_NODE_PREFIXES = ("nvidia", "nvhost", "nvmap", "nvgpu", "kfd", "dxg")
+# /proc/cpuinfo flags of the bfloat16 dot-product instructions that torch's own CPU probes look for.
+NATIVE_BF16_CPU_FLAGS = {"avx512_bf16", "amx_tile"}
+
+
+def has_gpu_device_node() -> bool:
+    try:
+        return any(name.startswith(GPU_DEVICE_NODE_PREFIXES) for name in os.listdir("/dev"))
+    except OSError:
+        return True  # cannot tell: ask torch
+
 
 def has_cuda() -> bool:
+    """Whether torch sees a CUDA (or ROCm) device. On Linux with no GPU device node there is none to see, and
+    the answer comes without importing torch: planning resolves the recipe's precision through here, and
+    torch's import was 2 of a no-op re-run's 10 s on the 2-core machine."""
+    if sys.platform == "linux" and not has_gpu_device_node():
+        return False
+    import torch
+
     return torch.cuda.is_available()
+
+
+def cuda_has_bf16() -> bool:
+    """Whether the CUDA device computes bfloat16 (Ampere and newer); ask only where has_cuda() is true."""
+    import torch
+
+    return torch.cuda.is_bf16_supported()
 
 
 def storage_dtype(infer_dtype: str) -> str:
@@ -18,13 +50,39 @@ def storage_dtype(infer_dtype: str) -> str:
     if infer_dtype != "auto":
         return infer_dtype
     if has_cuda():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if cuda_has_bf16() else "float16"
     return "float32"
 
 
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bfloat16 dot-product instructions (AVX512-BF16 or AMX), where a bf16 matmul runs
-    several times faster than fp32 (bench/mfu.py prints both); elsewhere bf16 is emulated and slower."""
+    several times faster than fp32 (bench/mfu.py prints both); elsewhere bf16 is emulated and slower.
+
+    On Linux the kernel's CPU flags answer (they are what torch's probes read, less the XSAVE states the
+    kernel did not enable, which it clears from the flags), so planning need not import torch; one answer for
+    the whole process, so a plan and the stage that builds it agree."""
+    flags = linux_cpu_flags()
+    if flags is not None:
+        return bool(flags & NATIVE_BF16_CPU_FLAGS)
+    return torch_says_cpu_has_native_bf16()
+
+
+@cache
+def linux_cpu_flags() -> frozenset[str] | None:
+    """The first CPU's feature flags from /proc/cpuinfo; None where there is no such file (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return None
+
+
+def torch_says_cpu_has_native_bf16() -> bool:
+    import torch
+
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
@@ -33,7 +91,7 @@ def mixed_precision(bf16: bool, fp16: bool) -> str:
     """The training precision actually used: half precision only where the hardware computes it natively.
     A CPU runs `bf16: true` as bf16 autocast when it has bf16 instructions; fp16 on a CPU trains in fp32."""
     if has_cuda():
-        if bf16 and torch.cuda.is_bf16_supported():
+        if bf16 and cuda_has_bf16():
             return "bf16"
         return "fp16" if fp16 or bf16 else "fp32"
     return "bf16" if bf16 and cpu_has_native_bf16() else "fp32"
@@ -51,4 +109,6 @@ def attn_implementation(flash_attn: str) -> str:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
