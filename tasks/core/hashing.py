@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
+import importlib.util
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,11 +46,11 @@ def tree_digest(root: Path) -> str:
 
 
 def module_sources(module_names: Iterable[str]) -> list[Path]:
-    """Source files of the named modules; a package contributes every .py file in it."""
+    """Source files of the named modules; a package contributes every .py file in it. Found, not imported: a
+    stage's build-side modules import torch, which planning does without."""
     files: list[Path] = []
     for name in module_names:
-        module = importlib.import_module(name)
-        origin = Path(module.__file__)
+        origin = Path(importlib.util.find_spec(name).origin)
         if origin.name == "__init__.py":
             files.extend(sorted(origin.parent.rglob("*.py")))
         else:
