@@ -10,13 +10,15 @@ creates its optimizer (also under DeepSpeed, whose config then holds no optimize
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.errors import RecipeError
 from tasks.core.recipe import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZER_LIBRARIES = ("galore-torch", "apollo-torch", "badam", "adam-mini")  # they shape a result when chosen
 GALORE_OPTIM = {"adamw_torch": "galore_adamw", "adamw_8bit": "galore_adamw_8bit", "adamw_bnb_8bit": "galore_adamw_8bit",
@@ -132,6 +134,8 @@ class OptimizerFactory:
                              n_heads=config.num_attention_heads,
                              n_kv_heads=getattr(config, "num_key_value_heads", None), verbose=False, **adam)
         if settings.kind == "muon":
+            from tasks.muon import MuonAdamW
+
             return MuonAdamW.for_model(model, weight_decay=arguments.weight_decay, **adam)
         return badam_optimizer(model, o, base_cls, base_kwargs, arguments.weight_decay, adam, verbose)
 
@@ -176,6 +180,8 @@ def clip_sparse_grads(parameters, max_norm: float) -> torch.Tensor:
     """The gradients' total 2-norm, and each gradient scaled in place so the total is at most max_norm (inf: only
     measured); sparse gradients count by their stored values (torch 1.13's clip_grad_norm_, as BAdam's own
     `clip_grad_norm_old_version`)."""
+    import torch
+
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
@@ -209,45 +215,3 @@ class SparseGradClipping:
         if grad_norm is None and has_sparse_grads(model):
             grad_norm = clip_sparse_grads(model.parameters(), float("inf"))
         return super()._get_grad_norm(model, grad_norm=grad_norm)
-
-
-class MuonAdamW(torch.optim.Optimizer):
-    """torch's Muon on the 2-D hidden weights, AdamW on embeddings, the head and 1-D parameters, as one optimizer
-    (LlamaFactory's split); the learning rate is AdamW-matched (`adjust_lr_fn="match_rms_adamw"`)."""
-
-    def __init__(self, muon_params, adamw_params, lr: float, weight_decay: float, betas, eps: float):
-        self.parts = []
-        if muon_params:
-            self.parts.append(torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay,
-                                               adjust_lr_fn="match_rms_adamw"))
-        if adamw_params:
-            self.parts.append(torch.optim.AdamW(adamw_params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
-        super().__init__([p for part in self.parts for g in part.param_groups for p in g["params"]], {"lr": lr})
-        self.param_groups = [g for part in self.parts for g in part.param_groups]  # shared: schedulers reach both
-
-    @classmethod
-    def for_model(cls, model, **kwargs) -> MuonAdamW:
-        muon, adamw = [], []
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                hidden = param.ndim == 2 and "embed" not in name and "lm_head" not in name
-                (muon if hidden else adamw).append(param)
-        return cls(muon, adamw, **kwargs)
-
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for part in self.parts:
-            part.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for part in self.parts:
-            part.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"parts": [part.state_dict() for part in self.parts]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for part, state in zip(self.parts, state_dict["parts"], strict=True):
-            part.load_state_dict(state)
-        self.param_groups = [g for part in self.parts for g in part.param_groups]

@@ -15,27 +15,15 @@ starts again (as in LlamaFactory).
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
-from tasks.core.errors import RecipeError
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
-from tasks.core.stage import BuildContext, Built, Stage, Step, check_stop
-from tasks.ppo_math import (
-    AdaptiveKLController,
-    RunningMoments,
-    advantages_and_returns,
-    kl_penalized_rewards,
-    normalize_scores,
-    ppo_losses,
-)
+from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.reward import VALUE_HEAD
 from tasks.rows import load_rows
 from tasks.train_common import REPORTS, TrainingConfig, training_locators, training_values, write_history, write_results
@@ -44,7 +32,6 @@ from tasks.train_methods import (
     attach_trainable,
     grown_vocabulary,
     load_base,
-    quantization_config,
     starting_adapter,
 )
 
@@ -103,236 +90,10 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, reward: Step, adapter: St
     return STAGE.step("ppo", config, inputs, training_locators(recipe))
 
 
-def load_reward_adapter(model, reward_dir: Path) -> None:
-    """The rm artifact's LoRA weights as a second adapter of the policy's model (its classifier head is kept
-    apart, in value_head.safetensors)."""
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    settings = json.loads((reward_dir / "adapter_config.json").read_text())
-    lora = LoraConfig(task_type="CAUSAL_LM", r=settings["r"], lora_alpha=settings["lora_alpha"],
-                      target_modules=settings["target_modules"], use_dora=settings.get("use_dora", False),
-                      use_rslora=settings.get("use_rslora", False))
-    model.add_adapter(REWARD, lora)
-    weights = {k: v for k, v in load_file(str(reward_dir / "adapter_model.safetensors")).items() if ".score." not in k}
-    result = set_peft_model_state_dict(model, weights, adapter_name=REWARD)
-    missing = [k for k in result.unexpected_keys if "lora" in k]
-    if missing:
-        raise RecipeError(f"key 'reward_model': its adapter does not fit this base model ({missing[:3]})")
-    for name, param in model.named_parameters():
-        if f".{REWARD}." in name:
-            param.requires_grad = False
-    model.set_adapter(POLICY)
-
-
-def linear_head(weight: torch.Tensor, trainable: bool) -> torch.nn.Linear:
-    head = torch.nn.Linear(weight.shape[1], 1, bias=False)
-    head.weight.data.copy_(weight.float())
-    head.weight.requires_grad = trainable
-    return head
-
-
-class SharedModel:
-    """The policy, critic, reward model and reference on one base: forward passes under the right adapter."""
-
-    def __init__(self, model, critic, reward_head, reward_classifier=None):
-        self.model, self.critic, self.reward_head = model, critic, reward_head
-        self.reward_classifier = reward_classifier
-        base = model.get_base_model()
-        self.backbone, self.lm_head = base.base_model, base.get_output_embeddings()
-
-    def hidden(self, ids, mask):
-        return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-
-    def logprobs_and_values(self, ids, mask, with_values: bool = True):
-        """Log-prob of each next token and the critic's value of each state, for positions 0..T-2."""
-        hidden = self.hidden(ids, mask)
-        logits = self.lm_head(hidden[:, :-1]).float()
-        logprobs = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        values = self.critic(hidden[:, :-1].float()).squeeze(-1) if with_values else None
-        return logprobs, values
-
-    @torch.no_grad()
-    def reference_logprobs(self, ids, mask):
-        with self.model.disable_adapter():
-            return self.logprobs_and_values(ids, mask, with_values=False)[0]
-
-    @torch.no_grad()
-    def scores(self, ids, mask):
-        """The reward model's score of each whole sequence: its head on the last real token."""
-        last = mask.sum(-1) - 1
-        if self.reward_classifier is not None:
-            return self.reward_classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
-        self.model.set_adapter(REWARD)
-        try:
-            hidden = self.hidden(ids, mask)
-        finally:
-            self.model.set_adapter(POLICY)
-        return self.reward_head(hidden[torch.arange(len(ids)), last].float()).squeeze(-1)
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return ids, mask
-
-
-def cut_reply(tokens: list[int], stops: set[int], pad_id: int) -> list[int]:
-    """A sampled reply up to and including its first stop token; never empty."""
-    reply = []
-    for token in tokens:
-        reply.append(token)
-        if token in stops:
-            break
-    while len(reply) > 1 and reply[-1] == pad_id and pad_id not in stops:
-        reply.pop()
-    return reply
-
-
-@torch.no_grad()
-def sample_replies(shared: SharedModel, prompts: list[list[int]], rollout: Rollout, generation: dict[str, Any],
-                   batch_size: int) -> list[list[int]]:
-    """Replies of the policy to prompts, sampled in left-padded batches."""
-    stops, pad_id = set(generation["stop_token_ids"]), generation["pad_token_id"]
-    sampling = ({"do_sample": True, "temperature": rollout.temperature, "top_p": rollout.top_p,
-                 "top_k": rollout.top_k} if rollout.do_sample else {"do_sample": False})
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
-        output = shared.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=rollout.max_new_tokens,
-                                       repetition_penalty=rollout.repetition_penalty, eos_token_id=sorted(stops),
-                                       pad_token_id=pad_id, **sampling)
-        replies += [cut_reply(row.tolist(), stops, pad_id) for row in output[:, ids.shape[1]:]]
-    return replies
-
-
-def experience(shared: SharedModel, prompts, replies, pad_id: int, kl_coef: float, settings: PPOSettings,
-               moments: RunningMoments) -> dict[str, torch.Tensor]:
-    """One batch of rollouts as PPO's experience: tokens, masks, old log-probs and values, advantages, returns."""
-    ids, mask = right_pad([p + r for p, r in zip(prompts, replies, strict=True)], pad_id)
-    response = torch.zeros(ids.shape[0], ids.shape[1] - 1)
-    for row, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
-        response[row, len(prompt) - 1 : len(prompt) - 1 + len(reply)] = 1  # positions that predict a reply token
-    raw_scores = shared.scores(ids, mask)
-    scores = normalize_scores(raw_scores, moments) if settings.score_norm else raw_scores
-    with torch.no_grad():
-        logprobs, values = shared.logprobs_and_values(ids, mask)
-    ref_logprobs = shared.reference_logprobs(ids, mask)
-    rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores, response, kl_coef)
-    advantages, returns = advantages_and_returns(values, rewards, response, settings.gamma, settings.lam,
-                                                 settings.whiten_rewards)
-    return {"ids": ids, "mask": mask, "response": response, "logprobs": logprobs, "values": values,
-            "advantages": advantages, "returns": returns, "scores": raw_scores,
-            "kl": (kl * response).sum(-1).mean()}
-
-
-def optimize(shared: SharedModel, batch: dict[str, torch.Tensor], config: PPOConfig, optimizer,
-             parameters: list[torch.nn.Parameter], rng: random.Random) -> dict[str, float]:
-    """ppo_epochs passes over the experience in mini-batches, stepping every gradient_accumulation_steps."""
-    size, step_every = config.batch_size, config.gradient_accumulation_steps
-    stats: dict[str, list[float]] = {"loss": [], "policy_loss": [], "value_loss": [], "clipfrac": []}
-    order = list(range(len(batch["ids"])))
-    for _ in range(config.ppo.epochs):
-        rng.shuffle(order)
-        for number, start in enumerate(range(0, len(order), size)):
-            rows = torch.tensor(order[start : start + size])
-            logprobs, values = shared.logprobs_and_values(batch["ids"][rows], batch["mask"][rows])
-            losses = ppo_losses(logprobs, batch["logprobs"][rows], values, batch["values"][rows],
-                                batch["advantages"][rows], batch["returns"][rows], batch["response"][rows],
-                                config.ppo.cliprange, config.ppo.cliprange_value, config.ppo.vf_coef)
-            (losses["loss"] / step_every).backward()
-            if (number + 1) % step_every == 0 or start + size >= len(order):
-                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            for key in stats:
-                stats[key].append(losses[key].item())  # ppo_losses returns tensors only
-    return {key: sum(values) / len(values) for key, values in stats.items()}
-
-
-def total_steps(config: PPOConfig, prompts: int, rollout_batch: int) -> int:
-    if config.schedule.max_steps:
-        return config.schedule.max_steps
-    return max(1, math.ceil(config.schedule.epochs * math.ceil(prompts / rollout_batch)))
-
-
-def reward_parts(ctx: BuildContext, config: PPOConfig, shared_model):
-    """The reward head (model sharing) or a separate reward classifier (reward_model_type: full)."""
-    from safetensors.torch import load_file
-
-    reward = ctx.inputs["reward"]
-    head = linear_head(load_file(str(reward.part("value_head")))["weight"], trainable=False)
-    if config.reward_type == "lora":
-        if reward.info.get("weights") != "adapter":
-            raise RecipeError("key 'reward_model_type': lora needs a LoRA reward model; this one has full weights "
-                              "(use reward_model_type: full)")
-        load_reward_adapter(shared_model, reward.part("adapter"))
-        return head, None
-    from transformers import AutoModelForSequenceClassification
-
-    if reward.info.get("weights") != "model":
-        raise RecipeError("key 'reward_model_type': full needs a reward model with whole weights (trained with "
-                          "finetuning_type full or freeze); this one is a LoRA adapter (use reward_model_type: lora)")
-    kwargs = {**remote_code(ctx.inputs["model"])}  # a full reward model is trained from this same base
-    if quant := quantization_config(config.reward_quantization, config.precision):
-        kwargs["quantization_config"] = quant
-    classifier = AutoModelForSequenceClassification.from_pretrained(str(reward.part(reward.info["weights"])), **kwargs)
-    classifier.eval().requires_grad_(False)
-    return head, classifier
-
-
-def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, generation: dict[str, Any],
-              on_step=None) -> list[dict[str, float]]:
-    """The PPO loop over the prompts; returns each step's figures (on_step(entry) sees them as they come)."""
-    from transformers import get_scheduler
-
-    model = shared.model
-    rollout_batch = config.batch_size * config.gradient_accumulation_steps * config.ppo.buffer_size
-    steps = total_steps(config, len(prompts), rollout_batch)
-    parameters = [p for p in model.parameters() if p.requires_grad] + list(shared.critic.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    warmup = config.schedule.warmup_steps or math.ceil((config.schedule.warmup_ratio or 0) * steps)
-    scheduler = get_scheduler(config.schedule.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=steps)
-    kl_control = AdaptiveKLController(config.ppo.init_kl_coef, config.ppo.target_kl, config.ppo.horizon)
-    moments, rng = RunningMoments(), random.Random(config.seed)
-    order: list[int] = []
-    history = []
-    for step in range(1, steps + 1):
-        check_stop()
-        if len(order) < rollout_batch:  # a new pass over the prompts, shuffled
-            more = list(range(len(prompts)))
-            rng.shuffle(more)
-            order += more
-        chosen, order = order[:rollout_batch], order[rollout_batch:]
-        batch_prompts = [prompts[i] for i in chosen]
-        model.eval()
-        replies = sample_replies(shared, batch_prompts, config.rollout, generation, config.batch_size)
-        batch = experience(shared, batch_prompts, replies, generation["pad_token_id"], kl_control.value, config.ppo,
-                           moments)
-        model.train()
-        stats = optimize(shared, batch, config, optimizer, parameters, rng)
-        kl_control.update(float(batch["kl"]), rollout_batch)
-        scheduler.step()
-        entry = {"step": step, "loss": stats["loss"], "reward": float(batch["scores"].mean()), "kl": float(batch["kl"]),
-                 "kl_coef": kl_control.value, "learning_rate": scheduler.get_last_lr()[0],
-                 "reply_length": sum(map(len, replies)) / len(replies), **{k: stats[k] for k in stats if k != "loss"}}
-        history.append(entry)
-        if on_step:
-            on_step(entry)
-    return history
-
-
 def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     from safetensors.torch import save_file
+
+    from tasks.ppo_loop import SharedModel, linear_head, reward_parts, train_ppo
 
     data = ctx.inputs["data"]
     model = attach_trainable(load_base(ctx.inputs["model"].part("model"), config, **remote_code(ctx.inputs["model"])),
@@ -372,7 +133,7 @@ STAGE = Stage(
     name="ppo",
     plan=plan,
     build=build,
-    code=("tasks.ppo", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods"),
+    code=("tasks.ppo", "tasks.ppo_loop", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods"),
     libraries=("torch", "transformers", "peft", "safetensors"),
     heavy=True,
 )

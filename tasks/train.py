@@ -115,7 +115,7 @@ STAGE = Stage(
     build=build,
     code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.packing",
           "tasks.streaming", "tasks.encoding", "tasks.formats", "tasks.lean_training", "tasks.varlen_attention",
-          "tasks.optimizers", "tasks.launch"),
+          "tasks.optimizers", "tasks.muon", "tasks.launch"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

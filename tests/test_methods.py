@@ -158,7 +158,7 @@ def test_loraplus_groups(store, tiny_model_dir):
      "galore_torch.adamw.AdamW"),
     ({"use_apollo": True, "apollo_rank": 4, "apollo_update_interval": 2}, "apollo_torch.apollo.AdamW"),
     ({"use_adam_mini": True}, "adam_mini.adam_mini.Adam_mini"),
-    ({"use_muon": True}, "tasks.optimizers.MuonAdamW"),
+    ({"use_muon": True}, "tasks.muon.MuonAdamW"),
 ])
 def test_full_tuning_optimizers(store, tiny_model_dir, keys, optimizer):
     artifact, results, losses = train(store, tiny_model_dir, **FULL, **keys)

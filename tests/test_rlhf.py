@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from flows.cli import main
 from flows.plan import plan_run
-from tasks import ppo
+from tasks import ppo, ppo_loop
 from tasks.core.recipe import Recipe
 from tasks.core.stage import run_in_process
 from tasks.core.store import ArtifactStore
@@ -60,9 +60,9 @@ def test_reward_model_trains_and_ppo_scores_with_it_as_the_rm_does(tiny_model_di
     classifier = PeftModel.from_pretrained(classifier, str(reward.part("adapter"))).eval()
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)),
                                        str(reward.part("adapter")), adapter_name="default")  # any policy adapter
-    ppo.load_reward_adapter(policy, reward.part("adapter"))
-    head = ppo.linear_head(load_file(str(reward.part("value_head")))["weight"], trainable=False)
-    shared = ppo.SharedModel(policy, head, head)
+    ppo_loop.load_reward_adapter(policy, reward.part("adapter"))
+    head = ppo_loop.linear_head(load_file(str(reward.part("value_head")))["weight"], trainable=False)
+    shared = ppo_loop.SharedModel(policy, head, head)
     ids = torch.tensor([[5, 17, 42, 8, 9], [7, 3, 11, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_kto_trains(tiny_model_dir, tmp_path):
     assert any("kl" in entry for entry in history)
 
 
-class RuleRewardModel(ppo.SharedModel):
+class RuleRewardModel(ppo_loop.SharedModel):
     """A reward model paying for each reply token among the first 100 of the vocabulary (the prompts hold none):
     a synthetic task PPO can learn in a few steps."""
 
@@ -143,7 +143,7 @@ def test_ppo_raises_the_mean_reward_on_a_synthetic_task(tiny_model_dir, tmp_path
     model = attach_trainable(load_base(tmp_path, config), config)
     shared = RuleRewardModel(model, torch.nn.Linear(32, 1, bias=False), None)
     prompts = [[101, 202, 303], [404, 505, 506], [307, 208], [110, 211, 312, 413]] * 2
-    history = ppo.train_ppo(shared, prompts, config, {"stop_token_ids": [599], "pad_token_id": 0})
+    history = ppo_loop.train_ppo(shared, prompts, config, {"stop_token_ids": [599], "pad_token_id": 0})
     first, last = history[:5], history[-5:]
     assert sum(h["reward"] for h in last) / 5 > sum(h["reward"] for h in first) / 5 + 0.3
 
