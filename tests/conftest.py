@@ -22,6 +22,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Prefect configures logging with dictConfig on its first import, and dictConfig closes every handler that exists
+# then. absl's handler (rouge-score imports absl) closes its stream unless that stream is sys.stderr at that moment:
+# under capsys it is pytest's own capture file, so a test that scored ROUGE before anything imported Prefect broke
+# pytest's capture for the test that did (test_kto_trains, then test_ppo_chains_on_sft_and_rm_recipes). Prefect
+# first, then, once the environment above is set.
+import prefect.main  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_DATA = REPO / "configs" / "data"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
