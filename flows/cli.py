@@ -220,12 +220,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from flows.prefect_server import background_server
 
-    with background_server() as server:  # it boots while the recipe is read and planned
+    with background_server() as server:  # it boots while the recipe is read and planned and MLflow opened
         recipe = load_recipe(args.recipe, args.overrides)
         from flows.finetune import run_finetune
         from flows.plan import plan_run
+        from tasks.core import tracking
 
         plan_run(recipe, ArtifactStore(home_of(args)))  # recipe and data-path mistakes fail here, before Prefect
+        tracking.open_store()
         if not args.debug:
             quiet_user_errors()
         with server.connected():

@@ -27,6 +27,13 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+def open_store() -> None:
+    """Open the tracking store now. MLflow keeps one per URI for the process, and opening it (its SQL store's
+    import, the database's schema check) took about a second of a no-op re-run: the CLI does it while the
+    Prefect server boots rather than in the flow's first MLflow call."""
+    client()
+
+
 def artifact_root() -> str | None:
     """Where a new experiment keeps its files: beside a SQLite store (not relative to whichever working
     directory first created it, which differs between the CLI and a deployment's worker)."""
