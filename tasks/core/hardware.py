@@ -21,6 +21,7 @@ NATIVE_BF16_CPU_FLAGS = {"avx512_bf16", "amx_tile"}
 
 
 def has_gpu_device_node() -> bool:
+    """Whether /dev holds a node a GPU driver made (True where /dev cannot be read)."""
     try:
         return any(name.startswith(GPU_DEVICE_NODE_PREFIXES) for name in os.listdir("/dev"))
     except OSError:
@@ -81,6 +82,7 @@ def linux_cpu_flags() -> frozenset[str] | None:
 
 
 def torch_says_cpu_has_native_bf16() -> bool:
+    """torch's own answer to cpu_has_native_bf16 (it imports torch)."""
     import torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
