@@ -54,5 +54,6 @@ def test_no_gpu_device_node_means_torch_sees_no_gpu():
                                                ({"avx2", "avx512f"}, False)])
 def test_bf16_follows_the_kernels_cpu_flags(monkeypatch, flags, native):
     monkeypatch.setattr(hardware, "linux_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "has_cuda", lambda: False)  # the CPU path, also on a machine with a GPU
     assert hardware.cpu_has_native_bf16() is native
     assert hardware.mixed_precision(bf16=True, fp16=False) == ("bf16" if native else "fp32")
