@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.core.hardware import attn_implementation, mixed_precision, torch_dtype
 from tasks.core.loading import remote_code
+from tasks.core.mapped_weights import load_causal_lm
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
 from tasks.eval_passes import batches, padded_batch, perplexity, score_and_generate
@@ -120,15 +121,14 @@ def report(metrics: dict[str, Any], examples: list[dict[str, str]]) -> str:
 
 
 def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     remote = remote_code(ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
     dtype = "auto" if config.dtype == "auto" else torch_dtype(config.dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation,
-                                                 dtype=dtype, **remote)
+    model = load_causal_lm(model_dir, dtype, attn_implementation=config.attn_implementation, **remote)
     use_varlen_attention(model)  # per-sample attention for the flattened perplexity batches; SDPA when generating
     model.eval()
     generation = json.loads(data.part("generation").read_text())
@@ -167,7 +167,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.evaluate", "tasks.eval_passes", "tasks.metrics", "tasks.rows", "tasks.preference_losses",
-          "tasks.lean_training", "tasks.varlen_attention"),
+          "tasks.lean_training", "tasks.varlen_attention", "tasks.core.mapped_weights"),
     libraries=("torch", "transformers", "evaluate", "rouge-score", "nltk"),
     heavy=True,
 )

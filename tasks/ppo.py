@@ -133,7 +133,8 @@ STAGE = Stage(
     name="ppo",
     plan=plan,
     build=build,
-    code=("tasks.ppo", "tasks.ppo_loop", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods"),
+    code=("tasks.ppo", "tasks.ppo_loop", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods",
+          "tasks.core.mapped_weights"),
     libraries=("torch", "transformers", "peft", "safetensors"),
     heavy=True,
 )

@@ -127,7 +127,8 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.preference", "tasks.preference_trainer", "tasks.preference_losses", "tasks.train_common",
-          "tasks.train_methods", "tasks.train_checkpoints", "tasks.optimizers", "tasks.muon"),
+          "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
+          "tasks.muon"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

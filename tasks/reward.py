@@ -105,8 +105,8 @@ STAGE = Stage(
     name="reward",
     plan=plan,
     build=build,
-    code=("tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.train_checkpoints", "tasks.optimizers",
-          "tasks.muon"),
+    code=("tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.core.mapped_weights",
+          "tasks.train_checkpoints", "tasks.optimizers", "tasks.muon"),
     libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

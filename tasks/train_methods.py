@@ -102,22 +102,25 @@ def hold_frozen_linears_in_bf16(model) -> None:
     recompute under gradient checkpointing) and kept until the forward ends: casting the frozen weights once
     gives the same numbers, without the copies, the per-step casts or the fp32 originals. Embeddings (tied
     to the head in many models), norms and the adapter stay fp32, as autocast would keep them. They are
-    copied off the safetensors mapping so the file's touched pages are released: their residency is what a
-    weight costs until then."""
+    copied off the checkpoint's mapping, and each weight's file pages are handed back as it is replaced
+    (tasks.core.mapped_weights), so the file is unmapped at the end without all its pages resident at once."""
     import torch
 
+    from tasks.core.mapped_weights import FileViews
+
+    views = FileViews()
     embeddings = model.get_input_embeddings().weight
     for module in model.modules():
         if type(module) is not torch.nn.Linear:
             continue
         weight = module.weight
         if weight.dtype == torch.float32 and not weight.requires_grad and weight is not embeddings:
-            weight.data = weight.data.to(torch.bfloat16)
+            views.replace(weight, weight.data.to(torch.bfloat16))
             if module.bias is not None and not module.bias.requires_grad:
-                module.bias.data = module.bias.data.to(torch.bfloat16)
+                views.replace(module.bias, module.bias.data.to(torch.bfloat16))
     for parameter in model.parameters():
         if parameter.dtype == torch.float32:
-            parameter.data = parameter.data.clone()
+            views.replace(parameter, parameter.data.clone())
 
 
 def lora_targets(value: str) -> str | list[str]:
