@@ -78,11 +78,11 @@ def step_flops(model, rows: list[dict[str, list[int]]], lora_params: int) -> flo
 
 def attach_lora(model, bf16: bool, checkpointing: bool = False):
     """The train stage's LoRA r16 on every linear layer, per-sample attention, and (under bf16 autocast) the
-    frozen linears held in bf16; with gradient checkpointing as the demo trains, if asked."""
+    frozen linears and embeddings held in bf16; with gradient checkpointing as the demo trains, if asked."""
     from peft import LoraConfig, get_peft_model
 
     from tasks.lean_training import use_varlen_attention
-    from tasks.train_methods import hold_frozen_linears_in_bf16
+    from tasks.train_methods import hold_frozen_weights_in_bf16
 
     use_varlen_attention(model)
     if checkpointing:
@@ -90,7 +90,7 @@ def attach_lora(model, bf16: bool, checkpointing: bool = False):
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     if bf16:
-        hold_frozen_linears_in_bf16(model)
+        hold_frozen_weights_in_bf16(model)
     return model
 
 

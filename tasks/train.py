@@ -38,7 +38,7 @@ from tasks.train_common import (
 )
 from tasks.train_methods import (
     attach_trainable,
-    cast_frozen_linears_for_autocast,
+    cast_frozen_weights_for_autocast,
     grown_vocabulary,
     load_base,
     save_weights,
@@ -85,7 +85,7 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     base = load_base(model_dir, config, **remote)
     use_varlen_attention(base)
     model = attach_trainable(base, config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
-    cast_frozen_linears_for_autocast(model, config)
+    cast_frozen_weights_for_autocast(model, config)
     collator = collator_for(data, tokenizer, model)
     flat = isinstance(collator, FlatCollator)  # no pad tokens: every token counted is a real one
     padding = None

@@ -32,12 +32,13 @@ ROWS = [  # prompts masked with -100, replies of different lengths: a batch that
 ]
 
 
-def tiny_model(kv_heads: int = 2, attn: str = "sdpa"):
+def tiny_model(kv_heads: int = 2, attn: str = "sdpa", **overrides):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     register_varlen_attention()
-    config = tiny_llama_config(64, num_attention_heads=4, num_key_value_heads=kv_heads, attn_implementation=attn)
+    config = tiny_llama_config(64, num_attention_heads=4, num_key_value_heads=kv_heads, attn_implementation=attn,
+                               **overrides)
     return LlamaForCausalLM(config).float()
 
 
@@ -227,28 +228,42 @@ def test_bf16_recipe_trains_in_the_precision_the_cpu_computes(write_recipe, monk
     assert train["padding_share"] == 0.0 and train["tokens_trained"] > 0
 
 
-def test_frozen_linears_cast_for_autocast_give_the_autocast_loss_exactly():
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_weights_held_in_bf16_give_autocast_numbers_on_bf16_rounded_embeddings(tied):
+    """Held in bf16, the frozen linears give autocast's numbers exactly; the embeddings' one change is their
+    rows rounded to bf16 (the lookup is not autocast), so the reference rounds its fp32 table the same way."""
     from peft import LoraConfig, get_peft_model
 
-    from tasks.train_methods import hold_frozen_linears_in_bf16
+    from tasks.train_methods import hold_frozen_weights_in_bf16
 
     def lora_model():
-        model = get_peft_model(tiny_model(attn=VARLEN_ATTENTION), LoraConfig(r=4, target_modules="all-linear"))
+        model = get_peft_model(tiny_model(attn=VARLEN_ATTENTION, tie_word_embeddings=tied),
+                               LoraConfig(r=4, target_modules="all-linear"))
         torch.manual_seed(3)
         for name, parameter in model.named_parameters():
             if "lora_B" in name:  # non-zero, so the adapter takes part in the loss
                 torch.nn.init.normal_(parameter, std=0.1)
         return model
 
-    def autocast_loss(model):
+    def autocast_step(model):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return lean_loss(model, ROWS).item()
+            loss = lean_loss(model, ROWS)
+        loss.backward()
+        return loss.item(), gradients(model)
 
     cast = lora_model()
-    hold_frozen_linears_in_bf16(cast)
+    hold_frozen_weights_in_bf16(cast)
     dtypes = {name: p.dtype for name, p in cast.named_parameters()}
     assert dtypes["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"] == torch.bfloat16
     assert dtypes["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"] == torch.float32
-    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
+    assert cast.get_output_embeddings().weight.dtype == torch.bfloat16
     assert dtypes["base_model.model.model.norm.weight"] == torch.float32
-    assert autocast_loss(cast) == autocast_loss(lora_model())
+    assert cast.get_input_embeddings()(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream's
+    reference = lora_model()
+    table = reference.get_input_embeddings().weight
+    table.data = table.data.to(torch.bfloat16).float()
+    (loss, grads), (expected_loss, expected_grads) = autocast_step(cast), autocast_step(reference)
+    assert loss == expected_loss
+    assert grads.keys() == expected_grads.keys()
+    assert all(torch.equal(grads[name], expected_grads[name]) for name in grads)
