@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import tasks.train_common as train_common
-from tasks.core.memory import _glibc
+from tasks.core.memory import glibc
 
 # Every other 64 KiB block freed: the holes sit below live blocks, so glibc cannot give them back by
 # shrinking the heap's top, and they stay resident until trimmed.
@@ -33,7 +33,7 @@ def freed_kib(mode: str) -> int:
     return int(done.stdout)
 
 
-@pytest.mark.skipif(_glibc() is None, reason="malloc_trim is glibc's")
+@pytest.mark.skipif(glibc() is None, reason="malloc_trim is glibc's")
 def test_trim_hands_the_heaps_free_pages_back():
     assert freed_kib("keep") < 8 * 1024  # untrimmed, the 64 MiB of holes stay resident
     assert freed_kib("trim") > 48 * 1024

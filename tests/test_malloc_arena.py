@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from tasks.core.memory import _glibc
+from tasks.core.memory import glibc
 
 THREADS_ALLOCATE = """
 import sys, threading
-from tasks.core.memory import _glibc, share_one_malloc_arena
+from tasks.core.memory import glibc, share_one_malloc_arena
 if sys.argv[1] == "one":
     share_one_malloc_arena()
 def work():
@@ -21,7 +21,7 @@ for thread in threads:
     thread.start()
 for thread in threads:
     thread.join()
-_glibc().malloc_stats()  # one "Arena N:" block per arena, on stderr
+glibc().malloc_stats()  # one "Arena N:" block per arena, on stderr
 """
 
 
@@ -31,7 +31,7 @@ def arenas(mode: str) -> int:
     return sum(line.startswith("Arena ") for line in done.stderr.splitlines())
 
 
-@pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's")
+@pytest.mark.skipif(glibc() is None, reason="mallopt is glibc's")
 def test_threads_share_one_arena_once_asked():
     assert arenas("default") > 1  # glibc's default: the threads made their own
     assert arenas("one") == 1

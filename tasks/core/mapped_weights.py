@@ -18,7 +18,7 @@ import mmap
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.memory import _glibc
+from tasks.core.memory import glibc
 
 if TYPE_CHECKING:
     import torch
@@ -55,10 +55,10 @@ class FileViews:
         from torch.multiprocessing.reductions import StorageWeakRef
 
         old = tensor.untyped_storage()
-        start, size, unused = old.data_ptr(), old.nbytes(), StorageWeakRef(old)
+        start, size, old_storage = old.data_ptr(), old.nbytes(), StorageWeakRef(old)
         del old
         tensor.data = data
-        if self.madvise is None or not unused.expired() or not self._mapped(start, size):
+        if self.madvise is None or not old_storage.expired() or not self._mapped(start, size):
             return
         first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
@@ -94,7 +94,7 @@ def _named_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _madvise() -> Any:
     """glibc's madvise, or None off glibc."""
-    if (libc := _glibc()) is None:
+    if (libc := glibc()) is None:
         return None
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc.madvise

@@ -22,7 +22,7 @@ def return_freed_memory() -> None:
 def trim_heap() -> None:
     """Hand the free pages inside glibc's heap back to the OS (malloc_trim): what the heap holds but no
     tensor uses. Pages handed back fault in again when reused, so a caller picks how often."""
-    if (libc := _glibc()) is not None:
+    if (libc := glibc()) is not None:
         libc.malloc_trim(0)
 
 
@@ -50,12 +50,12 @@ def share_one_malloc_arena() -> None:
     and what those arenas kept added to the demo's peak RSS. In four pairs of demo runs (alternated, train
     stage onward) one arena peaked 33-115 MB lower (1,920,284-1,999,564 KiB against 1,953,808-2,066,268),
     and training was no slower. Arenas made before the call stay in use, so the command calls it first."""
-    if (libc := _glibc()) is not None:
+    if (libc := glibc()) is not None:
         libc.mallopt(M_ARENA_MAX, 1)
 
 
 @functools.cache
-def _glibc():
+def glibc():
     """The C library this process runs on, if it is glibc. CDLL(None) looks symbols up in the process itself:
     ctypes.util.find_library would run ldconfig in a subprocess (10 ms) at every command's start."""
     import ctypes
