@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,13 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A suite started as a background job of a non-interactive shell (`make test &` in a script) inherits SIGINT
+# ignored, and so does every command the tests start: Python then installs no KeyboardInterrupt handler, and the
+# Ctrl-C tests (test_interrupt, test_deployments' serve) wait for commands that never see the signal. A handler
+# here is reset to the default in each exec'd child, where Python installs its own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Prefect configures logging with dictConfig on its first import, and dictConfig closes every handler that exists
 # then. absl's handler (rouge-score imports absl) closes its stream unless that stream is sys.stderr at that moment:
