@@ -9,6 +9,7 @@ through it, and stops it on the way out, however the command ends.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,19 @@ from pathlib import Path
 
 log = logging.getLogger("tunefactory")
 STARTUP_SECONDS = 120  # a busy 2-core machine can take a while to start it
+# Runs before the server's own code: on Linux, asks the kernel to send the server SIGTERM when the command that
+# started it dies (prctl PR_SET_PDEATHSIG, which survives the exec), then becomes `prefect server start`. A
+# command killed outright (SIGKILL, the OOM killer) cannot stop its server itself, and the server's own
+# session keeps a Ctrl-C from reaching it, so without this it would outlive the command for good.
+EXEC_WITH_PARENT_DEATH_SIGNAL = """
+import ctypes, os, signal, sys
+parent, command = int(sys.argv[1]), sys.argv[2:]
+if sys.platform == "linux":
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:  # the command died before the signal was armed
+    sys.exit(1)
+os.execv(command[0], command)
+"""
 
 
 def free_port() -> int:
@@ -45,7 +59,8 @@ class BackgroundServer:
         prefect = Path(sys.executable).with_name("prefect")
         self.command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
                         "--no-services", "--analytics-off"]
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        launch = [sys.executable, "-c", EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid()), *self.command]
+        self.process = subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
 
     @contextmanager

@@ -154,3 +154,17 @@ def finished_task_runs(client, flow_run_id: str, expected: int, timeout: float =
             return runs
         assert time.monotonic() < deadline, f"Prefect did not record {expected} finished task runs of {flow_run_id}"
         time.sleep(0.2)
+
+
+def servers_of(prefect_home: Path) -> list[int]:
+    """Pids of `prefect server start` processes using this PREFECT_HOME."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"server" in command and b"start" in command and f"PREFECT_HOME={prefect_home}".encode() in environ:
+            found.append(int(proc.name))
+    return found

@@ -10,27 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, servers_of
 
 READ_STATES = (
     "from prefect.client.orchestration import get_client\n"
     "with get_client(sync_client=True) as client:\n"
     "    print(','.join(run.state.type.value for run in client.read_flow_runs()))\n"
 )
-
-
-def servers_of(prefect_home: Path) -> list[int]:
-    """Pids of `prefect server start` processes using this PREFECT_HOME."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"server" in command and b"start" in command and f"PREFECT_HOME={prefect_home}".encode() in environ:
-            found.append(int(proc.name))
-    return found
 
 
 def checkpoints(workdir: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from flows.finetune import finetune
 from tasks.core.recipe import load_recipe
 from tasks.train_checkpoints import checkpoint_problem, latest_usable_checkpoint
 from tasks.train_common import whole_run_loss
-from tests.conftest import REPO, usable_checkpoints
+from tests.conftest import REPO, servers_of, usable_checkpoints
 
 LOG = logging.getLogger("test")
 
@@ -84,7 +84,8 @@ def test_whole_run_loss_joins_the_resumed_parts():
 
 def test_killed_training_resumes(write_recipe, workdir, tmp_path):
     recipe = write_recipe(max_samples=64, max_steps=120, save_steps=4, per_device_train_batch_size=2)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child"), "PYTHONPATH": str(REPO)}
+    prefect_home = tmp_path / "prefect-child"
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
         [sys.executable, "-m", "flows", "run", str(recipe)],
         cwd=workdir,
@@ -100,9 +101,14 @@ def test_killed_training_resumes(write_recipe, workdir, tmp_path):
             assert child.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
+        assert servers_of(prefect_home), "the command runs its own Prefect server"
     finally:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+    deadline = time.monotonic() + 15  # a command killed outright cannot stop its server: the kernel signals it
+    while servers_of(prefect_home):
+        assert time.monotonic() < deadline, "the Prefect server outlived the killed command"
+        time.sleep(0.2)
     saved = usable_checkpoints(staging)
     assert saved and saved[-1] < 120
     assert not [p for p in (workdir / "artifacts" / "train").glob("*") if not p.name.startswith(".")]
