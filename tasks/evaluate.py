@@ -81,8 +81,11 @@ def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) 
     import torch
     from tqdm.auto import tqdm
 
-    from tasks.preference_losses import sequence_logps, token_logps
+    from tasks.lean_training import FlatCollator, flat_batches_supported, label_token_logps, supports_label_only_logits
+    from tasks.preference_losses import sequence_logps
 
+    label_only = supports_label_only_logits(model)  # the head only at reply tokens, on unpadded rows where it can
+    collate = FlatCollator() if label_only and flat_batches_supported(model) else padded_batch(pad_id)
     margins: list[float] = []
     rows = list(zip(pairs["chosen_ids"], pairs["chosen_labels"], pairs["rejected_ids"], pairs["rejected_labels"],
                     strict=True))
@@ -90,10 +93,10 @@ def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) 
         check_stop()
         sequences = [{"input_ids": c, "labels": cl} for c, cl, _, _ in batch]
         sequences += [{"input_ids": r, "labels": rl} for _, _, r, rl in batch]
-        inputs = padded_batch(pad_id)(sequences)
+        inputs = collate(sequences)
         labels = inputs.pop("labels")
         with torch.no_grad():
-            logps, label_mask = token_logps(model(**inputs).logits, labels)
+            logps, label_mask = label_token_logps(model, inputs, labels, label_only)
         chosen, rejected = sequence_logps(logps, label_mask, average=True).chunk(2)
         margins += (chosen - rejected).tolist()
     return {"pair_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),

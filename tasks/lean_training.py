@@ -16,6 +16,8 @@ What it does, each part through a supported transformers hook:
   head's matmul, its full-vocabulary logits and their gradient are never computed. The loss is the same
   token-mean cross-entropy the model's own loss computes (summed over `num_items_in_batch` under
   gradient accumulation, as the Trainer expects).
+- `label_token_logps` does the same for the preference stage (dpo, kto) and the evaluation of pairs: the
+  per-token log-probs of the replies from logits at label positions, on flattened pair batches.
 - Shapes stay on a grid (`bucketed_row`, and the attention's length buckets): the CPU's bf16 kernels
   are cached per shape, and a flattened row of a new length each step grew the demo's training process
   from 2.2 to 3.4 GB.
@@ -152,6 +154,35 @@ def label_logits(model, batch: dict[str, Any]):
         inputs |= sample_bounds(inputs["position_ids"])
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     return logits.reshape(-1, logits.shape[-1]), targets[keep]
+
+
+def label_token_logps(model, inputs: dict[str, Any], labels, label_only: bool):
+    """Per-token log-probs of the label tokens and their mask, as `token_logps` gives them for a padded batch:
+    one row per sequence, position p holding the log-prob of token p + 1 (the preference losses' input).
+
+    With label_only the output head runs only at positions that predict a label, as `label_logits` does for
+    the train stage's loss: the full-vocabulary logits of every prompt and pad position were most of a
+    preference step's memory. A flattened batch (`position_ids`, no attention mask) needs it; its log-probs
+    are laid out by sequence and position as the padded batch's would be."""
+    import torch
+
+    from tasks.preference_losses import token_logps
+
+    if not label_only:
+        return token_logps(model(**inputs, use_cache=False).logits, labels)
+    logits, targets = label_logits(model, {**inputs, "labels": labels})
+    kept = torch.gather(logits.float().log_softmax(-1), 1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if "position_ids" not in inputs:
+        mask = labels[:, 1:] != IGNORE_INDEX  # True where a position was kept, in the order kept (row-major)
+        return kept.new_zeros(mask.shape).masked_scatter(mask, kept), mask
+    positions = inputs["position_ids"][0]
+    keep = label_positions(labels)[1][0]  # the row's kept positions come first; bucketing adds ignored ones
+    sequence = torch.cumsum(positions == 0, 0) - 1
+    at = (sequence[keep], positions[keep])
+    shape = (int(sequence[-1]) + 1, int(positions.max()))  # sequences x (longest - 1), as token_logps gives
+    mask = torch.zeros(shape, dtype=torch.bool, device=kept.device)
+    mask[at] = True
+    return kept.new_zeros(shape).index_put(at, kept[: len(at[0])]), mask
 
 
 def trainer_class():

@@ -35,6 +35,7 @@ from tasks.train_common import (
 from tasks.train_methods import (
     QuantSettings,
     attach_trainable,
+    cast_frozen_weights_for_autocast,
     grown_vocabulary,
     load_base,
     save_weights,
@@ -100,22 +101,33 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, adapter: Step | None = No
 def build(config: PreferenceConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoTokenizer, TrainingArguments
 
-    from tasks.preference_trainer import FeedbackCollator, PairCollator, PreferenceTrainer, load_reference
+    from tasks.lean_training import restore_attention
+    from tasks.preference_trainer import (
+        FeedbackCollator,
+        PairCollator,
+        PreferenceTrainer,
+        load_reference,
+        use_flat_batches,
+    )
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     remote = remote_code(ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
-    model = attach_trainable(load_base(model_dir, config, **remote), config, starting_adapter(ctx),
-                             train_embeddings=grown_vocabulary(ctx))
+    base = load_base(model_dir, config, **remote)
+    reference = load_reference(ctx, config)
+    flat = use_flat_batches(base, reference)
+    model = attach_trainable(base, config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
+    cast_frozen_weights_for_autocast(model, config)
     collator = FeedbackCollator if config.objective == "kto" else PairCollator
     arguments = TrainingArguments(**arguments_values(config, ctx.staging))
     trainer = PreferenceTrainer(
-        config.loss, load_reference(ctx, config), model=model,
+        config.loss, reference, model=model,
         args=arguments, train_dataset=load_rows(data.part("train")),
-        data_collator=collator(tokenizer.pad_token_id), callbacks=[run_callback(ctx.run.mlflow_run_id)],
+        data_collator=collator(tokenizer.pad_token_id, flat=flat), callbacks=[run_callback(ctx.run.mlflow_run_id)],
         **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out)
+    restore_attention(trainer.model, config.attn_implementation)
     weights = save_weights(trainer.model, tokenizer, config, out)
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
     kind = "adapter" if weights == "adapter" else "full_weights"
@@ -128,7 +140,7 @@ STAGE = Stage(
     build=build,
     code=("tasks.preference", "tasks.preference_trainer", "tasks.preference_losses", "tasks.train_common",
           "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
-          "tasks.muon"),
+          "tasks.muon", "tasks.lean_training", "tasks.varlen_attention"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

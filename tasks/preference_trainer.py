@@ -16,6 +16,13 @@ from transformers import Trainer
 
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext
+from tasks.lean_training import (
+    FlatCollator,
+    flat_batches_supported,
+    label_token_logps,
+    supports_label_only_logits,
+    use_varlen_attention,
+)
 from tasks.optimizers import SparseGradClipping
 from tasks.preference import AVERAGED, Loss, PreferenceConfig
 from tasks.preference_losses import (
@@ -26,7 +33,6 @@ from tasks.preference_losses import (
     pairwise_accuracy,
     sequence_logps,
     simpo_loss,
-    token_logps,
 )
 from tasks.templates import IGNORE_INDEX
 from tasks.train_methods import quantization_config
@@ -37,38 +43,43 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def sequences(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, flat: bool) -> dict[str, torch.Tensor]:
+    """Sequences as one right-padded batch, or (flat) as one unpadded row with position_ids restarting per
+    sequence (tasks.lean_training's FlatCollator: no pad tokens computed, no attention across sequences)."""
+    if flat:
+        return FlatCollator()([{"input_ids": i, "labels": label} for i, label in zip(ids, labels, strict=True)])
+    return {"input_ids": pad(ids, pad_token_id), "attention_mask": pad([[1] * len(i) for i in ids], 0),
+            "labels": pad(labels, IGNORE_INDEX)}
+
+
 @dataclass(frozen=True)
 class PairCollator:
-    """A batch of pairs as one right-padded batch: the chosen sequences first, then the rejected ones."""
+    """A batch of pairs as one batch of sequences: the chosen ones first, then the rejected ones."""
 
     pad_token_id: int
+    flat: bool = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
         labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
-        return {"input_ids": pad(ids, self.pad_token_id), "attention_mask": pad([[1] * len(i) for i in ids], 0),
-                "labels": pad(labels, IGNORE_INDEX)}
+        return sequences(ids, labels, self.pad_token_id, self.flat)
 
 
 @dataclass(frozen=True)
 class FeedbackCollator:
-    """KTO rows and their mismatched KL rows, each right-padded, with the desirable/undesirable labels."""
+    """KTO rows and their mismatched KL rows, each a batch of sequences, with the desirable/undesirable labels."""
 
     pad_token_id: int
+    flat: bool = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {}
         for prefix in ("", "kl_"):
-            ids = [r[f"{prefix}input_ids"] for r in rows]
-            batch |= {f"{prefix}input_ids": pad(ids, self.pad_token_id),
-                      f"{prefix}attention_mask": pad([[1] * len(i) for i in ids], 0),
-                      f"{prefix}labels": pad([r[f"{prefix}labels"] for r in rows], IGNORE_INDEX)}
+            group = sequences([r[f"{prefix}input_ids"] for r in rows], [r[f"{prefix}labels"] for r in rows],
+                              self.pad_token_id, self.flat)
+            batch |= {f"{prefix}{key}": value for key, value in group.items()}
         batch["kto_tag"] = torch.tensor([bool(r["kto_tag"]) for r in rows])
         return batch
-
-
-def response_lengths(labels: torch.Tensor) -> torch.Tensor:
-    return (labels != IGNORE_INDEX).sum(dim=-1)
 
 
 class PreferenceTrainer(SparseGradClipping, Trainer):
@@ -93,14 +104,16 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
     def sequence_logps(self, model, batch, prefix: str = "", with_ld: bool = False):
         """Each sequence's log-prob of its labels as the loss wants it (sum, LD-weighted sum, or per-token average),
         and the per-token average (for the SFT term)."""
-        logits = model(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"],
-                       use_cache=False).logits
-        logps, mask = token_logps(logits, batch[f"{prefix}labels"])
+        inputs = {key: batch[f"{prefix}{key}"] for key in ("input_ids", "attention_mask", "position_ids")
+                  if f"{prefix}{key}" in batch}
+        flat = "position_ids" in inputs  # use_flat_batches made sure every model here can take those
+        label_only = flat or supports_label_only_logits(self.accelerator.unwrap_model(model))
+        logps, mask = label_token_logps(model, inputs, batch[f"{prefix}labels"], label_only)
         averaged = sequence_logps(logps, mask, average=True)
         if self.loss_settings.kind in AVERAGED:
             return averaged, averaged
         if with_ld and self.loss_settings.ld_alpha is not None:
-            lengths = response_lengths(batch["labels"])
+            lengths = mask.sum(-1)  # label tokens per sequence, as LlamaFactory's valid_length
             half = lengths.shape[0] // 2
             shared = torch.minimum(lengths[:half], lengths[half:]).repeat(2)
             return ld_logps(logps, mask, shared, self.loss_settings.ld_alpha), averaged
@@ -162,6 +175,15 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
         self.stored.clear()
         super().log(logs, start_time)
 
+
+def use_flat_batches(model, reference) -> bool:
+    """Whether the loss can run on flattened batches with label-only logits: when the policy and the reference
+    model (if any) both can. Switches them to per-sample attention if so (tasks.lean_training)."""
+    models = [m for m in (model, reference) if m is not None]
+    flat = all(flat_batches_supported(m) and supports_label_only_logits(m) for m in models)
+    for m in models if flat else ():
+        use_varlen_attention(m)
+    return flat
 
 
 def load_reference(ctx: BuildContext, config: PreferenceConfig):

@@ -184,6 +184,36 @@ def test_evaluate_perplexity_on_flat_batches_equals_the_padded_computation():
     assert lean["eval_loss"] == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_preference_batches_are_flat_only_when_the_policy_and_the_reference_can_take_them():
+    from tasks.preference_trainer import use_flat_batches
+
+    remote = tiny_model()
+    remote.__class__ = type("RemoteCodeLlama", (type(remote),), {})  # defined outside transformers.models
+    model = tiny_model()
+    assert not use_flat_batches(model, remote)
+    assert model.config._attn_implementation == remote.config._attn_implementation == "sdpa"
+    assert use_flat_batches(model, None) and model.config._attn_implementation == VARLEN_ATTENTION
+
+
+def test_evaluated_pair_margins_on_flat_batches_equal_the_padded_computation():
+    from tasks.eval_passes import padded_batch
+    from tasks.evaluate import pair_preference
+    from tasks.preference_losses import sequence_logps, token_logps
+
+    model = tiny_model(attn=VARLEN_ATTENTION).eval()
+    chosen, rejected = [ROWS[0], ROWS[1], ROWS[3]], [ROWS[2], ROWS[3], ROWS[1]]
+    pairs = {"chosen_ids": [r["input_ids"] for r in chosen], "chosen_labels": [r["labels"] for r in chosen],
+             "rejected_ids": [r["input_ids"] for r in rejected], "rejected_labels": [r["labels"] for r in rejected]}
+    lean = pair_preference(model, pairs, pad_id=0, batch_size=2, progress=False)
+    inputs = padded_batch(0)([dict(r) for r in chosen + rejected])
+    labels = inputs.pop("labels")
+    with torch.no_grad():
+        averaged = sequence_logps(*token_logps(model(**inputs).logits, labels), average=True)
+    margins = averaged[:3] - averaged[3:]
+    assert lean["num_pairs"] == 3 and lean["pair_accuracy"] == pytest.approx(float((margins > 0).float().mean()))
+    assert lean["pair_margin"] == pytest.approx(margins.mean().item(), abs=1e-5)
+
+
 def test_generation_in_length_sorted_batches_keeps_the_prompts_order():
     from types import SimpleNamespace
 
@@ -267,3 +297,33 @@ def test_frozen_weights_held_in_bf16_give_autocast_numbers_on_bf16_rounded_embed
     assert loss == expected_loss
     assert grads.keys() == expected_grads.keys()
     assert all(torch.equal(grads[name], expected_grads[name]) for name in grads)
+
+
+def test_preference_logps_from_label_positions_and_flat_rows_equal_the_padded_full_logits_ones():
+    """The preference stage's per-token log-probs, from label-only logits on a right-padded pair batch and on
+    the pair flattened into one row: the padded full-logits values and gradients, with the head run at the
+    label positions alone."""
+    from tasks.lean_training import label_token_logps
+    from tasks.preference_trainer import PairCollator
+
+    pair = {"chosen_ids": ROWS[0]["input_ids"], "chosen_labels": ROWS[0]["labels"],
+            "rejected_ids": ROWS[2]["input_ids"], "rejected_labels": ROWS[2]["labels"]}
+    results = {}
+    for layout, flat, label_only in (("full", False, False), ("label-only", False, True), ("flat", True, True)):
+        batch = PairCollator(pad_token_id=0, flat=flat)([pair])
+        model = tiny_model(attn=VARLEN_ATTENTION if flat else "sdpa")
+        rows_seen: list[torch.Size] = []
+        model.lm_head.register_forward_hook(lambda module, args, out, seen=rows_seen: seen.append(args[0].shape[:-1]))
+        labels = batch.pop("labels")
+        logps, mask = label_token_logps(model, batch, labels, label_only)
+        (logps.sum(-1) * torch.tensor([1.0, -0.5])).sum().backward()
+        results[layout] = logps.detach(), mask, gradients(model), rows_seen
+    full, full_mask, full_grads, full_rows = results.pop("full")
+    assert int(full_mask.sum()) == 3 + 3 and full_rows == [torch.Size([2, 12])]
+    for layout, (logps, mask, grads, _) in results.items():
+        assert torch.equal(mask, full_mask), layout
+        assert torch.allclose(logps, full, atol=1e-5) and bool((logps[~mask] == 0).all()), layout
+        for name in full_grads:
+            assert torch.allclose(grads[name], full_grads[name], atol=1e-5), (layout, name)
+    assert results["label-only"][3] == [torch.Size([6])]
+    assert results["flat"][3] == [torch.Size([SHAPE_BUCKET])]  # 6 label positions, filled to one bucket
