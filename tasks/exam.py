@@ -139,6 +139,9 @@ def predict(model, tokenizer, prompts: list[list[int]], batch_size: int, progres
     import torch
     from tqdm.auto import tqdm
 
+    from tasks.lean_training import supports_label_only_logits
+
+    label_only = supports_label_only_logits(model)
     choice_ids = [tokenizer.encode(letter, add_special_tokens=False)[-1] for letter in CHOICES]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     letters = []
@@ -148,10 +151,14 @@ def predict(model, tokenizer, prompts: list[list[int]], batch_size: int, progres
         width = max(len(p) for p in batch)
         ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch])
         mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch])
+        last = torch.zeros_like(mask, dtype=torch.bool)
+        last[torch.arange(len(batch)), mask.sum(-1) - 1] = True
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        last = logits[torch.arange(len(batch)), mask.sum(-1) - 1][:, choice_ids]
-        letters += [CHOICES[i] for i in last.argmax(-1).tolist()]
+            if label_only:  # the head at each prompt's last token alone: (batch, vocab), not (batch, width, vocab)
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=last).logits.reshape(len(batch), -1)
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits[last]
+        letters += [CHOICES[i] for i in logits[:, choice_ids].argmax(-1).tolist()]
     return letters
 
 
@@ -239,7 +246,7 @@ STAGE = Stage(
     name="exam",
     plan=plan,
     build=build,
-    code=("tasks.exam", "tasks.encoding", "tasks.templates"),
+    code=("tasks.exam", "tasks.encoding", "tasks.templates", "tasks.lean_training"),
     libraries=("torch", "transformers", "datasets"),
     heavy=True,
 )

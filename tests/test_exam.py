@@ -57,6 +57,28 @@ def answer_share(letter: str, split: str = "test") -> float:
     return 100 * sum(a == letter for a in answers) / len(answers)
 
 
+def test_answers_from_the_head_at_each_prompts_last_token_equal_the_full_logits_ones(tiny_model_dir, monkeypatch):
+    """predict runs the output head at each right-padded prompt's last token only, to the same logits there."""
+    from transformers import AutoModelForCausalLM
+
+    import tasks.lean_training
+    from tasks.exam import predict
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [tokenizer.encode(f"Question {i}: " + "word " * (3 * i + 1)) for i in range(6)]
+    heads = []
+    model.lm_head.register_forward_hook(lambda module, args, output: heads.append(output))
+    lean = predict(model, tokenizer, prompts, batch_size=4, progress=False)
+    assert [h.shape[:-1] for h in heads] == [torch.Size([4]), torch.Size([2])]
+    monkeypatch.setattr(tasks.lean_training, "supports_label_only_logits", lambda model: False)
+    assert predict(model, tokenizer, prompts, batch_size=4, progress=False) == lean
+    full = [h[torch.arange(len(h)), torch.tensor([len(p) for p in batch]) - 1]
+            for h, batch in zip(heads[2:], (prompts[:4], prompts[4:]), strict=True)]
+    assert heads[2].ndim == 3  # (batch, width, vocab): every position
+    assert torch.allclose(torch.cat(heads[:2]), torch.cat(full), atol=1e-5)
+
+
 def test_a_model_rigged_to_answer_b_scores_the_share_of_b(rigged_model, workdir):
     recipe = Recipe.from_flat({"model_name_or_path": str(rigged_model), "do_train": False, "task": "pystdlib_test",
                                "template": "chatml", "n_shot": 2, "batch_size": 8,
