@@ -70,18 +70,22 @@ class SharedModel:
     def hidden(self, ids, mask):
         return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
-    def logprobs_and_values(self, ids, mask, with_values: bool = True):
-        """Log-prob of each next token and the critic's value of each state, for positions 0..T-2."""
+    def logprobs_and_values(self, ids, mask, response, with_values: bool = True):
+        """Log-prob of each next token and the critic's value of each state, for positions 0..T-2. The output
+        head runs only where `response` marks a position that predicts a reply token (the only log-probs PPO
+        reads): the full-vocabulary logits of the prompt and pad positions are never computed; 0 there."""
         hidden = self.hidden(ids, mask)
-        logits = self.lm_head(hidden[:, :-1]).float()
-        logprobs = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        values = self.critic(hidden[:, :-1].float()).squeeze(-1) if with_values else None
+        states, keep = hidden[:, :-1], response.bool()
+        logits = self.lm_head(states[keep]).float()
+        kept = torch.gather(logits.log_softmax(-1), 1, ids[:, 1:][keep].unsqueeze(-1)).squeeze(-1)
+        logprobs = kept.new_zeros(keep.shape).masked_scatter(keep, kept)
+        values = self.critic(states.float()).squeeze(-1) if with_values else None
         return logprobs, values
 
     @torch.no_grad()
-    def reference_logprobs(self, ids, mask):
+    def reference_logprobs(self, ids, mask, response):
         with self.model.disable_adapter():
-            return self.logprobs_and_values(ids, mask, with_values=False)[0]
+            return self.logprobs_and_values(ids, mask, response, with_values=False)[0]
 
     @torch.no_grad()
     def scores(self, ids, mask):
@@ -150,8 +154,8 @@ def experience(shared: SharedModel, prompts, replies, pad_id: int, kl_coef: floa
     raw_scores = shared.scores(ids, mask)
     scores = normalize_scores(raw_scores, moments) if settings.score_norm else raw_scores
     with torch.no_grad():
-        logprobs, values = shared.logprobs_and_values(ids, mask)
-    ref_logprobs = shared.reference_logprobs(ids, mask)
+        logprobs, values = shared.logprobs_and_values(ids, mask, response)
+    ref_logprobs = shared.reference_logprobs(ids, mask, response)
     rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores, response, kl_coef)
     advantages, returns = advantages_and_returns(values, rewards, response, settings.gamma, settings.lam,
                                                  settings.whiten_rewards)
@@ -170,7 +174,8 @@ def optimize(shared: SharedModel, batch: dict[str, torch.Tensor], config: PPOCon
         rng.shuffle(order)
         for number, start in enumerate(range(0, len(order), size)):
             rows = torch.tensor(order[start : start + size])
-            logprobs, values = shared.logprobs_and_values(batch["ids"][rows], batch["mask"][rows])
+            logprobs, values = shared.logprobs_and_values(batch["ids"][rows], batch["mask"][rows],
+                                                          batch["response"][rows])
             losses = ppo_losses(logprobs, batch["logprobs"][rows], values, batch["values"][rows],
                                 batch["advantages"][rows], batch["returns"][rows], batch["response"][rows],
                                 config.ppo.cliprange, config.ppo.cliprange_value, config.ppo.vf_coef)

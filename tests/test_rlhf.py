@@ -1,5 +1,6 @@
 """rm, dpo (every pref_loss), kto and ppo on the tiny model: each trains, its loss falls, its artifact loads back;
-DPO under LoRA keeps one base in memory; PPO's shared reward model scores as the rm does; PPO raises a reward;
+DPO under LoRA keeps one base in memory; PPO's shared reward model scores as the rm does; PPO's log-probs come
+from the head at reply positions only; PPO raises a reward;
 a ppo recipe chained on sft and rm recipes builds them once and reuses them."""
 
 import json
@@ -109,6 +110,27 @@ def test_kto_trains(tiny_model_dir, tmp_path):
     assert falls(losses(policy))
     history = json.loads(policy.part("log_history").read_text())
     assert any("kl" in entry for entry in history)
+
+
+def test_ppo_log_probs_from_the_head_at_reply_positions_equal_the_full_logits_ones(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    policy = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    critic = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+    shared = ppo_loop.SharedModel(policy, critic, None)
+    ids = torch.tensor([[5, 17, 42, 8, 9, 3], [7, 3, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    response = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])  # prompts of 3 and 2 tokens
+    heads = []
+    policy.get_output_embeddings().register_forward_hook(lambda module, args, output: heads.append(args[0].shape))
+    logprobs, values = shared.logprobs_and_values(ids, mask, response)
+    assert heads == [torch.Size([5, policy.config.hidden_size])]  # the 5 reply positions, not 2 x 5
+    with torch.no_grad():
+        full = policy(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+    expected = torch.gather(full, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * response
+    assert torch.allclose(logprobs, expected, atol=1e-5) and values.shape == response.shape
 
 
 class RuleRewardModel(ppo_loop.SharedModel):
