@@ -120,7 +120,7 @@ def build(config: PreferenceConfig, ctx: BuildContext, out: Path) -> Built:
     model = attach_trainable(base, config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
     cast_frozen_weights_for_autocast(model, config)
     collator = FeedbackCollator if config.objective == "kto" else PairCollator
-    arguments = TrainingArguments(**arguments_values(config, ctx.staging))
+    arguments = TrainingArguments(**arguments_values(config, ctx.staging, unpadded=flat))
     trainer = PreferenceTrainer(
         config.loss, reference, model=model,
         args=arguments, train_dataset=load_rows(data.part("train")),

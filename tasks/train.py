@@ -96,8 +96,7 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
         train_rows = load_rows(data.part("train"))
         lengths = [len(ids) for ids in train_rows["input_ids"]]
         padding = 0.0 if flat else shuffled_padding_share(lengths, config.batch_size, config.seed)
-    arguments = TrainingArguments(**arguments_values(config, ctx.staging),
-                                  include_num_input_tokens_seen="all" if flat else "non_padding")
+    arguments = TrainingArguments(**arguments_values(config, ctx.staging, unpadded=flat))
     trainer = trainer_class()(model=model, args=arguments, train_dataset=train_rows, data_collator=collator,
                               callbacks=[run_callback(ctx.run.mlflow_run_id)], **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out) | {"padding_share": padding}

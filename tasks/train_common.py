@@ -245,11 +245,13 @@ def run_callback(run_id: str | None):
     return RunCallback()
 
 
-def arguments_values(config: TrainingConfig, staging: Path) -> dict[str, Any]:
-    """TrainingArguments' keyword values for a config (TRL's configs take the same ones)."""
+def arguments_values(config: TrainingConfig, staging: Path, unpadded: bool = False) -> dict[str, Any]:
+    """TrainingArguments' keyword values for a config (TRL's configs take the same ones). `unpadded`: the
+    batches hold no pad tokens, so the Trainer counts every token it sees as trained."""
     s = config.schedule
     return {
         "output_dir": str(staging),
+        "include_num_input_tokens_seen": "all" if unpadded else "non_padding",
         "per_device_train_batch_size": config.batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "learning_rate": config.learning_rate,

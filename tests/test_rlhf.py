@@ -54,6 +54,7 @@ def test_reward_model_trains_and_ppo_scores_with_it_as_the_rm_does(tiny_model_di
     assert reward.kind == "reward_model" and falls(losses(reward))
     results = json.loads(reward.part("results").read_text())
     assert 0 <= results["eval_accuracy"] <= 1 and "eval_margin" in results
+    assert results["tokens_trained"] > 0 and results["tokens_per_second"] > 0
     # The rm as a classifier with its adapter, against PPO's shared model (reward adapter + head on one base).
     base_dir = store.lookup("model", refs["model"].key).part("model")
     classifier = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=1)
@@ -80,6 +81,8 @@ def test_dpo_losses_train(tiny_model_dir, tmp_path_factory, pref_loss):
     assert policy.kind == "adapter" and falls(losses(policy))
     history = json.loads(policy.part("log_history").read_text())
     assert "rewards/accuracies" in history[0] and "rewards/margins" in history[0]
+    results = json.loads(policy.part("results").read_text())
+    assert results["tokens_trained"] > 0 and results["tokens_per_second"] > 0
     evaluated = store.lookup("evaluate", refs["evaluate[tuned]"].key)
     assert {"pair_accuracy", "pair_margin", "rougeL", "perplexity"} <= set(evaluated.info)
     base_dir = store.lookup("model", refs["model"].key).part("model")
@@ -110,6 +113,7 @@ def test_kto_trains(tiny_model_dir, tmp_path):
     assert falls(losses(policy))
     history = json.loads(policy.part("log_history").read_text())
     assert any("kl" in entry for entry in history)
+    assert json.loads(policy.part("results").read_text())["tokens_trained"] > 0
 
 
 def test_ppo_log_probs_from_the_head_at_reply_positions_equal_the_full_logits_ones(tiny_model_dir):
