@@ -140,7 +140,7 @@ STAGE = Stage(
     build=build,
     code=("tasks.preference", "tasks.preference_trainer", "tasks.preference_losses", "tasks.train_common",
           "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
-          "tasks.muon", "tasks.lean_training", "tasks.varlen_attention"),
+          "tasks.muon", "tasks.lean_training", "tasks.varlen_attention", "tasks.eval_passes"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

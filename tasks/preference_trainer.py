@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext
+from tasks.eval_passes import padded_batch
 from tasks.lean_training import (
     FlatCollator,
     flat_batches_supported,
@@ -34,22 +35,15 @@ from tasks.preference_losses import (
     sequence_logps,
     simpo_loss,
 )
-from tasks.templates import IGNORE_INDEX
 from tasks.train_methods import quantization_config
 
 
-def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
 def sequences(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, flat: bool) -> dict[str, torch.Tensor]:
-    """Sequences as one right-padded batch, or (flat) as one unpadded row with position_ids restarting per
-    sequence (tasks.lean_training's FlatCollator: no pad tokens computed, no attention across sequences)."""
-    if flat:
-        return FlatCollator()([{"input_ids": i, "labels": label} for i, label in zip(ids, labels, strict=True)])
-    return {"input_ids": pad(ids, pad_token_id), "attention_mask": pad([[1] * len(i) for i in ids], 0),
-            "labels": pad(labels, IGNORE_INDEX)}
+    """Sequences as one right-padded batch (the evaluation's `padded_batch`), or (flat) as one unpadded row with
+    position_ids restarting per sequence (tasks.lean_training's FlatCollator: no pad tokens computed, no
+    attention across sequences)."""
+    samples = [{"input_ids": i, "labels": label} for i, label in zip(ids, labels, strict=True)]
+    return (FlatCollator() if flat else padded_batch(pad_token_id))(samples)
 
 
 @dataclass(frozen=True)
