@@ -172,11 +172,11 @@ def label_token_logps(model, inputs: dict[str, Any], labels, label_only: bool):
         return token_logps(model(**inputs, use_cache=False).logits, labels)
     logits, targets = label_logits(model, {**inputs, "labels": labels})
     kept = torch.gather(logits.float().log_softmax(-1), 1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    keep = label_positions(labels)[1]  # the positions label_logits kept, in order (row-major)
     if "position_ids" not in inputs:
-        mask = labels[:, 1:] != IGNORE_INDEX  # True where a position was kept, in the order kept (row-major)
+        mask = keep[:, :-1]  # the last position predicts nothing
         return kept.new_zeros(mask.shape).masked_scatter(mask, kept), mask
-    positions = inputs["position_ids"][0]
-    keep = label_positions(labels)[1][0]  # the row's kept positions come first; bucketing adds ignored ones
+    positions, keep = inputs["position_ids"][0], keep[0]  # bucketing adds ignored positions after the row's
     sequence = torch.cumsum(positions == 0, 0) - 1
     at = (sequence[keep], positions[keep])
     shape = (int(sequence[-1]) + 1, int(positions.max()))  # sequences x (longest - 1), as token_logps gives
