@@ -30,6 +30,7 @@ from tasks.train_common import REPORTS, TrainingConfig, training_locators, train
 from tasks.train_methods import (
     QuantSettings,
     attach_trainable,
+    cast_frozen_weights_for_autocast,
     grown_vocabulary,
     load_base,
     starting_adapter,
@@ -99,8 +100,9 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     model = attach_trainable(load_base(ctx.inputs["model"].part("model"), config, **remote_code(ctx.inputs["model"])),
                              config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
     reward_head, classifier = reward_parts(ctx, config, model)
+    cast_frozen_weights_for_autocast(model, config)  # the reward adapter's weights too: they are frozen here
     critic = linear_head(reward_head.weight.detach(), trainable=True)  # the critic starts as the reward head
-    shared = SharedModel(model, critic, reward_head, classifier)
+    shared = SharedModel(model, critic, reward_head, classifier, config.precision)
 
     def report(entry: dict[str, float]) -> None:
         if entry["step"] % config.logging_steps == 0:

@@ -6,6 +6,8 @@ Kept apart from the stage's plan so that planning a recipe, which imports every 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import random
@@ -58,25 +60,39 @@ def linear_head(weight: torch.Tensor, trainable: bool) -> torch.nn.Linear:
     return head
 
 
-class SharedModel:
-    """The policy, critic, reward model and reference on one base: forward passes under the right adapter."""
+def forward_precision(precision: str, device_type: str):
+    """The context the loop's forward passes run in: autocast under bf16/fp16 mixed precision, as accelerate
+    gives the Trainer-run stages (this loop is TuneFactory's own); none in fp32 or pure_bf16, where the
+    weights' own dtype is the compute dtype."""
+    if precision in ("bf16", "fp16"):
+        return functools.partial(torch.autocast, device_type, dtype=getattr(torch, {"bf16": "bfloat16",
+                                                                                   "fp16": "float16"}[precision]))
+    return contextlib.nullcontext
 
-    def __init__(self, model, critic, reward_head, reward_classifier=None):
+
+class SharedModel:
+    """The policy, critic, reward model and reference on one base: forward passes under the right adapter, in
+    the training's precision. The one-output heads (critic, reward) run in fp32 outside autocast: they cost
+    nothing, and PPO's advantages and score normalisation read their outputs."""
+
+    def __init__(self, model, critic, reward_head, reward_classifier=None, precision: str = "fp32"):
         self.model, self.critic, self.reward_head = model, critic, reward_head
         self.reward_classifier = reward_classifier
         base = model.get_base_model()
         self.backbone, self.lm_head = base.base_model, base.get_output_embeddings()
+        self.autocast = forward_precision(precision, next(model.parameters()).device.type)
 
     def hidden(self, ids, mask):
-        return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        with self.autocast():
+            return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
     def logprobs_and_values(self, ids, mask, response, with_values: bool = True):
         """Log-prob of each next token and the critic's value of each state, for positions 0..T-2. The output
         head runs only where `response` marks a position that predicts a reply token (the only log-probs PPO
         reads): the full-vocabulary logits of the prompt and pad positions are never computed; 0 there."""
-        hidden = self.hidden(ids, mask)
-        states, keep = hidden[:, :-1], response.bool()
-        logits = self.lm_head(states[keep]).float()
+        states, keep = self.hidden(ids, mask)[:, :-1], response.bool()
+        with self.autocast():
+            logits = self.lm_head(states[keep]).float()
         kept = torch.gather(logits.log_softmax(-1), 1, ids[:, 1:][keep].unsqueeze(-1)).squeeze(-1)
         logprobs = kept.new_zeros(keep.shape).masked_scatter(keep, kept)
         values = self.critic(states.float()).squeeze(-1) if with_values else None
@@ -92,7 +108,8 @@ class SharedModel:
         """The reward model's score of each whole sequence: its head on the last real token."""
         last = mask.sum(-1) - 1
         if self.reward_classifier is not None:
-            return self.reward_classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+            with self.autocast():
+                return self.reward_classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
         self.model.set_adapter(REWARD)
         try:
             hidden = self.hidden(ids, mask)
@@ -137,9 +154,10 @@ def sample_replies(shared: SharedModel, prompts: list[list[int]], rollout: Rollo
     replies = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
-        output = shared.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=rollout.max_new_tokens,
-                                       repetition_penalty=rollout.repetition_penalty, eos_token_id=sorted(stops),
-                                       pad_token_id=pad_id, **sampling)
+        with shared.autocast():
+            output = shared.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=rollout.max_new_tokens,
+                                           repetition_penalty=rollout.repetition_penalty,
+                                           eos_token_id=sorted(stops), pad_token_id=pad_id, **sampling)
         replies += [cut_reply(row.tolist(), stops, pad_id) for row in output[:, ids.shape[1]:]]
     return replies
 
@@ -165,8 +183,9 @@ def experience(shared: SharedModel, prompts, replies, pad_id: int, kl_coef: floa
 
 
 def optimize(shared: SharedModel, batch: dict[str, torch.Tensor], config: PPOConfig, optimizer,
-             parameters: list[torch.nn.Parameter], rng: random.Random) -> dict[str, float]:
-    """ppo_epochs passes over the experience in mini-batches, stepping every gradient_accumulation_steps."""
+             parameters: list[torch.nn.Parameter], rng: random.Random, scaler) -> dict[str, float]:
+    """ppo_epochs passes over the experience in mini-batches, stepping every gradient_accumulation_steps. The
+    gradient scaler is active under fp16 only (bf16 has fp32's range)."""
     size, step_every = config.batch_size, config.gradient_accumulation_steps
     stats: dict[str, list[float]] = {"loss": [], "policy_loss": [], "value_loss": [], "clipfrac": []}
     order = list(range(len(batch["ids"])))
@@ -179,10 +198,12 @@ def optimize(shared: SharedModel, batch: dict[str, torch.Tensor], config: PPOCon
             losses = ppo_losses(logprobs, batch["logprobs"][rows], values, batch["values"][rows],
                                 batch["advantages"][rows], batch["returns"][rows], batch["response"][rows],
                                 config.ppo.cliprange, config.ppo.cliprange_value, config.ppo.vf_coef)
-            (losses["loss"] / step_every).backward()
+            scaler.scale(losses["loss"] / step_every).backward()
             if (number + 1) % step_every == 0 or start + size >= len(order):
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad()
             for key in stats:
                 stats[key].append(losses[key].item())  # ppo_losses returns tensors only
@@ -233,6 +254,7 @@ def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, 
     warmup = config.schedule.warmup_steps or math.ceil((config.schedule.warmup_ratio or 0) * steps)
     scheduler = get_scheduler(config.schedule.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=steps)
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=config.precision == "fp16")
     kl_control = AdaptiveKLController(config.ppo.init_kl_coef, config.ppo.target_kl, config.ppo.horizon)
     moments, rng = RunningMoments(), random.Random(config.seed)
     order: list[int] = []
@@ -250,7 +272,7 @@ def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, 
         batch = experience(shared, batch_prompts, replies, generation["pad_token_id"], kl_control.value, config.ppo,
                            moments)
         model.train()
-        stats = optimize(shared, batch, config, optimizer, parameters, rng)
+        stats = optimize(shared, batch, config, optimizer, parameters, rng, scaler)
         kl_control.update(float(batch["kl"]), rollout_batch)
         scheduler.step()
         entry = {"step": step, "loss": stats["loss"], "reward": float(batch["scores"].mean()), "kl": float(batch["kl"]),

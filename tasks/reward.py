@@ -28,7 +28,13 @@ from tasks.train_common import (
     training_values,
     write_results,
 )
-from tasks.train_methods import attach_trainable, grown_vocabulary, save_weights, starting_adapter
+from tasks.train_methods import (
+    attach_trainable,
+    cast_frozen_weights_for_autocast,
+    grown_vocabulary,
+    save_weights,
+    starting_adapter,
+)
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -81,6 +87,7 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
     model = load_classifier(model_dir, config, tokenizer.pad_token_id, **remote)
     model = attach_trainable(model, config, starting_adapter(ctx), task_type="SEQ_CLS",
                              train_embeddings=grown_vocabulary(ctx))
+    cast_frozen_weights_for_autocast(model, config)
     arguments = RewardConfig(**arguments_values(config, ctx.staging), max_length=None, center_rewards_coefficient=None)
     pairs = load_rows(data.part("eval_pairs")) if data.has("eval_pairs") else None
     trainer_cls = type("RewardTrainer", (SparseGradClipping, RewardTrainer), {})  # BAdam ratio: sparse gradients

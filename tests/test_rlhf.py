@@ -1,7 +1,7 @@
 """rm, dpo (every pref_loss), kto and ppo on the tiny model: each trains, its loss falls, its artifact loads back;
 DPO under LoRA keeps one base in memory; PPO's shared reward model scores as the rm does; PPO's log-probs come
 from the head at reply positions only; PPO raises a reward;
-a ppo recipe chained on sft and rm recipes builds them once and reuses them."""
+a ppo recipe chained on sft and rm recipes builds them once and reuses them; PPO and rm under bf16 mixed precision."""
 
 import json
 
@@ -137,6 +137,48 @@ def test_ppo_log_probs_from_the_head_at_reply_positions_equal_the_full_logits_on
     assert torch.allclose(logprobs, expected, atol=1e-5) and values.shape == response.shape
 
 
+def test_ppo_forward_passes_run_under_bf16_autocast_with_fp32_heads(tiny_model_dir):
+    """Under bf16 mixed precision PPO's own loop autocasts its forward passes as the Trainer-run stages do (the
+    frozen weights are held in bf16, so without autocast they would not even run), while the critic and reward
+    heads stay fp32. Log-probs and values match the fp32 model's to bf16 precision."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.train_methods import hold_frozen_weights_in_bf16
+
+    def shared_model(precision):
+        torch.manual_seed(0)
+        policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, target_modules="all-linear"))
+        policy.add_adapter(ppo_loop.REWARD, LoraConfig(r=4, target_modules="all-linear"))
+        policy.set_adapter(ppo_loop.POLICY)
+        torch.manual_seed(1)
+        critic = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+        if precision == "bf16":
+            hold_frozen_weights_in_bf16(policy)
+        return ppo_loop.SharedModel(policy, critic, critic, precision=precision)
+
+    ids = torch.tensor([[5, 17, 42, 8, 9, 3], [7, 3, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    response = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    mixed, exact = shared_model("bf16"), shared_model("fp32")
+    seen = []
+    mixed.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: seen.append((torch.is_autocast_enabled("cpu"), output.dtype)))
+    mixed.critic.register_forward_hook(lambda module, args, output: seen.append(("critic", output.dtype)))
+    logprobs, values = mixed.logprobs_and_values(ids, mask, response)
+    assert seen == [(True, torch.bfloat16), ("critic", torch.float32)]
+    assert logprobs.dtype == values.dtype == torch.float32
+    expected_logprobs, expected_values = exact.logprobs_and_values(ids, mask, response)
+    assert torch.allclose(logprobs, expected_logprobs, atol=0.1) and not torch.equal(logprobs, expected_logprobs)
+    assert torch.allclose(values, expected_values, atol=0.05)
+    assert mixed.scores(ids, mask).dtype == torch.float32
+    rollout = ppo.Rollout(max_new_tokens=3, do_sample=False, temperature=None, top_p=None, top_k=None,
+                          repetition_penalty=1.0)
+    generation = {"stop_token_ids": [2], "pad_token_id": 0}
+    replies = ppo_loop.sample_replies(mixed, [[5, 17, 42], [7, 3]], rollout, generation, 2)
+    assert [len(reply) for reply in replies] == [3, 3]
+
+
 class RuleRewardModel(ppo_loop.SharedModel):
     """A reward model paying for each reply token among the first 100 of the vocabulary (the prompts hold none):
     a synthetic task PPO can learn in a few steps."""
@@ -174,8 +216,20 @@ def test_ppo_raises_the_mean_reward_on_a_synthetic_task(tiny_model_dir, tmp_path
     assert sum(h["reward"] for h in last) / 5 > sum(h["reward"] for h in first) / 5 + 0.3
 
 
-def test_ppo_chains_on_sft_and_rm_recipes(tiny_model_dir, write_recipe, workdir, capsys):
-    common = {"max_samples": 8, "max_steps": 2, "per_device_train_batch_size": 4, "max_new_tokens": 3}
+def test_ppo_chains_on_sft_and_rm_recipes_all_under_bf16(tiny_model_dir, write_recipe, workdir, capsys, monkeypatch):
+    """Under `bf16: true` on a CPU with bf16 instructions (the probe is set, so this runs on any CPU): every stage
+    of the chain trains under bf16 mixed precision, rm and ppo with their frozen weights held in bf16."""
+    from tasks import reward
+    from tasks.core import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    held = {}
+    for module in (reward, ppo):
+        def hold_and_record(model, config, cast=module.cast_frozen_weights_for_autocast, stage=module.STAGE.name):
+            cast(model, config)
+            held[stage] = {p.dtype for n, p in model.named_parameters() if p.ndim == 2 and ".default." not in n}
+        monkeypatch.setattr(module, "cast_frozen_weights_for_autocast", hold_and_record)
+    common = {"max_samples": 8, "max_steps": 2, "per_device_train_batch_size": 4, "max_new_tokens": 3, "bf16": True}
     sft = write_recipe("sft.yaml", **common)
     rm = write_recipe("rm.yaml", stage="rm", **PAIRS, **common)
     chained = write_recipe("ppo.yaml", stage="ppo", adapter_name_or_path=str(sft), reward_model=str(rm), **common)
@@ -191,4 +245,8 @@ def test_ppo_chains_on_sft_and_rm_recipes(tiny_model_dir, write_recipe, workdir,
     manifest = json.loads((ppo_dir / "manifest.json").read_text())
     assert set(manifest["inputs"]) == {"data", "model", "reward", "adapter"}
     assert (ppo_dir / "value_head.safetensors").is_file()
+    assert held == {"reward": {torch.bfloat16}, "ppo": {torch.bfloat16}}  # base and reward adapter; not the trained
+    precisions = {path.parent.parent.name: json.loads(path.read_text())["config"]["precision"]
+                  for path in (workdir / "artifacts").glob("*/*/manifest.json") if path.parent.parent.name in TRAINERS}
+    assert precisions == {"train": "bf16", "reward": "bf16", "ppo": "bf16"}
     assert yaml.safe_load(sft.read_text())["stage"] == "sft"
