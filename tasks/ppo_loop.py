@@ -65,8 +65,8 @@ def forward_precision(precision: str, device_type: str):
     gives the Trainer-run stages (this loop is TuneFactory's own); none in fp32 or pure_bf16, where the
     weights' own dtype is the compute dtype."""
     if precision in ("bf16", "fp16"):
-        return functools.partial(torch.autocast, device_type, dtype=getattr(torch, {"bf16": "bfloat16",
-                                                                                   "fp16": "float16"}[precision]))
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return functools.partial(torch.autocast, device_type, dtype=dtype)
     return contextlib.nullcontext
 
 
