@@ -80,7 +80,8 @@ class SharedModel:
         self.reward_classifier = reward_classifier
         base = model.get_base_model()
         self.backbone, self.lm_head = base.base_model, base.get_output_embeddings()
-        self.autocast = forward_precision(precision, next(model.parameters()).device.type)
+        self.device_type = next(model.parameters()).device.type
+        self.autocast = forward_precision(precision, self.device_type)
 
     def hidden(self, ids, mask):
         with self.autocast():
@@ -254,7 +255,7 @@ def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, 
     warmup = config.schedule.warmup_steps or math.ceil((config.schedule.warmup_ratio or 0) * steps)
     scheduler = get_scheduler(config.schedule.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=steps)
-    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=config.precision == "fp16")
+    scaler = torch.amp.GradScaler(shared.device_type, enabled=config.precision == "fp16")
     kl_control = AdaptiveKLController(config.ppo.init_kl_coef, config.ppo.target_kl, config.ppo.horizon)
     moments, rng = RunningMoments(), random.Random(config.seed)
     order: list[int] = []
