@@ -52,14 +52,14 @@ def load_classifier(model_dir: Path, config: TrainingConfig, pad_token_id: int, 
     """The base as a one-output sequence classifier (a new score head, seeded)."""
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.train_methods import quantization_config
+    from tasks.train_methods import load_dtype, quantization_config
 
     kwargs = {"num_labels": 1, "attn_implementation": config.attn_implementation,
               "trust_remote_code": trust_remote_code}
     if quant := quantization_config(config.quantization, config.precision):
         kwargs["quantization_config"] = quant
-    if config.precision == "fp32":
-        kwargs["dtype"] = torch_dtype("float32")
+    if dtype := load_dtype(config):
+        kwargs["dtype"] = torch_dtype(dtype)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
     model.config.pad_token_id = pad_token_id  # the head pools the last token before padding
     model.name_or_path = model.config._name_or_path = ""  # keep the store path out of the saved adapter

@@ -76,13 +76,29 @@ def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
                           f"({shipped.get('quant_method', 'unknown')}); only finetuning_type: lora can train it")
     if not shipped and (quant := quantization_config(config.quantization, config.precision)):
         kwargs["quantization_config"] = quant  # a quantize artifact (or a GPTQ/AWQ model) is loaded as it is
-    if config.precision in ("fp32", "pure_bf16"):
-        kwargs["dtype"] = torch_dtype("bfloat16" if config.precision == "pure_bf16" else "float32")
+    if dtype := load_dtype(config):
+        kwargs["dtype"] = torch_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     # PEFT writes the base's name into adapter_config.json and the model card; here it is a store path, which
     # would make the adapter's bytes depend on where the store is. The copy in output_dir names the user's model.
     model.name_or_path = model.config._name_or_path = ""
     return model
+
+
+def load_dtype(config) -> str | None:
+    """The dtype a training stage loads the base in, where it is not the checkpoint's own: fp32 to train in fp32;
+    bf16 under pure_bf16, and for BAdam under bf16 mixed precision (BAdam keeps fp32 copies of the block it
+    trains and expects the model in half precision, as LlamaFactory loads it for `bf16: true`)."""
+    if config.precision == "fp32":
+        return "float32"
+    if config.precision == "pure_bf16" or (config.precision == "bf16" and uses_badam(config)):
+        return "bfloat16"
+    return None
+
+
+def uses_badam(config) -> bool:
+    optimizer = getattr(config, "optimizer", None)
+    return optimizer is not None and optimizer.kind == "badam"
 
 
 def cast_frozen_weights_for_autocast(model, config) -> None:
@@ -275,8 +291,7 @@ def keeps_half_precision(config) -> bool:
     under ZeRO-3 (DeepSpeed holds fp32 masters); otherwise they train in fp32, also under mixed precision."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    optimizer = getattr(config, "optimizer", None)
-    return (config.precision == "pure_bf16" or (optimizer is not None and optimizer.kind == "badam")
+    return (config.precision == "pure_bf16" or uses_badam(config)
             or (is_deepspeed_zero3_enabled() and not config.quantization))
 
 

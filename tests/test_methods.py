@@ -178,6 +178,31 @@ def test_badam_layer_mode_updates_one_block_at_a_time(store, tiny_model_dir):
     assert results["trainable_parameters"] < sum(v.numel() for v in base_weights(tiny_model_dir).values()) / 2
 
 
+def test_badam_under_bf16_trains_the_model_in_bf16_as_llamafactory_loads_it(store, tiny_model_dir, monkeypatch):
+    """BAdam keeps fp32 copies of the block it trains and expects the model in half precision: under bf16 mixed
+    precision (the CPU probe set, so this runs on any CPU) the base loads in bf16, not as fp32 weights that BAdam
+    would train in place."""
+    from badam import BlockOptimizer
+
+    from tasks.core import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    stepped = []
+    monkeypatch.setattr(BlockOptimizer, "step", lambda self, *args, original=BlockOptimizer.step, **kwargs: (
+        stepped.append({p.dtype for group in self.param_groups for p in group["params"]}),
+        original(self, *args, **kwargs))[1])
+    artifact, results, losses = train(store, tiny_model_dir, **FULL, use_badam=True, badam_switch_interval=4,
+                                      badam_start_block=0, max_steps=3, bf16=True)
+    assert json.loads((artifact.path / "manifest.json").read_text())["config"]["precision"] == "bf16"
+    assert results["optimizer"] == "badam.block_optim.BlockOptimizer"
+    assert stepped == [{torch.bfloat16}] * 3  # the model's weights BAdam steps (its fp32 copies are its own)
+    weights = load_file(str(artifact.part("model") / "model.safetensors"))
+    assert {value.dtype for value in weights.values()} == {torch.bfloat16}
+    rounded = {name: value.to(torch.bfloat16) for name, value in base_weights(tiny_model_dir).items()}
+    moved = changed(rounded, weights)
+    assert moved and all(name.startswith("model.layers.0.") for name in moved)
+
+
 def test_badam_ratio_mode_updates_a_share_of_each_matrix(store, tiny_model_dir):
     """Ratio mode's gradients are sparse; the Trainer still clips and logs their norm (SparseGradClipping)."""
     ratio = 0.1

@@ -72,6 +72,14 @@ def test_reward_model_trains_and_ppo_scores_with_it_as_the_rm_does(tiny_model_di
     assert shared.scores(ids, mask).tolist() == pytest.approx(expected.tolist(), abs=1e-4)
 
 
+def test_reward_model_under_pure_bf16_trains_in_bf16(tiny_model_dir, tmp_path):
+    """pure_bf16 loads the rm's classifier in bf16 as it does the other stages' models (it loaded the checkpoint's
+    fp32 here, and trained in fp32): its score head trains in bf16 (peft keeps LoRA factors in fp32 either way)."""
+    plan, refs, store = run(tiny_model_dir, tmp_path, stage="rm", pure_bf16=True, max_steps=2, **PAIRS)
+    weights = load_file(str(trained(plan, refs, store).part("adapter") / "adapter_model.safetensors"))
+    assert weights["base_model.model.score.weight"].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("pref_loss", ["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"])
 def test_dpo_losses_train(tiny_model_dir, tmp_path_factory, pref_loss):
     home = tmp_path_factory.getbasetemp() / "dpo-store"  # one store: the data and model stages are shared
