@@ -46,6 +46,11 @@ def padded_batch(pad_id: int):
     return collate
 
 
+def to_model(model, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch's tensors on the model's device (evaluation runs on the GPU where there is one)."""
+    return {key: value.to(model.device) if hasattr(value, "to") else value for key, value in batch.items()}
+
+
 def loss_metrics(total_nll: float, total_tokens: int) -> dict[str, float]:
     loss = total_nll / max(total_tokens, 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
@@ -68,11 +73,11 @@ def label_nll(model, rows, pad_id: int, batch_size: int, progress: bool) -> tupl
     examples = [{"input_ids": i, "labels": labels} for i, labels in zip(rows["input_ids"], rows["labels"], strict=True)]
     for batch in tqdm(list(batches(examples, batch_size)), desc="perplexity", disable=not progress):
         check_stop()
+        inputs = to_model(model, collate(batch))
         with torch.no_grad():
             if lean:
-                logits, targets = label_logits(model, collate(batch))
+                logits, targets = label_logits(model, inputs)
             else:
-                inputs = collate(batch)
                 targets = inputs.pop("labels")[:, 1:]
                 logits = model(**inputs).logits[:, :-1]
                 logits = logits.reshape(-1, logits.shape[-1])
@@ -92,13 +97,13 @@ def generation_options(config: EvaluateConfig, generation: dict[str, Any]) -> di
     return options
 
 
-def left_padded(sequences: list[list[int]], pad_id: int):
+def left_padded(sequences: list[list[int]], pad_id: int, device="cpu"):
     """(ids, attention mask) of sequences padded on the left to one width, as generation wants them."""
     import torch
 
     width = max(len(sequence) for sequence in sequences)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
     return ids, mask
 
 
@@ -114,7 +119,7 @@ def generate(model, tokenizer, prompts: list[list[int]], config: EvaluateConfig,
     replies: dict[int, str] = {}
     for batch in tqdm(list(batches(order, config.batch_size)), desc="generate", disable=not config.progress):
         check_stop()
-        ids, mask = left_padded([prompts[i] for i in batch], generation["pad_token_id"])
+        ids, mask = left_padded([prompts[i] for i in batch], generation["pad_token_id"], model.device)
         with torch.no_grad():
             output = model.generate(input_ids=ids, attention_mask=mask, **options)
         texts = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
@@ -169,8 +174,8 @@ def _score_and_generate_batch(model, tokenizer, prompts, inputs, labels, options
         mask.append([0] * left + [1] * len(row_ids) + [0] * right)
         targets.append([-100] * (left + 1) + list(row_labels[1:]) + [-100] * right)  # a row's first token
         # has nothing before it to be predicted from (train_on_prompt labels it), as in FlatCollator
-    ids, mask = torch.tensor(ids), torch.tensor(mask)
-    targets, keep = label_positions(torch.tensor(targets))
+    ids, mask = torch.tensor(ids, device=model.device), torch.tensor(mask, device=model.device)
+    targets, keep = label_positions(torch.tensor(targets, device=model.device))
     lean = supports_label_only_logits(model)
     only_labels = {"logits_to_keep": keep} if lean else {}
     cache = DynamicCache(config=model.config)

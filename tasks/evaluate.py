@@ -13,12 +13,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.core.hardware import attn_implementation, mixed_precision, torch_dtype
+from tasks.core.hardware import attn_implementation, compute_device, mixed_precision, torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.mapped_weights import load_causal_lm
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
-from tasks.eval_passes import batches, padded_batch, perplexity, score_and_generate
+from tasks.eval_passes import batches, padded_batch, perplexity, score_and_generate, to_model
 from tasks.lean_training import use_varlen_attention
 from tasks.rows import load_rows
 
@@ -93,7 +93,7 @@ def pair_preference(model, pairs, pad_id: int, batch_size: int, progress: bool) 
         check_stop()
         sequences = [{"input_ids": c, "labels": cl} for c, cl, _, _ in batch]
         sequences += [{"input_ids": r, "labels": rl} for _, _, r, rl in batch]
-        inputs = collate(sequences)
+        inputs = to_model(model, collate(sequences))
         labels = inputs.pop("labels")
         with torch.no_grad():
             logps, label_mask = label_token_logps(model, inputs, labels, label_only)
@@ -131,7 +131,8 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
     remote = remote_code(ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
     dtype = "auto" if config.dtype == "auto" else torch_dtype(config.dtype)
-    model = load_causal_lm(model_dir, dtype, attn_implementation=config.attn_implementation, **remote)
+    model = load_causal_lm(model_dir, dtype, device=compute_device(), attn_implementation=config.attn_implementation,
+                           **remote)
     use_varlen_attention(model)  # per-sample attention for the flattened perplexity batches; SDPA when generating
     model.eval()
     generation = json.loads(data.part("generation").read_text())

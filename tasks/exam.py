@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.core.errors import DataError, RecipeError
-from tasks.core.hardware import attn_implementation
+from tasks.core.hardware import attn_implementation, place_on_compute_device
 from tasks.core.hashing import tree_digest
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
@@ -149,8 +149,8 @@ def predict(model, tokenizer, prompts: list[list[int]], batch_size: int, progres
         check_stop()
         batch = prompts[start : start + batch_size]
         width = max(len(p) for p in batch)
-        ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch])
-        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch])
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch], device=model.device)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=model.device)
         last = torch.zeros_like(mask, dtype=torch.bool)
         last[torch.arange(len(batch)), mask.sum(-1) - 1] = True
         with torch.no_grad():
@@ -194,7 +194,7 @@ def build(config: ExamConfig, ctx: BuildContext, out: Path) -> Built:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation,
                                                  **remote)
-    model.eval()
+    place_on_compute_device(model).eval()
     template = config.template.load(tokenizer)
     folder = Path(ctx.locators["folder"]) if ctx.locators["folder"] else None
     if folder is not None:

@@ -22,6 +22,7 @@ from typing import Any
 from transformers import StoppingCriteria
 
 from tasks.core.errors import RecipeError
+from tasks.core.hardware import place_on_compute_device
 from tasks.encoding import prompt_and_reply
 from tasks.templates import stop_token_ids
 from tasks.templates.choice import TemplateChoice
@@ -166,7 +167,7 @@ class HuggingFaceEngine(ChatEngine):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
-        self.model = model.eval()
+        self.model = place_on_compute_device(model).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
         self.lock = threading.Lock()  # one generate at a time on this model
 
@@ -186,7 +187,7 @@ class HuggingFaceEngine(ChatEngine):
 
         ids = self.prompt(messages, tools)
         options = self.options(max_tokens, temperature, top_p, stop or [])
-        prompts = torch.tensor([ids] * n)
+        prompts = torch.tensor([ids] * n, device=self.model.device)
         with self.lock, torch.no_grad():
             output = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), **options)
         return [self.finish(row[len(ids):].tolist(), len(ids), max_tokens, stop or [], tools) for row in output]
@@ -207,7 +208,7 @@ class Cancelled(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ReplyStream:
@@ -236,7 +237,7 @@ class ReplyStream:
         def run() -> None:
             try:
                 with engine.lock, torch.no_grad():
-                    prompt = torch.tensor([self.ids])
+                    prompt = torch.tensor([self.ids], device=engine.model.device)
                     sequences = engine.model.generate(
                         input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([Cancelled(cancelled)]), **self.options)

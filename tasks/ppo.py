@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.hardware import place_on_compute_device
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
@@ -101,6 +102,7 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
                              config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
     reward_head, classifier = reward_parts(ctx, config, model)
     cast_frozen_weights_for_autocast(model, config)  # the reward adapter's weights too: they are frozen here
+    place_on_compute_device(model)  # this loop is not the Trainer's: nothing else moves it to the GPU
     critic = linear_head(reward_head.weight.detach(), trainable=True)  # the critic starts as the reward head
     shared = SharedModel(model, critic, reward_head, classifier, config.precision)
 
@@ -119,7 +121,7 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
 
     AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model")), **remote_code(ctx.inputs["model"])
                                   ).save_pretrained(str(out / "adapter"))
-    save_file({"weight": critic.weight.detach().contiguous()}, str(out / VALUE_HEAD))
+    save_file({"weight": critic.weight.detach().cpu().contiguous()}, str(out / VALUE_HEAD))
     write_history(history, out)
     quarter = max(1, len(history) // 4)
     summary = {"global_step": len(history), "train_seconds": round(seconds, 2),

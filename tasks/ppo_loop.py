@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tasks.core.errors import RecipeError
+from tasks.core.hardware import place_on_compute_device
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext, check_stop
 from tasks.ppo import POLICY, REWARD, PPOConfig, PPOSettings, Rollout
@@ -72,15 +73,18 @@ def forward_precision(precision: str, device_type: str):
 
 class SharedModel:
     """The policy, critic, reward model and reference on one base: forward passes under the right adapter, in
-    the training's precision. The one-output heads (critic, reward) run in fp32 outside autocast: they cost
-    nothing, and PPO's advantages and score normalisation read their outputs."""
+    the training's precision, on the model's device (the heads join it there). The one-output heads (critic,
+    reward) run in fp32 outside autocast: they cost nothing, and PPO's advantages and score normalisation read
+    their outputs."""
 
     def __init__(self, model, critic, reward_head, reward_classifier=None, precision: str = "fp32"):
-        self.model, self.critic, self.reward_head = model, critic, reward_head
+        self.device = next(model.parameters()).device
+        self.model, self.critic = model, critic.to(self.device)
+        self.reward_head = reward_head.to(self.device) if reward_head is not None else None
         self.reward_classifier = reward_classifier
         base = model.get_base_model()
         self.backbone, self.lm_head = base.base_model, base.get_output_embeddings()
-        self.device_type = next(model.parameters()).device.type
+        self.device_type = self.device.type
         self.autocast = forward_precision(precision, self.device_type)
 
     def hidden(self, ids, mask):
@@ -116,20 +120,22 @@ class SharedModel:
             hidden = self.hidden(ids, mask)
         finally:
             self.model.set_adapter(POLICY)
-        return self.reward_head(hidden[torch.arange(len(ids)), last].float()).squeeze(-1)
+        return self.reward_head(hidden[torch.arange(len(ids), device=ids.device), last].float()).squeeze(-1)
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return ids, mask
 
 
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
     return ids, mask
 
 
@@ -154,7 +160,7 @@ def sample_replies(shared: SharedModel, prompts: list[list[int]], rollout: Rollo
                  "top_k": rollout.top_k} if rollout.do_sample else {"do_sample": False})
     replies = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
+        ids, mask = left_pad(prompts[start : start + batch_size], pad_id, shared.device)
         with shared.autocast():
             output = shared.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=rollout.max_new_tokens,
                                            repetition_penalty=rollout.repetition_penalty,
@@ -166,8 +172,8 @@ def sample_replies(shared: SharedModel, prompts: list[list[int]], rollout: Rollo
 def experience(shared: SharedModel, prompts, replies, pad_id: int, kl_coef: float, settings: PPOSettings,
                moments: RunningMoments) -> dict[str, torch.Tensor]:
     """One batch of rollouts as PPO's experience: tokens, masks, old log-probs and values, advantages, returns."""
-    ids, mask = right_pad([p + r for p, r in zip(prompts, replies, strict=True)], pad_id)
-    response = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    ids, mask = right_pad([p + r for p, r in zip(prompts, replies, strict=True)], pad_id, shared.device)
+    response = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=shared.device)
     for row, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
         response[row, len(prompt) - 1 : len(prompt) - 1 + len(reply)] = 1  # positions that predict a reply token
     raw_scores = shared.scores(ids, mask)
@@ -193,7 +199,7 @@ def optimize(shared: SharedModel, batch: dict[str, torch.Tensor], config: PPOCon
     for _ in range(config.ppo.epochs):
         rng.shuffle(order)
         for number, start in enumerate(range(0, len(order), size)):
-            rows = torch.tensor(order[start : start + size])
+            rows = torch.tensor(order[start : start + size], device=shared.device)
             logprobs, values = shared.logprobs_and_values(batch["ids"][rows], batch["mask"][rows],
                                                           batch["response"][rows])
             losses = ppo_losses(logprobs, batch["logprobs"][rows], values, batch["values"][rows],
@@ -238,7 +244,7 @@ def reward_parts(ctx: BuildContext, config: PPOConfig, shared_model):
     if quant := quantization_config(config.reward_quantization, config.precision):
         kwargs["quantization_config"] = quant
     classifier = AutoModelForSequenceClassification.from_pretrained(str(reward.part(reward.info["weights"])), **kwargs)
-    classifier.eval().requires_grad_(False)
+    place_on_compute_device(classifier).eval().requires_grad_(False)
     return head, classifier
 
 

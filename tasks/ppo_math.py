@@ -42,7 +42,7 @@ def kl_penalized_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor,
     kl = logprobs - ref_logprobs
     rewards = -kl_coef * kl
     last = mask.shape[1] - 1 - mask.flip(-1).float().argmax(-1)  # the last position where the row's mask is set
-    rewards[torch.arange(len(rewards)), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(len(rewards), device=rewards.device), last] += scores.to(rewards.dtype)
     return rewards, kl
 
 

@@ -6,7 +6,7 @@ import importlib.util
 import os
 import sys
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.core.errors import RecipeError
 
@@ -114,3 +114,22 @@ def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def compute_device() -> str:
+    """Where the stages that run their own forward passes (evaluate, exam, ppo, chat and the API) put the model:
+    the current CUDA device where torch sees one, else the CPU. The Trainer-run stages leave this to
+    accelerate, which makes the same choice."""
+    if not has_cuda():
+        return "cpu"
+    import torch
+
+    return f"cuda:{torch.cuda.current_device()}"
+
+
+def place_on_compute_device(model: Any) -> Any:
+    """The model moved to compute_device(). A bitsandbytes model stays put: it cannot be moved, and loading
+    already quantized it on the GPU (transformers' device map for it defaults to the current one)."""
+    if not getattr(model, "is_quantized", False) and getattr(model, "hf_device_map", None) is None:
+        model.to(compute_device())
+    return model

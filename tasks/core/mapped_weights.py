@@ -100,13 +100,16 @@ def _madvise() -> Any:
     return libc.madvise
 
 
-def load_causal_lm(model_dir: Any, dtype: torch.dtype | str, **kwargs: Any) -> Any:
+def load_causal_lm(model_dir: Any, dtype: torch.dtype | str, device: str = "cpu", **kwargs: Any) -> Any:
     """`AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)` with the cast done here: the
     model loads as stored (views of its file), then `cast_weights` moves it to dtype. The modules the model
-    class keeps in fp32 at that dtype (`_keep_in_fp32_modules[_strict]`) keep it here too."""
+    class keeps in fp32 at that dtype (`_keep_in_fp32_modules[_strict]`) keep it here too. For a GPU device
+    transformers loads it there directly: the views save host memory, which a GPU load does not spend."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if device != "cpu":
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", **kwargs)
     if dtype == "auto" or getattr(model, "is_quantized", False):
         return model
