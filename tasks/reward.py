@@ -1,4 +1,5 @@
-"""Reward stage (rm): a pairwise reward model, trained with TRL's RewardTrainer.
+"""Reward stage (rm): a pairwise reward model, trained with TRL's RewardTrainer on unpadded pair batches
+(tasks.reward_trainer).
 
 The model is the base as a sequence classifier with one output (its `score` head reads the last
 non-pad token), LoRA or full or freeze tuned; the loss is -log sigmoid(r_chosen - r_rejected). The
@@ -15,7 +16,7 @@ from tasks.core.hardware import torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
-from tasks.optimizers import OPTIMIZER_LIBRARIES, SparseGradClipping
+from tasks.optimizers import OPTIMIZER_LIBRARIES
 from tasks.rows import load_rows
 from tasks.train_common import (
     REPORTS,
@@ -78,7 +79,9 @@ def score_head(model):
 def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
+
+    from tasks.reward_trainer import FlatRewardTrainer, pair_collator
 
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
@@ -90,10 +93,10 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
     cast_frozen_weights_for_autocast(model, config)
     arguments = RewardConfig(**arguments_values(config, ctx.staging), max_length=None, center_rewards_coefficient=None)
     pairs = load_rows(data.part("eval_pairs")) if data.has("eval_pairs") else None
-    trainer_cls = type("RewardTrainer", (SparseGradClipping, RewardTrainer), {})  # BAdam ratio: sparse gradients
-    trainer = trainer_cls(model=model, args=arguments, processing_class=tokenizer,
-                          train_dataset=load_rows(data.part("train")), eval_dataset=pairs,
-                          callbacks=[run_callback(ctx.run.mlflow_run_id)], **trainer_hooks(config, arguments))
+    trainer = FlatRewardTrainer(model=model, args=arguments, processing_class=tokenizer,
+                                data_collator=pair_collator(model), train_dataset=load_rows(data.part("train")),
+                                eval_dataset=pairs, callbacks=[run_callback(ctx.run.mlflow_run_id)],
+                                **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out)
     if pairs is not None:
         scores = trainer.evaluate()
@@ -112,8 +115,9 @@ STAGE = Stage(
     name="reward",
     plan=plan,
     build=build,
-    code=("tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.core.mapped_weights",
-          "tasks.train_checkpoints", "tasks.optimizers", "tasks.muon"),
+    code=("tasks.reward", "tasks.reward_trainer", "tasks.lean_training", "tasks.varlen_attention", "tasks.train_common",
+          "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
+          "tasks.muon"),
     libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )
