@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from flows.cli import main
 from flows.plan import plan_run
-from tasks import ppo, ppo_loop
+from tasks import ppo, ppo_loop, reward_trainer
 from tasks.core.recipe import Recipe
 from tasks.core.stage import run_in_process
 from tasks.core.store import ArtifactStore
@@ -48,10 +48,14 @@ def falls(values: list[float]) -> bool:
     return sum(values[-3:]) / 3 < sum(values[:3]) / 3
 
 
-def test_reward_model_trains_and_ppo_scores_with_it_as_the_rm_does(tiny_model_dir, tmp_path):
+def test_reward_model_trains_and_ppo_scores_with_it_as_the_rm_does(tiny_model_dir, tmp_path, monkeypatch):
+    flattened, collate = [], reward_trainer.FlatPairCollator.__call__
+    monkeypatch.setattr(reward_trainer.FlatPairCollator, "__call__",
+                        lambda self, rows: flattened.append(len(rows)) or collate(self, rows))
     plan, refs, store = run(tiny_model_dir, tmp_path, stage="rm", **PAIRS)
     reward = trained(plan, refs, store)
     assert reward.kind == "reward_model" and falls(losses(reward))
+    assert flattened.count(4) >= 16  # every training step on an unpadded batch of 4 pairs
     results = json.loads(reward.part("results").read_text())
     assert 0 <= results["eval_accuracy"] <= 1 and "eval_margin" in results
     assert results["tokens_trained"] > 0 and results["tokens_per_second"] > 0
