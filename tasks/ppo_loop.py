@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tasks.core.errors import RecipeError
-from tasks.core.hardware import place_on_compute_device
+from tasks.core.hardware import place_on_compute_device, quantized_placement
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext, check_stop
 from tasks.ppo import POLICY, REWARD, PPOConfig, PPOSettings, Rollout
@@ -242,7 +242,7 @@ def reward_parts(ctx: BuildContext, config: PPOConfig, shared_model):
                           "finetuning_type full or freeze); this one is a LoRA adapter (use reward_model_type: lora)")
     kwargs = {**remote_code(ctx.inputs["model"])}  # a full reward model is trained from this same base
     if quant := quantization_config(config.reward_quantization, config.precision):
-        kwargs["quantization_config"] = quant
+        kwargs |= {"quantization_config": quant, **quantized_placement()}
     classifier = AutoModelForSequenceClassification.from_pretrained(str(reward.part(reward.info["weights"])), **kwargs)
     place_on_compute_device(classifier).eval().requires_grad_(False)
     return head, classifier

@@ -101,6 +101,7 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, adapter: Step | None = No
 def build(config: PreferenceConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoTokenizer, TrainingArguments
 
+    from tasks.launch import launch_ranks
     from tasks.lean_training import restore_attention
     from tasks.preference_trainer import (
         FeedbackCollator,
@@ -110,6 +111,8 @@ def build(config: PreferenceConfig, ctx: BuildContext, out: Path) -> Built:
         use_flat_batches,
     )
 
+    if (launched := launch_ranks(config, ctx, out)) is not None:  # several ranks: torchrun runs this build
+        return launched
     data = ctx.inputs["data"]
     model_dir = ctx.inputs["model"].part("model")
     remote = remote_code(ctx.inputs["model"])
@@ -140,7 +143,7 @@ STAGE = Stage(
     build=build,
     code=("tasks.preference", "tasks.preference_trainer", "tasks.preference_losses", "tasks.train_common",
           "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
-          "tasks.muon", "tasks.lean_training", "tasks.varlen_attention", "tasks.eval_passes"),
+          "tasks.muon", "tasks.lean_training", "tasks.varlen_attention", "tasks.eval_passes", "tasks.launch"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from tasks.core.hardware import place_on_compute_device, quantized_placement
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext
 from tasks.eval_passes import padded_batch
@@ -92,7 +93,7 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
             if self.reference_model is not None:
                 yield self.reference_model
             else:
-                with model.disable_adapter():
+                with self.accelerator.unwrap_model(model).disable_adapter():  # not DDP's: it has none
                     yield model
 
     def sequence_logps(self, model, batch, prefix: str = "", with_ld: bool = False):
@@ -191,9 +192,9 @@ def load_reference(ctx: BuildContext, config: PreferenceConfig):
     kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation,
                               **remote_code(ctx.inputs["reference"])}
     if quant := quantization_config(config.reference_quantization, config.precision):
-        kwargs["quantization_config"] = quant
+        kwargs |= {"quantization_config": quant, **quantized_placement()}
     model = AutoModelForCausalLM.from_pretrained(str(reference_dir), **kwargs)
-    model.eval()
+    place_on_compute_device(model).eval()  # the Trainer moves only the model it trains
     for param in model.parameters():
         param.requires_grad = False
     return model

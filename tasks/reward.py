@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core.hardware import torch_dtype
+from tasks.core.hardware import quantized_placement, torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
@@ -58,7 +58,7 @@ def load_classifier(model_dir: Path, config: TrainingConfig, pad_token_id: int, 
     kwargs = {"num_labels": 1, "attn_implementation": config.attn_implementation,
               "trust_remote_code": trust_remote_code}
     if quant := quantization_config(config.quantization, config.precision):
-        kwargs["quantization_config"] = quant
+        kwargs |= {"quantization_config": quant, **quantized_placement()}
     if dtype := load_dtype(config):
         kwargs["dtype"] = torch_dtype(dtype)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
@@ -76,7 +76,22 @@ def score_head(model):
     return head
 
 
+def whole_weight(weight):
+    """A weight as one fp32 CPU tensor; under DeepSpeed ZeRO-3, gathered from the ranks' slices (every rank
+    must call this)."""
+    if hasattr(weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().float().cpu().clone()
+    return weight.detach().float().cpu().contiguous()
+
+
 def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
+    from tasks.launch import launch_ranks
+
+    if (launched := launch_ranks(config, ctx, out)) is not None:  # several ranks: torchrun runs this build
+        return launched
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
     from trl import RewardConfig
@@ -103,9 +118,9 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
         summary |= {"eval_accuracy": scores["eval_accuracy"], "eval_margin": scores["eval_margin"]}
         ctx.log.info("reward model on %d validation pairs: accuracy %.3f, margin %.3f", len(pairs),
                      scores["eval_accuracy"], scores["eval_margin"])
+    head = whole_weight(score_head(trainer.model).weight)  # before save_weights: every rank takes part
     weights = save_weights(trainer.model, tokenizer, config, out)
-    head = score_head(trainer.model)
-    save_file({"weight": head.weight.detach().float().contiguous()}, str(out / VALUE_HEAD))
+    save_file({"weight": head}, str(out / VALUE_HEAD))
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
     layout = {weights: weights, "value_head": VALUE_HEAD, **REPORTS}
     return Built("reward_model", layout, {**summary, "weights": weights}, reports=tuple(REPORTS))
@@ -117,7 +132,7 @@ STAGE = Stage(
     build=build,
     code=("tasks.reward", "tasks.reward_trainer", "tasks.lean_training", "tasks.varlen_attention", "tasks.train_common",
           "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
-          "tasks.muon"),
+          "tasks.muon", "tasks.launch"),
     libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
     heavy=True,
 )

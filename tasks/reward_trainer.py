@@ -7,7 +7,7 @@ sequences end to end (`FlatPairCollator`, chosen first as TRL lays them out), at
 so a flattened row's rewards are read from its score head's output at each sequence's pooled token: the
 last token that is not the pad token, the token the classifier pools in a padded batch. The loss and the
 logged figures are TRL's. Models whose masks may not follow position_ids (remote code) keep TRL's padded
-batches.
+batches, and so does ZeRO-3 (see `pair_collator`).
 
 Kept apart from the stage's plan so that planning a recipe, which imports every stage, does not import torch.
 """
@@ -101,8 +101,11 @@ class FlatRewardTrainer(SparseGradClipping, RewardTrainer):
 
 def pair_collator(model) -> FlatPairCollator | None:
     """The flattened-pair collator, with per-sample attention switched on, where the model can take flattened
-    batches; None (TRL's padded batches) where it cannot."""
-    if not flat_batches_supported(model):
+    batches; None (TRL's padded batches) where it cannot, and under DeepSpeed ZeRO-3, whose backward hooks
+    expect the loss to come from the model's output, not from a module's inside it."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not flat_batches_supported(model) or is_deepspeed_zero3_enabled():
         return None
     use_varlen_attention(model)
     return FlatPairCollator()

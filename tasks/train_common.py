@@ -167,11 +167,11 @@ def training_values(recipe: Recipe) -> dict[str, Any]:
 
 
 def processes_per_node(asked: int | None, objective: str = "sft") -> int:
-    """Training processes on this machine: as asked, else one per visible GPU (one on a CPU, and for the
-    objectives that train in one process: rm, dpo, kto, ppo)."""
+    """Training processes on this machine: as asked, else one per visible GPU (one on a CPU, and for ppo,
+    whose loop is not the Trainer's and trains in one process)."""
     if asked is not None:
         return asked
-    if objective not in ("pt", "sft") or not has_cuda():
+    if objective == "ppo" or not has_cuda():
         return 1
     import torch
 

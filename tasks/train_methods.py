@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.errors import RecipeError
-from tasks.core.hardware import torch_dtype
+from tasks.core.hardware import quantized_placement, torch_dtype
 
 
 class LoraSettings(BaseModel):
@@ -76,6 +76,8 @@ def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
                           f"({shipped.get('quant_method', 'unknown')}); only finetuning_type: lora can train it")
     if not shipped and (quant := quantization_config(config.quantization, config.precision)):
         kwargs["quantization_config"] = quant  # a quantize artifact (or a GPTQ/AWQ model) is loaded as it is
+    if shipped or quant:
+        kwargs |= quantized_placement()
     if dtype := load_dtype(config):
         kwargs["dtype"] = torch_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)

@@ -58,12 +58,16 @@ def meta_model(**config):
     return LlamaForCausalLM(tiny_llama_config(64, **config)).to(META).eval()
 
 
-def test_compute_device_is_the_current_cuda_device_where_torch_sees_one(monkeypatch):
+def test_compute_device_is_the_ranks_cuda_device_where_torch_sees_one(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(hardware, "has_cuda", lambda: False)
     assert hardware.compute_device() == "cpu"
+    assert hardware.quantized_placement() == {"device_map": {"": "cpu"}}
     monkeypatch.setattr(hardware, "has_cuda", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # the rank's device under a launcher
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert hardware.compute_device() == "cuda:1"
+    monkeypatch.setenv("LOCAL_RANK", "3")  # a rank under torchrun, before the Trainer sets its current device
+    assert hardware.quantized_placement() == {"device_map": {"": "cuda:3"}}
 
 
 def test_a_plain_model_moves_and_a_quantized_or_device_mapped_one_stays(monkeypatch):

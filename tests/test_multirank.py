@@ -56,6 +56,55 @@ def test_two_ranks_match_one(one_rank, tiny_model_dir, sharding):
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-3  # the same weights, gathered
 
 
+def trained_on(store, model_dir, label: str, **overrides):
+    """(artifact, logged losses) of the training stage `label` (reward, preference) of a tiny recipe."""
+    from flows.plan import plan_run
+    from tasks.core.recipe import Recipe
+
+    values = tiny_recipe_values(model_dir, **{"max_steps": 4, "logging_steps": 1, "save_steps": 100,
+                                             "learning_rate": 5e-3, "dataset": "pydoc_preferences",
+                                             "eval_dataset": "pydoc_preferences_test", "max_samples": 16,
+                                             **overrides})
+    steps = [s for s in plan_run(Recipe.from_flat(values)).steps if s.stage.name not in ("merge", "evaluate")]
+    refs = run_in_process(steps, store)
+    artifact = ArtifactStore(store).open(refs[next(s.label for s in steps if s.stage.name == label)])
+    history = json.loads(artifact.part("log_history").read_text())
+    return artifact, [e["loss"] for e in history if "loss" in e]
+
+
+@pytest.mark.parametrize("stage,label,sharding", [("rm", "reward", "ds_z2_config.json"),
+                                                  ("rm", "reward", "ds_z3_config.json"),
+                                                  ("dpo", "preference", "ddp")])
+def test_reward_and_preference_stages_on_two_ranks_match_one(tmp_path, tiny_model_dir, stage, label, sharding):
+    """rm under ZeRO-2 (unpadded pairs) and ZeRO-3 (TRL's padded ones; its score head gathered from the ranks'
+    slices when saved), and LoRA DPO under plain data parallel (its reference: the policy's own base with the
+    adapter off, through DDP's wrapper): 2 ranks of 2 pairs train as 1 rank of 4 does."""
+    keys = {} if sharding == "ddp" else {"deepspeed": str(DEEPSPEED / sharding)}
+    single, single_losses = trained_on(tmp_path / "one", tiny_model_dir, label, stage=stage,
+                                       per_device_train_batch_size=4)
+    double, losses = trained_on(tmp_path / "two", tiny_model_dir, label, stage=stage, per_device_train_batch_size=2,
+                                nproc_per_node=2, **keys)
+    assert len(losses) == len(single_losses) == 4
+    assert max(abs(a - b) for a, b in zip(losses, single_losses, strict=True)) < TOLERANCE, (losses, single_losses)
+    assert json.loads(double.part("results").read_text())["world_size"] == 2
+    ours = load_file(str(double.part("adapter") / "adapter_model.safetensors"))
+    theirs = load_file(str(single.part("adapter") / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-3
+    if stage == "rm":
+        head, expected = (load_file(str(a.part("value_head")))["weight"] for a in (double, single))
+        assert head.shape == expected.shape and torch.allclose(head, expected, atol=1e-3)
+
+
+def test_ppo_refuses_several_ranks(tiny_model_dir):
+    from tasks.core.errors import RecipeError
+    from tasks.core.recipe import Recipe
+
+    with pytest.raises(RecipeError, match="stage ppo .* trains in one process"):
+        Recipe.from_flat(tiny_recipe_values(tiny_model_dir, stage="ppo", reward_model=str(tiny_model_dir),
+                                            nproc_per_node=2))
+
+
 def test_fsdp_needs_a_gpu(tiny_model_dir):
     from flows.plan import plan_run
     from tasks.core.errors import RecipeError

@@ -117,14 +117,25 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def compute_device() -> str:
-    """Where the stages that run their own forward passes (evaluate, exam, ppo, chat and the API) put the model:
-    the current CUDA device where torch sees one, else the CPU. The Trainer-run stages leave this to
-    accelerate, which makes the same choice."""
+    """Where this process computes: its rank's CUDA device (LOCAL_RANK under torchrun, else the current one)
+    where torch sees one, else the CPU. The stages that run their own forward passes (evaluate, exam, ppo,
+    chat and the API) put the model there; the Trainer-run stages leave that to accelerate, which makes the
+    same choice, but load quantized models there (`quantized_placement`)."""
     if not has_cuda():
         return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        return f"cuda:{local_rank}"
     import torch
 
     return f"cuda:{torch.cuda.current_device()}"
+
+
+def quantized_placement() -> dict[str, Any]:
+    """from_pretrained's device map for a model that is or becomes quantized: this process's device. Such a
+    model cannot be moved once loaded, and bitsandbytes otherwise loads it on the current CUDA device, device
+    0 in every rank before the Trainer sets it (LlamaFactory passes the same map)."""
+    return {"device_map": {"": compute_device()}}
 
 
 def place_on_compute_device(model: Any) -> Any:

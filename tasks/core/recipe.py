@@ -457,9 +457,9 @@ def check_launch(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: keys '{'use_galore' if f.use_galore else 'use_apollo'}' and 'deepspeed' "
                           "cannot be combined")
     several = t.nnodes > 1 or (t.nproc_per_node or 1) > 1
-    if f.stage not in ("pt", "sft") and (several or zero is not None or t.fsdp):
-        raise RecipeError(f"{source}: keys 'deepspeed', 'fsdp', 'nproc_per_node' and 'nnodes' launch stage pt and "
-                          f"sft only for now; stage {f.stage} trains in one process")
+    if f.stage == "ppo" and (several or zero is not None or t.fsdp):
+        raise RecipeError(f"{source}: keys 'deepspeed', 'fsdp', 'nproc_per_node' and 'nnodes' launch stages pt, sft, "
+                          "rm, dpo and kto; stage ppo (its own loop, not the Trainer's) trains in one process")
     if several and f.use_badam and (f.badam_mode == "ratio" or zero != 3):
         raise RecipeError(f"{source}: key 'use_badam' on several ranks needs badam_mode: layer with DeepSpeed ZeRO-3")
     if f.use_badam and f.badam_mode == "ratio" and (zero is not None or t.fsdp):
