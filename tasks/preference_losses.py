@@ -79,10 +79,12 @@ def simpo_loss(policy_chosen_avg: Tensor, policy_rejected_avg: Tensor, beta: flo
 
 def kto_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
              policy_kl: Tensor, ref_kl: Tensor, beta: float, desirable_weight: float,
-             undesirable_weight: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             undesirable_weight: float, across_ranks=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """KTO as TRL computes it: desirable rows lose 1 - sigmoid(beta (ratio - KL)), undesirable ones
-    1 - sigmoid(beta (KL - ratio)), where KL is estimated from mismatched prompt/reply pairs and clamped at 0."""
-    kl = (policy_kl - ref_kl).mean().detach().clamp(min=0)
+    1 - sigmoid(beta (KL - ratio)), where KL is estimated from mismatched prompt/reply pairs and clamped at 0.
+    `across_ranks` averages the ranks' estimates (TRL gathers them), so several ranks share one KL."""
+    kl = (policy_kl - ref_kl).mean().detach()
+    kl = (across_ranks(kl) if across_ranks else kl).clamp(min=0)
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     losses = torch.cat((desirable_weight * (1 - torch.sigmoid(beta * (chosen_ratio - kl))),
                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected_ratio)))))

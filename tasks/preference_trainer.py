@@ -147,7 +147,8 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
             ref_kl = self.sequence_logps(reference, batch, prefix="kl_")[0]
         losses, chosen_rewards, rejected_rewards, kl = kto_loss(
             policy[desirable], policy[~desirable], ref[desirable], ref[~desirable], policy_kl, ref_kl,
-            loss.beta, loss.desirable_weight, loss.undesirable_weight)
+            loss.beta, loss.desirable_weight, loss.undesirable_weight,
+            across_ranks=lambda kl: self.accelerator.gather_for_metrics(kl).mean())
         if loss.ftx > 0 and desirable.any():  # scaled as LlamaFactory does: per batch, not per desirable row
             sft = -averaged[desirable].mean() * len(desirable) / desirable.sum()
             losses = losses + loss.ftx * sft / len(losses)

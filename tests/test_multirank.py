@@ -72,20 +72,26 @@ def trained_on(store, model_dir, label: str, **overrides):
     return artifact, [e["loss"] for e in history if "loss" in e]
 
 
-@pytest.mark.parametrize("stage,label,sharding", [("rm", "reward", "ds_z2_config.json"),
-                                                  ("rm", "reward", "ds_z3_config.json"),
-                                                  ("dpo", "preference", "ddp")])
-def test_reward_and_preference_stages_on_two_ranks_match_one(tmp_path, tiny_model_dir, stage, label, sharding):
+FEEDBACK = {"dataset": "pydoc_feedback", "eval_dataset": "pydoc_feedback_test"}
+
+
+@pytest.mark.parametrize("stage,label,sharding,data", [("rm", "reward", "ds_z2_config.json", {}),
+                                                       ("rm", "reward", "ds_z3_config.json", {}),
+                                                       ("dpo", "preference", "ddp", {}),
+                                                       ("kto", "preference", "ds_z2_config.json", FEEDBACK)])
+def test_reward_and_preference_stages_on_two_ranks_match_one(tmp_path, tiny_model_dir, stage, label, sharding, data):
     """rm under ZeRO-2 (unpadded pairs) and ZeRO-3 (TRL's padded ones; its score head gathered from the ranks'
-    slices when saved), and LoRA DPO under plain data parallel (its reference: the policy's own base with the
-    adapter off, through DDP's wrapper): 2 ranks of 2 pairs train as 1 rank of 4 does."""
+    slices when saved), LoRA DPO under plain data parallel (its reference: the policy's own base with the
+    adapter off, through DDP's wrapper) and KTO (its KL estimate averaged over the ranks, as TRL does): 2
+    ranks of 2 rows train as 1 rank of 4 does."""
     keys = {} if sharding == "ddp" else {"deepspeed": str(DEEPSPEED / sharding)}
     single, single_losses = trained_on(tmp_path / "one", tiny_model_dir, label, stage=stage,
-                                       per_device_train_batch_size=4)
+                                       per_device_train_batch_size=4, **data)
     double, losses = trained_on(tmp_path / "two", tiny_model_dir, label, stage=stage, per_device_train_batch_size=2,
-                                nproc_per_node=2, **keys)
+                                nproc_per_node=2, **keys, **data)
     assert len(losses) == len(single_losses) == 4
-    assert max(abs(a - b) for a, b in zip(losses, single_losses, strict=True)) < TOLERANCE, (losses, single_losses)
+    gap = max(abs(a - b) for a, b in zip(losses, single_losses, strict=True))
+    assert gap < 1e-4, (losses, single_losses)  # KTO's KL estimate of one rank alone moved them 7e-4
     assert json.loads(double.part("results").read_text())["world_size"] == 2
     ours = load_file(str(double.part("adapter") / "adapter_model.safetensors"))
     theirs = load_file(str(single.part("adapter") / "adapter_model.safetensors"))
