@@ -83,6 +83,13 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
     def __init__(self, loss: Loss, reference_model, **kwargs):
         super().__init__(**kwargs)
         self.loss_settings = loss
+        if reference_model is not None and self.is_deepspeed_enabled and not getattr(reference_model,
+                                                                                      "is_quantized", False):
+            from trl.models.utils import prepare_deepspeed
+
+            # Under ZeRO-3 it loaded partitioned, as the policy did: an inference engine gathers its weights
+            # (ZeRO-3) or holds them whole (other stages), as LlamaFactory and TRL prepare a reference model.
+            reference_model = prepare_deepspeed(reference_model, self.accelerator)
         self.reference_model = reference_model
         self.stored: dict[str, list[float]] = defaultdict(list)
 

@@ -78,6 +78,7 @@ FEEDBACK = {"dataset": "pydoc_feedback", "eval_dataset": "pydoc_feedback_test"}
 @pytest.mark.parametrize("stage,label,sharding,data", [("rm", "reward", "ds_z2_config.json", {}),
                                                        ("rm", "reward", "ds_z3_config.json", {}),
                                                        ("dpo", "preference", "ddp", {}),
+                                                       ("dpo", "preference", "ds_z3_config.json", "ref_model"),
                                                        ("kto", "preference", "ds_z2_config.json", FEEDBACK)])
 def test_reward_and_preference_stages_on_two_ranks_match_one(tmp_path, tiny_model_dir, stage, label, sharding, data):
     """rm under ZeRO-2 (unpadded pairs) and ZeRO-3 (TRL's padded ones; its score head gathered from the ranks'
@@ -85,6 +86,8 @@ def test_reward_and_preference_stages_on_two_ranks_match_one(tmp_path, tiny_mode
     adapter off, through DDP's wrapper) and KTO (its KL estimate averaged over the ranks, as TRL does): 2
     ranks of 2 rows train as 1 rank of 4 does."""
     keys = {} if sharding == "ddp" else {"deepspeed": str(DEEPSPEED / sharding)}
+    if data == "ref_model":  # a separate reference model, partitioned like the policy
+        data = {"ref_model": str(tiny_model_dir)}
     single, single_losses = trained_on(tmp_path / "one", tiny_model_dir, label, stage=stage,
                                        per_device_train_batch_size=4, **data)
     double, losses = trained_on(tmp_path / "two", tiny_model_dir, label, stage=stage, per_device_train_batch_size=2,
