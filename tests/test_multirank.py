@@ -114,6 +114,16 @@ def test_ppo_refuses_several_ranks(tiny_model_dir):
                                             nproc_per_node=2))
 
 
+def test_a_quantized_reference_cannot_be_partitioned(tiny_model_dir):
+    from tasks.core.errors import RecipeError
+    from tasks.core.recipe import Recipe
+
+    with pytest.raises(RecipeError, match="'ref_model_quantization_bit' cannot be combined"):
+        Recipe.from_flat(tiny_recipe_values(tiny_model_dir, stage="dpo", ref_model=str(tiny_model_dir),
+                                            ref_model_quantization_bit=4,
+                                            deepspeed=str(DEEPSPEED / "ds_z3_config.json")))
+
+
 def test_fsdp_needs_a_gpu(tiny_model_dir):
     from flows.plan import plan_run
     from tasks.core.errors import RecipeError

@@ -449,6 +449,9 @@ def check_launch(recipe: Recipe, source: str) -> None:
     if zero == 3 and m.quantization_bit:
         raise RecipeError(f"{source}: keys 'deepspeed' (ZeRO-3) and 'quantization_bit' cannot be combined: "
                           "bitsandbytes weights cannot be partitioned")
+    if zero == 3 and recipe.rlhf.ref_model_quantization_bit:
+        raise RecipeError(f"{source}: keys 'deepspeed' (ZeRO-3) and 'ref_model_quantization_bit' cannot be combined: "
+                          "bitsandbytes weights cannot be partitioned")
     if zero == 3 and f.pure_bf16:
         raise RecipeError(f"{source}: keys 'pure_bf16' and 'deepspeed' (ZeRO-3) cannot be combined")
     if zero == 3 and f.pissa_init:
