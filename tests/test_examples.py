@@ -18,7 +18,7 @@ def test_there_is_an_example_per_stage_and_loss():
     methods = {"loraplus", "pissa", "lora_additional_target", "lora_new_adapter", "lora_neftune", "freeze_modules",
                "full_galore", "full_galore_layerwise", "full_apollo", "full_badam", "full_adam_mini", "full_muon",
                "full_pure_bf16", "full_ds_z2", "lora_ds_z3"}
-    assert {f"sft_{method}" for method in methods} <= names
+    assert {f"sft_{method}" for method in methods} | {"dpo_lora_ds_z2"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
