@@ -91,6 +91,7 @@ def kto_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach(), kl
 
 
-def pairwise_accuracy(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
-    """Share of pairs whose chosen score is strictly higher (a tie is not a win), as LlamaFactory's rm accuracy."""
-    return (chosen_scores > rejected_scores).float().mean()
+def pairwise_wins(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
+    """1 for each pair whose chosen score is strictly higher, else 0 (a tie is not a win, as in LlamaFactory's rm
+    accuracy); their mean is the pairwise accuracy."""
+    return (chosen_scores > rejected_scores).float()

@@ -32,7 +32,7 @@ from tasks.preference_losses import (
     kto_loss,
     ld_logps,
     orpo_loss,
-    pairwise_accuracy,
+    pairwise_wins,
     sequence_logps,
     simpo_loss,
 )
@@ -140,7 +140,7 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
                 chosen, rejected, ref_chosen, ref_rejected, loss.beta, loss.kind, loss.label_smoothing or 0.0)
         if loss.ftx > 0 and loss.kind != "kto_pair":  # kto_pair's losses are not per pair
             losses = losses - loss.ftx * averaged.chunk(2)[0]  # plus the chosen replies' NLL per token
-        self.store(chosen_rewards, rejected_rewards, chosen, rejected)
+        self.store(chosen_rewards, rejected_rewards, chosen, rejected, paired=True)
         return losses
 
     def kto_losses(self, model, batch) -> torch.Tensor:
@@ -160,18 +160,24 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
             sft = -averaged[desirable].mean() * len(desirable) / desirable.sum()
             losses = losses + loss.ftx * sft / len(losses)
         self.stored["kl"].append(kl.item())
-        self.store(chosen_rewards, rejected_rewards, policy[desirable], policy[~desirable])
+        self.store(chosen_rewards, rejected_rewards, policy[desirable], policy[~desirable], paired=False)
         return losses
 
-    def store(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> None:
-        """Keep the batch's reward and log-prob figures for the next log line."""
-        for name, values in (("rewards/chosen", chosen_rewards), ("rewards/rejected", rejected_rewards),
-                             ("logps/chosen", chosen_logps), ("logps/rejected", rejected_logps)):
-            if values.numel():
-                self.stored[name].append(values.detach().float().mean().item())
-        if chosen_rewards.numel() and chosen_rewards.shape == rejected_rewards.shape:
-            self.stored["rewards/accuracies"].append(pairwise_accuracy(chosen_rewards, rejected_rewards).item())
-            self.stored["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+    def store(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, paired: bool) -> None:
+        """Keep the batch's reward and log-prob figures for the next log line: each the mean over the rows of
+        every rank's batch (the Trainer logs from rank 0 only). One summed (total, count) pair per figure, so
+        every rank takes part in the same collective even where its batch has no row for one (KTO, whose rows
+        are not paired: no accuracy or margin)."""
+        none = chosen_rewards[:0]
+        figures = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                   "logps/chosen": chosen_logps, "logps/rejected": rejected_logps,
+                   "rewards/accuracies": pairwise_wins(chosen_rewards, rejected_rewards) if paired else none,
+                   "rewards/margins": chosen_rewards - rejected_rewards if paired else none}
+        sums = torch.stack([torch.stack((v.detach().float().sum(), torch.tensor(float(v.numel()), device=v.device)))
+                            for v in figures.values()])
+        for name, (total, count) in zip(figures, self.accelerator.reduce(sums, "sum").tolist(), strict=True):
+            if count:
+                self.stored[name].append(total / count)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs = {**logs, **{k: sum(v) / len(v) for k, v in self.stored.items() if v}}

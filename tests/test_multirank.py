@@ -4,6 +4,7 @@ and collects the artifact; the loss curve matches a one-rank run with the same g
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -100,6 +101,11 @@ def test_reward_and_preference_stages_on_two_ranks_match_one(tmp_path, tiny_mode
     theirs = load_file(str(single.part("adapter") / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys()
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-3
+    if label == "preference":  # the reward figures are over every rank's rows, not rank 0's alone
+        names = ["rewards/chosen", "rewards/rejected"] + (["rewards/accuracies"] if stage == "dpo" else [])
+        ours, theirs = ([e.get(name, math.nan) for e in json.loads(a.part("log_history").read_text()) if "loss" in e
+                         for name in names] for a in (double, single))  # a KTO batch may lack undesirable rows
+        assert ours == pytest.approx(theirs, abs=1e-4, nan_ok=True) and not all(map(math.isnan, ours))
     if stage == "rm":
         head, expected = (load_file(str(a.part("value_head")))["weight"] for a in (double, single))
         assert head.shape == expected.shape and torch.allclose(head, expected, atol=1e-3)

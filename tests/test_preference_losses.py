@@ -10,7 +10,7 @@ from tasks.preference_losses import (
     kto_loss,
     ld_logps,
     orpo_loss,
-    pairwise_accuracy,
+    pairwise_wins,
     sequence_logps,
     simpo_loss,
     token_logps,
@@ -105,8 +105,8 @@ def test_kto_loss_with_weights_and_the_kl_clamp():
     assert only_desirable.shape == (1,)
 
 
-def test_pairwise_accuracy_counts_ties_as_misses():
-    assert pairwise_accuracy(t(1.0, 2.0, 3.0, 0.5), t(0.0, 2.0, 1.0, 1.0)).item() == pytest.approx(0.5)
+def test_a_pairwise_tie_is_not_a_win():
+    assert pairwise_wins(t(1.0, 2.0, 3.0, 0.5), t(0.0, 2.0, 1.0, 1.0)).tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
 def test_a_dpo_gradient_step_widens_the_chosen_margin():
