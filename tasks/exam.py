@@ -152,7 +152,7 @@ def predict(model, tokenizer, prompts: list[list[int]], batch_size: int, progres
         ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch], device=model.device)
         mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=model.device)
         last = torch.zeros_like(mask, dtype=torch.bool)
-        last[torch.arange(len(batch)), mask.sum(-1) - 1] = True
+        last[torch.arange(len(batch), device=mask.device), mask.sum(-1) - 1] = True
         with torch.no_grad():
             if label_only:  # the head at each prompt's last token alone: (batch, vocab), not (batch, width, vocab)
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=last).logits.reshape(len(batch), -1)

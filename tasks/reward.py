@@ -96,6 +96,7 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoTokenizer
     from trl import RewardConfig
 
+    from tasks.lean_training import restore_attention
     from tasks.reward_trainer import FlatRewardTrainer, pair_collator
 
     data = ctx.inputs["data"]
@@ -118,6 +119,7 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
         summary |= {"eval_accuracy": scores["eval_accuracy"], "eval_margin": scores["eval_margin"]}
         ctx.log.info("reward model on %d validation pairs: accuracy %.3f, margin %.3f", len(pairs),
                      scores["eval_accuracy"], scores["eval_margin"])
+    restore_attention(trainer.model, config.attn_implementation)
     head = whole_weight(score_head(trainer.model).weight)  # before save_weights: every rank takes part
     weights = save_weights(trainer.model, tokenizer, config, out)
     save_file({"weight": head}, str(out / VALUE_HEAD))
