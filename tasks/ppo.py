@@ -138,7 +138,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.ppo", "tasks.ppo_loop", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods",
-          "tasks.core.mapped_weights"),
+          "tasks.core.mapped_weights", "tasks.eval_passes"),
     libraries=("torch", "transformers", "peft", "safetensors"),
     heavy=True,
 )

@@ -20,6 +20,7 @@ from tasks.core.errors import RecipeError
 from tasks.core.hardware import place_on_compute_device, quantized_placement
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext, check_stop
+from tasks.eval_passes import left_padded
 from tasks.ppo import POLICY, REWARD, PPOConfig, PPOSettings, Rollout
 from tasks.ppo_math import (
     AdaptiveKLController,
@@ -123,14 +124,6 @@ class SharedModel:
         return self.reward_head(hidden[torch.arange(len(ids), device=ids.device), last].float()).squeeze(-1)
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
 def right_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
               ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
@@ -160,7 +153,7 @@ def sample_replies(shared: SharedModel, prompts: list[list[int]], rollout: Rollo
                  "top_k": rollout.top_k} if rollout.do_sample else {"do_sample": False})
     replies = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start : start + batch_size], pad_id, shared.device)
+        ids, mask = left_padded(prompts[start : start + batch_size], pad_id, shared.device)
         with shared.autocast():
             output = shared.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=rollout.max_new_tokens,
                                            repetition_penalty=rollout.repetition_penalty,
