@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tasks.core.errors import RecipeError
-from tasks.core.hardware import place_on_compute_device, quantized_placement
+from tasks.core.hardware import place_on_compute_device
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext, check_stop
 from tasks.eval_passes import left_padded
@@ -30,7 +30,7 @@ from tasks.ppo_math import (
     normalize_scores,
     ppo_losses,
 )
-from tasks.train_methods import quantization_config
+from tasks.train_methods import quantized_loading
 
 
 def load_reward_adapter(model, reward_dir: Path) -> None:
@@ -85,8 +85,7 @@ class SharedModel:
         self.reward_classifier = reward_classifier
         base = model.get_base_model()
         self.backbone, self.lm_head = base.base_model, base.get_output_embeddings()
-        self.device_type = self.device.type
-        self.autocast = forward_precision(precision, self.device_type)
+        self.autocast = forward_precision(precision, self.device.type)
 
     def hidden(self, ids, mask):
         with self.autocast():
@@ -233,9 +232,8 @@ def reward_parts(ctx: BuildContext, config: PPOConfig, shared_model):
     if reward.info.get("weights") != "model":
         raise RecipeError("key 'reward_model_type': full needs a reward model with whole weights (trained with "
                           "finetuning_type full or freeze); this one is a LoRA adapter (use reward_model_type: lora)")
-    kwargs = {**remote_code(ctx.inputs["model"])}  # a full reward model is trained from this same base
-    if quant := quantization_config(config.reward_quantization, config.precision):
-        kwargs |= {"quantization_config": quant, **quantized_placement()}
+    kwargs = {**remote_code(ctx.inputs["model"]),  # a full reward model is trained from this same base
+              **quantized_loading(config.reward_quantization, config.precision)}
     classifier = AutoModelForSequenceClassification.from_pretrained(str(reward.part(reward.info["weights"])), **kwargs)
     place_on_compute_device(classifier).eval().requires_grad_(False)
     return head, classifier
@@ -254,7 +252,7 @@ def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, 
     warmup = config.schedule.warmup_steps or math.ceil((config.schedule.warmup_ratio or 0) * steps)
     scheduler = get_scheduler(config.schedule.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=steps)
-    scaler = torch.amp.GradScaler(shared.device_type, enabled=config.precision == "fp16")
+    scaler = torch.amp.GradScaler(shared.device.type, enabled=config.precision == "fp16")
     kl_control = AdaptiveKLController(config.ppo.init_kl_coef, config.ppo.target_kl, config.ppo.horizon)
     moments, rng = RunningMoments(), random.Random(config.seed)
     order: list[int] = []

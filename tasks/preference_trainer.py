@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from tasks.core.hardware import place_on_compute_device, quantized_placement
+from tasks.core.hardware import place_on_compute_device
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext
 from tasks.eval_passes import padded_batch
@@ -36,7 +36,7 @@ from tasks.preference_losses import (
     sequence_logps,
     simpo_loss,
 )
-from tasks.train_methods import quantization_config
+from tasks.train_methods import quantized_loading
 
 
 def sequences(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, flat: bool) -> dict[str, torch.Tensor]:
@@ -205,8 +205,7 @@ def load_reference(ctx: BuildContext, config: PreferenceConfig):
 
     kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation,
                               **remote_code(ctx.inputs["reference"])}
-    if quant := quantization_config(config.reference_quantization, config.precision):
-        kwargs |= {"quantization_config": quant, **quantized_placement()}
+    kwargs |= quantized_loading(config.reference_quantization, config.precision)
     model = AutoModelForCausalLM.from_pretrained(str(reference_dir), **kwargs)
     place_on_compute_device(model).eval()  # the Trainer moves only the model it trains
     for param in model.parameters():

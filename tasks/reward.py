@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core.hardware import quantized_placement, torch_dtype
+from tasks.core.hardware import torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
@@ -53,12 +53,11 @@ def load_classifier(model_dir: Path, config: TrainingConfig, pad_token_id: int, 
     """The base as a one-output sequence classifier (a new score head, seeded)."""
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.train_methods import load_dtype, quantization_config
+    from tasks.train_methods import load_dtype, quantized_loading
 
     kwargs = {"num_labels": 1, "attn_implementation": config.attn_implementation,
               "trust_remote_code": trust_remote_code}
-    if quant := quantization_config(config.quantization, config.precision):
-        kwargs |= {"quantization_config": quant, **quantized_placement()}
+    kwargs |= quantized_loading(config.quantization, config.precision)
     if dtype := load_dtype(config):
         kwargs["dtype"] = torch_dtype(dtype)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)

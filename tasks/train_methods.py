@@ -65,6 +65,13 @@ def quantization_config(quant: QuantSettings | None, precision: str):
     )
 
 
+def quantized_loading(quant: QuantSettings | None, precision: str) -> dict[str, Any]:
+    """from_pretrained's keywords to load a model in 4 or 8 bit on this process's device; none without quant."""
+    if quant is None:
+        return {}
+    return {"quantization_config": quantization_config(quant, precision), **quantized_placement()}
+
+
 def load_base(model_dir: Path, config, trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
