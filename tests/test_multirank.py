@@ -248,29 +248,66 @@ def test_a_failing_rank_fails_the_task_in_one_line():
         run_forwarding([sys.executable, "-c", script], {}, logging.getLogger("test"))
 
 
+def port_outside_ephemeral_range() -> int:
+    """A free port below the kernel's ephemeral range, which it never hands out by itself (to a bind to port 0,
+    or as a connection's source port): nothing else takes it in the seconds before node 0 listens on it."""
+    import random
+    import socket
+    from pathlib import Path
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(20000, low), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000-{low}")
+
+
+def run_nodes(commands: list[list[str]], logs: list, env: dict, deadline_s: float) -> None:
+    """Start every node's process, wait for all; the first failure (or the deadline) stops the others, and the
+    assertion shows each node's log tail (a node that fails early leaves the other waiting at the rendezvous)."""
+    import subprocess
+    import time
+
+    children = []
+    for command, log in zip(commands, logs, strict=True):
+        with log.open("w") as sink:
+            children.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink, cwd=log.parent))
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and any(c.poll() is None for c in children):
+        if any(c.returncode not in (None, 0) for c in children):
+            break
+        time.sleep(0.5)
+    for child in children:
+        if child.poll() is None:
+            child.kill()  # its torchrun and ranks follow it (die_with_parent)
+        child.wait()
+    report = "\n".join(f"--- node {n} (exit {c.returncode}) ---\n{log.read_text()[-3000:]}"
+                       for n, (c, log) in enumerate(zip(children, logs, strict=True)))
+    assert all(c.returncode == 0 for c in children), report
+
+
 def test_two_nodes_on_one_machine(one_rank, tiny_model_dir, tmp_path):
     """nnodes: 2 with one rank each, as two Prefect workers would run it (each its own store and node_rank):
     torchrun gets --nnodes/--node_rank/--master_addr/--master_port, and each node publishes the same weights."""
     import os
-    import subprocess
     import sys
 
-    from tasks.launch import free_port
-
     _, (single, single_losses) = one_rank
-    port = free_port()
+    port = port_outside_ephemeral_range()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    children, stores = [], []
+    logged = "import logging; logging.basicConfig(level=logging.INFO)" + CHILD  # the ranks' output, forwarded
+    commands, stores = [], []
     for node in (0, 1):
         values = tiny_recipe_values(tiny_model_dir, max_steps=6, logging_steps=1, save_steps=100, learning_rate=5e-3,
                                     finetuning_type="full", per_device_train_batch_size=2, nproc_per_node=1,
                                     nnodes=2, node_rank=node, master_addr="127.0.0.1", master_port=port)
         stores.append(tmp_path / f"node{node}")
-        children.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(values), str(stores[-1])],
-                                         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for child in children:
-        _, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err.decode()[-2000:]
+        commands.append([sys.executable, "-c", logged, json.dumps(values), str(stores[-1])])
+    run_nodes(commands, [tmp_path / "node0.log", tmp_path / "node1.log"], env, deadline_s=300)
     theirs = load_file(str(single.part("model") / "model.safetensors"))
     for store in stores:
         (folder,) = [p for p in (store / "train").iterdir() if not p.name.startswith(".")]
