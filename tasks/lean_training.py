@@ -143,6 +143,15 @@ def bucketed_row(inputs: dict[str, Any], targets, keep):
     return grown, targets, torch.cat([keep, added], dim=1)
 
 
+def bucketed_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """`bucketed_row` for a row read from its hidden states, not through the output head (no targets)."""
+    import torch
+
+    nothing = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    grown, _, _ = bucketed_row(dict(inputs), torch.full_like(inputs["input_ids"], IGNORE_INDEX), nothing)
+    return grown
+
+
 def label_logits(model, batch: dict[str, Any]):
     """Logits at the positions that predict a label, and those labels, for one padded or flattened batch.
     The labels returned may include ignored ones (IGNORE_INDEX) where a flattened row was bucketed."""

@@ -95,6 +95,7 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, reward: Step, adapter: St
 def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     from safetensors.torch import save_file
 
+    from tasks.lean_training import flat_batches_supported, restore_attention, use_varlen_attention
     from tasks.ppo_loop import SharedModel, linear_head, reward_parts, train_ppo
 
     data = ctx.inputs["data"]
@@ -104,7 +105,10 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     cast_frozen_weights_for_autocast(model, config)  # the reward adapter's weights too: they are frozen here
     place_on_compute_device(model)  # this loop is not the Trainer's: nothing else moves it to the GPU
     critic = linear_head(reward_head.weight.detach(), trainable=True)  # the critic starts as the reward head
-    shared = SharedModel(model, critic, reward_head, classifier, config.precision)
+    flat = flat_batches_supported(model)  # scoring and the policy's passes on unpadded rows
+    if flat:
+        use_varlen_attention(model)
+    shared = SharedModel(model, critic, reward_head, classifier, config.precision, flat=flat)
 
     def report(entry: dict[str, float]) -> None:
         if entry["step"] % config.logging_steps == 0:
@@ -116,6 +120,7 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     history = train_ppo(shared, load_rows(data.part("train"))["input_ids"], config,
                         json.loads(data.part("generation").read_text()), report)
     seconds = time.monotonic() - started
+    restore_attention(model, config.attn_implementation)
     model.save_pretrained(str(out / "adapter"), selected_adapters=[POLICY])
     from transformers import AutoTokenizer
 
@@ -138,7 +143,7 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.ppo", "tasks.ppo_loop", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods",
-          "tasks.core.mapped_weights", "tasks.eval_passes"),
+          "tasks.core.mapped_weights", "tasks.eval_passes", "tasks.lean_training", "tasks.varlen_attention"),
     libraries=("torch", "transformers", "peft", "safetensors"),
     heavy=True,
 )

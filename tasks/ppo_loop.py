@@ -21,6 +21,7 @@ from tasks.core.hardware import place_on_compute_device
 from tasks.core.loading import remote_code
 from tasks.core.stage import BuildContext, check_stop
 from tasks.eval_passes import left_padded
+from tasks.lean_training import bucketed_inputs, sample_bounds
 from tasks.ppo import POLICY, REWARD, PPOConfig, PPOSettings, Rollout
 from tasks.ppo_math import (
     AdaptiveKLController,
@@ -76,10 +77,11 @@ class SharedModel:
     """The policy, critic, reward model and reference on one base: forward passes under the right adapter, in
     the training's precision, on the model's device (the heads join it there). The one-output heads (critic,
     reward) run in fp32 outside autocast: they cost nothing, and PPO's advantages and score normalisation read
-    their outputs."""
+    their outputs. Where `flat`, the backbone runs a batch's real tokens as one unpadded row (see `hidden`)."""
 
-    def __init__(self, model, critic, reward_head, reward_classifier=None, precision: str = "fp32"):
-        self.device = next(model.parameters()).device
+    def __init__(self, model, critic, reward_head, reward_classifier=None, precision: str = "fp32",
+                 flat: bool = False):
+        self.device, self.flat = next(model.parameters()).device, flat
         self.model, self.critic = model, critic.to(self.device)
         self.reward_head = reward_head.to(self.device) if reward_head is not None else None
         self.reward_classifier = reward_classifier
@@ -88,8 +90,19 @@ class SharedModel:
         self.autocast = forward_precision(precision, self.device.type)
 
     def hidden(self, ids, mask):
+        """The backbone's last hidden states of right-padded rows. Flat: the real tokens laid end to end as one
+        row, attended sequence by sequence, as the sft stage trains (tasks.lean_training), then put back in
+        the rows' layout with zeros at the pads, which every reader masks out. A rollout batch's replies end
+        anywhere up to max_new_tokens, so its padded rows are a good part padding."""
         with self.autocast():
-            return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            if not self.flat:
+                return self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            real = mask.bool()
+            row = {"input_ids": ids[real][None], "position_ids": (mask.cumsum(-1) - 1)[real][None]}
+            row = bucketed_inputs(row)
+            states = self.backbone(**row, **sample_bounds(row["position_ids"]), use_cache=False).last_hidden_state
+            return states.new_zeros(*ids.shape, states.shape[-1]).masked_scatter(real[..., None],
+                                                                                  states[0, : int(real.sum())])
 
     def logprobs_and_values(self, ids, mask, response, with_values: bool = True):
         """Log-prob of each next token and the critic's value of each state, for positions 0..T-2. The output

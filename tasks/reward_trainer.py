@@ -22,10 +22,9 @@ from transformers import DataCollatorWithFlattening
 from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardTrainer
 
-from tasks.lean_training import bucketed_row, flat_batches_supported, sample_bounds, use_varlen_attention
+from tasks.lean_training import bucketed_inputs, flat_batches_supported, sample_bounds, use_varlen_attention
 from tasks.optimizers import SparseGradClipping
 from tasks.reward import score_head
-from tasks.templates import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,7 @@ def flat_rewards(model, score: torch.nn.Module, batch: dict[str, torch.Tensor], 
     to the shape grid (`bucketed_row`); the filler comes after every pooled position and causal attention
     keeps it out of them."""
     pooled = pooled_positions(batch["input_ids"], batch["position_ids"], pad_token_id)
-    nothing = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-    inputs, _, _ = bucketed_row(dict(batch), torch.full_like(batch["input_ids"], IGNORE_INDEX), nothing)
+    inputs = bucketed_inputs(batch)
     scores: list[torch.Tensor] = []
     hook = score.register_forward_hook(lambda module, args, output: scores.append(output))
     try:

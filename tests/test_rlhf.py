@@ -149,6 +149,45 @@ def test_ppo_log_probs_from_the_head_at_reply_positions_equal_the_full_logits_on
     assert torch.allclose(logprobs, expected, atol=1e-5) and values.shape == response.shape
 
 
+def test_ppo_passes_on_unpadded_rows_equal_the_padded_ones(tiny_model_dir):
+    """flat: the backbone runs a batch's real tokens as one row, attended sequence by sequence. Log-probs,
+    values, the reference's log-probs, the scores, and the gradients of the policy and the critic equal the
+    padded batch's (fp32); the values at pads, which every reader masks out, are not compared."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.lean_training import use_varlen_attention
+
+    torch.manual_seed(0)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    policy.add_adapter(ppo_loop.REWARD, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    policy.set_adapter(ppo_loop.POLICY)
+    critic = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+    reward_head = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+    use_varlen_attention(policy)
+    ids = torch.tensor([[5, 17, 42, 8, 9, 3, 0], [7, 3, 11, 12, 0, 0, 0], [9, 9, 4, 21, 30, 31, 32]])
+    mask = (torch.arange(7) < torch.tensor([[6], [4], [7]])).long()
+    response = torch.zeros(3, 6)
+    response[0, 2:5], response[1, 1:3], response[2, 3:6] = 1, 1, 1  # the last row's reply ends the batch
+    rows = []
+    policy.get_input_embeddings().register_forward_hook(lambda module, args, output: rows.append(args[0].shape))
+    results = {}
+    for flat in (False, True):
+        shared = ppo_loop.SharedModel(policy, critic, reward_head, flat=flat)
+        policy.zero_grad()
+        critic.zero_grad()
+        logprobs, values = shared.logprobs_and_values(ids, mask, response)
+        (logprobs.sum() + (values * response).sum()).backward()
+        gradients = [p.grad.clone() for p in [*policy.parameters(), *critic.parameters()] if p.grad is not None]
+        reference = shared.reference_logprobs(ids, mask, response)
+        results[flat] = [logprobs.detach(), (values * response).detach(), reference, shared.scores(ids, mask),
+                         *gradients]
+    assert rows[:3] == [torch.Size([3, 7])] * 3 and rows[3:] == [torch.Size([1, 64])] * 3  # 17 tokens, on the grid
+    assert len(results[True]) == len(results[False]) > 4
+    for padded, flat in zip(results[False], results[True], strict=True):
+        assert torch.allclose(padded, flat, atol=1e-5), (padded - flat).abs().max()
+
+
 def test_ppo_forward_passes_run_under_bf16_autocast_with_fp32_heads(tiny_model_dir):
     """Under bf16 mixed precision PPO's own loop autocasts its forward passes as the Trainer-run stages do (the
     frozen weights are held in bf16, so without autocast they would not even run), while the critic and reward
@@ -241,6 +280,13 @@ def test_ppo_chains_on_sft_and_rm_recipes_all_under_bf16(tiny_model_dir, write_r
             cast(model, config)
             held[stage] = {p.dtype for n, p in model.named_parameters() if p.ndim == 2 and ".default." not in n}
         monkeypatch.setattr(module, "cast_frozen_weights_for_autocast", hold_and_record)
+    flat = []
+    shared_init = ppo_loop.SharedModel.__init__
+
+    def recording_init(self, *args, **kwargs):
+        flat.append(kwargs["flat"])
+        shared_init(self, *args, **kwargs)
+    monkeypatch.setattr(ppo_loop.SharedModel, "__init__", recording_init)
     common = {"max_samples": 8, "max_steps": 2, "per_device_train_batch_size": 4, "max_new_tokens": 3, "bf16": True}
     sft = write_recipe("sft.yaml", **common)
     rm = write_recipe("rm.yaml", stage="rm", **PAIRS, **common)
@@ -258,6 +304,7 @@ def test_ppo_chains_on_sft_and_rm_recipes_all_under_bf16(tiny_model_dir, write_r
     assert set(manifest["inputs"]) == {"data", "model", "reward", "adapter"}
     assert (ppo_dir / "value_head.safetensors").is_file()
     assert held == {"reward": {torch.bfloat16}, "ppo": {torch.bfloat16}}  # base and reward adapter; not the trained
+    assert flat == [True]  # ppo's passes on unpadded rows
     precisions = {path.parent.parent.name: json.loads(path.read_text())["config"]["precision"]
                   for path in (workdir / "artifacts").glob("*/*/manifest.json") if path.parent.parent.name in TRAINERS}
     assert precisions == {"train": "bf16", "reward": "bf16", "ppo": "bf16"}
