@@ -389,6 +389,7 @@ def node_writer() -> bool:
 
     if not dist.is_initialized():
         return True
+    dist.barrier()  # no rank is still in a collective (the Trainer's last ones) when another node's writer leaves
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return False
     if dist.get_rank() != 0:
