@@ -8,8 +8,9 @@ the critic (value) head. The reference is the base with adapters disabled. Switc
 Each step: sample replies to a batch of prompts, score them with the reward model, take the policy's
 and the reference's log-probs and the critic's values, shape per-token rewards with a KL penalty,
 compute GAE advantages, then run `ppo_epochs` of clipped policy and value updates (tasks.ppo_math,
-ported from TRL 0.9.6's PPOTrainer, which TRL 1.x no longer has). There is no resume: a killed PPO run
-starts again (as in LlamaFactory).
+ported from TRL 0.9.6's PPOTrainer, which TRL 1.x no longer has). Every `save_steps` the loop's whole state
+is checkpointed in the staging folder, and a re-run of a killed ppo run resumes from the newest complete
+checkpoint, as the Trainer-run stages do (tasks.ppo_checkpoints; LlamaFactory's PPO cannot resume).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.reward import VALUE_HEAD
 from tasks.rows import load_rows
-from tasks.train_common import REPORTS, TrainingConfig, training_locators, training_values, write_history, write_results
+from tasks.train_common import (
+    REPORTS,
+    TrainingConfig,
+    resume_point,
+    training_locators,
+    training_values,
+    write_history,
+    write_results,
+)
 from tasks.train_methods import (
     QuantSettings,
     attach_trainable,
@@ -116,9 +125,10 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
             ctx.log.info("ppo step %d: reward %.3f, kl %.3f, loss %.3f", entry["step"], entry["reward"], entry["kl"],
                          entry["loss"])
 
+    resume = resume_point(config, ctx)
     started = time.monotonic()
     history = train_ppo(shared, load_rows(data.part("train"))["input_ids"], config,
-                        json.loads(data.part("generation").read_text()), report)
+                        json.loads(data.part("generation").read_text()), report, checkpoints=ctx.staging, resume=resume)
     seconds = time.monotonic() - started
     restore_attention(model, config.attn_implementation)
     model.save_pretrained(str(out / "adapter"), selected_adapters=[POLICY])
@@ -129,7 +139,8 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     save_file({"weight": critic.weight.detach().cpu().contiguous()}, str(out / VALUE_HEAD))
     write_history(history, out)
     quarter = max(1, len(history) // 4)
-    summary = {"global_step": len(history), "train_seconds": round(seconds, 2),
+    summary = {"global_step": len(history), "train_seconds": round(seconds, 2),  # this process's share
+               "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
                "reward_first_quarter": sum(h["reward"] for h in history[:quarter]) / quarter,
                "reward_last_quarter": sum(h["reward"] for h in history[-quarter:]) / quarter,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
@@ -142,8 +153,9 @@ STAGE = Stage(
     name="ppo",
     plan=plan,
     build=build,
-    code=("tasks.ppo", "tasks.ppo_loop", "tasks.ppo_math", "tasks.reward", "tasks.train_common", "tasks.train_methods",
-          "tasks.core.mapped_weights", "tasks.eval_passes", "tasks.lean_training", "tasks.varlen_attention"),
+    code=("tasks.ppo", "tasks.ppo_loop", "tasks.ppo_math", "tasks.ppo_checkpoints", "tasks.train_checkpoints",
+          "tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.core.mapped_weights", "tasks.eval_passes",
+          "tasks.lean_training", "tasks.varlen_attention"),
     libraries=("torch", "transformers", "peft", "safetensors"),
     heavy=True,
 )

@@ -23,6 +23,7 @@ from tasks.core.stage import BuildContext, check_stop
 from tasks.eval_passes import left_padded
 from tasks.lean_training import bucketed_inputs, sample_bounds
 from tasks.ppo import POLICY, REWARD, PPOConfig, PPOSettings, Rollout
+from tasks.ppo_checkpoints import LoopState, restore_checkpoint, save_checkpoint
 from tasks.ppo_math import (
     AdaptiveKLController,
     RunningMoments,
@@ -253,8 +254,10 @@ def reward_parts(ctx: BuildContext, config: PPOConfig, shared_model):
 
 
 def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, generation: dict[str, Any],
-              on_step=None) -> list[dict[str, float]]:
-    """The PPO loop over the prompts; returns each step's figures (on_step(entry) sees them as they come)."""
+              on_step=None, checkpoints: Path | None = None, resume: Path | None = None) -> list[dict[str, float]]:
+    """The PPO loop over the prompts; returns each step's figures (on_step(entry) sees each new one as it comes).
+    With `checkpoints` (a staging folder) the loop's state is saved there every save_steps; `resume` is a
+    checkpoint to go on from (tasks.ppo_checkpoints)."""
     from transformers import get_scheduler
 
     model = shared.model
@@ -263,33 +266,36 @@ def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, 
     parameters = [p for p in model.parameters() if p.requires_grad] + list(shared.critic.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = config.schedule.warmup_steps or math.ceil((config.schedule.warmup_ratio or 0) * steps)
-    scheduler = get_scheduler(config.schedule.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=steps)
-    scaler = torch.amp.GradScaler(shared.device.type, enabled=config.precision == "fp16")
-    kl_control = AdaptiveKLController(config.ppo.init_kl_coef, config.ppo.target_kl, config.ppo.horizon)
-    moments, rng = RunningMoments(), random.Random(config.seed)
-    order: list[int] = []
-    history = []
-    for step in range(1, steps + 1):
+    loop = LoopState(optimizer=optimizer,
+                     scheduler=get_scheduler(config.schedule.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                             num_training_steps=steps),
+                     scaler=torch.amp.GradScaler(shared.device.type, enabled=config.precision == "fp16"),
+                     kl_control=AdaptiveKLController(config.ppo.init_kl_coef, config.ppo.target_kl, config.ppo.horizon),
+                     moments=RunningMoments(), rng=random.Random(config.seed))
+    done = restore_checkpoint(resume, shared, loop) if resume else 0
+    for step in range(done + 1, steps + 1):
         check_stop()
-        if len(order) < rollout_batch:  # a new pass over the prompts, shuffled
+        if len(loop.order) < rollout_batch:  # a new pass over the prompts, shuffled
             more = list(range(len(prompts)))
-            rng.shuffle(more)
-            order += more
-        chosen, order = order[:rollout_batch], order[rollout_batch:]
+            loop.rng.shuffle(more)
+            loop.order += more
+        chosen, loop.order = loop.order[:rollout_batch], loop.order[rollout_batch:]
         batch_prompts = [prompts[i] for i in chosen]
         model.eval()
         replies = sample_replies(shared, batch_prompts, config.rollout, generation, config.batch_size)
-        batch = experience(shared, batch_prompts, replies, generation["pad_token_id"], kl_control.value, config.ppo,
-                           moments)
+        batch = experience(shared, batch_prompts, replies, generation["pad_token_id"], loop.kl_control.value,
+                           config.ppo, loop.moments)
         model.train()
-        stats = optimize(shared, batch, config, optimizer, parameters, rng, scaler)
-        kl_control.update(float(batch["kl"]), rollout_batch)
-        scheduler.step()
-        entry = {"step": step, "loss": stats["loss"], "reward": float(batch["scores"].mean()), "kl": float(batch["kl"]),
-                 "kl_coef": kl_control.value, "learning_rate": scheduler.get_last_lr()[0],
+        stats = optimize(shared, batch, config, optimizer, parameters, loop.rng, loop.scaler)
+        loop.kl_control.update(float(batch["kl"]), rollout_batch)
+        loop.scheduler.step()
+        entry = {"step": step, "loss": stats["loss"], "reward": float(batch["scores"].mean()),
+                 "kl": float(batch["kl"]), "kl_coef": loop.kl_control.value,
+                 "learning_rate": loop.scheduler.get_last_lr()[0],
                  "reply_length": sum(map(len, replies)) / len(replies), **{k: stats[k] for k in stats if k != "loss"}}
-        history.append(entry)
+        loop.history.append(entry)
         if on_step:
             on_step(entry)
-    return history
+        if checkpoints is not None and step % config.save_steps == 0 and step < steps:
+            save_checkpoint(checkpoints, step, shared, loop, config.save_total_limit)
+    return loop.history

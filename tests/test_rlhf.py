@@ -241,7 +241,12 @@ class RuleRewardModel(ppo_loop.SharedModel):
         return ((ids < self.low) & mask.bool()).sum(-1).float() / self.reply_length
 
 
-def test_ppo_raises_the_mean_reward_on_a_synthetic_task(tiny_model_dir, tmp_path):
+SYNTHETIC_PROMPTS = [[101, 202, 303], [404, 505, 506], [307, 208], [110, 211, 312, 413]] * 2
+SYNTHETIC_GENERATION = {"stop_token_ids": [599], "pad_token_id": 0}
+
+
+def synthetic_ppo(tiny_model_dir, folder, score_norm: bool = False, **values):
+    """The synthetic task's PPO config and a function that makes its shared model afresh (the same each time)."""
     from transformers import LlamaForCausalLM
 
     from tasks.train_methods import attach_trainable, load_base
@@ -250,19 +255,27 @@ def test_ppo_raises_the_mean_reward_on_a_synthetic_task(tiny_model_dir, tmp_path
     # Initialised with larger weights than the shared tiny model, whose near-uniform next-token distribution a
     # rank-8 adapter can barely tilt: here the policy can learn to prefer tokens.
     torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(600, initializer_range=0.4, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    LlamaForCausalLM(tiny_llama_config(600, initializer_range=0.4, tie_word_embeddings=True)).save_pretrained(folder)
     recipe = Recipe.from_flat(tiny_recipe_values(tiny_model_dir, stage="ppo", reward_model="unused",
-                                                 learning_rate=2e-2, max_steps=30, per_device_train_batch_size=8,
-                                                 lora_rank=8, lr_scheduler_type="constant"))
+                                                 **{"learning_rate": 2e-2, "max_steps": 30, "lora_rank": 8,
+                                                    "per_device_train_batch_size": 8,
+                                                    "lr_scheduler_type": "constant", **values}))
     config = ppo.PPOConfig(**ppo.training_values(recipe), ppo=ppo.PPOSettings(
-        buffer_size=1, epochs=4, score_norm=False, target_kl=6.0, whiten_rewards=False, init_kl_coef=0.01),
+        buffer_size=1, epochs=4, score_norm=score_norm, target_kl=6.0, whiten_rewards=False, init_kl_coef=0.01),
         rollout=ppo.Rollout(max_new_tokens=3, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                             repetition_penalty=1.0), reward_type="lora", reward_quantization=None)
-    torch.manual_seed(0)
-    model = attach_trainable(load_base(tmp_path, config), config)
-    shared = RuleRewardModel(model, torch.nn.Linear(32, 1, bias=False), None)
-    prompts = [[101, 202, 303], [404, 505, 506], [307, 208], [110, 211, 312, 413]] * 2
-    history = ppo_loop.train_ppo(shared, prompts, config, {"stop_token_ids": [599], "pad_token_id": 0})
+
+    def fresh() -> RuleRewardModel:
+        torch.manual_seed(0)
+        model = attach_trainable(load_base(folder, config), config)
+        return RuleRewardModel(model, torch.nn.Linear(32, 1, bias=False), None)
+
+    return config, fresh
+
+
+def test_ppo_raises_the_mean_reward_on_a_synthetic_task(tiny_model_dir, tmp_path):
+    config, fresh = synthetic_ppo(tiny_model_dir, tmp_path)
+    history = ppo_loop.train_ppo(fresh(), SYNTHETIC_PROMPTS, config, SYNTHETIC_GENERATION)
     first, last = history[:5], history[-5:]
     assert sum(h["reward"] for h in last) / 5 > sum(h["reward"] for h in first) / 5 + 0.3
 

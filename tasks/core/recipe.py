@@ -376,6 +376,9 @@ def check_methods(recipe: Recipe, source: str) -> None:
     if f.stage == "ppo":
         for key in chosen + ["neftune_noise_alpha"] * bool(t.neftune_noise_alpha):
             raise RecipeError(f"{source}: key '{key}' does not apply to stage ppo (its own loop trains with AdamW)")
+        if t.save_only_model:
+            raise RecipeError(f"{source}: key 'save_only_model' does not apply to stage ppo (its checkpoints hold the "
+                              "whole loop's state, to resume from)")
     lora_only = ("loraplus_lr_ratio", "pissa_init", "additional_target", "create_new_adapter")
     for key in lora_only:
         if f.finetuning_type != "lora" and getattr(f, key) not in (None, False):
