@@ -126,6 +126,7 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
                          entry["loss"])
 
     resume = resume_point(config, ctx)
+    resumed_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
     started = time.monotonic()
     history = train_ppo(shared, load_rows(data.part("train"))["input_ids"], config,
                         json.loads(data.part("generation").read_text()), report, checkpoints=ctx.staging, resume=resume)
@@ -140,7 +141,7 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     write_history(history, out)
     quarter = max(1, len(history) // 4)
     summary = {"global_step": len(history), "train_seconds": round(seconds, 2),  # this process's share
-               "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+               "resumed_from_step": resumed_step,
                "reward_first_quarter": sum(h["reward"] for h in history[:quarter]) / quarter,
                "reward_last_quarter": sum(h["reward"] for h in history[-quarter:]) / quarter,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
