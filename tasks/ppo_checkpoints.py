@@ -25,7 +25,7 @@ import torch
 from tasks.core.errors import RecipeError
 from tasks.ppo import POLICY
 from tasks.ppo_math import AdaptiveKLController, RunningMoments
-from tasks.train_checkpoints import CHECKPOINT_PREFIX
+from tasks.train_checkpoints import CHECKPOINT_PREFIX, numbered_checkpoints
 
 
 @dataclass
@@ -65,8 +65,7 @@ def save_checkpoint(staging: Path, step: int, shared, loop: LoopState, keep: int
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     if keep:
-        numbered = sorted(staging.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[-1]))
-        for old in numbered[:-keep]:
+        for old in numbered_checkpoints(staging)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

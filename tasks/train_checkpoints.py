@@ -59,11 +59,15 @@ def deepspeed_problem(path: Path) -> str | None:
     return None
 
 
+def numbered_checkpoints(staging: Path) -> list[Path]:
+    """The checkpoint-N folders under staging, oldest (lowest N) first."""
+    numbered = [p for p in staging.glob(f"{CHECKPOINT_PREFIX}*") if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    return sorted(numbered, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
 def latest_usable_checkpoint(staging: Path, save_only_model: bool, log: logging.Logger | logging.LoggerAdapter):
     """The newest checkpoint-N under staging that passes `checkpoint_problem`; unusable ones are removed."""
-    numbered = [p for p in staging.glob(f"{CHECKPOINT_PREFIX}*") if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
-    found = sorted(numbered, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), reverse=True)
-    for path in found:
+    for path in reversed(numbered_checkpoints(staging)):
         problem = checkpoint_problem(path, save_only_model)
         if problem is None:
             log.info("resuming training from %s", path.name)
