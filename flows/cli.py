@@ -183,9 +183,10 @@ def preview_data(args: argparse.Namespace) -> int:
     from flows.plan import plan_run
     from flows.prefect_server import temporary_server
     from tasks.core.recipe import load_recipe
+    from tasks.core.store import ArtifactStore
 
     recipe = load_recipe(args.recipe, args.overrides)
-    plan_run(recipe)
+    plan_run(recipe, ArtifactStore(home_of(args)))  # the store: a recipe may chain on an artifact id in it
     quiet_user_errors()
     with temporary_server():
         print(data_preview(recipe, home=home_of(args)))
@@ -301,9 +302,10 @@ def retune_command(args: argparse.Namespace) -> int:
     from flows.prefect_server import temporary_server
     from flows.retune import retune
     from tasks.core.recipe import load_recipe
+    from tasks.core.store import ArtifactStore
 
     recipe = load_recipe(args.recipe, args.overrides)
-    plan_run(recipe)
+    plan_run(recipe, ArtifactStore(home_of(args)))
     quiet_user_errors()
     with temporary_server():
         decision = retune(recipe, model_name=args.model_name, metric=args.metric, margin=args.margin,

@@ -41,6 +41,7 @@ def test_export_merges_the_adapter_with_the_training_template(trained, write_rec
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
     assert main(["export", str(recipe)]) == 0  # again: every stage cached, the folder rewritten
+    assert main(["data", "preview", str(recipe)]) == 0  # the artifact id is looked up in the same store
 
 
 def test_the_adapter_in_output_dir_loads_on_its_own(trained, workdir, tiny_model_dir):
