@@ -93,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--keep-last", type=int, default=10, help="keep what the newest N finetune runs used")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     gc.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
+    gc.add_argument("--force", action="store_true",
+                    help="collect even when no run in the tracking store used this store's artifacts")
     verify = commands.add_parser("verify", help="re-hash every artifact (and a recipe's sources) instead of trusting "
                                  "file status; damaged artifacts are rebuilt on the next run")
     verify.add_argument("recipe", nargs="?", help="also re-read the sources this recipe plans from")
@@ -344,7 +346,7 @@ def gc_command(args: argparse.Namespace) -> int:
     from flows.housekeeping import collect_garbage
     from tasks.core.store import ArtifactStore
 
-    result = collect_garbage(ArtifactStore(home_of(args)), args.keep_last, args.dry_run)
+    result = collect_garbage(ArtifactStore(home_of(args)), args.keep_last, args.dry_run, args.force)
     for artifact_id in result.removed:
         print(f"{'would delete' if args.dry_run else 'deleted'} {artifact_id}")
     for artifact_id in result.in_use:

@@ -2,7 +2,10 @@
 
 `gc` keeps every artifact reachable from the last N finetune runs in MLflow or from any registered
 model version (and, through manifests, everything each was made from), deletes the rest, and never
-touches an artifact whose key a running build holds the lock on.
+touches an artifact whose key a running build holds the lock on. What to keep comes from the tracking
+store and what to delete from the artifact store, two places set apart (MLFLOW_TRACKING_URI or the working
+directory's mlflow.db; --home or TUNEFACTORY_HOME): when the runs it reads used none of the store's
+artifacts, the two do not belong together and gc deletes nothing unless forced.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from filelock import Timeout
 
 from tasks.core import model_registry, tracking
+from tasks.core.errors import TuneFactoryError
 from tasks.core.store import TEMP_PREFIX, TRASH_PREFIX, ArtifactStore, read_manifest
 
 FINETUNE = "tags.`tunefactory.flow` = 'finetune'"
@@ -98,11 +102,23 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool) -> Collected:
+def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: bool = False) -> Collected:
     """Delete artifacts (and leftover temporaries) not reachable from the last runs or registered models."""
+    if not store.root.is_dir():
+        raise TuneFactoryError(f"tunefactory gc: no artifact store at {store.root} (--home or TUNEFACTORY_HOME)")
+    uri = tracking.tracking_uri()
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if database is not None and not database.is_file() and not force:
+        raise TuneFactoryError(f"tunefactory gc: no MLflow store at {database}, so no run says what to keep; run it "
+                               "where the runs' mlflow.db is, or set MLFLOW_TRACKING_URI (--force deletes all)")
+    artifacts = list(store.artifacts())
     keep = reachable(store, roots(store, keep_last))
+    if artifacts and not force and not keep & {a.ref.id for a in artifacts}:
+        raise TuneFactoryError(f"tunefactory gc: none of the runs or models in {uri} used an artifact of "
+                               f"{store.root}, so it would delete all {len(artifacts)}; is that the tracking "
+                               "store these runs logged to? (--force deletes them)")
     result = Collected()
-    for artifact in list(store.artifacts()):
+    for artifact in artifacts:
         artifact_id = artifact.ref.id
         if artifact_id in keep:
             result.kept += 1

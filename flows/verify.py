@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from tasks.core.digest_cache import verifying
+from tasks.core.errors import TuneFactoryError
 from tasks.core.recipe import Recipe
 from tasks.core.store import MANIFEST, ArtifactStore
 
@@ -33,6 +34,8 @@ class Verification:
 
 def verify_store(store: ArtifactStore, recipe: Recipe | None = None) -> Verification:
     """Re-hash every artifact in the store (and, with a recipe, the sources it plans from)."""
+    if not store.root.is_dir():  # a mistyped --home is not an intact store
+        raise TuneFactoryError(f"tunefactory verify: no artifact store at {store.root} (--home or TUNEFACTORY_HOME)")
     started = time.monotonic()
     result = Verification()
     if recipe is not None:

@@ -91,3 +91,8 @@ def test_verify_finds_damage_a_cache_hit_cannot_see_and_has_it_rebuilt(tmp_path)
     assert json.loads((store.path(rebuilt.stage, rebuilt.key) / "value.json").read_text()) == {"value": 7}
     assert verify_store(store).damaged == []
     assert main(["verify", "--home", str(tmp_path)]) == 0
+
+
+def test_verify_of_a_store_that_is_not_there_is_an_error(tmp_path, capsys):
+    assert main(["verify", "--home", str(tmp_path / "artifcats")]) == 1  # a typo passes no check
+    assert capsys.readouterr().err.strip() == f"tunefactory: error: tunefactory verify: no artifact store at {tmp_path / 'artifcats'} (--home or TUNEFACTORY_HOME)"

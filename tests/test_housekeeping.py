@@ -10,7 +10,9 @@ from flows.finetune import run_finetune
 from flows.housekeeping import collect_garbage
 from tasks.core import model_registry
 from tasks.core.recipe import load_recipe
+from tasks.core.stage import RunContext, execute
 from tasks.core.store import ArtifactStore
+from tests.test_store import step
 
 
 def test_compare_runs_and_gc(write_recipe, workdir, capsys):
@@ -49,3 +51,33 @@ def test_compare_runs_and_gc(write_recipe, workdir, capsys):
     assert store.lookup("train", trains[0]) is not None  # ...with the artifacts it was made from
     assert len(collected.in_use) == 1 and collected.bytes_freed > 0  # the locked one is never deleted
     assert store.lookup("tokenize", next(s.key for s in summaries[2].stages if s.stage == "tokenize"))
+
+
+def test_gc_deletes_nothing_when_the_runs_it_reads_are_not_this_stores(tmp_path, monkeypatch, capsys):
+    """What to keep comes from MLflow, what to delete from the store: run where neither belongs to the other,
+    gc would keep nothing. It refuses, naming both, and deletes only when forced."""
+    store = ArtifactStore(tmp_path / "store")
+    ref = execute(step(7), {}, RunContext(home=str(store.root)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = ["--home", str(store.root)]
+
+    assert main(["gc", *home]) == 1  # no mlflow.db here
+    assert f"no MLflow store at {elsewhere / 'mlflow.db'}" in capsys.readouterr().err
+    assert not (elsewhere / "mlflow.db").exists()  # and none was made by looking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere / 'other.db'}")
+    MlflowClient().search_experiments()  # a tracking store, with no runs of this store
+    assert main(["gc", *home]) == 1
+    assert f"used an artifact of {store.root}, so it would delete all 1" in capsys.readouterr().err
+    assert store.lookup(ref.stage, ref.key) is not None
+
+    assert main(["gc", "--dry-run", "--force", *home]) == 0
+    assert f"would delete {ref.id}" in capsys.readouterr().out and store.lookup(ref.stage, ref.key) is not None
+    assert main(["gc", "--force", *home]) == 0
+    assert store.lookup(ref.stage, ref.key) is None
+
+    assert main(["gc", "--home", str(tmp_path / "nostore")]) == 1
+    assert f"no artifact store at {tmp_path / 'nostore'}" in capsys.readouterr().err
