@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tasks import adapter
-from tasks.core.errors import RecipeError
+from tasks.core.errors import RecipeError, TuneFactoryError
 from tasks.core.hashing import stable_hash
 from tasks.core.recipe import Recipe, load_recipe
 from tasks.core.stage import Step
@@ -75,7 +75,11 @@ def resolve(value: str, key: str, wanted: str, store: ArtifactStore | None,
             raise RecipeError(f"key '{key}': {value} trains stage {objective}, not a reward model (stage: rm)")
         if wanted == "adapter" and (objective == "rm" or upstream.finetuning.finetuning_type != "lora"):
             raise RecipeError(f"key '{key}': {value} does not train a LoRA adapter for a policy")
-        steps = relabel([s for s in plan(upstream, str(path)) if s.stage.name in KEPT_UPSTREAM], path.stem)
+        try:
+            planned = plan(upstream, str(path))
+        except TuneFactoryError as exc:  # a mistake in the recipe named, not in the one being run
+            raise type(exc)(f"{value} (named by key '{key}'): {exc}") from None
+        steps = relabel([s for s in planned if s.stage.name in KEPT_UPSTREAM], path.stem)
         return next(s for s in reversed(steps) if s.stage.name in TRAINERS), steps
     match = ARTIFACT_ID.match(value)
     if match:

@@ -95,4 +95,5 @@ def test_verify_finds_damage_a_cache_hit_cannot_see_and_has_it_rebuilt(tmp_path)
 
 def test_verify_of_a_store_that_is_not_there_is_an_error(tmp_path, capsys):
     assert main(["verify", "--home", str(tmp_path / "artifcats")]) == 1  # a typo passes no check
-    assert capsys.readouterr().err.strip() == f"tunefactory: error: tunefactory verify: no artifact store at {tmp_path / 'artifcats'} (--home or TUNEFACTORY_HOME)"
+    expected = f"tunefactory verify: no artifact store at {tmp_path / 'artifcats'} (--home or TUNEFACTORY_HOME)"
+    assert capsys.readouterr().err.strip() == f"tunefactory: error: {expected}"

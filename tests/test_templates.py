@@ -88,9 +88,11 @@ def test_registry_has_the_common_families_each_described():
     assert all(t.description and t.name == name for name, t in TEMPLATES.items())
 
 
-def test_unknown_template_names_the_key_and_the_known_names():
-    with pytest.raises(RecipeError, match=r"key 'template': unknown template 'lama3' \(known: .*llama3.*\)"):
+def test_unknown_template_names_the_key_and_the_closest_or_the_known_names():
+    with pytest.raises(RecipeError, match=r"key 'template': unknown template 'lama3'; did you mean 'llama3'\?$"):
         get_template("lama3")
+    with pytest.raises(RecipeError, match=r"key 'template': unknown template 'xyz' \(known: .*llama3.*\)"):
+        get_template("xyz")
 
 
 def test_a_turn_format_without_a_content_slot_is_rejected():

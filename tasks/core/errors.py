@@ -1,5 +1,8 @@
 """The one error family for mistakes a user can fix; the CLI prints its message as one line."""
 
+import difflib
+from collections.abc import Iterable
+
 
 class TuneFactoryError(Exception):
     """A user-fixable problem: the message says what was wrong, where, and what to do."""
@@ -24,3 +27,9 @@ def read_utf8(path, what: str, error: type[TuneFactoryError]) -> str:
     except UnicodeDecodeError as exc:
         bad = exc.object[exc.start : exc.start + 1]
         raise error(f"{path}: {what} is not UTF-8 text (byte {exc.start} is {bad!r})") from None
+
+
+def did_you_mean(value: str, known: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the closest known name to a mistyped one, or "" when none is close."""
+    match = difflib.get_close_matches(value, list(known), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""

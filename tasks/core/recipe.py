@@ -7,14 +7,13 @@ alone. Registry- and model-dependent checks run at plan time (flows/plan.py).
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.core.errors import RecipeError, read_utf8
+from tasks.core.errors import RecipeError, did_you_mean, read_utf8
 
 
 def option(default: Any, description: str, **kwargs: Any) -> Any:
@@ -289,16 +288,21 @@ class Recipe(Section):
     export: ExportSection = ExportSection()
 
     @classmethod
-    def from_flat(cls, values: dict[str, Any], source: str = "recipe") -> Recipe:
-        """Validate LlamaFactory-style flat keys; errors name the key and the source."""
+    def from_flat(cls, values: dict[str, Any], source: str = "recipe",
+                  given_by: dict[str, str] | None = None) -> Recipe:
+        """Validate LlamaFactory-style flat keys; errors name the key and where it was given: `given_by`'s
+        entry for it (a `--set`), else the source."""
+        def where(key: str) -> str:
+            return (given_by or {}).get(key, source)
+
         grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         for key in values:
             if key in MULTIMODAL_KEYS:
-                raise RecipeError(f"{source}: key '{key}': image/video/audio inputs are not supported yet")
+                raise RecipeError(f"{where(key)}: key '{key}': image/video/audio inputs are not supported yet")
         for key, value in values.items():
             section = FIELD_SECTION.get(key)
             if section is None:
-                raise RecipeError(f"{source}: unknown key '{key}'{_suggestion(key)}")
+                raise RecipeError(f"{where(key)}: unknown key '{key}'{did_you_mean(key, FIELD_SECTION)}")
             grouped[section][key] = value
         try:
             recipe = cls(**grouped)
@@ -307,7 +311,7 @@ class Recipe(Section):
             key = next(
                 (str(p) for p in reversed(err["loc"]) if str(p) in FIELD_SECTION), ".".join(map(str, err["loc"]))
             )
-            raise RecipeError(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})") from None
+            raise RecipeError(f"{where(key)}: key '{key}': {err['msg']} (got {err.get('input')!r})") from None
         check_combinations(recipe, source)
         return recipe
 
@@ -326,11 +330,6 @@ MULTIMODAL_KEYS = {"image_max_pixels", "image_min_pixels", "image_do_pan_and_sca
                    "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video",
                    "audio_sampling_rate", "media_dir", "freeze_vision_tower", "freeze_multi_modal_projector",
                    "freeze_language_model", "train_mm_proj_only"}
-
-
-def _suggestion(key: str) -> str:
-    match = difflib.get_close_matches(key, FIELD_SECTION, n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else ""
 
 
 def check_combinations(recipe: Recipe, source: str) -> None:
@@ -575,8 +574,7 @@ def check_trainer_names(recipe: Recipe, source: str) -> None:
         ("optim", training.optim, names["optim"]),
     ):
         if value not in known:
-            match = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
-            hint = f"; did you mean '{match[0]}'?" if match else f" (known: {', '.join(known)})"
+            hint = did_you_mean(value, known) or f" (known: {', '.join(known)})"
             raise RecipeError(f"{source}: key '{key}': unknown value {value!r}{hint}")
     targets = report_targets(training.report_to)
     if not targets:
@@ -592,6 +590,20 @@ def check_trainer_names(recipe: Recipe, source: str) -> None:
                               f"(installed: {', '.join(available) or 'none'}; MLflow tracking is always on)")
 
 
+class KeyNotAName(yaml.YAMLError):
+    """A mapping key that YAML reads as a value: a number, a boolean (`on`, `yes`), a list."""
+
+    def __init__(self, text: str | None, line: int):
+        super().__init__(text, line)
+        self.text, self.line = text, line
+
+    def explain(self, path: Path) -> str:
+        if self.text is None:
+            return f"{path}: line {self.line}: a key is a name, not a list or mapping"
+        quoted = f'"{self.text}"'
+        return f"{path}: line {self.line}: key '{self.text}' is not a name to YAML but a value; quote it ({quoted})"
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """A YAML loader that refuses a key given twice (plain YAML silently keeps the last)."""
 
@@ -600,6 +612,9 @@ def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, str):  # `on:`, `yes:`, `1:` or `[a, b]:` read as a value, not a name
+            raise KeyNotAName(key_node.value if isinstance(key_node, yaml.ScalarNode) else None,
+                              key_node.start_mark.line + 1)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})",
@@ -630,9 +645,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"recipe file not found: {path}")
     try:
         values = yaml.load(read_utf8(path, "the recipe", RecipeError), Loader=UniqueKeyLoader) or {}
+    except KeyNotAName as exc:
+        raise RecipeError(exc.explain(path)) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values")
-    values = {**values, **dict(parse_override(item) for item in overrides)}
-    return Recipe.from_flat(values, source=str(path))
+    overridden = dict(parse_override(item) for item in overrides)
+    given_by = dict.fromkeys(overridden, "--set")  # a mistyped --set is not the file's mistake
+    return Recipe.from_flat({**values, **overridden}, source=str(path), given_by=given_by)

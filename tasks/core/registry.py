@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.core.errors import DataError, RecipeError, read_utf8
+from tasks.core.errors import DataError, RecipeError, did_you_mean, read_utf8
 
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"
 REGISTRY_FILE = "dataset_info.json"
@@ -100,13 +99,13 @@ def entry_problem(entry: DatasetEntry) -> tuple[str, str] | None:
     known = COLUMN_NAMES[entry.formatting]
     for key in entry.columns:
         if key not in known:
-            hint = _suggest(key, known)
+            hint = did_you_mean(key, known)
             return f"columns.{key}", f"not a {entry.formatting} column{hint} (known: {', '.join(known)})"
     if entry.tags and entry.formatting == "alpaca":
         return "tags", "tags apply to the sharegpt and openai formattings only; set 'formatting' or remove 'tags'"
     for key in entry.tags:
         if key not in SHAREGPT_TAGS:
-            hint = _suggest(key, SHAREGPT_TAGS)
+            hint = did_you_mean(key, SHAREGPT_TAGS)
             return f"tags.{key}", f"not a tag{hint} (known: {', '.join(SHAREGPT_TAGS)})"
     columns = entry.column_map()
     main = "prompt" if entry.formatting == "alpaca" else "messages"
@@ -117,11 +116,6 @@ def entry_problem(entry: DatasetEntry) -> tuple[str, str] | None:
     if not any(getattr(entry, f) for f in ("file_name", "hf_hub_url", *UNSUPPORTED_SOURCES)):
         return "file_name", "an entry needs 'file_name' or 'hf_hub_url'"
     return None
-
-
-def _suggest(key: str, known) -> str:
-    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else ""
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -148,7 +142,7 @@ def parse_entry(name: str, fields: Any, path: Path) -> DatasetEntry:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(map(str, err["loc"]))
-        hint = _suggest(field, DatasetEntry.model_fields) if err["type"] == "extra_forbidden" else ""
+        hint = did_you_mean(field, DatasetEntry.model_fields) if err["type"] == "extra_forbidden" else ""
         raise DataError(f"{path}: dataset '{name}', field '{field}': {err['msg']}{hint}") from None
     problem = entry_problem(entry)
     if problem:
@@ -215,7 +209,7 @@ def resolve_datasets(
             files = registry_paths(Path(dataset_dir)) or [Path(dataset_dir) / REGISTRY_FILE]
             raise RecipeError(
                 f"key '{key}': dataset '{name}' is not in {' or '.join(map(str, files))} "
-                f"or the bundled registry (known: {known})"
+                f"or the bundled registry{did_you_mean(name, registry) or f' (known: {known})'}"
             )
         check_source(registry[name])
         if not allow_outside:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tasks.core.errors import RecipeError
+from tasks.core.errors import RecipeError, did_you_mean
 from tasks.templates.auto import AUTO
 from tasks.templates.base import Template
 from tasks.templates.families import (
@@ -56,7 +56,8 @@ def check_template(name: str | None) -> None:
         raise RecipeError(f"key 'template': '{name}' is a multimodal template; image/video/audio inputs are not "
                           "supported yet")
     if name is not None and name not in TEMPLATES:
-        raise RecipeError(f"key 'template': unknown template '{name}' (known: {', '.join(sorted(TEMPLATES))})")
+        known = did_you_mean(name, TEMPLATES) or f" (known: {', '.join(sorted(TEMPLATES))})"
+        raise RecipeError(f"key 'template': unknown template '{name}'{known}")
 
 
 def template_name(name: str | None, tokenizer=None) -> str:
