@@ -75,12 +75,24 @@ def data_steps(recipe: Recipe, names: str | None, key: str, store: ArtifactStore
 
 
 def model_structure(model_step: Step, store: ArtifactStore | None):
-    """The base model's modules without its weights, where its config is at hand: a local folder, or an
-    imported model already in the store. None otherwise (then train checks on the loaded model)."""
-    if model_step.config.source_kind == "local" and not model_step.config.trust_remote_code:
-        return meta_model(Path(model_step.locators["path"]))
-    found = store.lookup("model", model_step.stage.key(model_step.config, {})) if store else None
-    return meta_model(found.part("model")) if found and not found.info.get("trust_remote_code") else None
+    """The base model's modules without its weights, from its config: a local folder's, an imported model's
+    already in the store, a GGUF file's metadata (the bundled model's: about 5 s, paid only by a check that
+    needs module names), or the hub's config.json at the resolved commit. None where it cannot be read
+    (offline, remote code); then train checks on the loaded model."""
+    config, where = model_step.config, model_step.locators
+    if config.trust_remote_code:
+        return None
+    if config.source_kind == "local":
+        return meta_model(Path(where["path"]))
+    found = store.lookup("model", model_step.stage.key(config, {})) if store else None
+    if found is not None:
+        return meta_model(found.part("model"))
+    if config.source_kind == "gguf":
+        return meta_model(Path(where["path"]), gguf_file=where["gguf_file"])
+    try:
+        return meta_model(where["path"], revision=config.source.rsplit("@", 1)[-1])
+    except (OSError, ValueError):  # no hub access now, or a model type transformers does not know
+        return None
 
 
 def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[str, ...] = ()) -> Plan:

@@ -417,10 +417,11 @@ def gathered_state(model, keep: bool = True) -> dict[str, Any]:
         return {"state_dict": state}
 
 
-def meta_model(folder: Path):
-    """The model's module structure from its config.json, without weights (for plan-time checks)."""
+def meta_model(source: Path | str, **where: str):
+    """The model's module structure from its config, without weights (for plan-time checks): a folder's
+    config.json, or with `gguf_file` a GGUF file's metadata, or with `revision` a hub model's config.json."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source), **where))

@@ -131,6 +131,8 @@ CASES = [
     Case("train-without-data", "key 'dataset' is required", {"dataset": None}),
     Case("nothing-to-do", "nothing to do", {"do_train": False, "dataset": None, "eval_dataset": None}),
     Case("unknown-template", "key 'template': unknown template 'chatm'; did you mean 'chatml'?", {"template": "chatm"}),
+    Case("lora-target-bundled-model", "key 'lora_target': no module named 'q_projj' in this model",
+         {"model_name_or_path": None, "lora_target": "q_projj"}),  # read from the GGUF file's metadata
     Case("fa2-on-cpu", "key 'flash_attn': fa2 needs a CUDA GPU", {"flash_attn": "fa2"}),
     Case("missing-checkpoint", "key 'resume_from_checkpoint'", {"resume_from_checkpoint": "/no/such/checkpoint"}),
     Case("duplicate-key", "key 'lora_rank' is given twice", raw_recipe=b"dataset: pydoc_summaries\nlora_rank: 4\n"
