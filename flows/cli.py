@@ -60,55 +60,60 @@ def add_engine_arguments(command: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="tunefactory", description="Fine-tune language models through a cached DAG.")
     top.add_argument("--debug", action="store_true", help="show tracebacks")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the command too, as after `run`
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    def add(group, name: str, summary: str) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[debug], help=summary)
+
     commands = top.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a recipe end to end (cached stages are reused)")
+    run = add(commands, "run", "run a recipe end to end (cached stages are reused)")
     add_recipe_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="validate and print the planned DAG; build nothing")
     run.add_argument("--experiment", help="MLflow experiment (default: the recipe file's name)")
     run.add_argument("--parallel", type=int, metavar="N",
                      help="stages run at once where the DAG allows (default 1 on <= 2 cores, else 2)")
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    data_command = commands.add_parser("data", help="inspect a recipe's data")
+    data_command = add(commands, "data", "inspect a recipe's data")
     data = data_command.add_subparsers(dest="data_command", required=True)
-    preview = data.add_parser("preview", help="tokenize the data (cached) and print decoded samples and statistics")
+    preview = add(data, "preview", "tokenize the data (cached) and print decoded samples and statistics")
     add_recipe_arguments(preview)
-    export = commands.add_parser("export", help="merge an adapter into its base and write it to export_dir")
+    export = add(commands, "export", "merge an adapter into its base and write it to export_dir")
     add_recipe_arguments(export)
-    retune = commands.add_parser("retune", help="re-tune a registered model if its data or recipe changed")
+    retune = add(commands, "retune", "re-tune a registered model if its data or recipe changed")
     add_recipe_arguments(retune)
     retune.add_argument("--model-name", required=True, help="the registered model in MLflow")
     retune.add_argument("--metric", default="rougeL", help="the score that decides promotion (default rougeL)")
     retune.add_argument("--margin", type=float, default=0.0, help="how much better the challenger must be")
-    serve = commands.add_parser("serve", help="serve finetune/<recipe> and retune/<recipe> deployments (Prefect)")
+    serve = add(commands, "serve", "serve finetune/<recipe> and retune/<recipe> deployments (Prefect)")
     serve.add_argument("--recipes", default=None, help="folder of recipe files (default configs/recipes)")
     serve.add_argument("--limit", type=int, default=None, help="flow runs at once (default: no limit)")
-    compare = commands.add_parser("compare", help="compare finetune runs from MLflow: a table and a PNG")
+    compare = add(commands, "compare", "compare finetune runs from MLflow: a table and a PNG")
     compare.add_argument("--experiment", help="MLflow experiment (default: the newest run's)")
     compare.add_argument("--metric", default="rougeL", help="the score to compare (default rougeL)")
     compare.add_argument("--last", type=int, default=5, help="how many of the newest runs (default 5)")
     compare.add_argument("--out", default="compare.png", help="where to write the figure (default compare.png)")
-    runs = commands.add_parser("runs", help="recent finetune runs with each stage's outcome and key")
+    runs = add(commands, "runs", "recent finetune runs with each stage's outcome and key")
     runs.add_argument("--last", type=int, default=10)
-    gc = commands.add_parser("gc", help="delete store artifacts no recent run or registered model needs")
+    gc = add(commands, "gc", "delete store artifacts no recent run or registered model needs")
     gc.add_argument("--keep-last", type=int, default=10, help="keep what the newest N finetune runs used")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     gc.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
     gc.add_argument("--force", action="store_true",
                     help="collect even when no run in the tracking store used this store's artifacts")
-    verify = commands.add_parser("verify", help="re-hash every artifact (and a recipe's sources) instead of trusting "
+    verify = add(commands, "verify", "re-hash every artifact (and a recipe's sources) instead of trusting "
                                  "file status; damaged artifacts are rebuilt on the next run")
     verify.add_argument("recipe", nargs="?", help="also re-read the sources this recipe plans from")
     verify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     verify.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
-    evaluate = commands.add_parser("eval", help="score a recipe's base and tuned models, or a model folder, on an exam")
+    evaluate = add(commands, "eval", "score a recipe's base and tuned models, or a model folder, on an exam")
     add_source_arguments(evaluate)
     evaluate.add_argument("--experiment", help="MLflow experiment (default: the recipe or folder name)")
-    chat = commands.add_parser("chat", help="chat in the terminal with a recipe's tuned model or a model folder")
+    chat = add(commands, "chat", "chat in the terminal with a recipe's tuned model or a model folder")
     add_engine_arguments(chat)
     chat.add_argument("--system", default="", help="system prompt")
     chat.add_argument("--max-tokens", type=int, default=512, help="reply length limit (default 512)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    api = commands.add_parser("api", help="serve a recipe's tuned model or a model folder as an OpenAI-style API")
+    api = add(commands, "api", "serve a recipe's tuned model or a model folder as an OpenAI-style API")
     add_engine_arguments(api)
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
@@ -117,9 +122,9 @@ def parser() -> argparse.ArgumentParser:
     api.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     api.add_argument("--max-concurrency", type=int, default=4, help="generations running or waiting at once")
     api.add_argument("--max-request-bytes", type=int, default=1_000_000)
-    templates = commands.add_parser("templates", help="list chat templates, or show one on a sample conversation")
+    templates = add(commands, "templates", "list chat templates, or show one on a sample conversation")
     template_commands = templates.add_subparsers(dest="templates_command")
-    show = template_commands.add_parser("show", help="render a sample conversation, trained spans marked ⟦ ⟧")
+    show = add(template_commands, "show", "render a sample conversation, trained spans marked ⟦ ⟧")
     show.add_argument("name")
     show.add_argument("--model", help="a model folder whose tokenizer renders the sample (needed for 'auto')")
     return top
@@ -203,7 +208,13 @@ def templates(args: argparse.Namespace) -> int:
         if args.model:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            from tasks.core.errors import ModelError
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(args.model)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"--model {args.model}: no tokenizer loads from it ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:160]})") from None
         print(render_sample(args.name, tokenizer))
         return 0
     for name, description in list_templates():

@@ -8,6 +8,7 @@ exactly when the artifact store holds a valid artifact for its key (tasks.core.p
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,12 @@ class RunSummary(BaseModel):
 def default_parallelism() -> int:
     """Stages run at once: $TUNEFACTORY_PARALLEL_STAGES, else 1 (sequential) on a machine of <= 2 cores, 2 above.
     Model-sized stages never overlap whatever this is (Stage.heavy)."""
-    configured = os.environ.get("TUNEFACTORY_PARALLEL_STAGES")
-    if configured:
+    configured = os.environ.get("TUNEFACTORY_PARALLEL_STAGES", "").strip()
+    if configured.isdigit():
         return max(1, int(configured))
+    if configured:  # read as this module is imported, where an error could name nothing useful
+        logging.getLogger(__name__).warning("TUNEFACTORY_PARALLEL_STAGES=%r is not a whole number; ignored",
+                                            configured)
     return 1 if (os.cpu_count() or 1) <= 2 else 2
 
 

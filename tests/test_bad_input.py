@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from flows.finetune import default_parallelism
+from tasks.core.errors import TuneFactoryError
 from tests.conftest import BUNDLED_DATA, REPO
 
 
@@ -296,3 +298,24 @@ def test_cli_prints_no_traceback(write_recipe, workdir):
                           env=env)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and done.stderr.strip().endswith("did you mean 'lora_rank'?")
+
+
+def test_debug_after_any_command_shows_the_traceback(tmp_path, capsys):
+    missing = ["gc", "--home", str(tmp_path / "nostore")]
+    assert main(missing) == 1 and capsys.readouterr().err.startswith("tunefactory: error: tunefactory gc: no")
+    for argv in ([*missing, "--debug"], ["--debug", *missing], ["data", "preview", "nope.yaml", "--debug"]):
+        with pytest.raises(TuneFactoryError):
+            main(argv)
+
+
+def test_a_template_shown_with_a_folder_that_holds_no_tokenizer(tmp_path, capsys):
+    assert main(["templates", "show", "chatml", "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tunefactory: error: --model {tmp_path}: no tokenizer loads from it") and "\n" not in err
+
+
+def test_a_parallelism_setting_that_is_not_a_number_is_ignored(monkeypatch):
+    monkeypatch.setenv("TUNEFACTORY_PARALLEL_STAGES", "3")
+    assert default_parallelism() == 3
+    monkeypatch.setenv("TUNEFACTORY_PARALLEL_STAGES", "two")  # read at import: an error there would name nothing
+    assert default_parallelism() == (1 if (os.cpu_count() or 1) <= 2 else 2)
