@@ -69,12 +69,25 @@ def flat_rewards(model, score: torch.nn.Module, batch: dict[str, torch.Tensor], 
 
 class FlatRewardTrainer(SparseGradClipping, RewardTrainer):
     """RewardTrainer whose flattened batches (FlatPairCollator) are scored by `flat_rewards`; its loss and
-    figures as RewardTrainer.compute_loss gives them. A padded batch goes to RewardTrainer as it is."""
+    figures as RewardTrainer.compute_loss gives them, but for accuracy and margin: those are kept per pair
+    (`record_pairs`). A padded batch goes to RewardTrainer as it is."""
+
+    def record_pairs(self, mode: str, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Accuracy and margin as one entry per pair. TRL appends one mean per batch and logs the mean of the
+        entries, so a short last batch weighed as much as a full one; the share of pairs ranked right is what
+        LlamaFactory's ComputeAccuracy reports."""
+        pairs = self.accelerator.gather_for_metrics(torch.stack([chosen, rejected], -1).detach().float())
+        self._metrics[mode]["accuracy"].extend((pairs[:, 0] > pairs[:, 1]).float().tolist())
+        self._metrics[mode]["margin"].extend((pairs[:, 0] - pairs[:, 1]).tolist())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "position_ids" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
+        if "position_ids" not in inputs:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            for name in ("accuracy", "margin"):
+                self._metrics[mode][name].pop()  # the batch's mean, replaced by its pairs
+            self.record_pairs(mode, *outputs.logits.squeeze(-1).chunk(2))
+            return (loss, outputs) if return_outputs else loss
         rewards = flat_rewards(model, score_head(self.accelerator.unwrap_model(model)), inputs,
                                self.processing_class.pad_token_id)
         chosen, rejected = rewards.chunk(2)
@@ -90,10 +103,7 @@ class FlatRewardTrainer(SparseGradClipping, RewardTrainer):
             self._metrics[mode]["min_reward"].append(gathered.min().item())
             self._metrics[mode]["mean_reward"].append(gathered.mean().item())
             self._metrics[mode]["max_reward"].append(gathered.max().item())
-            accuracy = self.accelerator.gather_for_metrics((chosen > rejected).float().mean()).mean().item()
-            self._metrics[mode]["accuracy"].append(accuracy)
-            margin = self.accelerator.gather_for_metrics((chosen - rejected).mean()).mean().item()
-            self._metrics[mode]["margin"].append(margin)
+        self.record_pairs(mode, chosen, rejected)
         return (loss, SequenceClassifierOutput(loss=loss, logits=rewards.unsqueeze(-1))) if return_outputs else loss
 
 

@@ -55,3 +55,32 @@ def test_flat_rewards_and_gradients_equal_the_padded_batchs(lora):
     rewards.sum().backward()
     for name, grad in expected_grads.items():
         assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded"])
+def test_eval_accuracy_and_margin_count_every_pair_once(flat, tiny_model_dir, tmp_path):
+    """5 pairs in batches of 2, 2 and 1: the figures are over the 5 pairs, as LlamaFactory's ComputeAccuracy
+    counts them, not a mean of the 3 batches' means (which weighs the last pair as much as two)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig
+
+    from tasks.reward_trainer import FlatRewardTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(tiny_llama_config(len(tokenizer), num_labels=1,
+                                                             pad_token_id=tokenizer.pad_token_id))
+    rows = [{"chosen_ids": [5 + i, 6, 7 + 2 * i], "rejected_ids": [9, 10 + 3 * i]} for i in range(5)]
+    args = RewardConfig(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], max_length=None,
+                        center_rewards_coefficient=None, use_cpu=True, bf16=False)
+    trainer = FlatRewardTrainer(model=model, args=args, processing_class=tokenizer,
+                                data_collator=pair_collator(model) if flat else None,
+                                train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows))
+    scores = trainer.evaluate()
+    sequences = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    with torch.no_grad():
+        rewards = torch.cat([model(input_ids=torch.tensor([s])).logits.view(1) for s in sequences])
+    chosen, rejected = rewards.chunk(2)
+    assert scores["eval_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert scores["eval_margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
