@@ -15,8 +15,6 @@ from mlflow.entities import Run
 from tasks.core import tracking
 from tasks.core.errors import TuneFactoryError
 
-FLOW_TAG = "tags.`tunefactory.flow` = 'finetune'"
-
 
 @dataclass
 class Compared:
@@ -31,21 +29,19 @@ class Compared:
 
 def latest_experiment() -> str:
     """The experiment of the newest finetune run."""
-    client = tracking.client()
-    ids = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(ids, FLOW_TAG, max_results=1, order_by=["attributes.start_time DESC"]) if ids else []
+    found = tracking.newest_finetune_runs(1)
     if not found:
         raise TuneFactoryError(f"no finetune runs in the MLflow store {tracking.tracking_uri()}")
-    return client.get_experiment(found[0].info.experiment_id).name
+    return tracking.client().get_experiment(found[0].info.experiment_id).name
 
 
-def finetune_runs(experiment: str, last: int) -> list[Run]:
+def finished_runs(experiment: str, last: int) -> list[Run]:
     """The experiment's newest finished finetune runs, oldest first."""
     client = tracking.client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise TuneFactoryError(f"no MLflow experiment named '{experiment}' in {tracking.tracking_uri()}")
-    runs = client.search_runs([found.experiment_id], f"{FLOW_TAG} and attributes.status = 'FINISHED'",
+    runs = client.search_runs([found.experiment_id], f"{tracking.FINETUNE_RUNS} and attributes.status = 'FINISHED'",
                               max_results=last, order_by=["attributes.start_time DESC"])
     if not runs:
         raise TuneFactoryError(f"experiment '{experiment}' has no finished finetune runs")
@@ -54,9 +50,7 @@ def finetune_runs(experiment: str, last: int) -> list[Run]:
 
 def child(run: Run, stage: str) -> Run | None:
     """The nested run of one stage of a finetune run."""
-    found = tracking.client().search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
-                                          f"and attributes.run_name = '{stage}'", max_results=1)
-    return found[0] if found else None
+    return next(iter(tracking.stage_runs(run, stage)), None)
 
 
 def differing_params(runs: list[Run]) -> list[str]:
@@ -120,7 +114,7 @@ def plot(runs: list[Run], metric: str, path: Path) -> Path:
 def compare(experiment: str | None, metric: str, last: int, out: Path) -> Compared:
     """Compare the newest `last` runs of an experiment (default: the newest run's experiment)."""
     experiment = experiment or latest_experiment()
-    runs = finetune_runs(experiment, last)
+    runs = finished_runs(experiment, last)
     table = describe(runs, metric)
     figure = plot(runs, metric, out)
     client = tracking.client()

@@ -22,33 +22,17 @@ from tasks.core import model_registry, tracking
 from tasks.core.errors import TuneFactoryError
 from tasks.core.store import TEMP_PREFIX, TRASH_PREFIX, ArtifactStore, read_manifest
 
-FINETUNE = "tags.`tunefactory.flow` = 'finetune'"
-
-
-def finetune_runs(last: int):
-    """The newest `last` finetune runs of every experiment, newest first."""
-    client = tracking.client()
-    ids = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(ids, FINETUNE, max_results=last, order_by=["attributes.start_time DESC"]) if ids else []
-
-
-def stage_runs(run) -> list:
-    """A finetune run's nested stage runs, in the order they were created."""
-    found = tracking.client().search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'",
-                                          max_results=1000, order_by=["attributes.start_time ASC"])
-    return list(found)
-
 
 def recent_runs(last: int) -> str:
     """A listing of recent finetune runs: when, name, status, and each stage's outcome and key."""
     client = tracking.client()
     lines = []
-    for run in finetune_runs(last):
+    for run in tracking.newest_finetune_runs(last):
         started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
         experiment = client.get_experiment(run.info.experiment_id).name
         lines.append(f"{started}  {run.info.run_name}  {run.info.status.lower()}  experiment '{experiment}'  "
                      f"run {run.info.run_id}")
-        for stage in stage_runs(run):
+        for stage in tracking.stage_runs(run):
             tags = stage.data.tags
             outcome = {"hit": "cached", "miss": "built"}.get(tags.get("cache", ""), stage.info.status.lower())
             lines.append(f"    {stage.info.run_name:<28} {outcome:<9} {tags.get('artifact_key', '-')[:12]}")
@@ -58,8 +42,8 @@ def recent_runs(last: int) -> str:
 def roots(store: ArtifactStore, keep_last: int) -> set[str]:
     """Artifact ids ("stage/key") that runs and registered models point at directly."""
     ids = set()
-    for run in finetune_runs(keep_last):
-        for stage in stage_runs(run):
+    for run in tracking.newest_finetune_runs(keep_last):
+        for stage in tracking.stage_runs(run):
             key = stage.data.tags.get("artifact_key")
             if key:
                 ids.add(f"{stage.data.tags.get('stage', stage.info.run_name.split('[')[0])}/{key}")

@@ -27,6 +27,26 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+FINETUNE_RUNS = "tags.`tunefactory.flow` = 'finetune'"  # search_runs' filter for the finetune flow's runs
+
+
+def newest_finetune_runs(last: int) -> list:
+    """The newest `last` finetune runs of all experiments, newest first."""
+    found = client()
+    ids = [e.experiment_id for e in found.search_experiments()]
+    return list(found.search_runs(ids, FINETUNE_RUNS, max_results=last, order_by=["attributes.start_time DESC"])
+                if ids else [])
+
+
+def stage_runs(run, stage: str | None = None) -> list:
+    """A finetune run's nested stage runs, in the order they were created; only `stage`'s if named."""
+    query = f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    if stage:
+        query += f" and attributes.run_name = '{stage}'"
+    return list(client().search_runs([run.info.experiment_id], query, max_results=1000,
+                                     order_by=["attributes.start_time ASC"]))
+
+
 def open_store() -> None:
     """Open the tracking store now. MLflow keeps one per URI for the process, and opening it (its SQL store's
     import, the database's schema check) took about a second of a no-op re-run: the CLI does it while the
