@@ -112,14 +112,14 @@ CASES = {
                      ({"finetuning_type": "freeze"}, {"lora_dropout": 0.1}, set())],
     "lora_target": [({}, {"lora_target": "q_proj,v_proj"}, {"train"})],
     "use_dora": [({}, {"use_dora": True}, {"train"})],
-    "use_rslora": [({}, {"use_rslora": True}, {"train"}), ({"finetuning_type": "full"}, {"use_rslora": True}, set())],
+    "use_rslora": [({}, {"use_rslora": True}, {"train"})],  # with full or freeze: refused (tests/test_methods.py)
     "freeze_trainable_layers": [({}, {"freeze_trainable_layers": 1}, set()),
                                 ({"finetuning_type": "freeze"}, {"freeze_trainable_layers": 1}, {"train"})],
     "enable_liger_kernel": [],  # refused at plan time without a CUDA GPU and liger-kernel (tests/test_methods.py)
     "use_unsloth": [],  # refused at recipe time
     "shift_attn": [],  # refused at recipe time
     "freeze_trainable_modules": method_cases("freeze_trainable_modules", "mlp", {"finetuning_type": "freeze"}),
-    "freeze_extra_modules": method_cases("freeze_extra_modules", "norm", {"finetuning_type": "freeze"}),
+    "freeze_extra_modules": [({"finetuning_type": "freeze"}, {"freeze_extra_modules": "norm"}, {"train"})],
     "additional_target": [({}, {"additional_target": "norm"}, {"train"})],
     "module_dropout": [],  # any value but 0 is refused (OFT's key)
     "loraplus_lr_ratio": [({}, {"loraplus_lr_ratio": 2.0}, {"train"})],

@@ -378,10 +378,13 @@ def check_methods(recipe: Recipe, source: str) -> None:
         if t.save_only_model:
             raise RecipeError(f"{source}: key 'save_only_model' does not apply to stage ppo (its checkpoints hold the "
                               "whole loop's state, to resume from)")
-    lora_only = ("loraplus_lr_ratio", "pissa_init", "additional_target", "create_new_adapter")
-    for key in lora_only:
-        if f.finetuning_type != "lora" and getattr(f, key) not in (None, False):
-            raise RecipeError(f"{source}: key '{key}' applies to finetuning_type: lora (got {f.finetuning_type})")
+    # Switches that choose a method of one finetuning_type (its sizes, such as lora_rank, are harmless leftovers).
+    only_for = {"lora": ("use_dora", "use_rslora", "loraplus_lr_ratio", "pissa_init", "additional_target",
+                         "create_new_adapter"), "freeze": ("freeze_extra_modules",)}
+    for kind, keys in only_for.items():
+        for key in keys:
+            if f.finetuning_type != kind and getattr(f, key) not in (None, False):
+                raise RecipeError(f"{source}: key '{key}' applies to finetuning_type: {kind} (got {f.finetuning_type})")
     for key in ("use_galore", "use_apollo", "use_badam"):
         if getattr(f, key) and f.finetuning_type == "lora":
             raise RecipeError(f"{source}: key '{key}' trains full weights; use finetuning_type: full or freeze, "
