@@ -4,7 +4,7 @@
 OpenAI clients send. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so the
 official client raises its own exceptions: 400 for a bad request (malformed JSON, a field out of range,
 messages the template cannot write), 401 for a wrong API key, 413 for an oversized body, 429 when the
-configured number of generations is already running or waiting.
+configured number of generations is already running or waiting; 404 and 405 for an unknown route or method.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tasks.inference import ChatEngine, MessageError, ReplyStream
 
@@ -59,6 +60,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" is honoured; "auto" and the others act as "auto"
 
 
 class ApiError(Exception):
@@ -144,6 +146,11 @@ def create_app(engine: ChatEngine, api_key: str | None = None, limits: Limits = 
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)  # an unknown route or method, in OpenAI's shape too
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+                        ).response()
+
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
@@ -168,13 +175,16 @@ def create_app(engine: ChatEngine, api_key: str | None = None, limits: Limits = 
         if chat.stream:
             try:
                 stream = engine.stream(messages, **options)
-            except MessageError as exc:
+            except BaseException as exc:  # whatever ends the request before the stream has its slot
                 slots.give()
-                raise ApiError(400, str(exc), param="messages") from None
+                if isinstance(exc, MessageError):
+                    raise ApiError(400, str(exc), param="messages") from None
+                raise
             return StreamingResponse(released(events(stream, engine.name, chat), stream, slots),
                                      media_type="text/event-stream")
+        tools = None if chat.tool_choice == "none" else chat.tools  # "none": the model may not call tools
         try:
-            replies = await run_in_threadpool(engine.generate, messages, n=chat.n, tools=chat.tools, **options)
+            replies = await run_in_threadpool(engine.generate, messages, n=chat.n, tools=tools, **options)
         except MessageError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         finally:

@@ -27,7 +27,7 @@ from tasks.encoding import prompt_and_reply
 from tasks.templates import stop_token_ids
 from tasks.templates.choice import TemplateChoice
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+TOOL_CALL = re.compile(r"<tool_call>\s*([\[{].*?[\]}])\s*</tool_call>", re.DOTALL)
 USER_SIDE = {"user": "user", "tool": "observation", "observation": "observation"}
 
 
@@ -51,21 +51,41 @@ def check_backend(backend: str) -> None:
                           "it is not installed here: use infer_backend: huggingface")
 
 
+def call_of(call: Any, index: int) -> dict[str, Any]:
+    """{"name", "arguments"} of one OpenAI tool call in message `index`; MessageError when it is malformed."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not function.get("name"):
+        raise MessageError(f"message {index}: a tool call without function.name")
+    arguments = function.get("arguments") or "{}"
+    try:
+        return {"name": function["name"], "arguments": json.loads(arguments) if isinstance(arguments, str)
+                else arguments}
+    except ValueError:
+        raise MessageError(f"message {index}: tool call arguments are not valid JSON") from None
+
+
 def conversation(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, str]]]:
     """(system text, turns in the template's roles) from OpenAI-style messages; MessageError when they do not
-    alternate or do not end on the user side."""
+    alternate or do not end on the user side. Tool calls and results are written as the openai dataset format
+    stores them (tasks.formats.openai): one call as an object, parallel calls as a list, and the results of
+    parallel calls (consecutive tool messages) as one turn holding their list."""
     system = ""
     turns: list[dict[str, str]] = []
+    results: list[str] = []
     for index, message in enumerate(messages):
         role, content = message.get("role"), message.get("content") or ""
-        if role == "system" and index == 0:
+        if role in ("system", "developer") and index == 0:  # OpenAI's newer name for the system message
             system = content
+        elif role == "tool" and turns and turns[-1]["role"] == "observation" and results:
+            results.append(content)  # answers one of the parallel calls
+            turns[-1]["content"] = json.dumps(results, ensure_ascii=False)
         elif role in USER_SIDE:
             turns.append({"role": USER_SIDE[role], "content": content})
+            results = [content] if role == "tool" else []
         elif role == "assistant" and message.get("tool_calls"):
-            calls = [{"name": c["function"]["name"], "arguments": json.loads(c["function"].get("arguments") or "{}")}
-                     for c in message["tool_calls"]]
-            turns.append({"role": "function", "content": json.dumps(calls[0] if len(calls) == 1 else calls)})
+            calls = [call_of(call, index) for call in message["tool_calls"]]
+            turns.append({"role": "function",
+                          "content": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
         elif role == "assistant":
             turns.append({"role": "assistant", "content": content})
         else:
@@ -79,14 +99,18 @@ def conversation(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, st
 
 
 def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
-    """OpenAI tool_calls from a reply that calls tools, or None."""
-    blocks = TOOL_CALL.findall(text) or ([text.strip()] if text.strip().startswith("{") else [])
-    calls = []
+    """OpenAI tool_calls from a reply that calls tools (a call object, or a list of them for parallel calls,
+    in <tool_call> blocks or bare), or None."""
+    blocks = TOOL_CALL.findall(text) or ([text.strip()] if text.strip()[:1] in ("{", "[") else [])
+    found = []
     for block in blocks:
         try:
-            call = json.loads(block)
+            parsed = json.loads(block)
         except ValueError:
             return None
+        found += parsed if isinstance(parsed, list) else [parsed]
+    calls = []
+    for call in found:
         if not isinstance(call, dict) or "name" not in call:
             return None
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",

@@ -168,6 +168,10 @@ def test_openai_formatting_tool_calls_and_results():
     assert json.loads(out["prompt"][1]["content"]) == [{"name": "add", "arguments": {"a": 1}}] * 2
     assert json.loads(out["prompt"][2]["content"]) == ["2", "3"]  # parallel results merged into one turn
     assert out["response"] == [assistant("2 and 3")]
+    row["messages"][1]["tool_calls"] = [call]  # one call: its object, as the API writes a call back
+    row["messages"][2:4] = [{"role": "tool", "content": "2"}]
+    single = convert(row, formatting="openai")["prompt"][1]["content"]
+    assert json.loads(single) == {"name": "add", "arguments": {"a": 1}}
     row["messages"][1]["tool_calls"][0] = {"function": {"name": "add", "arguments": "{oops"}}
     with pytest.raises(RowError, match="turn 1 of 'messages' has tool call arguments that are not valid JSON"):
         convert(row, formatting="openai")

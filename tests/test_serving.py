@@ -16,7 +16,7 @@ from flows.api import Limits, create_app
 from flows.chat import chat_loop
 from flows.cli import main
 from flows.serving import engine_for
-from tasks.inference import HuggingFaceEngine, MessageError, conversation
+from tasks.inference import HuggingFaceEngine, MessageError, conversation, parse_tool_calls
 
 QUESTION = [{"role": "user", "content": "What does os.path.join do?"}]
 KEY = "sk-test-key"
@@ -122,6 +122,31 @@ def test_malformed_requests_are_400s_that_say_why(client, server):
         client.chat.completions.create(model="gpt-4o", messages=QUESTION)
 
 
+def test_a_malformed_tool_call_is_a_400_and_gives_its_slot_back(client, server):
+    broken = [*QUESTION, {"role": "assistant", "tool_calls": [{"id": "c0", "type": "function",
+                                                               "function": {"name": "f", "arguments": "{oops"}}]},
+              {"role": "tool", "tool_call_id": "c0", "content": "x"}]
+    for stream in (True, True, False):  # one slot: a second streamed request would get a 429 if it leaked
+        with pytest.raises(openai.BadRequestError, match="message 1: tool call arguments are not valid JSON"):
+            client.chat.completions.create(model="tiny", messages=broken, max_tokens=2, stream=stream)
+    assert client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2).choices
+    for method, path, status in (("GET", "/nothing", 404), ("GET", "/chat/completions", 405)):
+        answer = httpx.request(method, f"{server}{path}", headers={"Authorization": f"Bearer {KEY}"})
+        assert answer.status_code == status and answer.json()["error"]["message"]  # OpenAI's error shape
+
+
+def test_tool_choice_none_reads_no_tool_calls(client, engine, monkeypatch):
+    offered = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *args, **kwargs: offered.append(kwargs["tools"]) or
+                        generate(*args, **kwargs))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for choice in ("auto", "none"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, tools=tools,
+                                       tool_choice=choice)
+    assert offered == [tools, None]
+
+
 def test_an_oversized_body_is_a_413(server):
     big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 30_000}]}
     answer = httpx.post(f"{server}/chat/completions", json=big, headers={"Authorization": f"Bearer {KEY}"})
@@ -160,6 +185,25 @@ def test_tools_are_offered_in_the_prompt_and_tool_calls_read_back(engine):
     assert json.loads(turns[1]["content"]) == {"name": "get_weather", "arguments": {"city": "Paris"}}
     with pytest.raises(MessageError, match="alternate"):
         conversation([*QUESTION, *QUESTION])
+
+
+def test_parallel_tool_calls_their_results_and_malformed_calls():
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": "{}"}}
+             for i, name in enumerate(("get_weather", "get_time"))]
+    system, turns = conversation([{"role": "developer", "content": "Be brief."}, *QUESTION,
+                                  {"role": "assistant", "tool_calls": calls},
+                                  {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "noon"}])
+    assert system == "Be brief." and [t["role"] for t in turns] == ["user", "function", "observation"]
+    assert json.loads(turns[1]["content"]) == [{"name": "get_weather", "arguments": {}},
+                                              {"name": "get_time", "arguments": {}}]
+    assert json.loads(turns[2]["content"]) == ["sunny", "noon"]  # as the openai dataset format merges them
+    listed = ('<tool_call>\n[{"name": "get_weather", "arguments": {}}, {"name": "get_time", "arguments": {}}]'
+              '\n</tool_call>')
+    assert [c["function"]["name"] for c in parse_tool_calls(listed)] == ["get_weather", "get_time"]
+    for broken, message in (({"function": {"name": "f", "arguments": "{oops"}}, "not valid JSON"),
+                            ({"id": "c0"}, "without function.name")):
+        with pytest.raises(MessageError, match=f"message 1: .*{message}"):
+            conversation([*QUESTION, {"role": "assistant", "tool_calls": [broken]}, {"role": "tool", "content": "x"}])
 
 
 def test_chat_keeps_history_until_cleared(engine):

@@ -13,7 +13,9 @@ OPTIONAL = sharegpt.OPTIONAL
 
 
 def call_content(calls: list[Any], where: str, column: str) -> str:
-    """Assistant tool_calls as the function turn's JSON: [{"name", "arguments"}], arguments decoded."""
+    """Assistant tool_calls as the function turn's JSON, arguments decoded: one call as its {"name",
+    "arguments"} object (as Qwen's and LlamaFactory's tool calls are written, and the API writes a call
+    back), parallel calls as a list of them."""
     out = []
     for call in calls:
         function = call.get("function") if isinstance(call, dict) else None
@@ -27,7 +29,7 @@ def call_content(calls: list[Any], where: str, column: str) -> str:
                 raise RowError(f"{where} has tool call arguments that are not valid JSON",
                                f"'{column}': malformed tool call") from None
         out.append({"name": function["name"], "arguments": arguments or {}})
-    return json.dumps(out, ensure_ascii=False)
+    return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
 
 
 def normalize(indexed: list[tuple[int, dict[str, Any]]], tags: dict[str, str | None],
