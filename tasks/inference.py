@@ -235,6 +235,12 @@ class Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string: a stream keeps them
+    until the next piece shows whether they are, so no part of a stop string is ever sent."""
+    return max((k for word in stops for k in range(1, len(word)) if text.endswith(word[:k])), default=0)
+
+
 class ReplyStream:
     """One reply generated on a worker thread: iterate for text pieces (cut at a stop string); `result` holds
     the whole reply's Generated once iteration ends. Closing the iterator early stops generation."""
@@ -272,15 +278,21 @@ class ReplyStream:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        shown = ""
+        shown, sent = "", 0  # the text so far, and how much of it has been handed out
         try:
             for piece in streamer:
                 shown += piece
                 cut = next((shown.index(word) for word in self.stop if word in shown), None)
                 if cut is not None:
-                    yield piece[: max(0, len(piece) - (len(shown) - cut))]
+                    yield shown[sent:cut]
                     break
-                yield piece
+                ready = len(shown) - held_back(shown, self.stop)
+                if ready > sent:
+                    yield shown[sent:ready]
+                    sent = ready
+            else:
+                if len(shown) > sent:
+                    yield shown[sent:]
         finally:
             cancelled.set()
             # An abandoned stream is closed by whichever thread's garbage collection finds it, which can be

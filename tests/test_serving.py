@@ -6,17 +6,27 @@ import json
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from flows.api import Limits, create_app
 from flows.chat import chat_loop
 from flows.cli import main
 from flows.serving import engine_for
-from tasks.inference import HuggingFaceEngine, MessageError, conversation, parse_tool_calls
+from tasks.inference import (
+    ChatEngine,
+    HuggingFaceEngine,
+    MessageError,
+    ReplyStream,
+    conversation,
+    held_back,
+    parse_tool_calls,
+)
 
 QUESTION = [{"role": "user", "content": "What does os.path.join do?"}]
 KEY = "sk-test-key"
@@ -92,6 +102,39 @@ def test_streaming_sends_the_same_text_as_deltas_then_usage(client):
     finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+class WordTokenizer:
+    """Decodes ids as words of VOCAB; "<...>" words are special."""
+
+    VOCAB = ["<p>", "Paris", " is", " sunny", ".", "\n", "User", ":", " hi", "<eos>"]
+
+    def decode(self, ids, skip_special_tokens=True, **kwargs):
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return "".join(self.VOCAB[i] for i in ids if not (skip_special_tokens and self.VOCAB[i].startswith("<")))
+
+
+class ScriptedModel:
+    """Streams a fixed reply a token at a time, as generate does with a streamer."""
+
+    device, reply = "cpu", [1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+    def generate(self, input_ids, streamer, **kwargs):
+        streamer.put(input_ids[0])  # the prompt, which the streamer skips
+        for token in self.reply:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return torch.tensor([input_ids[0].tolist() + self.reply])
+
+
+def test_a_streamed_reply_never_sends_part_of_a_stop_string():
+    """The newline that starts the stop "\nUser:" arrives (and is flushed) before the rest of it: it is held
+    back until the stop shows, so the streamed text is the whole reply's, cut before its stop."""
+    engine = SimpleNamespace(tokenizer=WordTokenizer(), model=ScriptedModel(), lock=threading.Lock(), stops=[9],
+                             finish=lambda *args: ChatEngine.finish(engine, *args))
+    stream = ReplyStream(engine, [0], {}, 100, ["\nUser:"])
+    assert "".join(stream) == stream.result.text == "Paris is sunny."
+    assert held_back("Paris.\nUs", ["\nUser:"]) == 3 and held_back("Paris.", ["\nUser:"]) == 0
 
 
 def test_a_wrong_api_key_is_refused(server):
