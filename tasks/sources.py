@@ -23,7 +23,25 @@ def load_arguments(source: dict[str, Any], location: str) -> dict[str, Any]:
     arguments: dict[str, Any] = {"path": source["loader"], "data_files": files, "split": "train"}
     if source["loader"] == "csv":  # an empty CSV cell is an empty text, not NaN
         arguments["keep_default_na"] = False
+        arguments["features"] = csv_text_features(files[0])
     return arguments
+
+
+def csv_text_features(path: str):
+    """Every column of a CSV file read as text: left to infer, pandas reads a column of "007", "2.50" and
+    "3" as numbers, and the text it trains on would be 7.0, 2.5 and 3.0. Column names from the header."""
+    import csv
+
+    import datasets
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError):
+        return None  # load_dataset reports the file itself
+    if not header or len(set(header)) != len(header):
+        return None
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def open_rows(arguments: dict[str, Any], where: str, streaming: bool = False):

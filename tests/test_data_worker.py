@@ -99,7 +99,7 @@ def test_pretraining_packs_documents_into_blocks(write_recipe, workdir):
     assert "perplexity" in summary.metrics["tuned"] and "rougeL" not in summary.metrics["tuned"]
 
 
-ROWS = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(6)]
+ROWS = [{"instruction": f"Say {i}.", "output": f"00{i}"} for i in range(6)]  # digits a CSV reader would make 5
 
 
 def write_table(path, kind):
@@ -138,4 +138,4 @@ def test_local_file_types_fetch_and_align(tmp_path, kind, name):
     aligned = align.plan(entry, fetched, recipe)
     ref = run_in_process([fetched, aligned], tmp_path / "store")[aligned.label]
     rows = datasets.load_from_disk(str(tmp_path / "store" / "align" / ref.key / "rows"))
-    assert len(rows) == 6 and rows[5]["prompt"][0]["content"] == "Say 5." and rows[5]["response"][0]["content"] == "5"
+    assert len(rows) == 6 and rows[5]["prompt"][0]["content"] == "Say 5." and rows[5]["response"][0]["content"] == "005"

@@ -20,7 +20,8 @@ class RowError(ValueError):
 
 def cell_text(row: dict[str, Any], column: str | None, field: str, required: bool = False) -> str:
     """A string cell; a non-string, or a missing or blank required cell, is a RowError naming the column.
-    A number is taken as its text: CSV and parquet readers infer `5` from a column of digits."""
+    A number (a JSON or parquet column of numbers) is taken as its text; CSV columns are read as text
+    (tasks.sources), so "007" stays "007"."""
     value = row.get(column) if column else None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
