@@ -120,6 +120,24 @@ def check_rows(step: Step) -> None:
             check_json_rows(Path(file))
 
 
+NUM_SAMPLES_SEED = 42  # LlamaFactory's default seed, which its sampling draws under
+
+
+def sample_indexes(available: int, wanted: int) -> list[int]:
+    """A registry entry's `num_samples` as LlamaFactory's loader draws them: a random permutation of the
+    rows cut to `wanted` (every row once if there are enough), topped up by drawing with replacement when
+    `wanted` is more than there are, which is how a registry upsamples a small dataset in a mix. Seeded,
+    so the same source gives the same rows (and the same artifact) every time."""
+    import numpy as np
+
+    if available == 0:
+        return []  # nothing to draw from: the stages after say the dataset is empty
+    rng = np.random.default_rng(NUM_SAMPLES_SEED)
+    indexes = rng.permutation(available)[:wanted]
+    extra = rng.choice(available, wanted - len(indexes)) if wanted > len(indexes) else []
+    return [int(i) for i in np.concatenate([indexes, extra])]
+
+
 def build(config: FetchConfig, ctx: BuildContext, out: Path) -> Built:
     description = source_description(config)
     arguments = load_arguments(description, ctx.locators["path"])
@@ -136,7 +154,7 @@ def build(config: FetchConfig, ctx: BuildContext, out: Path) -> Built:
         return Built("stream", {"source": "source.json"}, {"columns": list(first)})
     rows = open_rows(arguments, where)
     if config.num_samples:
-        rows = rows.select(range(min(config.num_samples, len(rows))))
+        rows = rows.select(sample_indexes(len(rows), config.num_samples))
     save_rows(rows, out / "rows")
     ctx.log.info("%s: fetched %d rows with columns %s", where, len(rows), rows.column_names)
     return Built("rows", {"rows": "rows"}, {"rows": len(rows), "columns": rows.column_names})

@@ -139,3 +139,24 @@ def test_local_file_types_fetch_and_align(tmp_path, kind, name):
     ref = run_in_process([fetched, aligned], tmp_path / "store")[aligned.label]
     rows = datasets.load_from_disk(str(tmp_path / "store" / "align" / ref.key / "rows"))
     assert len(rows) == 6 and rows[5]["prompt"][0]["content"] == "Say 5." and rows[5]["response"][0]["content"] == "005"
+
+
+@pytest.mark.parametrize("wanted", [3, 10])
+def test_num_samples_draws_a_sample_and_upsamples_as_llamafactory_does(tmp_path, wanted):
+    """Fewer than the rows: a random sample of distinct rows, not the file's head. More: every row once, then
+    drawn again until there are `num_samples` (LlamaFactory's loader)."""
+    from tasks import fetch
+    from tasks.core.registry import load_registry
+    from tasks.core.stage import run_in_process
+
+    write_table(tmp_path / "t.json", "json")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"t": {"file_name": "t.json", "num_samples": wanted}}))
+    fetched = fetch.plan(load_registry(tmp_path)["t"], streaming=False)
+    ref = run_in_process([fetched], tmp_path / "store")[fetched.label]
+    outputs = datasets.load_from_disk(str(tmp_path / "store" / "fetch" / ref.key / "rows"))["output"]
+    assert len(outputs) == wanted
+    if wanted < len(ROWS):
+        assert len(set(outputs)) == wanted and outputs != [r["output"] for r in ROWS[:wanted]]
+    else:
+        assert set(outputs) == {r["output"] for r in ROWS}
+    assert fetch.sample_indexes(6, wanted) == fetch.sample_indexes(6, wanted)  # the same rows on every build
