@@ -21,6 +21,15 @@ def test_chinese_partial_overlap_is_between_0_and_100():
     assert 0 < scores["rouge1"] < 100 and 0 < scores["rouge1_lf"] < 100 and 0 < scores["bleu4_lf"] < 100
 
 
+def test_a_pair_is_tokenized_alike_whatever_language_either_side_holds():
+    """A Chinese word on one side only must not change how the other words are cut: the Latin words are
+    stemmed on both sides (running -> run), and punctuation counts on neither."""
+    mixed = text_scores(["running fast"], ["running fast 很快"])
+    assert mixed["rouge1"] == pytest.approx(80)  # 2 of 2 predicted words match, 2 of 3 reference words
+    assert text_scores(["返回列表。"], ["返回列表"])["rouge1"] == pytest.approx(100)
+    assert text_scores(["Return the list"], ["Return the list."])["rouge1"] == pytest.approx(100)
+
+
 def test_english_scores_keep_rouge_score_semantics():
     prediction, reference = "Return the largest element of a list.", "Find the n largest elements in a dataset."
     scores = load("rouge").compute(predictions=[prediction], references=[reference])

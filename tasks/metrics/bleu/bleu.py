@@ -9,15 +9,17 @@ import evaluate
 import jieba
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+CJK_STRETCHES = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]+)")
 jieba.setLogLevel(60)
 
 
 def words(text: str) -> list[str]:
-    """Whitespace words, or jieba words where the text is Chinese."""
-    if CJK.search(text):
-        return [w for w in jieba.cut(text) if w.strip()]
-    return text.split()
+    """Whitespace words of the text's Latin stretches, jieba words of its Chinese ones: each stretch cut the
+    same way whatever else the text holds, so a prediction and its reference are always split alike."""
+    out = []
+    for index, stretch in enumerate(CJK_STRETCHES.split(text)):
+        out += stretch.split() if index % 2 == 0 else [w for w in jieba.cut(stretch) if w.strip()]
+    return out
 
 
 def bleu(reference: list[str], prediction: list[str]) -> float:

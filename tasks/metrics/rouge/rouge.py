@@ -3,6 +3,7 @@ Chinese text cut into words by jieba instead of being dropped), and LlamaFactory
 on jieba words, as its ComputeSimilarity reports them). Self-contained so `evaluate.load(path)` reads it."""
 
 import re
+import unicodedata
 
 import datasets
 import evaluate
@@ -10,20 +11,31 @@ import jieba
 from rouge_chinese import Rouge as ChineseRouge
 from rouge_score import rouge_scorer, tokenizers
 
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+CJK_STRETCHES = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]+)")
 jieba.setLogLevel(60)  # no "Building prefix dict" chatter on every first use
 
 
 class MixedTokenizer:
-    """rouge-score's own tokenizer for Latin text (lowercased words, stemmed); jieba words for Chinese text."""
+    """rouge-score's own tokenizer for the Latin stretches of a text (lowercased words, stemmed, punctuation
+    dropped) and jieba words for its Chinese stretches (punctuation dropped too). Each stretch is cut the same
+    way whatever else the text holds, so a prediction and its reference are always tokenized alike (a text
+    with one Chinese word once went wholly through jieba, unstemmed, against a stemmed reference)."""
 
     def __init__(self, use_stemmer: bool):
         self.latin = tokenizers.DefaultTokenizer(use_stemmer=use_stemmer)
 
     def tokenize(self, text: str) -> list[str]:
-        if not CJK.search(text):
-            return self.latin.tokenize(text)
-        return [word for word in (w.strip().lower() for w in jieba.cut(text)) if word and not word.isspace()]
+        words = []
+        for index, stretch in enumerate(CJK_STRETCHES.split(text)):
+            if index % 2 == 0:
+                words += self.latin.tokenize(stretch)
+            else:
+                words += [w.lower() for w in jieba.cut(stretch) if w.strip() and not all(map(punctuation, w))]
+        return words
+
+
+def punctuation(char: str) -> bool:
+    return unicodedata.category(char).startswith("P") or char.isspace()
 
 
 def llamafactory_scores(prediction: str, reference: str) -> dict[str, float]:
