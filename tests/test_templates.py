@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tasks.core.errors import DataError, RecipeError
@@ -183,3 +185,18 @@ def test_default_template_renders_as_llamafactory_0_9_3():
     assert "".join(p + r for p, r in pairs) == (
         "System: Be brief.</s>\nHuman: Hi {there}</s>\nAssistant:Hello.</s>\nHuman: Sum 2+2?</s>\nAssistant:4.</s>\n")
     assert [r for _, r in pairs] == ["Hello.</s>\n", "4.</s>\n"]
+
+
+def test_tool_lists_are_json_arrays_where_a_format_writes_one():
+    """Phi-4-mini's <|tool|> block and Mistral's [AVAILABLE_TOOLS] hold a JSON array of the definitions:
+    one definition per line inside brackets was no JSON at all once there were two."""
+    from dataclasses import replace
+
+    from tasks.templates.tools import TOOL_FORMATS
+
+    tools = [{"name": "get_weather", "parameters": {}}, {"name": "get_time", "parameters": {}}]
+    phi = get_template("phi4_mini").system_with_tools("SYS", json.dumps(tools))
+    assert json.loads(phi.split("<|tool|>")[1].removesuffix("<|/tool|>")) == tools
+    with_mistral_tools = replace(get_template("chatml"), tools=TOOL_FORMATS["mistral"].tools)
+    mistral = with_mistral_tools.system_with_tools("", json.dumps(tools))
+    assert json.loads(mistral.removeprefix("[AVAILABLE_TOOLS] ").removesuffix("[/AVAILABLE_TOOLS]")) == tools

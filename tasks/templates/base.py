@@ -48,7 +48,7 @@ class Template:
     stop_words: tuple[str, ...] = ()  # tokens that end a reply at generation time, besides EOS
     description: str = ""  # one line for `tunefactory templates list`
     # How a row's tool definitions join the system prompt: {content} is the system text, {tools} one JSON
-    # object per tool per line.
+    # object per tool per line, {tool_list} all of them as one JSON array.
     tools: str = "{content}\n\nYou have access to the following tools:\n{tools}"
     jinja: bool = False  # ignore the formats above and render with the tokenizer's chat_template (auto)
     empty_system: bool = False  # write the system block even when there is no system text (EXAONE)
@@ -71,8 +71,9 @@ class Template:
             return system
         tools = json.loads(tools_json)
         tools = tools if isinstance(tools, list) else [tools]
-        listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-        filled = re.sub(r"\{(content|tools)\}", lambda m: system if m.group(1) == "content" else listing, self.tools)
+        values = {"content": system, "tools": "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools),
+                  "tool_list": json.dumps(tools, ensure_ascii=False)}
+        filled = re.sub(r"\{(content|tools|tool_list)\}", lambda m: values[m.group(1)], self.tools)
         return filled if system else filled.lstrip("\n")
 
     def turn_format(self, role: str) -> str:

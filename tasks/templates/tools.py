@@ -11,7 +11,7 @@ from tasks.templates.families.chatml import QWEN_TOOLS
 
 @dataclass(frozen=True)
 class ToolFormat:
-    tools: str  # {content}: the system text, {tools}: one JSON tool definition per line
+    tools: str  # {content}: the system text, {tools}: one JSON tool definition per line, {tool_list}: a JSON array
     call: str  # the call as the dataset stores it ({content}), wrapped as this format writes it
 
 
@@ -24,5 +24,5 @@ TOOL_FORMATS = {
     "default": ToolFormat("{content}\n\nYou have access to the following tools:\n{tools}", "{content}"),
     "qwen": ToolFormat(QWEN_TOOLS, "<tool_call>\n{content}\n</tool_call>"),
     "llama3": ToolFormat(LLAMA3_TOOLS, "{content}"),
-    "mistral": ToolFormat("[AVAILABLE_TOOLS] [{tools}][/AVAILABLE_TOOLS]{content}", "[TOOL_CALLS] {content}"),
+    "mistral": ToolFormat("[AVAILABLE_TOOLS] {tool_list}[/AVAILABLE_TOOLS]{content}", "[TOOL_CALLS] {content}"),
 }

@@ -30,7 +30,7 @@ TEMPLATES = [
         user="<|user|>{content}<|end|><|assistant|>",
         assistant="{content}<|end|>",
         suffix="{eos_token}",
-        tools="{content}<|tool|>[{tools}]<|/tool|>",
+        tools="{content}<|tool|>{tool_list}<|/tool|>",
         stop_words=("<|end|>",),
         description="Phi-4-mini '<|user|>...<|end|><|assistant|>' turns",
     ),
