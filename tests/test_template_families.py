@@ -219,7 +219,6 @@ FAMILIES = [
     ("qwen3", QWEN3, "", ["Hello.<|im_end|>\n", EMPTY_THOUGHT + "4.<|im_end|>\n"]),  # no default system
     ("qwen3_nothink", CHATML, SYSTEM, QWEN_REPLIES),
     ("smollm2", SMOLLM2, "", QWEN_REPLIES),
-    ("gemma2", GEMMA2, "", ["Hello.<end_of_turn>\n", "4.<end_of_turn>\n"]),
     ("gemma3", GEMMA3, SYSTEM, ["Hello.<end_of_turn>\n", "4.<end_of_turn>\n"]),
     ("phi4_mini", PHI4_MINI, SYSTEM, ["Hello.<|end|>", "4.<|end|><|im_end|>"]),  # EOS closes the conversation
     ("deepseekcoder", DEEPSEEK_CODER, SYSTEM, ["Hello.\n<|EOT|>\n", "4.\n<|EOT|>\n"]),
@@ -237,6 +236,14 @@ def test_new_family_matches_published_chat_template(tokenizer, name, jinja, syst
     input_ids, labels = encoded(tokenizer, name, CONVERSATION, system)
     assert tokenizer.decode(input_ids) == published(tokenizer, jinja, CONVERSATION, system)
     assert trained_spans(tokenizer, input_ids, labels) == replies
+
+
+def test_gemma2_is_the_published_template_with_eos_trained_after_the_last_reply(tokenizer):
+    """LlamaFactory's gemma2 (efficient_eos) appends EOS after the conversation and trains it, so a tuned
+    model learns to stop; Gemma 2's published template has no EOS there."""
+    input_ids, labels = encoded(tokenizer, "gemma2", CONVERSATION, "")
+    assert tokenizer.decode(input_ids) == published(tokenizer, GEMMA2, CONVERSATION, "") + tokenizer.eos_token
+    assert trained_spans(tokenizer, input_ids, labels) == ["Hello.<end_of_turn>\n", "4.<end_of_turn>\n<|im_end|>"]
 
 
 def test_llama4_matches_the_template_transformers_ships(tokenizer):

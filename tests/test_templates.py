@@ -150,6 +150,9 @@ def test_stop_tokens_are_eos_plus_the_known_stop_words(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert stop_token_ids(tokenizer, get_template("llama3")) == [tokenizer.eos_token_id]  # <|eot_id|> not in vocab
     assert stop_token_ids(tokenizer, get_template("auto")) == [tokenizer.eos_token_id]  # no chat_template: EOS only
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")  # a new turn ends a chatml reply (LlamaFactory's)
+    assert im_start in stop_token_ids(tokenizer, get_template("chatml"))
+    assert im_start not in stop_token_ids(tokenizer, get_template("qwen"))
 
 
 def test_show_marks_the_trained_spans(tiny_model_dir):

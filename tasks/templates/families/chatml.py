@@ -19,12 +19,14 @@ QWEN_TOOLS = (
 
 def chatml(name: str, description: str, **fields) -> Template:
     """A ChatML template; fields override the shared formats."""
-    formats = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "observation": TOOL}
-    return Template(name=name, stop_words=("<|im_end|>",), description=description, **{**formats, **fields})
+    formats = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "observation": TOOL,
+               "stop_words": ("<|im_end|>",)}
+    return Template(name=name, description=description, **{**formats, **fields})
 
 
 TEMPLATES = [
-    chatml("chatml", "ChatML with no default system prompt (OpenHermes, Dolphin, ...)"),
+    chatml("chatml", "ChatML with no default system prompt (OpenHermes, Dolphin, ...)",
+           stop_words=("<|im_end|>", "<|im_start|>")),  # as LlamaFactory's chatml: a new turn also ends a reply
     chatml(
         "qwen",
         "Qwen2.5 (ChatML, Qwen's default system prompt, <tool_call> tools)",

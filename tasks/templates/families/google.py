@@ -16,8 +16,9 @@ def gemma(name: str, description: str, **fields) -> Template:
 TEMPLATES = [
     # google/gemma-3-*-it (same turns as Gemma 1/2).
     gemma("gemma", "Gemma 1/2/3 '<start_of_turn>user / model' turns, system text in the first turn"),
-    # google/gemma-2-*-it, as LlamaFactory writes it: tool turns, and EOS also stops generation.
-    gemma("gemma2", "Gemma 2 '<start_of_turn>user / model' turns", observation=GEMMA_TOOL,
+    # google/gemma-2-*-it, as LlamaFactory writes it: tool turns, EOS trained after the last reply (its
+    # efficient_eos) and also stopping generation.
+    gemma("gemma2", "Gemma 2 '<start_of_turn>user / model' turns", observation=GEMMA_TOOL, suffix="{eos_token}",
           stop_words=("<end_of_turn>", "<eos>")),
     *[
         gemma(name, f"{label} '<start_of_turn>user / model' turns (text only), system text in the first turn",
