@@ -150,9 +150,11 @@ def document_text(row: dict[str, Any]) -> str:
 
 
 def encode_document(row: dict[str, Any], tokenizer) -> dict[str, Any]:
-    """Token ids of one document followed by EOS, untruncated (packing chunks them later)."""
+    """Token ids of one document followed by EOS, untruncated (packing chunks them later); BOS first where the
+    tokenizer adds one to what it encodes (Llama's), as LlamaFactory's pretraining does."""
+    bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
     ids = tokenizer.encode(document_text(row), add_special_tokens=False) + [tokenizer.eos_token_id]
-    return {"input_ids": ids}
+    return {"input_ids": ids if bos is None else [bos, *ids]}
 
 
 def truncated_document(row: dict[str, Any], cutoff_len: int) -> dict[str, Any]:

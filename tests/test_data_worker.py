@@ -160,3 +160,16 @@ def test_num_samples_draws_a_sample_and_upsamples_as_llamafactory_does(tmp_path,
     else:
         assert set(outputs) == {r["output"] for r in ROWS}
     assert fetch.sample_indexes(6, wanted) == fetch.sample_indexes(6, wanted)  # the same rows on every build
+
+
+def test_a_document_starts_with_bos_where_the_tokenizer_adds_one(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tasks.encoding import encode_document
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = {"text": "def join(a, b):", "prompt": [], "response": [], "kto_tag": None, "row": 0}
+    plain = encode_document(row, tokenizer)["input_ids"]
+    assert plain[-1] == tokenizer.eos_token_id and tokenizer.bos_token_id not in plain  # SmolLM-style: no BOS
+    tokenizer.add_bos_token = True  # as Llama's tokenizers are set
+    assert encode_document(row, tokenizer)["input_ids"] == [tokenizer.bos_token_id, *plain]
