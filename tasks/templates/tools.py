@@ -1,6 +1,9 @@
 """`tool_format`: how tool definitions join the system prompt and how a tool call is written, borrowed by
-any template (LlamaFactory's tool formats, by name). A call is written inside the template's own reply
-format, so it closes the turn as a reply does."""
+any template, under LlamaFactory's tool format names. The tool lists follow the families' prompts; a call
+is written as the dataset stores it (JSON with "name" and "arguments"), wrapped as the family wraps calls,
+not re-keyed or re-rendered as LlamaFactory's formatters do (its llama3 writes "parameters", its default
+"Action: / Action Input:" lines). A call is written inside the template's own reply format, so it closes
+the turn as a reply does."""
 
 from __future__ import annotations
 
