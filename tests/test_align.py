@@ -137,6 +137,8 @@ def test_sharegpt_roles_system_and_tools():
         ([turn("human", "a"), turn("gpt", None)], "turn 1 of 'conversations' is empty"),
         ([turn("human", "a"), turn("gpt", 7)], "turn 1 of 'conversations' has non-string content (int)"),
         ([turn("human", "a"), turn("bot", "b")], "turn 1 of 'conversations' has unknown 'from' 'bot'"),
+        ([turn("human", "a"), turn("system", "s")],
+         "turn 1 of 'conversations' is a system turn (from 'system'); only the first turn may be one"),
         ([turn("human", "a"), turn("gpt", "b"), turn("human", "c")], "ends with a user turn"),
         ([turn("system", "s"), turn("gpt", "b")], "turn 1 of 'conversations' (from 'gpt') has role 'assistant'"),
         ([], "field 'conversations' (messages) must be a non-empty list of turns"),

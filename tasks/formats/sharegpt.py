@@ -33,6 +33,9 @@ def to_message(turn: dict[str, Any], tags: dict[str, str | None], roles: dict[st
                column: str) -> Message:
     """One turn as {role, content}; an unknown role tag is a RowError listing the known ones."""
     tag = turn.get(tags["role_tag"])
+    if tag is not None and tag == tags.get("system_tag"):  # a known tag, in a place templates have none for
+        raise RowError(f"{where} is a system turn ({tags['role_tag']} {tag!r}); only the first turn may be one",
+                       f"'{column}': system turn not first")
     if tag not in roles:
         known = ", ".join(repr(t) for t in roles)
         raise RowError(f"{where} has unknown {tags['role_tag']!r} {tag!r} (known: {known})",
