@@ -24,6 +24,7 @@ from transformers import StoppingCriteria
 from tasks.core.errors import RecipeError
 from tasks.core.hardware import place_on_compute_device
 from tasks.encoding import prompt_and_reply
+from tasks.formats.openai import calls_text, results_text
 from tasks.templates import stop_token_ids
 from tasks.templates.choice import TemplateChoice
 
@@ -78,14 +79,13 @@ def conversation(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, st
             system = content
         elif role == "tool" and turns and turns[-1]["role"] == "observation" and results:
             results.append(content)  # answers one of the parallel calls
-            turns[-1]["content"] = json.dumps(results, ensure_ascii=False)
+            turns[-1]["content"] = results_text(results)
         elif role in USER_SIDE:
             turns.append({"role": USER_SIDE[role], "content": content})
             results = [content] if role == "tool" else []
         elif role == "assistant" and message.get("tool_calls"):
             calls = [call_of(call, index) for call in message["tool_calls"]]
-            turns.append({"role": "function",
-                          "content": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
+            turns.append({"role": "function", "content": calls_text(calls)})
         elif role == "assistant":
             turns.append({"role": "assistant", "content": content})
         else:

@@ -12,10 +12,21 @@ REQUIRED = sharegpt.REQUIRED
 OPTIONAL = sharegpt.OPTIONAL
 
 
+def calls_text(calls: list[dict[str, Any]]) -> str:
+    """A function turn's content: one call as its {"name", "arguments"} object, parallel calls as a list of
+    them. The API writes a conversation's calls back with it (tasks.inference), so serving sees what training
+    saw."""
+    return json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+
+
+def results_text(results: list[str]) -> str:
+    """The observation turn answering parallel calls: their results as one JSON list (shared with the API)."""
+    return json.dumps(results, ensure_ascii=False)
+
+
 def call_content(calls: list[Any], where: str, column: str) -> str:
-    """Assistant tool_calls as the function turn's JSON, arguments decoded: one call as its {"name",
-    "arguments"} object (as Qwen's and LlamaFactory's tool calls are written, and the API writes a call
-    back), parallel calls as a list of them."""
+    """Assistant tool_calls as the function turn's JSON (`calls_text`), arguments decoded: one call as its
+    {"name", "arguments"} object, as Qwen's and LlamaFactory's tool calls are written."""
     out = []
     for call in calls:
         function = call.get("function") if isinstance(call, dict) else None
@@ -29,7 +40,7 @@ def call_content(calls: list[Any], where: str, column: str) -> str:
                 raise RowError(f"{where} has tool call arguments that are not valid JSON",
                                f"'{column}': malformed tool call") from None
         out.append({"name": function["name"], "arguments": arguments or {}})
-    return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
+    return calls_text(out)
 
 
 def normalize(indexed: list[tuple[int, dict[str, Any]]], tags: dict[str, str | None],
@@ -45,7 +56,7 @@ def normalize(indexed: list[tuple[int, dict[str, Any]]], tags: dict[str, str | N
         if turn.get(role) == tags["observation_tag"] and out and out[-1][1].get(role) == tags["observation_tag"]:
             results.append(turn.get(content))  # several results answer one parallel call
             bad = [r for r in results if not isinstance(r, str)]  # left for the turn check to report
-            merged = bad[0] if bad else json.dumps(results, ensure_ascii=False)
+            merged = bad[0] if bad else results_text(results)
             out[-1] = (out[-1][0], {role: tags["observation_tag"], content: merged})
             continue
         results = [turn.get(content)]
