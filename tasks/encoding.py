@@ -55,6 +55,15 @@ class Masking:
     mask_history: bool = False
 
 
+def row_pairs(row: dict[str, Any], messages: list[dict], tokenizer, template: Template) -> list:
+    """The row's messages encoded (prompt ids, reply ids) per exchange; a message the template cannot write
+    is a DataError naming the row."""
+    try:
+        return encode_pairs(tokenizer, template, messages, system_prompt(row, template))
+    except DataError as error:
+        raise DataError(f"row {row['row']}: {error}" if "row" in row else str(error)) from None
+
+
 def encode_supervised(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
     """input_ids and labels of one conversation, masked and truncated as the recipe says."""
     check_kind(row, ("sft",))
@@ -63,7 +72,7 @@ def encode_supervised(row: dict[str, Any], tokenizer, template: Template, maskin
 
 def supervised(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
     """input_ids and labels of the row's prompt and first reply (for a preference row: the chosen one)."""
-    pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
+    pairs = row_pairs(row, conversation(row), tokenizer, template)
     input_ids, labels = supervised_example(pairs, masking.cutoff_len, masking.train_on_prompt, masking.mask_history)
     return {"input_ids": input_ids, "labels": labels}
 
@@ -72,7 +81,7 @@ def encode_for_eval(row: dict[str, Any], tokenizer, template: Template, masking:
     """The supervised encoding plus the generation prompt and the reference reply (a preference row's chosen
     reply; a KTO row's reply, which the caller keeps only where it is desirable)."""
     check_kind(row, ("sft", "preference", "kto"))
-    pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
+    pairs = row_pairs(row, conversation(row), tokenizer, template)
     prompt = generation_prompt(pairs, masking.cutoff_len)
     return {**supervised(row, tokenizer, template, masking), "prompt_ids": prompt,
             "label_text": row["response"][0]["content"], "prompt_text": tokenizer.decode(prompt)}
@@ -82,7 +91,7 @@ def prompt_and_reply(row: dict[str, Any], reply: dict[str, str], tokenizer, temp
                      ) -> tuple[list[int], list[int]]:
     """(prompt ids, reply ids) for one reply to the row's prompt: earlier turns and the last user turn make the
     prompt, as LlamaFactory's encode_oneturn does."""
-    pairs = encode_pairs(tokenizer, template, list(row["prompt"]) + [reply], system_prompt(row, template))
+    pairs = row_pairs(row, list(row["prompt"]) + [reply], tokenizer, template)
     history = [token for source, target in pairs[:-1] for token in source + target]
     return history + pairs[-1][0], pairs[-1][1]
 
@@ -132,7 +141,7 @@ def encode_feedback(rows: dict[str, list], tokenizer, template: Template, cutoff
 def encode_prompt(row: dict[str, Any], tokenizer, template: Template, cutoff_len: int) -> dict[str, Any]:
     """A PPO rollout prompt: the conversation up to the reply, cut to leave the reply its share of cutoff_len."""
     check_kind(row, ("sft",))
-    pairs = encode_pairs(tokenizer, template, conversation(row), system_prompt(row, template))
+    pairs = row_pairs(row, conversation(row), tokenizer, template)
     return {"input_ids": generation_prompt(pairs, cutoff_len)}
 
 

@@ -3,15 +3,14 @@ OpenAI-style messages, written through the recipe's chat template exactly as tra
 
 Messages: an optional system message, then turns alternating user-side (`user`, `tool`) and assistant-side
 (`assistant`, possibly with `tool_calls`), ending on the user side. Tool definitions join the system
-prompt as the template lists them; a reply holding a tool call (`<tool_call>{...}</tool_call>`, or a bare
-`{"name": ..., "arguments": ...}` object) is returned as OpenAI `tool_calls`.
+prompt as the template lists them; a reply holding tool calls, written as the template's tool format
+writes them (or as a bare `{"name": ..., "arguments": ...}` object), is returned as OpenAI `tool_calls`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,14 +20,14 @@ from typing import Any
 
 from transformers import StoppingCriteria
 
-from tasks.core.errors import RecipeError
+from tasks.core.errors import DataError, RecipeError
 from tasks.core.hardware import place_on_compute_device
 from tasks.encoding import prompt_and_reply
 from tasks.formats.openai import calls_text, results_text
 from tasks.templates import stop_token_ids
 from tasks.templates.choice import TemplateChoice
+from tasks.templates.tools import read_calls
 
-TOOL_CALL = re.compile(r"<tool_call>\s*([\[{].*?[\]}])\s*</tool_call>", re.DOTALL)
 USER_SIDE = {"user": "user", "tool": "observation", "observation": "observation"}
 
 
@@ -98,24 +97,13 @@ def conversation(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, st
     return system, turns
 
 
-def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
-    """OpenAI tool_calls from a reply that calls tools (a call object, or a list of them for parallel calls,
-    in <tool_call> blocks or bare), or None."""
-    blocks = TOOL_CALL.findall(text) or ([text.strip()] if text.strip()[:1] in ("{", "[") else [])
-    found = []
-    for block in blocks:
-        try:
-            parsed = json.loads(block)
-        except ValueError:
-            return None
-        found += parsed if isinstance(parsed, list) else [parsed]
-    calls = []
-    for call in found:
-        if not isinstance(call, dict) or "name" not in call:
-            return None
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}})
-    return calls or None
+def parse_tool_calls(text: str, tool_format: str = "default") -> list[dict[str, Any]] | None:
+    """OpenAI tool_calls from a reply that calls tools, written as the template's tool format writes calls
+    (or as a bare JSON call / <tool_call> blocks), or None."""
+    calls = read_calls(tool_format, text)
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            for call in calls] if calls else None
 
 
 class ChatEngine:
@@ -145,7 +133,10 @@ class ChatEngine:
         system, turns = conversation(messages)
         row = {"prompt": turns, "system": system or self.template.default_system,
                "tools": json.dumps(tools) if tools else ""}
-        ids, _ = prompt_and_reply(row, {"role": "assistant", "content": ""}, self.tokenizer, self.template)
+        try:
+            ids, _ = prompt_and_reply(row, {"role": "assistant", "content": ""}, self.tokenizer, self.template)
+        except DataError as error:  # e.g. parallel calls for a template that writes one call per turn
+            raise MessageError(str(error)) from None
         return ids
 
     def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
@@ -172,7 +163,7 @@ class ChatEngine:
             if word in text:
                 text = text[: text.index(word)]
         reason = "length" if len(kept) >= max_tokens and len(tokens) >= max_tokens else "stop"
-        calls = parse_tool_calls(text) if tools else None
+        calls = parse_tool_calls(text, self.template.tool_format) if tools else None
         return Generated(text=text if not calls else "", prompt_tokens=prompt_tokens,
                          completion_tokens=min(len(tokens), len(kept) + 1), finish_reason="tool_calls" if calls
                          else reason, tool_calls=calls)

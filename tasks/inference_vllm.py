@@ -43,7 +43,7 @@ class VllmEngine(ChatEngine):
                                    use_tqdm=False)[0]
         replies = []
         for choice in output.outputs:
-            calls = parse_tool_calls(choice.text) if tools else None
+            calls = parse_tool_calls(choice.text, self.template.tool_format) if tools else None
             replies.append(Generated(text="" if calls else choice.text, prompt_tokens=len(ids),
                                      completion_tokens=len(choice.token_ids),
                                      finish_reason="tool_calls" if calls else choice.finish_reason or "stop",

@@ -168,7 +168,8 @@ def test_openai_formatting_tool_calls_and_results():
     out = convert(row, formatting="openai")
     assert [m["role"] for m in out["prompt"]] == ["user", "function", "observation"]
     assert json.loads(out["prompt"][1]["content"]) == [{"name": "add", "arguments": {"a": 1}}] * 2
-    assert json.loads(out["prompt"][2]["content"]) == ["2", "3"]  # parallel results merged into one turn
+    # parallel results merged into one turn, joined as LlamaFactory joins them
+    assert out["prompt"][2]["content"] == "2\n</tool_response>\n<tool_response>\n3"
     assert out["response"] == [assistant("2 and 3")]
     row["messages"][1]["tool_calls"] = [call]  # one call: its object, as the API writes a call back
     row["messages"][2:4] = [{"role": "tool", "content": "2"}]

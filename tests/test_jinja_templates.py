@@ -1,5 +1,7 @@
 """Each named template as a Jinja chat template renders exactly what training encodes."""
 
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -55,3 +57,41 @@ def test_reasoning_templates_render_thinking_as_training_does(tokenizer, name, o
     pairs = format_pairs(template, COT, "", tokenizer.bos_token, tokenizer.eos_token)
     expected = "".join(p + r for p, r in pairs[:-1]) + pairs[-1][0]
     assert tokenizer.apply_chat_template(COT[:3], tokenize=False) == expected
+
+
+CALLS = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]
+RESULTS = ['{"temperature": 18}', "noon"]
+
+
+def tool_conversation(calls: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A conversation with (parallel) tool calls and their results: as training stores it, and as OpenAI messages."""
+    from tasks.formats.openai import calls_text, results_text
+
+    stored = [{"role": "user", "content": "Weather and time in Paris?"},
+              {"role": "function", "content": calls_text(calls)},
+              {"role": "observation", "content": results_text(RESULTS[: len(calls)])},
+              {"role": "assistant", "content": "18 C at noon."}]
+    openai = [stored[0],
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": f"c{i}", "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                  for i, c in enumerate(calls)]},
+              *[{"role": "tool", "tool_call_id": f"c{i}", "content": r} for i, r in enumerate(RESULTS[: len(calls)])],
+              stored[3]]
+    return stored, openai
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_exported_template_writes_openai_tool_calls_and_results_as_training_does(tokenizer, name):
+    """An exported model served with OpenAI messages sees its tool calls written by the template's tool format
+    (Qwen's <tool_call> blocks, Llama 3.1's "parameters", Mistral's list, ...) and parallel results joined."""
+    template = TEMPLATES[name]
+    tokenizer.chat_template = to_jinja(template)
+    stored, openai = tool_conversation(CALLS if template.tool_format != "glm4" else CALLS[:1])
+    pairs = format_pairs(template, stored, "Be brief.", tokenizer.bos_token, tokenizer.eos_token)
+    messages = [{"role": "system", "content": "Be brief."}, *openai]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "".join(p + r for p, r in pairs)
+    # OpenAI clients send arguments as JSON text: written as sent
+    for call in messages[2]["tool_calls"]:
+        call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+    as_text = messages
+    assert tokenizer.apply_chat_template(as_text, tokenize=False) == "".join(p + r for p, r in pairs)

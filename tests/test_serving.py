@@ -215,12 +215,14 @@ def test_generations_past_the_concurrency_limit_are_a_429(client):
 
 def test_tools_are_offered_in_the_prompt_and_tool_calls_read_back(engine):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    assert '"name": "get_weather"' in engine.tokenizer.decode(engine.prompt(QUESTION, tools))
-    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
-    tokens = engine.tokenizer.encode(call, add_special_tokens=False) + engine.stops[:1]
-    reply = engine.finish(tokens, 10, 64, [], tools)
-    assert reply.finish_reason == "tool_calls" and reply.text == ""
-    assert reply.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    # the engine's chatml template lists tools and writes calls in LlamaFactory's default format
+    assert "> Tool Name: get_weather\n" in engine.tokenizer.decode(engine.prompt(QUESTION, tools))
+    for call in ('Action: get_weather\nAction Input: {"city": "Paris"}',  # as the template writes a call
+                 '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'):  # Qwen's, too
+        tokens = engine.tokenizer.encode(call, add_special_tokens=False) + engine.stops[:1]
+        reply = engine.finish(tokens, 10, 64, [], tools)
+        assert reply.finish_reason == "tool_calls" and reply.text == ""
+        assert reply.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     # A tool call made earlier and its result are written back into the conversation.
     system, turns = conversation([*QUESTION, {"role": "assistant", "tool_calls": reply.tool_calls},
                                   {"role": "tool", "content": "sunny"}])
@@ -239,10 +241,14 @@ def test_parallel_tool_calls_their_results_and_malformed_calls():
     assert system == "Be brief." and [t["role"] for t in turns] == ["user", "function", "observation"]
     assert json.loads(turns[1]["content"]) == [{"name": "get_weather", "arguments": {}},
                                               {"name": "get_time", "arguments": {}}]
-    assert json.loads(turns[2]["content"]) == ["sunny", "noon"]  # as the openai dataset format merges them
-    listed = ('<tool_call>\n[{"name": "get_weather", "arguments": {}}, {"name": "get_time", "arguments": {}}]'
-              '\n</tool_call>')
-    assert [c["function"]["name"] for c in parse_tool_calls(listed)] == ["get_weather", "get_time"]
+    # as the openai dataset format merges them (Qwen's template: one <tool_response> block each)
+    assert turns[2]["content"] == "sunny\n</tool_response>\n<tool_response>\nnoon"
+    blocks = ('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>\n'
+              '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    llama3 = '[{"name": "get_weather", "parameters": {}}, {"name": "get_time", "parameters": {}}]'
+    for written, tool_format in ((blocks, "qwen"), (llama3, "llama3")):
+        assert [c["function"]["name"] for c in parse_tool_calls(written, tool_format)] == ["get_weather", "get_time"]
+    assert parse_tool_calls("Action: get_weather\nAction Input: {oops", "default") is None
     for broken, message in (({"function": {"name": "f", "arguments": "{oops"}}, "not valid JSON"),
                             ({"id": "c0"}, "without function.name")):
         with pytest.raises(MessageError, match=f"message 1: .*{message}"):

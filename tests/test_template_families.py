@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.templates import configure, encode_pairs, generation_prompt, get_template, supervised_example
+from tasks.templates import configure, encode_pairs, format_pairs, generation_prompt, get_template, supervised_example
 from tests.test_template_formats import (
     CHATML,
     CONVERSATION,
@@ -370,8 +370,10 @@ def test_thinking_options_leave_other_templates_alone():
 def test_default_system_and_tool_format_override_the_template(tokenizer):
     template = get_template("llama3", default_system="Be kind.", tool_format="qwen")
     assert template.default_system == "Be kind."
-    assert template.function == "<tool_call>\n{content}\n</tool_call><|eot_id|>"  # a call closes like a reply
     assert "<tools>" in template.system_with_tools("", '[{"name": "f"}]')
+    call = [{"role": "user", "content": "Hi"}, {"role": "function", "content": '{"name": "f", "arguments": {}}'}]
+    written = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call><|eot_id|>'  # closed as a llama3 reply is
+    assert format_pairs(template, call, "", "", "")[0][1] == written
     text = tokenizer.decode(encoded(tokenizer, "chatml", CONVERSATION, "")[0])
     configured = configure(get_template("chatml"), default_system="Be kind.")
     pairs = encode_pairs(tokenizer, configured, CONVERSATION, "")

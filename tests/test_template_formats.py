@@ -453,6 +453,35 @@ def test_tool_turns_use_observation_and_function_formats(tokenizer):
     ]
 
 
+PARALLEL_CONVERSATION = [
+    TOOL_CONVERSATION[0],
+    {"role": "function", "content": f"[{TOOL_CALL}, {TOOL_CALL.replace('Paris', 'Lyon')}]"},
+    {"role": "observation", "content": '{"temperature": 18}\n</tool_response>\n<tool_response>\n{"temperature": 21}'},
+    {"role": "assistant", "content": "18 C and 21 C."},
+]
+PARALLEL_CHAT = [
+    TOOL_CONVERSATION[0],
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+        for city in ("Paris", "Lyon")]},
+    {"role": "tool", "content": '{"temperature": 18}'},
+    {"role": "tool", "content": '{"temperature": 21}'},
+    PARALLEL_CONVERSATION[3],
+]
+
+
+def test_parallel_tool_calls_and_results_are_written_as_qwen_publishes(tokenizer):
+    """Qwen writes each call in its own <tool_call> block and each result in its own <tool_response> block
+    (one list inside one block was trained before); `auto` splits them back into OpenAI messages alike."""
+    input_ids, labels = encoded(tokenizer, "qwen", PARALLEL_CONVERSATION, SYSTEM)
+    assert tokenizer.decode(input_ids) == published(tokenizer, QWEN25, PARALLEL_CHAT, SYSTEM)
+    assert trained_spans(tokenizer, input_ids, labels)[0] == (
+        f"<tool_call>\n{TOOL_CALL}\n</tool_call>\n<tool_call>\n{TOOL_CALL.replace('Paris', 'Lyon')}\n</tool_call>"
+        "<|im_end|>\n")
+    tokenizer.chat_template = QWEN25
+    assert encoded(tokenizer, "auto", PARALLEL_CONVERSATION, SYSTEM) == (input_ids, labels)
+
+
 def test_auto_uses_the_tokenizers_chat_template(tokenizer):
     tokenizer.chat_template = CHATML
     auto_ids, auto_labels = encoded(tokenizer, "auto", CONVERSATION, SYSTEM)
@@ -522,4 +551,6 @@ def test_tool_definitions_join_the_system_prompt_as_qwen_publishes(tokenizer):
     assert tokenizer.decode(encoded_row["input_ids"]) == expected
     assert '<tools>\n{"type": "function"' in expected  # the published block, not merely the system text
     generic = get_template("chatml").system_with_tools("", json.dumps([WEATHER_TOOL]))
-    assert generic.startswith("You have access to the following tools:\n{") and "get_weather" in generic
+    # LlamaFactory's default tool format: each tool described in lines, calls as "Action:" lines
+    assert generic.startswith("You have access to the following tools:\n> Tool Name: get_weather\n")
+    assert "Action: tool name (one of [get_weather])" in generic

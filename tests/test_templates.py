@@ -125,9 +125,17 @@ def test_tool_roles_use_their_own_formats_and_roles_must_alternate():
         {"role": "assistant", "content": "Sunny."},
     ]
     pairs = format_pairs(get_template("llama3"), tools, "", "", "")
-    assert pairs[0][1] == '{"name": "weather", "arguments": {}}<|eot_id|>'
+    assert pairs[0][1] == '{"name": "weather", "parameters": {}}<|eot_id|>'  # Llama 3.1's JSON call, as LlamaFactory
     assert pairs[1][0].startswith("<|start_header_id|>ipython<|end_header_id|>\n\nsunny<|eot_id|>")
     assert format_pairs(get_template("chatml"), tools, "", "", "")[1][0].startswith("<|im_start|>tool\nsunny")
+    # Mistral v3: calls as a list; the system text in the last turn a user opens, not in a tool result
+    mistral = format_pairs(get_template("mistral"), tools, "Be brief.", "<s>", "</s>")
+    assert mistral[0] == ("<s>[INST] Be brief.\n\nWeather?[/INST]",
+                          '[TOOL_CALLS] [{"name": "weather", "arguments": {}}]</s>')
+    assert mistral[1][0] == '[TOOL_RESULTS] {"content": sunny}[/TOOL_RESULTS]'
+    with pytest.raises(DataError, match="parallel tool calls; the glm4 tool format writes one call per turn"):
+        call = tools[1]["content"]
+        format_pairs(get_template("glm4"), [tools[0], {"role": "function", "content": f"[{call}, {call}]"}], "", "", "")
     with pytest.raises(DataError, match="message 1 has role 'user'"):
         format_pairs(get_template("chatml"), [CONVERSATION[0], CONVERSATION[0]], "", "", "")
 
@@ -203,3 +211,16 @@ def test_tool_lists_are_json_arrays_where_a_format_writes_one():
     with_mistral_tools = replace(get_template("chatml"), tools=TOOL_FORMATS["mistral"].tools)
     mistral = with_mistral_tools.system_with_tools("", json.dumps(tools))
     assert json.loads(mistral.removeprefix("[AVAILABLE_TOOLS] ").removesuffix("[/AVAILABLE_TOOLS]")) == tools
+
+
+def test_a_turn_the_template_cannot_write_names_its_row(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tasks.encoding import Masking, encode_supervised
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    call = '{"name": "f", "arguments": {}}'
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "system": "", "tools": "", "kto_tag": None, "text": "",
+           "response": [{"role": "function", "content": f"[{call}, {call}]"}], "row": 7}
+    with pytest.raises(DataError, match="^row 7: a function turn holds parallel tool calls"):
+        encode_supervised(row, tokenizer, get_template("glm4"), Masking(cutoff_len=64))

@@ -82,7 +82,7 @@ class DataSection(Section):
     template: str | None = option(
         None, "Chat template name; empty: the tokenizer's own chat template (auto) if it has one, else default.")
     default_system: str | None = option(None, "Replace the template's default system prompt.")
-    tool_format: Literal["default", "qwen", "llama3", "mistral"] | None = option(
+    tool_format: Literal["default", "qwen", "llama3", "mistral", "glm4"] | None = option(
         None, "Write tool definitions and tool calls in this format instead of the template's own.")
     enable_thinking: bool = option(
         True, "Reasoning templates: train on the <think> block (false: drop thoughts, an empty block in the prompt).")

@@ -7,6 +7,7 @@ from typing import Any
 
 from tasks.formats import sharegpt
 from tasks.formats.common import Message, RowError, tools_cell
+from tasks.templates.tools import RESULTS_SEPARATOR
 
 REQUIRED = sharegpt.REQUIRED
 OPTIONAL = sharegpt.OPTIONAL
@@ -20,8 +21,9 @@ def calls_text(calls: list[dict[str, Any]]) -> str:
 
 
 def results_text(results: list[str]) -> str:
-    """The observation turn answering parallel calls: their results as one JSON list (shared with the API)."""
-    return json.dumps(results, ensure_ascii=False)
+    """The observation turn answering parallel calls (shared with the API): their results joined as LlamaFactory
+    joins them, so a Qwen template writes one <tool_response> block each, as Qwen's own template does."""
+    return RESULTS_SEPARATOR.join(results)
 
 
 def call_content(calls: list[Any], where: str, column: str) -> str:

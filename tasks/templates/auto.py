@@ -7,11 +7,11 @@ what the template writes for each reply.
 
 from __future__ import annotations
 
-import json
 import os
 
 from tasks.core.errors import RecipeError
 from tasks.templates.base import Template, check_roles
+from tasks.templates.tools import RESULTS_SEPARATOR, stored_calls
 
 AUTO = Template(
     name="auto",
@@ -23,27 +23,19 @@ AUTO = Template(
 PICK_NAMED = "set `template` to a named template instead (`tunefactory templates list`)"
 
 
-def tool_calls(content: str) -> list[dict]:
-    """The calls in a function message's JSON ({"name", "arguments"} or a list of them); [] if not JSON calls."""
-    try:
-        value = json.loads(content)
-    except ValueError:
-        return []
-    calls = value if isinstance(value, list) else [value]
-    if not calls or not all(isinstance(call, dict) and "name" in call for call in calls):
-        return []
-    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
-
-
-def chat_message(message: dict) -> dict:
-    """One of our messages in chat_template terms: observation -> tool, function -> assistant tool_calls."""
+def chat_messages(message: dict) -> list[dict]:
+    """One of our messages in chat_template terms: observation -> tool (the results of parallel calls as one
+    tool message each), function -> assistant tool_calls."""
     role, content = message["role"], message["content"]
     if role == "observation":
-        return {"role": "tool", "content": content}
+        return [{"role": "tool", "content": result} for result in content.split(RESULTS_SEPARATOR)]
     if role == "function":
-        calls = tool_calls(content)
-        return {"role": "assistant", "content": "", "tool_calls": calls} if calls else {**message, "role": "assistant"}
-    return {"role": role, "content": content}
+        calls = stored_calls(content)
+        if not calls:
+            return [{**message, "role": "assistant"}]
+        return [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}
+                                                                     for call in calls]}]
+    return [{"role": role, "content": content}]
 
 
 def render_chat(tokenizer, conversation: list[dict], generation: bool) -> str:
@@ -87,11 +79,14 @@ def chat_template_pairs(tokenizer, messages: list[dict], system: str) -> list[tu
     check_roles(messages)
     messages = messages[: len(messages) // 2 * 2]
     head = [{"role": "system", "content": system}] if system else []
-    conversation = head + [chat_message(m) for m in messages]
+    conversation, ends = list(head), []  # ends[i]: the chat messages up to and including our message i
+    for message in messages:
+        conversation += chat_messages(message)
+        ends.append(len(conversation))
     full = render_chat(tokenizer, conversation, generation=False)
     cuts: list[int] = []
     for index, message in enumerate(messages):
-        rendered = render_chat(tokenizer, conversation[: len(head) + index + 1], generation=index % 2 == 0)
+        rendered = render_chat(tokenizer, conversation[: ends[index]], generation=index % 2 == 0)
         cut = turn_end(tokenizer, full, rendered, message, cuts[-1] if cuts else 0)
         if cut is None or (cuts and cut < cuts[-1]):
             raise RecipeError(

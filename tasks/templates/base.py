@@ -10,8 +10,8 @@ Content is substituted literally (braces in user text are safe). Conventions:
 - `system_in_user` = "first" / "last" folds the system block into that user turn's content instead of
   writing it before the first turn (Llama-2, Gemma and Mistral v1 use the first; Mistral v3 the last).
 - Tool turns: `observation` (a tool result, user side) and `function` (a tool call, assistant side);
-  empty means "written like a user turn / an assistant reply". A function message's content is the
-  call as the dataset stores it (usually JSON), written literally.
+  empty means "written like a user turn / an assistant reply". A function message's calls are written
+  by the template's `tool_format` (tasks.templates.tools) before they fill `function`.
 - `thought_words` (open, close) make a reasoning template (LlamaFactory's ReasoningTemplate): see
   tasks.templates.thinking for how `enable_thinking` / `preserve_thinking` render and mask them.
 """
@@ -19,11 +19,11 @@ Content is substituted literally (braces in user text are safe). Conventions:
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from tasks.core.errors import DataError
 from tasks.templates import thinking
+from tasks.templates.tools import TOOL_FORMATS, fill_tools, write_calls
 
 IGNORE_INDEX = -100
 USER_ROLES = ("user", "observation")
@@ -47,9 +47,8 @@ class Template:
     system_in_user: str = ""  # "", "first" or "last": which user turn carries the system block
     stop_words: tuple[str, ...] = ()  # tokens that end a reply at generation time, besides EOS
     description: str = ""  # one line for `tunefactory templates list`
-    # How a row's tool definitions join the system prompt: {content} is the system text, {tools} one JSON
-    # object per tool per line, {tool_list} all of them as one JSON array.
-    tools: str = "{content}\n\nYou have access to the following tools:\n{tools}"
+    tool_format: str = "default"  # how tools are listed and calls written (tasks.templates.tools.TOOL_FORMATS)
+    tools: str = ""  # how tool definitions join the system prompt ("": the tool format's; placeholders there)
     jinja: bool = False  # ignore the formats above and render with the tokenizer's chat_template (auto)
     empty_system: bool = False  # write the system block even when there is no system text (EXAONE)
     thought_words: tuple[str, ...] = ()  # (open, close) of a thinking block: a reasoning template
@@ -64,17 +63,16 @@ class Template:
         formats = (self.user, self.assistant, self.system, self.observation, self.function)
         if not self.jinja and any(f and "{content}" not in f for f in formats):
             raise ValueError(f"template {self.name}: every turn format needs a {{content}} slot")
+        if self.tool_format not in TOOL_FORMATS:
+            raise ValueError(f"template {self.name}: tool_format must be one of {sorted(TOOL_FORMATS)}")
 
     def system_with_tools(self, system: str, tools_json: str) -> str:
         """The system prompt with the row's tool definitions written in as this family lists them."""
         if not tools_json:
             return system
         tools = json.loads(tools_json)
-        tools = tools if isinstance(tools, list) else [tools]
-        values = {"content": system, "tools": "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools),
-                  "tool_list": json.dumps(tools, ensure_ascii=False)}
-        filled = re.sub(r"\{(content|tools|tool_list)\}", lambda m: values[m.group(1)], self.tools)
-        return filled if system else filled.lstrip("\n")
+        return fill_tools(self.tools or TOOL_FORMATS[self.tool_format].tools, system,
+                          tools if isinstance(tools, list) else [tools])
 
     def turn_format(self, role: str) -> str:
         """The format string for one message role."""
@@ -110,7 +108,9 @@ def format_pairs(
     count = len(messages) // 2  # a trailing user turn without a reply has nothing to train on
     messages = thinking.strip_thoughts(template, messages[: 2 * count])
     system_text = system or template.default_system
-    fold_at = {"first": 0, "last": count - 1}.get(template.system_in_user)
+    # "last": the last exchange a user (not a tool result) opens, as Mistral's template finds it
+    last_user = max((turn for turn in range(count) if messages[2 * turn]["role"] == "user"), default=count - 1)
+    fold_at = {"first": 0, "last": last_user}.get(template.system_in_user)
     written = system_text or template.empty_system
     system_block = fill(template.system, system_text, bos_token, eos_token) if written else ""
     pairs = []
@@ -123,7 +123,9 @@ def format_pairs(
                 prompt += system_block
         content = system_block + query["content"] if turn == fold_at else query["content"]
         prompt += fill(template.turn_format(query["role"]), content, bos_token, eos_token)
-        response = fill(template.turn_format(reply["role"]), reply["content"], bos_token, eos_token)
+        reply_text = reply["content"] if reply["role"] != "function" else write_calls(template.tool_format,
+                                                                                        reply["content"])
+        response = fill(template.turn_format(reply["role"]), reply_text, bos_token, eos_token)
         if turn == count - 1:
             response += fill(template.suffix, "", bos_token, eos_token)
         pairs.append((prompt, response))

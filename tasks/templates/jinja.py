@@ -1,10 +1,11 @@
 """A named template written out as a Jinja chat template, so an exported model's tokenizer renders with
 `apply_chat_template` exactly the text the model was trained on (tasks.templates.base.format_pairs).
 
-Messages: an optional leading system message, then turns alternating user-side (user, tool/observation)
-and assistant-side (assistant, function). A user turn already ends with the assistant's header, so a
-conversation ending on the user side is the generation prompt; `add_generation_prompt` adds nothing.
-Tool definitions are not rendered here (write them into the system message, as `system_with_tools` does).
+Messages: an optional leading system message, then turns alternating user-side (user; tool results,
+consecutive ones joined as one turn) and assistant-side (assistant, with OpenAI `tool_calls` written by
+the template's tool format). A user turn already ends with the assistant's header, so a conversation
+ending on the user side is the generation prompt; `add_generation_prompt` adds nothing. Tool
+definitions are not rendered here (write them into the system message, as `system_with_tools` does).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import json
 import re
 
 from tasks.templates.base import Template
+from tasks.templates.tools import RESULTS_SEPARATOR, TOOL_FORMATS
 
 PLACEHOLDER = re.compile(r"\{(content|bos_token|eos_token)\}")
-ROLES = {"user": "user", "tool": "observation", "observation": "observation", "assistant": "assistant",
-         "function": "function"}
 
 
 def expression(fmt: str, content: str) -> str:
@@ -45,15 +45,18 @@ def to_jinja(template: Template) -> str:
         "{%- else -%}",
         f"{{%- set system = {json.dumps(template.default_system)} -%}}{{%- set turns = messages -%}}",
         "{%- endif -%}",
-        "{%- set last_user = (turns | length) - 1 if turns and turns[-1]['role'] in ['user', 'tool', 'observation']",
-        " else (turns | length) - 2 -%}",
-        "{%- set last_exchange = last_user // 2 -%}",
+        *merge_tool_results(),
+        # the system block of a "last" template goes in the last turn a user (not a tool result) opens
+        "{%- set found = namespace(last_user=(turns | length) - 1) -%}",
+        "{%- for message in turns -%}{%- if message['role'] == 'user' -%}{%- set found.last_user = loop.index0 -%}",
+        "{%- endif -%}{%- endfor -%}",
+        "{%- set last_exchange = found.last_user // 2 -%}",
         f"{{%- set block = {system_block} if system {'or true ' if template.empty_system else ''}else '' -%}}",
         f"{{{{- {expression(template.prefix, '')} -}}}}",
         f"{{%- if {fold} < 0 -%}}{{{{- block -}}}}{{%- endif -%}}",
         "{%- for message in turns -%}",
         "{%- set role = message['role'] -%}",
-        "{%- set text = message['content'] -%}",
+        "{%- set text = message['content'] or '' -%}",
         "{%- if role in ['user', 'tool', 'observation'] -%}",
         f"{{%- if loop.index0 // 2 == {fold} -%}}{{%- set text = block ~ text -%}}{{%- endif -%}}",
         "{%- if role == 'user' -%}",
@@ -63,17 +66,52 @@ def to_jinja(template: Template) -> str:
         "{%- endif -%}",
         "{%- else -%}",
         *thinking(template),
-        "{%- if role == 'function' -%}",
+        "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}",
+        *written_calls(template),
         f"{{{{- {turns['function']} -}}}}",
         "{%- else -%}",
         f"{{{{- {turns['assistant']} -}}}}",
         "{%- endif -%}",
         "{%- endif -%}",
-        f"{{%- if loop.last and role in ['assistant', 'function'] -%}}{{{{- {expression(template.suffix, '')} -}}}}"
+        f"{{%- if loop.last and role == 'assistant' -%}}{{{{- {expression(template.suffix, '')} -}}}}"
         "{%- endif -%}",
         "{%- endfor -%}",
         *thinking_prompt(template),
     ])
+
+
+def merge_tool_results() -> list[str]:
+    """Consecutive tool messages (results of parallel calls) as one turn, joined as training joins them."""
+    return [
+        "{%- set merged = namespace(turns=[]) -%}",
+        "{%- for message in turns -%}",
+        "{%- if message['role'] in ['tool', 'observation'] and merged.turns",
+        " and merged.turns[-1]['role'] in ['tool', 'observation'] -%}",
+        "{%- set merged.turns = merged.turns[:-1] + [{'role': 'tool', 'content': merged.turns[-1]['content'] ~ "
+        f"{json.dumps(RESULTS_SEPARATOR)} ~ message['content']}}] -%}}",
+        "{%- else -%}{%- set merged.turns = merged.turns + [message] -%}{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- set turns = merged.turns -%}",
+    ]
+
+
+def written_calls(template: Template) -> list[str]:
+    """`text` set to an assistant message's OpenAI tool_calls as the template's tool format writes them
+    (tasks.templates.tools.write_calls); arguments given as JSON text are written as they are."""
+    tool_format = TOOL_FORMATS[template.tool_format]
+    brackets = {"": "false", "several": "message['tool_calls'] | length > 1", "always": "true"}
+    return [
+        "{%- set calls = namespace(written=[]) -%}",
+        "{%- for call in message['tool_calls'] -%}",
+        "{%- set function = call['function'] if call['function'] is defined else call -%}",
+        "{%- set name = function['name'] -%}",
+        "{%- set arguments = function['arguments'] if function['arguments'] is string"
+        " else function['arguments'] | tojson -%}",
+        f"{{%- set calls.written = calls.written + [{tool_format.jinja_call}] -%}}",
+        "{%- endfor -%}",
+        f"{{%- set text = calls.written | join({json.dumps(tool_format.jinja_separator)}) -%}}",
+        f"{{%- if {brackets[tool_format.jinja_brackets]} -%}}{{%- set text = '[' ~ text ~ ']' -%}}{{%- endif -%}}",
+    ]
 
 
 def thinking(template: Template) -> list[str]:

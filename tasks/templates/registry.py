@@ -22,7 +22,6 @@ from tasks.templates.families import (
     qwen3,
     vendors,
 )
-from tasks.templates.tools import TOOL_FORMATS
 
 FAMILIES = (generic, chatml, qwen3, meta, mistral, mistral3, google, microsoft, deepseek, ibm, openai, vendors, others)
 
@@ -81,11 +80,8 @@ def configure(template: Template, default_system: str | None = None, tool_format
     changes: dict = {}
     if default_system is not None:
         changes["default_system"] = default_system
-    if tool_format is not None:
-        tools = TOOL_FORMATS[tool_format]
-        changes["tools"] = tools.tools
-        if not template.jinja:
-            changes["function"] = template.assistant.replace("{content}", tools.call)
+    if tool_format is not None:  # as LlamaFactory's override: calls written in the template's plain reply format
+        changes.update(tool_format=tool_format, tools="", function="")
     if template.thought_words:
         if enable_thinking is not None:
             changes["enable_thinking"] = enable_thinking

@@ -6,15 +6,9 @@ SYSTEM = "<|im_start|>system\n{content}<|im_end|>\n"
 USER = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 ASSISTANT = "{content}<|im_end|>\n"
 TOOL = "<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n"
-# Qwen2.5's tool turns: results go back in a user turn, calls are JSON inside <tool_call> tags.
+# Qwen2.5's tool turns: results go back in a user turn, each call is JSON in its own <tool_call> block
+# (written by the qwen tool format).
 QWEN_OBSERVATION = "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
-QWEN_FUNCTION = "<tool_call>\n{content}\n</tool_call><|im_end|>\n"
-QWEN_TOOLS = (
-    "{content}\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
-    'XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
-)
 
 
 def chatml(name: str, description: str, **fields) -> Template:
@@ -32,16 +26,14 @@ TEMPLATES = [
         "Qwen2.5 (ChatML, Qwen's default system prompt, <tool_call> tools)",
         default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
         observation=QWEN_OBSERVATION,
-        function=QWEN_FUNCTION,
-        tools=QWEN_TOOLS,
+        tool_format="qwen",
     ),
     chatml(
         "qwen2",
         "Qwen2 / Qwen1.5 (ChatML, 'You are a helpful assistant.')",
         default_system="You are a helpful assistant.",
         observation=QWEN_OBSERVATION,
-        function=QWEN_FUNCTION,
-        tools=QWEN_TOOLS,
+        tool_format="qwen",
     ),
     chatml(
         "smollm",

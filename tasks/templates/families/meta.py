@@ -23,6 +23,7 @@ TEMPLATES = [
         observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
         stop_words=("<|eot_id|>", "<|eom_id|>"),
+        tool_format="llama3",
         description="Llama-3 / 3.1 / 3.2 instruct header turns (no date header; use auto for that)",
     ),
     # meta-llama/Llama-4-Scout-17B-16E-Instruct (text): Llama 3's layout with new header and end tokens.
@@ -35,6 +36,7 @@ TEMPLATES = [
         observation="<|header_start|>ipython<|header_end|>\n\n{content}<|eot|>"
         "<|header_start|>assistant<|header_end|>\n\n",
         stop_words=("<|eot|>", "<|eom|>"),
+        tool_format="llama3",
         description="Llama 4 '<|header_start|>role<|header_end|>' turns (text only)",
     ),
 ]

@@ -14,6 +14,7 @@ TEMPLATES = [
         # Published tool turns also carry 9-character call ids, which our data does not have.
         observation='[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]',
         function="[TOOL_CALLS] {content}{eos_token}",
+        tool_format="mistral",
         description="Mistral v3 tokenizer (7B v0.3, Mixtral 8x22B): system text in the last [INST]",
     ),
     # Mistral-7B-Instruct-v0.1 / v0.2, Mixtral-8x7B-Instruct: spaces around [INST], system in the FIRST turn.
@@ -36,6 +37,7 @@ TEMPLATES = [
         assistant="{content}{eos_token}",
         observation='[TOOL_RESULTS]{"content": {content}}[/TOOL_RESULTS]',
         function="[TOOL_CALLS]{content}{eos_token}",
+        tool_format="mistral",
         description="Mistral Tekken tokenizer (Nemo, Ministral, Pixtral): '[INST]...[/INST]' without spaces",
     ),
 ]
