@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tasks.core.ports import free_port
 
 log = logging.getLogger("tunefactory")
 STARTUP_SECONDS = 120  # a busy 2-core machine can take a while to start it
@@ -34,12 +35,6 @@ if os.getppid() != parent:  # the command died before the signal was armed
     sys.exit(1)
 os.execv(command[0], command)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def healthy(url: str) -> bool:

@@ -21,7 +21,6 @@ import pickle
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import TuneFactoryError
+from tasks.core.ports import free_port
 from tasks.core.stage import BuildContext, Built, RunContext, Step, check_stop, seed_everything
 from tasks.core.store import ArtifactStore
 
@@ -45,12 +45,6 @@ def needs_ranks(config) -> bool:
 
 def in_rank() -> bool:
     return os.environ.get(IN_RANK) == "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_command(config, request: Path) -> list[str]:

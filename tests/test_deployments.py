@@ -15,7 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.deployments import prefect_yaml
-from flows.prefect_server import free_port, healthy
+from flows.prefect_server import healthy
+from tasks.core.ports import free_port
 from tasks.core.store import ArtifactStore
 from tests.conftest import REPO, finished_task_runs, tiny_recipe_values
 
