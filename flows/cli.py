@@ -127,6 +127,10 @@ def parser() -> argparse.ArgumentParser:
     show = add(template_commands, "show", "render a sample conversation, trained spans marked ⟦ ⟧")
     show.add_argument("name")
     show.add_argument("--model", help="a model folder whose tokenizer renders the sample (needed for 'auto')")
+    show.add_argument("--tools", action="store_true",
+                      help="a tool-use sample: a tool listed, parallel calls, their results, a reply")
+    show.add_argument("--tool-format", help="write tools in this format instead of the template's own "
+                      "(default, qwen, llama3, mistral, glm4; implies --tools)")
     return top
 
 
@@ -215,7 +219,8 @@ def templates(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 raise ModelError(f"--model {args.model}: no tokenizer loads from it ({type(exc).__name__}: "
                                  f"{' '.join(str(exc).split())[:160]})") from None
-        print(render_sample(args.name, tokenizer))
+        print(render_sample(args.name, tokenizer, tools=args.tools or args.tool_format is not None,
+                            tool_format=args.tool_format))
         return 0
     for name, description in list_templates():
         print(f"{name:<16} {description}")

@@ -177,6 +177,20 @@ def test_show_marks_the_trained_spans(tiny_model_dir):
     assert names == sorted(names) and "auto" in names and "gemma" in names
 
 
+def test_show_tools_renders_the_tool_format_sample(capsys):
+    from flows.cli import main
+
+    tools = render_sample("qwen", tools=True)
+    assert "<tools>\n" in tools and tools.count("<tool_call>\n{") == 3  # the prompt's example and two calls
+    assert '⟦[{"name": "get_weather", "parameters": {"city": "Paris"}}' in render_sample("llama3", tools=True)
+    assert "⟦Action: get_weather\nAction Input:" in render_sample("chatml", tool_format="default", tools=True)
+    assert main(["templates", "show", "smollm2", "--tool-format", "llama3"]) == 0
+    assert '"parameters": {"city": "Lyon"}' in capsys.readouterr().out
+    assert main(["templates", "show", "chatml", "--tool-format", "qwn"]) == 1
+    assert "--tool-format qwn: not a tool format (default, qwen, llama3, mistral, glm4); did you mean 'qwen'?" in (
+        capsys.readouterr().err)
+
+
 def test_mask_history_keeps_the_last_turn_and_cuts_older_turns_first():
     # Three exchanges of 30 prompt + 20 reply tokens at cutoff 100: the last one must survive whole.
     pairs = [([10 * turn + 1] * 30, [10 * turn + 2] * 20) for turn in range(3)]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from itertools import groupby
 
-from tasks.core.errors import RecipeError
-from tasks.templates.base import IGNORE_INDEX, format_pairs
+from tasks.core.errors import RecipeError, did_you_mean
+from tasks.templates.base import IGNORE_INDEX, Template, format_pairs
 from tasks.templates.encode import encode_pairs, supervised_example
 from tasks.templates.registry import TEMPLATES, get_template
+from tasks.templates.tools import RESULTS_SEPARATOR, TOOL_FORMATS
 
 SAMPLE_SYSTEM = "You are a concise assistant."
 SAMPLE = [
@@ -15,6 +17,16 @@ SAMPLE = [
     {"role": "assistant", "content": "4."},
     {"role": "user", "content": "And doubled?"},
     {"role": "assistant", "content": "8."},
+]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
+                                            "parameters": {"type": "object", "required": ["city"],
+                                                           "properties": {"city": {"type": "string"}}}}}
+CALLS = [{"name": "get_weather", "arguments": {"city": city}} for city in ("Paris", "Lyon")]
+TOOL_SAMPLE = [
+    {"role": "user", "content": "Weather in Paris and Lyon?"},
+    {"role": "function", "content": json.dumps(CALLS)},
+    {"role": "observation", "content": RESULTS_SEPARATOR.join(['{"celsius": 18}', '{"celsius": 21}'])},
+    {"role": "assistant", "content": "18 C in Paris, 21 C in Lyon."},
 ]
 OPEN, CLOSE = "⟦", "⟧"
 
@@ -24,16 +36,31 @@ def mark(text: str, trained: bool) -> str:
     return f"{OPEN}{text}{CLOSE}" if trained else text
 
 
-def render_sample(name: str, tokenizer=None) -> str:
-    """The sample rendered with template name; with a tokenizer the marks follow the real label mask,
-    without one the text is written with placeholder <bos>/<eos> (auto needs a tokenizer)."""
-    template = get_template(name)
+def tool_sample(template: Template) -> tuple[list[dict], str]:
+    """(messages, system prompt) of a tool-use sample: a tool listed, calls made (one for formats that write
+    one call a turn), their results, a reply."""
+    messages = TOOL_SAMPLE
+    if template.tool_format == "glm4":
+        messages = [TOOL_SAMPLE[0], {"role": "function", "content": json.dumps(CALLS[0])},
+                    {"role": "observation", "content": '{"celsius": 18}'}, {"role": "assistant", "content": "18 C."}]
+    return messages, template.system_with_tools(SAMPLE_SYSTEM, json.dumps([WEATHER]))
+
+
+def render_sample(name: str, tokenizer=None, tools: bool = False, tool_format: str | None = None) -> str:
+    """The sample rendered with template name (with tools: the tool-use sample, in tool_format if given);
+    with a tokenizer the marks follow the real label mask, without one the text is written with placeholder
+    <bos>/<eos> (auto needs a tokenizer)."""
+    if tool_format is not None and tool_format not in TOOL_FORMATS:
+        raise RecipeError(f"--tool-format {tool_format}: not a tool format ({', '.join(TOOL_FORMATS)})"
+                          f"{did_you_mean(tool_format, TOOL_FORMATS)}")
+    template = get_template(name, tool_format=tool_format)
+    messages, system = tool_sample(template) if tools else (SAMPLE, SAMPLE_SYSTEM)
     if tokenizer is None:
         if template.jinja:
             raise RecipeError("template 'auto' renders with a model's own chat_template: name a model to show it")
-        pairs = format_pairs(template, SAMPLE, SAMPLE_SYSTEM, "<bos>", "<eos>")
+        pairs = format_pairs(template, messages, system, "<bos>", "<eos>")
         return "".join(mark(prompt, False) + mark(response, True) for prompt, response in pairs)
-    pairs = encode_pairs(tokenizer, template, SAMPLE, SAMPLE_SYSTEM)
+    pairs = encode_pairs(tokenizer, template, messages, system)
     input_ids, labels = supervised_example(pairs, cutoff_len=1 << 30, train_on_prompt=False, mask_history=False)
     return mark_trained(tokenizer, input_ids, labels)
 
