@@ -80,6 +80,11 @@ class FeedbackCollator:
 class PreferenceTrainer(SparseGradClipping, Trainer):
     """A Trainer whose loss is a preference loss over the pair (or feedback) batches of the collators above."""
 
+    # The loss is a batch mean: Trainer divides it by the accumulated batches. (The batches carry `labels`,
+    # so Trainer would otherwise take it as already scaled by num_items_in_batch, as LlamaFactory's DPO and
+    # KTO trainers also tell it not to.)
+    loss_is_scaled_for_ga = False
+
     def __init__(self, loss: Loss, reference_model, **kwargs):
         super().__init__(**kwargs)
         self.loss_settings = loss

@@ -4,6 +4,7 @@ from the head at reply positions only; PPO raises a reward;
 a ppo recipe chained on sft and rm recipes builds them once and reuses them; PPO and rm under bf16 mixed precision."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -99,6 +100,15 @@ def test_dpo_losses_train(tiny_model_dir, tmp_path_factory, pref_loss):
     assert {"pair_accuracy", "pair_margin", "rougeL", "perplexity"} <= set(evaluated.info)
     base_dir = store.lookup("model", refs["model"].key).part("model")
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(policy.part("adapter")))
+
+
+def test_preference_losses_are_averaged_over_accumulated_batches(tiny_model_dir, tmp_path):
+    """At the first step the policy is the reference (LoRA starts as a no-op), so DPO's sigmoid loss is ln 2 and
+    KTO's 0.5 whatever the batch. Accumulating two batches logged (and stepped on) their sum."""
+    for stage, data, expected in (("dpo", PAIRS, math.log(2)), ("kto", FEEDBACK, 0.5)):
+        plan, refs, store = run(tiny_model_dir, tmp_path / stage, stage=stage, **data, max_steps=1,
+                                per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        assert losses(trained(plan, refs, store))[0] == pytest.approx(expected, abs=1e-3), stage
 
 
 def test_dpo_with_lora_keeps_one_base_in_memory(tiny_model_dir, tmp_path, monkeypatch):
