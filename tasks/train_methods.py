@@ -344,6 +344,8 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
         return model
     if config.finetuning_type == "freeze":
         trained = freeze_selection(model, config.freeze)
+        if task_type == "SEQ_CLS":  # a reward model's score head starts random: it trains, as LlamaFactory's v_head
+            trained |= {name for name, _ in model.named_parameters() if name.split(".")[0] == "score"}
         for name, param in model.named_parameters():
             param.requires_grad = name in trained
         if train_embeddings:

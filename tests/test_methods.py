@@ -338,3 +338,21 @@ def test_trainable_weights_train_in_fp32_under_mixed_precision(tiny_model_dir, p
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert trained == {dtype} and frozen <= {torch.bfloat16}
+
+
+def test_a_freeze_tuned_reward_model_trains_its_new_score_head(tiny_model_dir):
+    """The score head of a classifier is new and random: freezing it trained the layers against a fixed random
+    projection."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.train_methods import FreezeSettings, attach_trainable
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    config = SimpleNamespace(finetuning_type="freeze", lora=None, quantization=None, precision="fp32", optimizer=None,
+                             gradient_checkpointing=False, freeze=FreezeSettings(trainable_layers=1))
+    model = attach_trainable(model, config, task_type="SEQ_CLS")
+    assert model.score.weight.requires_grad
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert not model.model.layers[0].mlp.up_proj.weight.requires_grad
