@@ -125,7 +125,8 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
         check_trainable(lambda: model_structure(base, store), trained.config.lora, trained.config.freeze)
         steps = upstream + steps + [trained]
         if trained.stage.name != "reward":  # a reward model is scored by its own pairwise accuracy
-            merged = merge.plan(recipe, base, trained)
+            start = next((s for s in upstream if s.label == trained.inputs.get("adapter")), None)
+            merged = merge.plan(recipe, base, trained, start)
             steps.append(merged)
             if recipe.export.export_dir:
                 steps.append(export.plan(recipe, merged))

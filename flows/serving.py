@@ -33,6 +33,10 @@ def trained_model(source: Path, recipe, home: str | None) -> tuple[Path, Path | 
     trainer = next((s for s in plan if s.stage.name in TRAINERS and ":" not in s.label), None)
     if trainer is not None and trainer.stage.name == "reward":
         raise RecipeError(f"{source}: a reward model (stage rm) scores replies; it does not chat")
+    stacked = next((s for s in plan if s.stage.name == "merge" and "start" in s.inputs), None)
+    if stacked is not None:  # create_new_adapter: the trained adapter sits on the base merged with another one
+        refs = run_in_process(needed(plan, stacked.label), store.root)
+        return store.lookup("merge", refs[stacked.label].key).part("model"), None
     refs = run_in_process(needed(plan, trainer.label if trainer else "model"), store.root)
     model_dir = store.lookup("model", refs["model"].key).part("model")
     if trainer is None:

@@ -1,4 +1,5 @@
-"""Merge stage: the base checkpoint with the trained adapter folded in, as safetensors plus tokenizer,
+"""Merge stage: the base checkpoint with the trained adapter folded in (after the adapter it started from, when
+create_new_adapter merged that one into the base for training), as safetensors plus tokenizer,
 ready for any inference engine. Full and freeze runs already hold whole weights: they are re-saved.
 
 The merged artifact has one canonical layout, so its content (and what evaluation keys on) does not
@@ -18,8 +19,13 @@ class MergeConfig(StageConfig):
     """Nothing to choose: what is merged follows from the train artifact's kind."""
 
 
-def plan(recipe: Recipe, model: Step, trained: Step) -> Step:
-    return STAGE.step("merge", MergeConfig(), {"model": model, "train": trained})
+def plan(recipe: Recipe, model: Step, trained: Step, start: Step | None = None) -> Step:
+    """The merge of `trained` into `model`; `start` is the adapter training started from (adapter_name_or_path)."""
+    inputs = {"model": model, "train": trained}
+    lora = getattr(trained.config, "lora", None)
+    if start is not None and lora is not None and lora.create_new_adapter:
+        inputs["start"] = start  # training merged it into the base first: so does the merge
+    return STAGE.step("merge", MergeConfig(), inputs)
 
 
 def build(config: MergeConfig, ctx: BuildContext, out: Path) -> Built:
@@ -31,8 +37,10 @@ def build(config: MergeConfig, ctx: BuildContext, out: Path) -> Built:
     if trained.kind == "adapter":
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), **remote)
-        model = PeftModel.from_pretrained(base, str(trained.part("adapter"))).merge_and_unload()
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **remote)
+        if "start" in ctx.inputs:  # create_new_adapter: the adapter training started from, then the new one
+            model = PeftModel.from_pretrained(model, str(ctx.inputs["start"].part("adapter"))).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(trained.part("adapter"))).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(trained.part("model")), **remote)
     model.save_pretrained(str(out / "model"))

@@ -131,6 +131,27 @@ def test_create_new_adapter_merges_the_old_one(store, tiny_model_dir, tmp_path):
     config = json.loads((artifact.part("adapter") / "adapter_config.json").read_text())
     assert config["target_modules"] == ["v_proj"]  # a new adapter, not the continued q_proj one
     assert results["trainable_parameters"] == 2 * 2 * 4 * 32 and falls(losses)
+    # The merged (and evaluated, exported) model is the one trained: base + old adapter + new adapter.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    values = tiny_recipe_values(tiny_model_dir, max_steps=8, logging_steps=1, save_steps=100, learning_rate=5e-3,
+                                lora_target="v_proj", adapter_name_or_path=str(first.part("adapter")),
+                                create_new_adapter=True)
+    plan = plan_run(Recipe.from_flat(values))
+    needed = [step for step in plan if step.stage.name not in ("evaluate", "exam", "export")]
+    merged = ArtifactStore(store).open(run_in_process(needed, store)["merge"])
+    trained = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    trained = PeftModel.from_pretrained(trained, str(first.part("adapter"))).merge_and_unload()
+    trained = PeftModel.from_pretrained(trained, str(artifact.part("adapter"))).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(str(merged.part("model")))(input_ids=ids).logits,
+                              expected, atol=1e-5)
+    from flows.serving import trained_model
+
+    assert trained_model(tmp_path / "r.yaml", Recipe.from_flat(values), str(store)) == (merged.part("model"), None)
 
 
 def test_loraplus_groups(store, tiny_model_dir):
@@ -257,6 +278,8 @@ def test_neftune_and_pure_bf16(store, tiny_model_dir):
     ({"pissa_init": True}, "key 'pissa_init' needs 'pissa_convert: true'"),
     ({"pissa_init": True, "pissa_convert": True, "quantization_bit": 4}, "keys 'pissa_init' and 'quantization_bit'"),
     ({"create_new_adapter": True}, "key 'create_new_adapter' needs 'adapter_name_or_path'"),
+    ({"create_new_adapter": True, "adapter_name_or_path": "a", "quantization_bit": 4},
+     "key 'create_new_adapter' merges the adapter into the base, which cannot be done exactly on quantized"),
     ({**FULL, "use_galore": True, "galore_layerwise": True, "gradient_accumulation_steps": 2},
      "key 'galore_layerwise'"),
     ({"module_dropout": 0.1}, "key 'module_dropout' is OFT's"),

@@ -405,6 +405,10 @@ def check_methods(recipe: Recipe, source: str) -> None:
                               "on the original base, which a PiSSA adapter only fits once converted")
     if f.create_new_adapter and not m.adapter_name_or_path:
         raise RecipeError(f"{source}: key 'create_new_adapter' needs 'adapter_name_or_path' (the adapter to merge)")
+    if f.create_new_adapter and m.quantization_bit:
+        raise RecipeError(f"{source}: key 'create_new_adapter' merges the adapter into the base, which cannot be "
+                          "done exactly on quantized weights (quantization_bit); drop it to continue training the "
+                          "adapter, as LlamaFactory does on a quantized model")
     for key in ("galore", "apollo"):
         if getattr(f, f"use_{key}") and getattr(f, f"{key}_layerwise") and t.gradient_accumulation_steps > 1:
             raise RecipeError(f"{source}: key '{key}_layerwise' steps as gradients arrive; set "
