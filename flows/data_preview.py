@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.finetune import collect, experiment_for, submit_all
+from flows.finetune import collect, experiment_for, stage_runner, submit_all
 from flows.plan import DATA_STAGES, Plan, plan_run
 from tasks.core import tracking
 from tasks.core.recipe import Recipe
@@ -13,7 +13,7 @@ from tasks.data_report import shuffled_padding_share
 from tasks.rows import load_rows
 
 
-@flow(name="data-preview")
+@flow(name="data-preview", task_runner=stage_runner())  # Prefect's default runs every stage at once
 def data_preview(recipe: Recipe, home: str | None = None) -> str:
     """Tokenize the recipe's data and return the preview (decoded samples, length statistics) with the
     padding share the recipe's batch size would give."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.finetune import collect, experiment_for, submit_all
+from flows.finetune import collect, experiment_for, stage_runner, submit_all
 from flows.plan import plan_export
 from flows.user_output import write_into
 from tasks.core import tracking
@@ -16,7 +16,7 @@ from tasks.core.recipe import Recipe
 from tasks.core.store import ArtifactStore
 
 
-@flow(name="export")
+@flow(name="export", task_runner=stage_runner())  # Prefect's default runs every stage at once
 def export_model(recipe: Recipe, home: str | None = None) -> str:
     """Build (or reuse) the exported model and copy it into export_dir; returns that folder."""
     store = ArtifactStore(home)

@@ -89,6 +89,27 @@ def default_parallelism() -> int:
     return 1 if (os.cpu_count() or 1) <= 2 else 2
 
 
+def stage_runner(parallel: int | None = None) -> ThreadPoolTaskRunner:
+    """The task runner every flow runs its stages on: `parallel` (default default_parallelism()) at once."""
+    return ThreadPoolTaskRunner(max_workers=parallel or default_parallelism())
+
+
+def import_libraries_before_threads() -> None:
+    """Import what stages resolve lazily, once, in this thread, when stages will run side by side: first imports
+    of transformers' lazy attributes and of datasets raced from several threads fail ("module 'transformers' has
+    no attribute 'PreTrainedTokenizerBase'"). Sequential runs skip it: a no-op re-run imports neither."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or getattr(context.task_runner, "_max_workers", 1) <= 1:
+        return
+    import datasets  # noqa: F401
+    import transformers
+
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerBase", "PreTrainedModel"):
+        getattr(transformers, name)
+
+
 def cancel_if_interrupted(flow, run, state) -> None:
     """An interrupted run (Ctrl-C, SIGTERM) ends Cancelled, not Crashed or left Running."""
     if state.message and "aborted by" in state.message:
@@ -98,6 +119,7 @@ def cancel_if_interrupted(flow, run, state) -> None:
 
 def submit_all(plan: Plan, store: ArtifactStore, stage_runs: dict[str, str]) -> dict[str, Any]:
     """Submit every step's task, in plan order, each with its upstream steps' futures as inputs."""
+    import_libraries_before_threads()
     records = records_block(store.root)
     futures: dict[str, Any] = {}
     for step in plan:
@@ -206,7 +228,7 @@ def recipe_family(recipe: Recipe) -> str:
     return f"{data}-{recipe.finetuning.stage}-{recipe.finetuning.finetuning_type}"
 
 
-@flow(name="finetune", task_runner=ThreadPoolTaskRunner(max_workers=default_parallelism()),
+@flow(name="finetune", task_runner=stage_runner(),
       on_crashed=[cancel_if_interrupted])
 def finetune(
     recipe: Recipe,
@@ -266,5 +288,4 @@ def run_stages(recipe: Recipe, store: ArtifactStore, experiment: str) -> RunSumm
 def run_finetune(recipe: Recipe, home: str | None = None, parallel: int | None = None,
                  experiment: str | None = None) -> RunSummary:
     """Run the flow with `parallel` stages at once (default: default_parallelism()); a user error raises."""
-    runner = ThreadPoolTaskRunner(max_workers=parallel or default_parallelism())
-    return finetune.with_options(task_runner=runner)(recipe, home=home, experiment=experiment)
+    return finetune.with_options(task_runner=stage_runner(parallel))(recipe, home=home, experiment=experiment)

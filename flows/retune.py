@@ -18,7 +18,7 @@ from prefect.states import Failed
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
-from flows.finetune import RunSummary, finetune, own_trainer
+from flows.finetune import RunSummary, finetune, own_trainer, stage_runner
 from flows.plan import Plan, plan_run
 from tasks import evaluate
 from tasks.core import model_registry, tracking
@@ -109,7 +109,7 @@ def record(decision: RetuneDecision) -> RetuneDecision:
     return decision
 
 
-@flow(name="retune")
+@flow(name="retune", task_runner=stage_runner())  # Prefect's default runs every stage at once
 def retune(
     recipe: Recipe,
     model_name: str,

@@ -50,6 +50,8 @@ def open_rows(arguments: dict[str, Any], where: str, streaming: bool = False):
 
     try:
         return datasets.load_dataset(**arguments, streaming=streaming)
+    except (ImportError, AttributeError):  # the libraries failing, not the file: not the dataset's fault
+        raise
     except Exception as exc:
         raise DataError(f"{where}: cannot read {arguments['path']}: {exc}".splitlines()[0]) from None
 
