@@ -50,6 +50,16 @@ class Plan:
     def of_stage(self, name: str) -> list[Step]:
         return [step for step in self.steps if step.stage.name == name]
 
+    def upstream_of(self, label: str) -> Plan:
+        """The step and every step it depends on, in plan order."""
+        wanted, pending = set(), [label]
+        while pending:
+            current = pending.pop()
+            if current not in wanted:
+                wanted.add(current)
+                pending += list(self[current].inputs.values())
+        return Plan(tuple(step for step in self.steps if step.label in wanted))
+
 
 def check_dataset_kind(entry: DatasetEntry, key: str, objective: str) -> None:
     """Refuse data the objective cannot learn from, before anything is fetched."""
@@ -142,11 +152,18 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
 
 
 def plan_export(recipe: Recipe, store: ArtifactStore | None = None) -> Plan:
-    """What `tunefactory export` runs: the base model, merged with adapter_name_or_path when given (a folder, an
-    artifact, or the recipe that trains it), re-saved as export_size / export_legacy_format ask, with the
+    """What `tunefactory export` runs: a recipe that trains exports its trained model (its stages run or reused);
+    else the base model, merged with adapter_name_or_path when given (a folder, an artifact, or the recipe that
+    trains it), re-saved as export_size / export_legacy_format ask, with the
     recipe's template as its tokenizer's chat template."""
     if not recipe.export.export_dir:
         raise RecipeError("key 'export_dir' is required to export")
+    if recipe.finetuning.do_train and recipe.data.dataset:  # the recipe trains: export what it trains
+        if recipe.finetuning.stage == "rm":
+            raise RecipeError("stage rm trains a reward model, which scores replies: there is no model to export "
+                              "(set do_train: false to export the base with adapter_name_or_path)")
+        full = plan_run(recipe, store)
+        return full.upstream_of(full.of_stage("export")[0].label)
     base = model.plan(recipe)
     steps, target = [base], base
     if recipe.model.adapter_name_or_path:

@@ -6,24 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.chaining import TRAINERS
-from flows.plan import Plan, plan_run
+from flows.plan import plan_run
 from flows.sources import source_recipe
 from tasks.core.errors import RecipeError
-from tasks.core.stage import Step, run_in_process
+from tasks.core.stage import run_in_process
 from tasks.core.store import ArtifactStore
 from tasks.inference import ChatEngine, check_backend, load_engine
 from tasks.templates.choice import TemplateChoice
-
-
-def needed(plan: Plan, label: str) -> list[Step]:
-    """The step and every step it depends on, in plan order."""
-    wanted, pending = set(), [label]
-    while pending:
-        current = pending.pop()
-        if current not in wanted:
-            wanted.add(current)
-            pending += list(plan[current].inputs.values())
-    return [step for step in plan if step.label in wanted]
 
 
 def trained_model(source: Path, recipe, home: str | None) -> tuple[Path, Path | None]:
@@ -35,9 +24,9 @@ def trained_model(source: Path, recipe, home: str | None) -> tuple[Path, Path | 
         raise RecipeError(f"{source}: a reward model (stage rm) scores replies; it does not chat")
     stacked = next((s for s in plan if s.stage.name == "merge" and "start" in s.inputs), None)
     if stacked is not None:  # create_new_adapter: the trained adapter sits on the base merged with another one
-        refs = run_in_process(needed(plan, stacked.label), store.root)
+        refs = run_in_process(plan.upstream_of(stacked.label).steps, store.root)
         return store.lookup("merge", refs[stacked.label].key).part("model"), None
-    refs = run_in_process(needed(plan, trainer.label if trainer else "model"), store.root)
+    refs = run_in_process(plan.upstream_of(trainer.label if trainer else "model").steps, store.root)
     model_dir = store.lookup("model", refs["model"].key).part("model")
     if trainer is None:
         return model_dir, None

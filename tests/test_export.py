@@ -27,7 +27,7 @@ def trained(write_recipe, workdir):
 def test_export_merges_the_adapter_with_the_training_template(trained, write_recipe, workdir, tiny_model_dir):
     adapter_id = next(f"{s.stage}/{s.key}" for s in trained.stages if s.stage == "train")
     recipe = write_recipe("export.yaml", adapter_name_or_path=adapter_id, export_dir=str(workdir / "exported"),
-                          export_legacy_format=True, template="chatml")
+                          export_legacy_format=True, template="chatml", do_train=False)
     assert main(["export", str(recipe)]) == 0
     exported = workdir / "exported"
     assert (exported / "pytorch_model.bin").is_file() and not list(exported.glob("*.safetensors"))
@@ -52,3 +52,18 @@ def test_the_adapter_in_output_dir_loads_on_its_own(trained, workdir, tiny_model
     model = AutoPeftModelForCausalLM.from_pretrained(saves)
     assert model.active_adapter == "default"
     AutoTokenizer.from_pretrained(saves)
+
+
+def test_exporting_a_recipe_that_trains_exports_its_trained_model(trained, write_recipe, workdir, capsys):
+    """The recipe's own stages (cached from the run) and their merged model; it exported the bare base before."""
+    recipe = write_recipe(max_samples=8, output_dir=str(workdir / "saves"), export_dir=str(workdir / "exported"))
+    assert main(["export", str(recipe)]) == 0
+    merged_key = next(s.key for s in trained.stages if s.stage == "merge")
+    expected = AutoModelForCausalLM.from_pretrained(workdir / "artifacts" / "merge" / merged_key / "model")
+    exported = AutoModelForCausalLM.from_pretrained(workdir / "exported")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, expected(ids).logits)
+    assert main(["export", str(write_recipe("rm.yaml", stage="rm", dataset="pydoc_preferences", eval_dataset=None,
+                                            export_dir=str(workdir / "rm")))]) == 1
+    assert "stage rm trains a reward model" in capsys.readouterr().err
