@@ -107,7 +107,8 @@ def model_structure(model_step: Step, store: ArtifactStore | None):
 
 def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[str, ...] = ()) -> Plan:
     """The stages of a fine-tune: data, model, training (with any upstream recipes it chains on), merge (and
-    export), evaluation of the base and the tuned model."""
+    export), evaluation of the base and the tuned model. A recipe that does not train but names
+    adapter_name_or_path evaluates the base with that adapter merged (as LlamaFactory evaluates model + adapter)."""
     data = recipe.data
     if recipe.finetuning.do_train and not data.dataset:
         raise RecipeError("key 'dataset' is required when do_train is true")
@@ -141,6 +142,10 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
             if recipe.export.export_dir:
                 steps.append(export.plan(recipe, merged))
             scored["tuned"] = merged
+    elif recipe.model.adapter_name_or_path:  # nothing trained: what is scored is the base with that adapter
+        upstream, merged = with_adapter(recipe, base, store, chain)
+        steps = upstream + steps + [merged]
+        scored = {"tuned": merged}
     if recipe.evaluation.do_eval and has_eval:
         steps += [evaluate.plan(recipe, tokenized, target, role) for role, target in scored.items()]
     if recipe.evaluation.task:
@@ -167,14 +172,20 @@ def plan_export(recipe: Recipe, store: ArtifactStore | None = None) -> Plan:
     base = model.plan(recipe)
     steps, target = [base], base
     if recipe.model.adapter_name_or_path:
-        start, upstream = resolve(recipe.model.adapter_name_or_path, "adapter_name_or_path", "adapter", store,
-                                  lambda up, path: list(plan_run(up, store, (path,)).steps), ())
-        same_base(base, upstream, "adapter_name_or_path")
-        target = merge.plan(recipe, base, start)
-        steps = upstream + steps + [start, target]
+        upstream, target = with_adapter(recipe, base, store, ())
+        steps = upstream + steps + [target]
     steps.append(export.plan(recipe, target))
     check_target("export_dir", Path(recipe.export.export_dir), recipe.training.overwrite_output_dir)
     return Plan(tuple(deduplicated(steps)))
+
+
+def with_adapter(recipe: Recipe, base: Step, store: ArtifactStore | None, chain: tuple[str, ...]
+                 ) -> tuple[list[Step], Step]:
+    """(the steps that provide adapter_name_or_path, then it), and the base merged with it."""
+    start, upstream = resolve(recipe.model.adapter_name_or_path, "adapter_name_or_path", "adapter", store,
+                              lambda up, path: list(plan_run(up, store, (*chain, path)).steps), chain)
+    same_base(base, upstream, "adapter_name_or_path")
+    return upstream + [start], merge.plan(recipe, base, start)
 
 
 def prequantized_method(model_step: Step) -> str | None:

@@ -22,8 +22,10 @@ def trained_model(source: Path, recipe, home: str | None) -> tuple[Path, Path | 
     trainer = next((s for s in plan if s.stage.name in TRAINERS and ":" not in s.label), None)
     if trainer is not None and trainer.stage.name == "reward":
         raise RecipeError(f"{source}: a reward model (stage rm) scores replies; it does not chat")
-    stacked = next((s for s in plan if s.stage.name == "merge" and "start" in s.inputs), None)
-    if stacked is not None:  # create_new_adapter: the trained adapter sits on the base merged with another one
+    # The merged model where base + one adapter is not the model: create_new_adapter (the trained adapter sits on
+    # the base merged with another one), or nothing trained and adapter_name_or_path named.
+    stacked = next((s for s in plan.of_stage("merge") if "start" in s.inputs or trainer is None), None)
+    if stacked is not None:
         refs = run_in_process(plan.upstream_of(stacked.label).steps, store.root)
         return store.lookup("merge", refs[stacked.label].key).part("model"), None
     refs = run_in_process(plan.upstream_of(trainer.label if trainer else "model").steps, store.root)

@@ -67,3 +67,23 @@ def test_exporting_a_recipe_that_trains_exports_its_trained_model(trained, write
     assert main(["export", str(write_recipe("rm.yaml", stage="rm", dataset="pydoc_preferences", eval_dataset=None,
                                             export_dir=str(workdir / "rm")))]) == 1
     assert "stage rm trains a reward model" in capsys.readouterr().err
+
+
+def test_a_recipe_that_does_not_train_scores_and_serves_the_base_with_its_adapter(trained, write_recipe, workdir):
+    """As LlamaFactory evaluates model + adapter: the adapter was dropped, and the bare base scored and served."""
+    from flows.plan import plan_run
+    from flows.serving import trained_model
+    from tasks.core.store import ArtifactStore
+
+    adapter_id = next(f"{s.stage}/{s.key}" for s in trained.stages if s.stage == "train")
+    recipe = load_recipe(write_recipe("eval.yaml", adapter_name_or_path=adapter_id, do_train=False))
+    plan = plan_run(recipe, ArtifactStore())
+    assert plan["evaluate[tuned]"].inputs["model"] == "merge" and "evaluate[base]" not in plan.labels()
+    model_dir, adapter_dir = trained_model(workdir / "eval.yaml", recipe, None)
+    assert adapter_dir is None and model_dir.parent.parent.name == "merge"
+    merged = AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.model.model_name_or_path),
+                                          str(workdir / "artifacts" / adapter_id / "adapter"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
