@@ -323,6 +323,11 @@ class Recipe(Section):
         """A new validated recipe with some flat keys changed."""
         return Recipe.from_flat({**self.flat(), **changes}, source="override")
 
+    def checked(self, source: str, **changes: Any) -> Recipe:
+        """This recipe (with changes) through every check `from_flat` makes: a recipe built as a model (a flow's
+        parameters, the Prefect UI's form) has only been validated field by field."""
+        return Recipe.from_flat({**self.flat(), **changes}, source=source)
+
 
 FIELD_SECTION = {f: name for name, sec in SECTIONS.items() for f in sec.model_fields}
 # LlamaFactory's keys for image, video and audio inputs: a recipe using them is refused by name.
