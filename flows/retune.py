@@ -137,6 +137,13 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
     plan = plan_run(recipe, store)
     if not plan.of_stage("evaluate"):
         raise RecipeError("retune needs evaluation data: set 'eval_dataset' or 'val_size'")
+    if not plan.of_stage("merge"):
+        raise RecipeError(f"retune registers the tuned model; stage {recipe.finetuning.stage} trains a reward model, "
+                          "which scores replies and is not registered")
+    if metric not in ("perplexity", "eval_loss") and not plan["evaluate[tuned]"].config.generate:
+        raise RecipeError(f"retune metric '{metric}' scores generated replies, which this recipe does not generate "
+                          f"(stage {recipe.finetuning.stage}, do_predict {recipe.evaluation.do_predict}); use "
+                          "--metric eval_loss or perplexity")
     base = {"model_name": model_name, "metric": metric, "margin": margin, "fingerprint": fingerprint(plan)}
     last = last_decision(model_name)
     if last is not None and last.data.tags.get("fingerprint") == base["fingerprint"]:
@@ -149,8 +156,8 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
     tags = {"recipe": json.dumps(recipe.model_dump(exclude_defaults=True), default=str)[:5000],
             f"artifact.{trained.stage}": trained.key, "artifact.merge": merge_key, "fingerprint": base["fingerprint"],
             "store": str(store.root), **{f"metric.{k}": str(v) for k, v in tuned.items() if isinstance(v, float)}}
+    score = tuned[metric]  # before registering: a failure here must not leave a version without a decision
     version = model_registry.register(model_name, Path(summary.where["merged model"]), summary.mlflow_run_id, tags)
-    score = tuned[metric]
     current = model_registry.champion(model_name)
     outcome = {**base, "challenger_version": str(version.version), "challenger_score": score,
                "finetune_run_id": summary.mlflow_run_id}

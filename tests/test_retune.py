@@ -52,3 +52,22 @@ def test_retune_promotes_skips_retrains_and_rejects(write_recipe, workdir):
     folder = mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny@champion", dst_path=str(workdir / "dl"))
     model = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers loads the champion
     assert model.config.num_hidden_layers == 2
+
+
+def test_retune_refuses_what_it_cannot_register_or_score_before_training(write_recipe, workdir):
+    """A reward model (no merged model) or a generation metric the recipe does not compute failed after training,
+    with a traceback, leaving a registered version without a decision."""
+    import pytest
+
+    from flows.retune import decide
+    from tasks.core.errors import RecipeError
+    from tasks.core.store import ArtifactStore
+
+    reward = load_recipe(write_recipe("rm.yaml", stage="rm", dataset="pydoc_preferences",
+                                      eval_dataset="pydoc_preferences_test"))
+    with pytest.raises(RecipeError, match="stage rm trains a reward model"):
+        decide(reward, "tiny-rm", "eval_loss", 0.0, ArtifactStore(), None)
+    plain = load_recipe(write_recipe(do_predict=False))
+    with pytest.raises(RecipeError, match="retune metric 'rougeL' scores generated replies"):
+        decide(plain, "tiny-np", "rougeL", 0.0, ArtifactStore(), None)
+    assert not (workdir / "artifacts").exists()  # refused before anything was built
