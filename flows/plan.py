@@ -234,8 +234,11 @@ def check_targets(recipe: Recipe) -> None:
         check_target("output_dir", Path(recipe.training.output_dir), overwrite)
     if recipe.export.export_dir and recipe.finetuning.do_train:
         check_target("export_dir", Path(recipe.export.export_dir), overwrite)
-    if recipe.evaluation.save_dir and recipe.evaluation.task:
-        check_target("save_dir", Path(recipe.evaluation.save_dir), overwrite)
+    if recipe.evaluation.save_dir and recipe.evaluation.task:  # each model's report goes into its own folder
+        save_dir = Path(recipe.evaluation.save_dir)
+        check_target("save_dir", save_dir, overwrite=True)  # a folder (the user's other files are left alone)
+        for role in ("base", "tuned"):
+            check_target("save_dir", save_dir / role, overwrite)
 
 
 @dataclass(frozen=True)

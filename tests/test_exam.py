@@ -90,6 +90,10 @@ def test_a_model_rigged_to_answer_b_scores_the_share_of_b(rigged_model, workdir)
     report = (workdir / "exam" / "base" / "report.md").read_text()
     assert report.startswith("# pystdlib (test, 2-shot)") and "| text processing | Text |" in report
     assert set(json.loads((workdir / "exam" / "base" / "results.json").read_text())["numeric"].values()) == {"B"}
+    assert run_finetune(recipe).metrics["base"] == scores  # save_dir again: our report replaced, not refused
+    (workdir / "exam" / "base" / "notes.txt").write_text("mine")  # a user's file beside ours is kept
+    run_finetune(recipe)
+    assert (workdir / "exam" / "base" / "notes.txt").read_text() == "mine"
 
 
 def test_exams_join_the_finetune_dag(tiny_model_dir, workdir):
