@@ -148,7 +148,10 @@ def collect(plan: Plan, futures: dict[str, Any], store: ArtifactStore, stage_run
         built_by = store.open(ref).manifest.get("mlflow_run_id")
         cached = built_by != run_id  # this run's stage run built it, or an earlier run did
         tags = {"artifact_key": ref.key, "prefect_task_run_id": str(future.task_run_id)}
-        tracking.set_tags(run_id, {**tracking.hit_tags(built_by), **tags} if cached else tags)
+        if cached:  # often Prefect's cache answered and the stage's task never ran: its run gets the config here
+            tracking.record_stage(run_id, {**tracking.hit_tags(built_by), **tags}, step.config.keyed())
+        else:
+            tracking.set_tags(run_id, tags)
         tracking.finish(run_id, ok=True)
         results.append(StageResult(label=step.label, stage=step.stage.name, key=ref.key, cached=cached,
                                    prefect_state=future.state.name, seconds=task_seconds(future.task_run_id)))

@@ -127,6 +127,7 @@ def test_mlflow_run_structure(recipe_path, workdir):
     assert mlflow.get_metric_history(train_run.info.run_id, "learning_rate")
     hit = second_stages["train"]
     assert hit.data.tags["cache"] == "hit" and hit.data.tags["built_by_run"] == train_run.info.run_id
+    assert hit.data.params == train_run.data.params  # a hit records its keyed config too
     eval_run = first_stages["evaluate[tuned]"]
     assert "rougeL" in eval_run.data.metrics and "perplexity" in eval_run.data.metrics
     assert {"generated_predictions.jsonl", "report.md"} <= {a.path for a in mlflow.list_artifacts(eval_run.info.run_id)}

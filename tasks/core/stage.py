@@ -240,8 +240,8 @@ def execute(step: Step, inputs: Mapping[str, ArtifactRef], run: RunContext) -> A
             return found.ref
         log.info("building %s/%s", stage.name, key[:12])
         if run.mlflow_run_id:
-            tracking.set_tags(run.mlflow_run_id, {"cache": "miss", **tracking.prefect_tags()})
-            tracking.log_params(run.mlflow_run_id, step.config.keyed())
+            tracking.record_stage(run.mlflow_run_id, {"cache": "miss", **tracking.prefect_tags()},
+                                  step.config.keyed())
         ctx = BuildContext(step, key, store, {n: store.open(r) for n, r in inputs.items()}, run, log)
         with _HEAVY_SLOT if stage.heavy else nullcontext(), store.building(stage.name, key) as tmp:
             started_at, started = time.time(), time.monotonic()

@@ -130,6 +130,15 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
         client().log_batch(run_id, tags=batch)
 
 
+def record_stage(run_id: str, tags: dict[str, str], params: dict[str, Any]) -> None:
+    """A stage run's tags and keyed config (params), in as few requests as MLflow allows (100 entries each)."""
+    entries = [RunTag(name, str(value)) for name, value in tags.items()]
+    entries += [Param(name, value) for name, value in flatten(params).items()]
+    for batch in chunks(entries, 100):
+        client().log_batch(run_id, tags=[e for e in batch if isinstance(e, RunTag)],
+                           params=[e for e in batch if isinstance(e, Param)])
+
+
 def finish(run_id: str, ok: bool) -> None:
     client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
