@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlflow.entities import Run
 
+from flows.chaining import TRAINERS
 from tasks.core import tracking
 from tasks.core.errors import TuneFactoryError
 
@@ -48,9 +49,11 @@ def finished_runs(experiment: str, last: int) -> list[Run]:
     return list(reversed(runs))
 
 
-def child(run: Run, stage: str) -> Run | None:
-    """The nested run of one stage of a finetune run."""
-    return next(iter(tracking.stage_runs(run, stage)), None)
+def trainer_run(run: Run) -> Run | None:
+    """The nested run of a finetune run's own training stage (sft's train, rm's reward, dpo and kto's preference,
+    ppo's), not that of a recipe it chains on (labelled 'recipe:stage')."""
+    return next((stage for stage in tracking.stage_runs(run) if stage.data.tags.get("stage") in TRAINERS
+                 and ":" not in (stage.info.run_name or "")), None)
 
 
 def differing_params(runs: list[Run]) -> list[str]:
@@ -69,7 +72,7 @@ def describe(runs: list[Run], metric: str) -> str:
             values = [run.data.metrics.get(f"{role}_{name}") for run in runs]
             if any(v is not None for v in values):
                 rows.append((f"{role} {name}", [f"{v:.3f}" if v is not None else "-" for v in values]))
-    trains = [child(run, "train") for run in runs]
+    trains = [trainer_run(run) for run in runs]
     rows.append(("train tokens/s", [f"{t.data.metrics['tokens_per_second']:.1f}" if t and
                                     "tokens_per_second" in t.data.metrics else "-" for t in trains]))
     rows.append(("wall seconds", [f"{(run.info.end_time - run.info.start_time) / 1000:.1f}" for run in runs]))
@@ -92,7 +95,7 @@ def plot(runs: list[Run], metric: str, path: Path) -> Path:
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4.5))
     names = [run.info.run_name or run.info.run_id[:8] for run in runs]
     for run, name in zip(runs, names, strict=True):
-        train = child(run, "train")
+        train = trainer_run(run)
         history = client.get_metric_history(train.info.run_id, "loss") if train else []
         curves.plot([m.step for m in history], [m.value for m in history], marker=".", label=name)
     curves.set(title="training loss", xlabel="step", ylabel="loss")

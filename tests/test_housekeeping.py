@@ -81,3 +81,21 @@ def test_gc_deletes_nothing_when_the_runs_it_reads_are_not_this_stores(tmp_path,
 
     assert main(["gc", "--home", str(tmp_path / "nostore")]) == 1
     assert f"no artifact store at {tmp_path / 'nostore'}" in capsys.readouterr().err
+
+
+def test_compare_reads_every_objectives_trainer_run(workdir):
+    """rm, dpo/kto and ppo runs train in stages labelled reward, dpo, kto, ppo: compare looked for 'train' only,
+    so their tokens/s and loss curves were blank; a chained recipe's trainer ('sft:train') is not the run's own."""
+    from flows.compare import describe, trainer_run
+    from tasks.core import tracking
+
+    parent = tracking.start_parent("rm-run", {"stage": "rm"}, {"tunefactory.flow": "finetune"}, "objectives")
+    upstream = tracking.start_stage(parent, "sft:train", {"stage": "train"})
+    own = tracking.start_stage(parent, "reward", {"stage": "reward"})
+    tracking.log_metrics(upstream, {"tokens_per_second": 1.0})
+    tracking.log_metrics(own, {"tokens_per_second": 6365.0})
+    for run_id in (upstream, own, parent):
+        tracking.finish(run_id, ok=True)
+    run = MlflowClient().get_run(parent)
+    assert trainer_run(run).info.run_id == own
+    assert "6365.0" in next(line for line in describe([run], "eval_loss").splitlines() if "tokens/s" in line)
