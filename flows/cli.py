@@ -37,6 +37,15 @@ NOISY_LOGGERS = ("mlflow", "alembic", "httpx", "httpcore", "urllib3", "filelock"
 SILENCED_LOGGERS = ("bitsandbytes.backends.cpu.ops", "APILogWorker", "EventsWorker")
 
 
+def count(minimum: int):
+    """An argparse type: a whole number of at least `minimum`."""
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"give a whole number of at least {minimum}, not {text!r}")
+        return int(text)
+    return parse
+
+
 def add_recipe_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("recipe", help="recipe YAML (LlamaFactory keys)")
     command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -90,12 +99,13 @@ def parser() -> argparse.ArgumentParser:
     compare = add(commands, "compare", "compare finetune runs from MLflow: a table and a PNG")
     compare.add_argument("--experiment", help="MLflow experiment (default: the newest run's)")
     compare.add_argument("--metric", default="rougeL", help="the score to compare (default rougeL)")
-    compare.add_argument("--last", type=int, default=5, help="how many of the newest runs (default 5)")
+    compare.add_argument("--last", type=count(1), default=5, help="how many of the newest runs (default 5)")
     compare.add_argument("--out", default="compare.png", help="where to write the figure (default compare.png)")
     runs = add(commands, "runs", "recent finetune runs with each stage's outcome and key")
-    runs.add_argument("--last", type=int, default=10)
+    runs.add_argument("--last", type=count(1), default=10)
     gc = add(commands, "gc", "delete store artifacts no recent run or registered model needs")
-    gc.add_argument("--keep-last", type=int, default=10, help="keep what the newest N finetune runs used")
+    gc.add_argument("--keep-last", type=count(0), default=10,
+                    help="keep what the newest N finetune runs used (0: only what registered models need)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     gc.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
     gc.add_argument("--force", action="store_true",

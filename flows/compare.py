@@ -30,6 +30,8 @@ class Compared:
 
 def latest_experiment() -> str:
     """The experiment of the newest finetune run."""
+    if (missing := tracking.missing_database()) is not None:
+        raise TuneFactoryError(f"no MLflow store at {missing}: run it where mlflow.db is, or set MLFLOW_TRACKING_URI")
     found = tracking.newest_finetune_runs(1)
     if not found:
         raise TuneFactoryError(f"no finetune runs in the MLflow store {tracking.tracking_uri()}")
@@ -38,6 +40,8 @@ def latest_experiment() -> str:
 
 def finished_runs(experiment: str, last: int) -> list[Run]:
     """The experiment's newest finished finetune runs, oldest first."""
+    if (missing := tracking.missing_database()) is not None:
+        raise TuneFactoryError(f"no MLflow store at {missing}: run it where mlflow.db is, or set MLFLOW_TRACKING_URI")
     client = tracking.client()
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -25,6 +25,8 @@ from tasks.core.store import TEMP_PREFIX, TRASH_PREFIX, ArtifactStore, read_mani
 
 def recent_runs(last: int) -> str:
     """A listing of recent finetune runs: when, name, status, and each stage's outcome and key."""
+    if (missing := tracking.missing_database()) is not None:
+        return f"no finetune runs: no MLflow store at {missing} (run it where mlflow.db is, or set MLFLOW_TRACKING_URI)"
     client = tracking.client()
     lines = []
     for run in tracking.newest_finetune_runs(last):
@@ -91,8 +93,7 @@ def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: 
     if not store.root.is_dir():
         raise TuneFactoryError(f"tunefactory gc: no artifact store at {store.root} (--home or TUNEFACTORY_HOME)")
     uri = tracking.tracking_uri()
-    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-    if database is not None and not database.is_file() and not force:
+    if (database := tracking.missing_database()) is not None and not force:
         raise TuneFactoryError(f"tunefactory gc: no MLflow store at {database}, so no run says what to keep; run it "
                                "where the runs' mlflow.db is, or set MLFLOW_TRACKING_URI (--force deletes all)")
     artifacts = list(store.artifacts())

@@ -99,3 +99,19 @@ def test_compare_reads_every_objectives_trainer_run(workdir):
     run = MlflowClient().get_run(parent)
     assert trainer_run(run).info.run_id == own
     assert "6365.0" in next(line for line in describe([run], "eval_loss").splitlines() if "tokens/s" in line)
+
+
+def test_reading_runs_where_there_is_no_tracking_store_creates_none(tmp_path, monkeypatch, capsys):
+    """`runs` in another folder left an empty mlflow.db behind (which then got past gc's check); a count of 0
+    ended in an MLflow traceback."""
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["runs"]) == 0 and "no MLflow store at" in capsys.readouterr().out
+    assert main(["compare"]) == 1 and "no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
+    for argv in (["runs", "--last", "0"], ["compare", "--last", "-1"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "give a whole number of at least 1" in capsys.readouterr().err

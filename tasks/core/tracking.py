@@ -23,6 +23,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def missing_database() -> Path | None:
+    """The SQLite file the tracking URI names, if it does not exist: reading runs would create it empty (in
+    whatever folder a command was started from)."""
+    uri = tracking_uri()
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    return database if database is not None and not database.is_file() else None
+
+
 def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
@@ -32,6 +40,8 @@ FINETUNE_RUNS = "tags.`tunefactory.flow` = 'finetune'"  # search_runs' filter fo
 
 def newest_finetune_runs(last: int) -> list:
     """The newest `last` finetune runs of all experiments, newest first."""
+    if last <= 0:
+        return []
     found = client()
     ids = [e.experiment_id for e in found.search_experiments()]
     return list(found.search_runs(ids, FINETUNE_RUNS, max_results=last, order_by=["attributes.start_time DESC"])
