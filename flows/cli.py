@@ -150,13 +150,16 @@ class HideUserErrorTracebacks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         from tasks.core.errors import TuneFactoryError
+        from tasks.core.stage import BuildInterrupted
 
-        if record.exc_info and isinstance(record.exc_info[1], TuneFactoryError):
+        # A user mistake, or a build stopped by Ctrl-C / SIGTERM: the CLI's own line says it.
+        if record.exc_info and isinstance(record.exc_info[1], TuneFactoryError | BuildInterrupted):
             return False
         message = record.getMessage()
         if "NotReady(\"Upstream task run" in message or "Failed('tunefactory: error:" in message:
             return False  # a consequence of the failure, or the line the CLI prints itself
-        return not ("Failed(" in message and any(f"exception {name}:" in message for name in user_error_names()))
+        return not ("Failed(" in message and any(f"exception {name}:" in message
+                                                 for name in user_error_names() | {"BuildInterrupted"}))
 
 
 def user_error_names() -> set[str]:
