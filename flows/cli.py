@@ -108,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
                     help="keep what the newest N finetune runs used (0: only what registered models need)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     gc.add_argument("--home", help="artifact store root (default $TUNEFACTORY_HOME or ./artifacts)")
+    gc.add_argument("--staging", action="store_true",
+                    help="also delete interrupted builds' checkpoints (kept by default for a re-run to resume)")
     gc.add_argument("--force", action="store_true",
                     help="collect even when no run in the tracking store used this store's artifacts")
     verify = add(commands, "verify", "re-hash every artifact (and a recipe's sources) instead of trusting "
@@ -375,7 +377,7 @@ def gc_command(args: argparse.Namespace) -> int:
     from flows.housekeeping import collect_garbage
     from tasks.core.store import ArtifactStore
 
-    result = collect_garbage(ArtifactStore(home_of(args)), args.keep_last, args.dry_run, args.force)
+    result = collect_garbage(ArtifactStore(home_of(args)), args.keep_last, args.dry_run, args.force, args.staging)
     for artifact_id in result.removed:
         print(f"{'would delete' if args.dry_run else 'deleted'} {artifact_id}")
     for artifact_id in result.in_use:

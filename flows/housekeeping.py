@@ -20,7 +20,7 @@ from filelock import Timeout
 
 from tasks.core import model_registry, tracking
 from tasks.core.errors import TuneFactoryError
-from tasks.core.store import TEMP_PREFIX, TRASH_PREFIX, ArtifactStore, read_manifest
+from tasks.core.store import STAGING, TEMP_PREFIX, TRASH_PREFIX, ArtifactStore, read_manifest
 
 
 def recent_runs(last: int) -> str:
@@ -77,19 +77,50 @@ class Collected:
     kept: int = 0
     in_use: list[str] = field(default_factory=list)  # locked by a running build
     bytes_freed: int = 0
+    staged_kept: list[str] = field(default_factory=list)  # interrupted builds' checkpoints, kept to resume from
+    staged_bytes: int = 0
 
     def summary(self, dry_run: bool) -> str:
         verb = "would free" if dry_run else "freed"
-        return (f"{verb} {self.bytes_freed / 2**20:.1f} MiB in {len(self.removed)} artifacts; kept {self.kept}"
+        line = (f"{verb} {self.bytes_freed / 2**20:.1f} MiB in {len(self.removed)} artifacts; kept {self.kept}"
                 + (f"; {len(self.in_use)} in use by a running build" if self.in_use else ""))
+        if self.staged_kept:
+            line += (f"; kept {self.staged_bytes / 2**20:.1f} MiB of checkpoints of {len(self.staged_kept)} "
+                     "interrupted builds for a re-run to resume from (--staging deletes them)")
+        return line
 
 
 def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: bool = False) -> Collected:
-    """Delete artifacts (and leftover temporaries) not reachable from the last runs or registered models."""
+def collect_staging(store: ArtifactStore, result: Collected, dry_run: bool, every: bool) -> None:
+    """Staged checkpoints (.staging/<stage>/<key>) of builds not running now: deleted when their artifact was
+    published since (leftovers) or, with `every`, all of them; otherwise counted as kept for a resume."""
+    staging_root = store.root / STAGING
+    for folder in sorted(staging_root.glob("*/*")) if staging_root.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        stage, key = folder.parent.name, folder.name
+        try:
+            with store.lock(stage, key).acquire(timeout=0):
+                size = size_of(folder)
+                if every or store.lookup(stage, key) is not None:
+                    result.removed.append(f"{STAGING}/{stage}/{key}")
+                    result.bytes_freed += size
+                    if not dry_run:
+                        shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    result.staged_kept.append(f"{stage}/{key}")
+                    result.staged_bytes += size
+        except Timeout:
+            result.in_use.append(f"{STAGING}/{stage}/{key}")
+
+
+def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: bool = False,
+                    staging: bool = False) -> Collected:
+    """Delete artifacts (and leftover temporaries) not reachable from the last runs or registered models, and
+    staged checkpoints whose build finished (`staging`: every staged checkpoint not in use)."""
     if not store.root.is_dir():
         raise TuneFactoryError(f"tunefactory gc: no artifact store at {store.root} (--home or TUNEFACTORY_HOME)")
     uri = tracking.tracking_uri()
@@ -127,4 +158,5 @@ def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: 
                         shutil.rmtree(leftover, ignore_errors=True)
                 except Timeout:
                     pass
+    collect_staging(store, result, dry_run, staging)
     return result

@@ -115,3 +115,18 @@ def test_reading_runs_where_there_is_no_tracking_store_creates_none(tmp_path, mo
         with pytest.raises(SystemExit):
             main(argv)
         assert "give a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_gc_keeps_interrupted_checkpoints_for_a_resume_unless_asked(tmp_path, capsys):
+    """Staged checkpoints were never collected, not even with --force: a full fine-tune's could stay for good."""
+    store = ArtifactStore(tmp_path / "store")
+    staged = store.staging("train", "k" * 64) / "checkpoint-4"
+    staged.mkdir(parents=True)
+    (staged / "weights.bin").write_bytes(b"\0" * 2**20)
+    kept = collect_garbage(store, keep_last=1, dry_run=False, force=True)
+    assert staged.is_dir() and kept.staged_kept == [f"train/{'k' * 64}"]
+    assert "kept 1.0 MiB of checkpoints of 1 interrupted builds" in kept.summary(dry_run=False)
+    with store.lock("train", "k" * 64):  # a build running now keeps its checkpoints whatever is asked
+        assert collect_garbage(store, 1, dry_run=False, force=True, staging=True).in_use and staged.is_dir()
+    assert main(["gc", "--home", str(store.root), "--force", "--staging"]) == 0
+    assert not staged.exists() and "freed 1.0 MiB" in capsys.readouterr().out
