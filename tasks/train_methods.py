@@ -324,15 +324,15 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
     if config.gradient_checkpointing and config.finetuning_type == "lora":
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     if config.finetuning_type == "lora":
-        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
         if config.quantization:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if adapter is not None and config.lora.create_new_adapter:  # the old adapter becomes part of the base
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            model = starting_adapter_on(model, adapter, task_type, trainable=False).merge_and_unload()
             adapter = None
         if adapter is not None:
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+            model = starting_adapter_on(model, adapter, task_type, trainable=True)
         else:
             extra = embedding_modules(model) if train_embeddings else None
             tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -355,6 +355,28 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
     if not keeps_half_precision(config):
         upcast_trainable(model)
     return model
+
+
+def starting_adapter_on(model, adapter: Path, task_type: str, trainable: bool):
+    """The model with the adapter a run starts from (adapter_name_or_path). A policy's (causal LM) adapter on a
+    reward model's classifier goes on as a classifier's, its new score head trained with it (LlamaFactory
+    continues an SFT adapter under its value head); an adapter made for another model is refused by key."""
+    from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    settings = PeftConfig.from_pretrained(str(adapter))
+    try:
+        if task_type != "SEQ_CLS" or settings.task_type == "SEQ_CLS":
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        # PEFT loads a classifier's adapter only with its score head's weights: the head starts as initialised.
+        head = {"base_model.model.score.weight": model.score.weight.detach().clone()}
+        settings.task_type, settings.inference_mode = "SEQ_CLS", not trainable
+        wrapped = get_peft_model(model, settings)
+        set_peft_model_state_dict(wrapped, {**load_file(str(adapter / "adapter_model.safetensors")), **head})
+        return wrapped
+    except (RuntimeError, ValueError) as exc:  # weight shapes or module names that do not match
+        detail = " ".join(str(exc).split())[:200]
+        raise RecipeError(f"key 'adapter_name_or_path': {adapter} does not fit this model ({detail})") from None
 
 
 def keep_pissa_start(model) -> None:

@@ -332,3 +332,31 @@ def test_ppo_chains_on_sft_and_rm_recipes_all_under_bf16(tiny_model_dir, write_r
                   for path in (workdir / "artifacts").glob("*/*/manifest.json") if path.parent.parent.name in TRAINERS}
     assert precisions == {"train": "bf16", "reward": "bf16", "ppo": "bf16"}
     assert yaml.safe_load(sft.read_text())["stage"] == "sft"
+
+
+def test_rm_continues_an_sft_adapter_and_an_adapter_of_another_model_is_named(tiny_model_dir, tmp_path):
+    """An SFT adapter as the rm's starting point crashed ('LlamaForSequenceClassification' has no attribute
+    'prepare_inputs_for_generation'); one made for a model of another width gave PEFT's 280-line trace."""
+    from tasks.core.errors import RecipeError
+    from tasks.train_methods import starting_adapter_on
+    from tests.conftest import tiny_llama_config
+
+    plan, refs, store = run(tiny_model_dir, tmp_path, max_steps=2)
+    sft = trained(plan, refs, store)
+    plan, refs, store = run(tiny_model_dir, tmp_path, stage="rm", adapter_name_or_path=str(sft.part("adapter")),
+                            max_steps=4, **PAIRS)
+    reward = trained(plan, refs, store)
+    weights = load_file(str(reward.part("adapter") / "adapter_model.safetensors"))
+    assert any("score" in name for name in weights) and any("lora_A" in name for name in weights)
+    assert len(losses(reward)) == 4
+    from peft import get_peft_model_state_dict
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    started = starting_adapter_on(classifier, sft.part("adapter"), "SEQ_CLS", trainable=True)
+    policy = load_file(str(sft.part("adapter") / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(started)
+    assert all(torch.equal(loaded[name], value) for name, value in policy.items())  # the SFT adapter goes on
+    assert reward_trainer.score_head(started).weight.requires_grad  # with a trainable head
+    wider = AutoModelForCausalLM.from_config(tiny_llama_config(600, hidden_size=48, intermediate_size=96))
+    with pytest.raises(RecipeError, match="key 'adapter_name_or_path': .* does not fit this model"):
+        starting_adapter_on(wider, sft.part("adapter"), "CAUSAL_LM", trainable=True)
