@@ -117,7 +117,9 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     flat = flat_batches_supported(model)  # scoring and the policy's passes on unpadded rows
     if flat:
         use_varlen_attention(model)
-    shared = SharedModel(model, critic, reward_head, classifier, config.precision, flat=flat)
+    generation = json.loads(data.part("generation").read_text())
+    shared = SharedModel(model, critic, reward_head, classifier, config.precision, flat=flat,
+                         pad_id=generation["pad_token_id"])  # the rm scores where a classifier pools
 
     def report(entry: dict[str, float]) -> None:
         if entry["step"] % config.logging_steps == 0:
@@ -128,8 +130,8 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     resume = resume_point(config, ctx)
     resumed_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
     started = time.monotonic()
-    history = train_ppo(shared, load_rows(data.part("train"))["input_ids"], config,
-                        json.loads(data.part("generation").read_text()), report, checkpoints=ctx.staging, resume=resume)
+    history = train_ppo(shared, load_rows(data.part("train"))["input_ids"], config, generation, report,
+                        checkpoints=ctx.staging, resume=resume)
     seconds = time.monotonic() - started
     restore_attention(model, config.attn_implementation)
     model.save_pretrained(str(out / "adapter"), selected_adapters=[POLICY])

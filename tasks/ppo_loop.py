@@ -81,8 +81,8 @@ class SharedModel:
     their outputs. Where `flat`, the backbone runs a batch's real tokens as one unpadded row (see `hidden`)."""
 
     def __init__(self, model, critic, reward_head, reward_classifier=None, precision: str = "fp32",
-                 flat: bool = False):
-        self.device, self.flat = next(model.parameters()).device, flat
+                 flat: bool = False, pad_id: int | None = None):
+        self.device, self.flat, self.pad_id = next(model.parameters()).device, flat, pad_id
         self.model, self.critic = model, critic.to(self.device)
         self.reward_head = reward_head.to(self.device) if reward_head is not None else None
         self.reward_classifier = reward_classifier
@@ -124,8 +124,12 @@ class SharedModel:
 
     @torch.no_grad()
     def scores(self, ids, mask):
-        """The reward model's score of each whole sequence: its head on the last real token."""
-        last = mask.sum(-1) - 1
+        """The reward model's score of each whole sequence: its head on the token the rm stage trained it at, the
+        last one that is not the pad token, as a classifier pools (where pad is EOS, the token before a closing
+        EOS: the mask's last token was read before, a position the head never learned)."""
+        index = torch.arange(ids.shape[1], device=ids.device)
+        pooled = mask.bool() if self.pad_id is None else mask.bool() & (ids != self.pad_id)
+        last = torch.where(pooled, index, 0).amax(-1)
         if self.reward_classifier is not None:
             with self.autocast():
                 return self.reward_classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()

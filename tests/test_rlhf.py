@@ -69,12 +69,14 @@ def test_reward_model_trains_and_ppo_scores_with_it_as_the_rm_does(tiny_model_di
                                        str(reward.part("adapter")), adapter_name="default")  # any policy adapter
     ppo_loop.load_reward_adapter(policy, reward.part("adapter"))
     head = ppo_loop.linear_head(load_file(str(reward.part("value_head")))["weight"], trainable=False)
-    shared = ppo_loop.SharedModel(policy, head, head)
-    ids = torch.tensor([[5, 17, 42, 8, 9], [7, 3, 11, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    with torch.no_grad():
-        expected = classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-    assert shared.scores(ids, mask).tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+    shared = ppo_loop.SharedModel(policy, head, head, pad_id=0)
+    padded = (torch.tensor([[5, 17, 42, 8, 9], [7, 3, 11, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    # Where pad is EOS, a reply's closing EOS is attended but not pooled: scored at the token before it, as the rm.
+    closed = (torch.tensor([[5, 17, 42, 8, 0], [7, 3, 11, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]))
+    for ids, mask in (padded, closed):
+        with torch.no_grad():
+            expected = classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        assert shared.scores(ids, mask).tolist() == pytest.approx(expected.tolist(), abs=1e-4)
 
 
 def test_reward_model_under_pure_bf16_trains_in_bf16(tiny_model_dir, tmp_path):
