@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -258,8 +259,10 @@ def arguments_values(config: TrainingConfig, staging: Path, unpadded: bool = Fal
         "num_train_epochs": s.epochs or 1.0,
         "max_steps": s.max_steps or -1,
         "lr_scheduler_type": s.lr_scheduler_type,
-        # transformers 5 takes a ratio as a float warmup_steps in [0, 1); explicit steps win, as in LlamaFactory.
-        "warmup_steps": s.warmup_steps or s.warmup_ratio or 0,
+        # transformers 5 takes a ratio as a float warmup_steps in [0, 1) and reads 1.0 as one step: a whole-run
+        # warm-up goes as the float just below 1 (ceil of steps * it is every step). Explicit steps win, as in
+        # LlamaFactory.
+        "warmup_steps": s.warmup_steps or (math.nextafter(1.0, 0.0) if s.warmup_ratio == 1 else s.warmup_ratio),
         "weight_decay": config.weight_decay,
         "max_grad_norm": config.max_grad_norm,
         "optim": config.optim,

@@ -379,3 +379,14 @@ def test_a_freeze_tuned_reward_model_trains_its_new_score_head(tiny_model_dir):
     assert model.score.weight.requires_grad
     assert not model.model.embed_tokens.weight.requires_grad
     assert not model.model.layers[0].mlp.up_proj.weight.requires_grad
+
+
+@pytest.mark.parametrize(("ratio", "steps"), [(0.5, 50), (1.0, 100)])
+def test_warmup_ratio_warms_up_that_share_of_the_steps(tiny_model_dir, tmp_path, ratio, steps):
+    """transformers 5 reads warmup_steps below 1 as a ratio and 1.0 as one step: a whole-run warm-up was 1 step."""
+    from transformers import TrainingArguments
+
+    from tasks.train_common import arguments_values
+
+    config = plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, warmup_ratio=ratio)))["train"].config
+    assert TrainingArguments(**arguments_values(config, tmp_path)).get_warmup_steps(100) == steps
