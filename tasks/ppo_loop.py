@@ -272,7 +272,8 @@ def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, 
     warmup = config.schedule.warmup_steps or math.ceil((config.schedule.warmup_ratio or 0) * steps)
     loop = LoopState(optimizer=optimizer,
                      scheduler=get_scheduler(config.schedule.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                             num_training_steps=steps),
+                                             num_training_steps=steps,
+                                             scheduler_specific_kwargs=dict(config.schedule.lr_scheduler_kwargs or {})),
                      scaler=torch.amp.GradScaler(shared.device.type, enabled=config.precision == "fp16"),
                      kl_control=AdaptiveKLController(config.ppo.init_kl_coef, config.ppo.target_kl, config.ppo.horizon),
                      moments=RunningMoments(), rng=random.Random(config.seed))

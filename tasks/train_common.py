@@ -35,6 +35,7 @@ class Schedule(BaseModel):
     epochs: float | None  # None when max_steps decides
     max_steps: int | None
     lr_scheduler_type: str
+    lr_scheduler_kwargs: dict[str, Any] | None = None
     warmup_steps: int | None  # explicit steps win over the ratio, as in LlamaFactory
     warmup_ratio: float | None
 
@@ -97,6 +98,7 @@ def schedule(recipe: Recipe) -> Schedule:
         epochs=None if by_steps else t.num_train_epochs,
         max_steps=t.max_steps if by_steps else None,
         lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=t.lr_scheduler_kwargs or None,
         warmup_steps=t.warmup_steps or None,
         warmup_ratio=t.warmup_ratio if not t.warmup_steps and t.warmup_ratio else None,
     )
@@ -259,10 +261,11 @@ def arguments_values(config: TrainingConfig, staging: Path, unpadded: bool = Fal
         "num_train_epochs": s.epochs or 1.0,
         "max_steps": s.max_steps or -1,
         "lr_scheduler_type": s.lr_scheduler_type,
+        "lr_scheduler_kwargs": dict(s.lr_scheduler_kwargs or {}),
         # transformers 5 takes a ratio as a float warmup_steps in [0, 1) and reads 1.0 as one step: a whole-run
         # warm-up goes as the float just below 1 (ceil of steps * it is every step). Explicit steps win, as in
         # LlamaFactory.
-        "warmup_steps": s.warmup_steps or (math.nextafter(1.0, 0.0) if s.warmup_ratio == 1 else s.warmup_ratio),
+        "warmup_steps": s.warmup_steps or (math.nextafter(1.0, 0.0) if s.warmup_ratio == 1 else s.warmup_ratio or 0),
         "weight_decay": config.weight_decay,
         "max_grad_norm": config.max_grad_norm,
         "optim": config.optim,

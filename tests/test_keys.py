@@ -168,6 +168,8 @@ CASES = {
                          ({"max_steps": 3}, {"num_train_epochs": 2.0}, set())],
     "max_steps": [({}, {"max_steps": 3}, {"train"})],
     "lr_scheduler_type": [({}, {"lr_scheduler_type": "linear"}, {"train"})],
+    "lr_scheduler_kwargs": [({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 0.0}},
+                             {"lr_scheduler_kwargs": {"min_lr": 1e-6}}, {"train"})],
     "warmup_ratio": [({}, {"warmup_ratio": 0.1}, {"train"}), ({"warmup_steps": 2}, {"warmup_ratio": 0.1}, set())],
     "warmup_steps": [({}, {"warmup_steps": 2}, {"train"})],
     "weight_decay": [({}, {"weight_decay": 0.1}, {"train"})],

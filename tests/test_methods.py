@@ -278,6 +278,10 @@ def test_neftune_and_pure_bf16(store, tiny_model_dir):
     ({"pissa_init": True}, "key 'pissa_init' needs 'pissa_convert: true'"),
     ({"pissa_init": True, "pissa_convert": True, "quantization_bit": 4}, "keys 'pissa_init' and 'quantization_bit'"),
     ({"create_new_adapter": True}, "key 'create_new_adapter' needs 'adapter_name_or_path'"),
+    ({"lr_scheduler_type": "cosine_with_min_lr"}, "key 'lr_scheduler_kwargs': cosine_with_min_lr needs min_lr or"),
+    ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "reduce_lr_on_plateau steps on evaluation during training"),
+    ({"lr_scheduler_kwargs": {"min_lr": 1e-6}}, "key 'lr_scheduler_kwargs': cosine takes no min_lr"),
+    ({"lr_scheduler_kwargs": "{min_lr"}, "key 'lr_scheduler_kwargs': .*not a mapping or JSON text"),
     ({"create_new_adapter": True, "adapter_name_or_path": "a", "quantization_bit": 4},
      "key 'create_new_adapter' merges the adapter into the base, which cannot be done exactly on quantized"),
     ({**FULL, "use_galore": True, "galore_layerwise": True, "gradient_accumulation_steps": 2},
@@ -390,3 +394,12 @@ def test_warmup_ratio_warms_up_that_share_of_the_steps(tiny_model_dir, tmp_path,
 
     config = plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, warmup_ratio=ratio)))["train"].config
     assert TrainingArguments(**arguments_values(config, tmp_path)).get_warmup_steps(100) == steps
+
+
+def test_scheduler_arguments_reach_the_scheduler(store, tiny_model_dir):
+    """cosine_with_min_lr and warmup_stable_decay need their own arguments: without lr_scheduler_kwargs they were
+    accepted and failed mid-run with a traceback."""
+    artifact, _, _ = train(store, tiny_model_dir, lr_scheduler_type="cosine_with_min_lr",
+                           lr_scheduler_kwargs='{"min_lr_rate": 0.5}')  # JSON text, as LlamaFactory's CLI gives it
+    rates = [e["learning_rate"] for e in json.loads(artifact.part("log_history").read_text()) if "learning_rate" in e]
+    assert min(rates) >= 0.5 * 5e-3 * 0.99 and rates[-1] < rates[0]  # decays, but not below min_lr_rate

@@ -7,11 +7,12 @@ alone. Registry- and model-dependent checks run at plan time (flows/plan.py).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.core.errors import RecipeError, did_you_mean, read_utf8
 
@@ -202,6 +203,20 @@ class TrainingSection(Section):
     num_train_epochs: float = option(3.0, "Epochs (ignored when max_steps > 0).", gt=0)
     max_steps: int = option(-1, "Optimizer steps; -1 trains num_train_epochs.")
     lr_scheduler_type: str = option("cosine", "transformers scheduler name.")
+    lr_scheduler_kwargs: dict[str, Any] | None = option(
+        None, "The scheduler's own arguments, a mapping or JSON (cosine_with_min_lr: min_lr or min_lr_rate; "
+        "warmup_stable_decay: num_decay_steps).")
+
+    @field_validator("lr_scheduler_kwargs", mode="before")
+    @classmethod
+    def mapping_from_json(cls, value: Any) -> Any:
+        """LlamaFactory's CLI passes it as JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else None
+            except ValueError:
+                raise ValueError("not a mapping or JSON text of one") from None
+        return value
     warmup_ratio: float = option(0.0, "Share of steps spent warming up.", ge=0, le=1)
     warmup_steps: int = option(0, "Warm-up steps (wins over warmup_ratio).", ge=0)
     weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
@@ -577,6 +592,31 @@ def trainer_names() -> dict[str, list[str]]:
     return names
 
 
+SCHEDULER_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"), "warmup_stable_decay": ("num_decay_steps",)}
+
+
+def check_scheduler_arguments(name: str, arguments: dict[str, Any], source: str) -> None:
+    """The scheduler's arguments, checked now rather than failing after the data and model stages: what it
+    requires, and (when some are given) that it takes them."""
+    if name in ("reduce_lr_on_plateau", "greedy"):
+        raise RecipeError(f"{source}: key 'lr_scheduler_type': {name} steps on evaluation during training, which "
+                          "TuneFactory runs as its own stage after it; choose another scheduler")
+    needs = SCHEDULER_NEEDS.get(name, ())
+    if needs and not set(needs) & set(arguments):
+        raise RecipeError(f"{source}: key 'lr_scheduler_kwargs': {name} needs {' or '.join(needs)} "
+                          f"(e.g. lr_scheduler_kwargs: {{{needs[0]}: ...}})")
+    if arguments:
+        import inspect
+
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType  # torch: only when given
+
+        taken = set(inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters)
+        fixed = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+        if unknown := sorted(set(arguments) - (taken - fixed)):
+            raise RecipeError(f"{source}: key 'lr_scheduler_kwargs': {name} takes no {', '.join(unknown)} "
+                              f"(it takes {', '.join(sorted(taken - fixed)) or 'none'})")
+
+
 def check_trainer_names(recipe: Recipe, source: str) -> None:
     """Names that transformers resolves at train time, checked now: scheduler, optimizer, loggers."""
     training = recipe.training
@@ -588,6 +628,7 @@ def check_trainer_names(recipe: Recipe, source: str) -> None:
         if value not in known:
             hint = did_you_mean(value, known) or f" (known: {', '.join(known)})"
             raise RecipeError(f"{source}: key '{key}': unknown value {value!r}{hint}")
+    check_scheduler_arguments(training.lr_scheduler_type, training.lr_scheduler_kwargs or {}, source)
     targets = report_targets(training.report_to)
     if not targets:
         return
