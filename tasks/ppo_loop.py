@@ -257,6 +257,20 @@ def reward_parts(ctx: BuildContext, config: PPOConfig, shared_model):
     return head, classifier
 
 
+def named_optimizer(parameters: list[torch.nn.Parameter], config: PPOConfig) -> torch.optim.Optimizer:
+    """The optimizer `optim` names, built as the Trainer builds it (LlamaFactory's PPO trainer does the same);
+    weight decay on matrices only, not on biases and norm weights, as the Trainer's parameter groups."""
+    from transformers import Trainer, TrainingArguments
+
+    arguments = TrainingArguments(optim=config.optim, learning_rate=config.learning_rate,
+                                  weight_decay=config.weight_decay, use_cpu=not torch.cuda.is_available(),
+                                  report_to="none")
+    optimizer_class, options = Trainer.get_optimizer_cls_and_kwargs(arguments)
+    groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+    return optimizer_class([group for group in groups if group["params"]], **options)
+
+
 def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, generation: dict[str, Any],
               on_step=None, checkpoints: Path | None = None, resume: Path | None = None) -> list[dict[str, float]]:
     """The PPO loop over the prompts; returns each step's figures (on_step(entry) sees each new one as it comes).
@@ -268,7 +282,7 @@ def train_ppo(shared: SharedModel, prompts: list[list[int]], config: PPOConfig, 
     rollout_batch = config.batch_size * config.gradient_accumulation_steps * config.ppo.buffer_size
     steps = total_steps(config, len(prompts), rollout_batch)
     parameters = [p for p in model.parameters() if p.requires_grad] + list(shared.critic.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = named_optimizer(parameters, config)
     warmup = config.schedule.warmup_steps or math.ceil((config.schedule.warmup_ratio or 0) * steps)
     loop = LoopState(optimizer=optimizer,
                      scheduler=get_scheduler(config.schedule.lr_scheduler_type, optimizer, num_warmup_steps=warmup,

@@ -362,3 +362,15 @@ def test_rm_continues_an_sft_adapter_and_an_adapter_of_another_model_is_named(ti
     wider = AutoModelForCausalLM.from_config(tiny_llama_config(600, hidden_size=48, intermediate_size=96))
     with pytest.raises(RecipeError, match="key 'adapter_name_or_path': .* does not fit this model"):
         starting_adapter_on(wider, sft.part("adapter"), "CAUSAL_LM", trainable=True)
+
+
+def test_ppo_builds_the_optimizer_optim_names():
+    """PPO's loop built AdamW whatever `optim` said, decaying biases and norms too."""
+    from types import SimpleNamespace
+
+    matrix, bias = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    for name, expected in (("sgd", torch.optim.SGD), ("adamw_torch", torch.optim.AdamW)):
+        optimizer = ppo_loop.named_optimizer([matrix, bias], SimpleNamespace(optim=name, learning_rate=0.1,
+                                                                              weight_decay=0.01))
+        assert type(optimizer) is expected
+        assert [(g["params"], g["weight_decay"]) for g in optimizer.param_groups] == [([matrix], 0.01), ([bias], 0.0)]

@@ -394,7 +394,8 @@ def check_methods(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: keys {' and '.join(map(repr, chosen))} each choose the optimizer; keep one")
     if f.stage == "ppo":
         for key in chosen + ["neftune_noise_alpha"] * bool(t.neftune_noise_alpha):
-            raise RecipeError(f"{source}: key '{key}' does not apply to stage ppo (its own loop trains with AdamW)")
+            raise RecipeError(f"{source}: key '{key}' does not apply to stage ppo (its own loop trains with the "
+                              "optimizer `optim` names)")
         if t.save_only_model:
             raise RecipeError(f"{source}: key 'save_only_model' does not apply to stage ppo (its checkpoints hold the "
                               "whole loop's state, to resume from)")
