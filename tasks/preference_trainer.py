@@ -117,13 +117,15 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
         label_only = flat or supports_label_only_logits(self.accelerator.unwrap_model(model))
         logps, mask = label_token_logps(model, inputs, batch[f"{prefix}labels"], label_only)
         averaged = sequence_logps(logps, mask, average=True)
-        if self.loss_settings.kind in AVERAGED:
-            return averaged, averaged
         if with_ld and self.loss_settings.ld_alpha is not None:
             lengths = mask.sum(-1)  # label tokens per sequence, as LlamaFactory's valid_length
             half = lengths.shape[0] // 2
             shared = torch.minimum(lengths[:half], lengths[half:]).repeat(2)
-            return ld_logps(logps, mask, shared, self.loss_settings.ld_alpha), averaged
+            weighted = ld_logps(logps, mask, shared, self.loss_settings.ld_alpha)
+            # ipo, orpo and simpo then average over the label tokens, as LlamaFactory divides by valid_length
+            return (weighted / lengths.clamp(min=1) if self.loss_settings.kind in AVERAGED else weighted), averaged
+        if self.loss_settings.kind in AVERAGED:
+            return averaged, averaged
         return sequence_logps(logps, mask, average=False), averaged
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

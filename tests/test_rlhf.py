@@ -374,3 +374,15 @@ def test_ppo_builds_the_optimizer_optim_names():
                                                                               weight_decay=0.01))
         assert type(optimizer) is expected
         assert [(g["params"], g["weight_decay"]) for g in optimizer.param_groups] == [([matrix], 0.01), ([bias], 0.0)]
+
+
+def test_ld_alpha_weights_the_averaged_losses_too(tiny_model_dir, tmp_path):
+    """LlamaFactory applies LD-DPO's weighting before simpo / orpo / ipo average over the label tokens; here
+    ld_alpha was ignored for them (the same first loss with it and without)."""
+    first = {}
+    for alpha in (None, 0.0):
+        extra = {} if alpha is None else {"ld_alpha": alpha}
+        plan, refs, store = run(tiny_model_dir, tmp_path / str(alpha), stage="dpo", pref_loss="simpo", max_steps=1,
+                                **PAIRS, **extra)
+        first[alpha] = losses(trained(plan, refs, store))[0]
+    assert first[0.0] != pytest.approx(first[None], abs=1e-4)
