@@ -17,6 +17,7 @@ from tasks.core.hashing import tree_digest
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 
 HEAD_KEYS = ("weight", "v_head.summary.weight", "score.weight")
+BIAS_KEYS = ("bias", "v_head.summary.bias", "score.bias")
 
 
 class AdapterConfig(StageConfig):
@@ -59,7 +60,11 @@ def build(config: AdapterConfig, ctx: BuildContext, out: Path) -> Built:
         head = next((weights[k] for k in HEAD_KEYS if k in weights), None)
         if head is None:
             raise RecipeError(f"{folder / 'value_head.safetensors'}: no head weight among {', '.join(HEAD_KEYS)}")
-        save_file({"weight": head.float().reshape(1, -1).contiguous()}, str(out / "value_head.safetensors"))
+        kept = {"weight": head.float().reshape(1, -1).contiguous()}
+        bias = next((weights[k] for k in BIAS_KEYS if k in weights), None)
+        if bias is not None:  # TRL's value head (LlamaFactory's rm) has one; every reward is shifted by it
+            kept["bias"] = bias.float().reshape(1).contiguous()
+        save_file(kept, str(out / "value_head.safetensors"))
         layout["value_head"] = "value_head.safetensors"
     return Built(config.kind, layout, {"weights": "adapter"})
 

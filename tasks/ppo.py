@@ -113,7 +113,8 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     reward_head, classifier = reward_parts(ctx, config, model)
     cast_frozen_weights_for_autocast(model, config)  # the reward adapter's weights too: they are frozen here
     place_on_compute_device(model)  # this loop is not the Trainer's: nothing else moves it to the GPU
-    critic = linear_head(reward_head.weight.detach(), trainable=True)  # the critic starts as the reward head
+    critic = linear_head(reward_head.weight.detach(), trainable=True,  # the critic starts as the reward head
+                         bias=reward_head.bias.detach() if reward_head.bias is not None else None)
     flat = flat_batches_supported(model)  # scoring and the policy's passes on unpadded rows
     if flat:
         use_varlen_attention(model)
@@ -139,7 +140,8 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
 
     AutoTokenizer.from_pretrained(str(ctx.inputs["model"].part("model")), **remote_code(ctx.inputs["model"])
                                   ).save_pretrained(str(out / "adapter"))
-    save_file({"weight": critic.weight.detach().cpu().contiguous()}, str(out / VALUE_HEAD))
+    save_file({name: value.detach().cpu().contiguous() for name, value in critic.state_dict().items()},
+              str(out / VALUE_HEAD))
     write_history(history, out)
     quarter = max(1, len(history) // 4)
     summary = {"global_step": len(history), "train_seconds": round(seconds, 2),  # this process's share

@@ -4,7 +4,7 @@ A checkpoint holds the files a Trainer checkpoint holds, so the trainer stages' 
 (tasks.train_checkpoints) and `resume_from_checkpoint` take it as it is:
 - trainer_state.json: the step and each step's figures so far;
 - adapter_model.safetensors (and adapter_config.json): the policy's adapter, loadable by PEFT on its own;
-- optimizer.pt: AdamW's and the gradient scaler's state, the critic's weight, the KL coefficient, the score
+- optimizer.pt: the optimizer's and the gradient scaler's state, the critic's weights, the KL coefficient, the score
   moments, the random states and the prompts left in the current pass;
 - scheduler.pt: the learning-rate schedule.
 It is written to a hidden folder and renamed into place, so a run killed while saving leaves no checkpoint-N.
@@ -51,7 +51,7 @@ def save_checkpoint(staging: Path, step: int, shared, loop: LoopState, keep: int
     state = {
         "optimizer": loop.optimizer.state_dict(),
         "scaler": loop.scaler.state_dict(),
-        "critic": shared.critic.weight.detach().cpu(),
+        "critic": {name: value.detach().cpu() for name, value in shared.critic.state_dict().items()},
         "kl_coef": loop.kl_control.value,
         "moments": [loop.moments.mean, loop.moments.var, loop.moments.std, loop.moments.count],
         "rng": loop.rng.getstate(),
@@ -81,7 +81,7 @@ def restore_checkpoint(path: Path, shared, loop: LoopState) -> int:
     state = saved["ppo"]
     weights = load_file(str(path / "adapter_model.safetensors"), device=str(shared.device))
     set_peft_model_state_dict(shared.model, weights, adapter_name=POLICY)
-    shared.critic.weight.data.copy_(state["critic"])
+    shared.critic.load_state_dict(state["critic"])
     loop.optimizer.load_state_dict(state["optimizer"])
     loop.scaler.load_state_dict(state["scaler"])
     loop.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

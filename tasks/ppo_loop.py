@@ -57,10 +57,13 @@ def load_reward_adapter(model, reward_dir: Path) -> None:
     model.set_adapter(POLICY)
 
 
-def linear_head(weight: torch.Tensor, trainable: bool) -> torch.nn.Linear:
-    head = torch.nn.Linear(weight.shape[1], 1, bias=False)
+def linear_head(weight: torch.Tensor, trainable: bool, bias: torch.Tensor | None = None) -> torch.nn.Linear:
+    """A one-output head from its weight (and bias: an imported TRL value head has one; ours have none)."""
+    head = torch.nn.Linear(weight.shape[1], 1, bias=bias is not None)
     head.weight.data.copy_(weight.float())
-    head.weight.requires_grad = trainable
+    if bias is not None:
+        head.bias.data.copy_(bias.float().reshape(1))
+    head.requires_grad_(trainable)
     return head
 
 
@@ -238,7 +241,8 @@ def reward_parts(ctx: BuildContext, config: PPOConfig, shared_model):
     from safetensors.torch import load_file
 
     reward = ctx.inputs["reward"]
-    head = linear_head(load_file(str(reward.part("value_head")))["weight"], trainable=False)
+    stored = load_file(str(reward.part("value_head")))
+    head = linear_head(stored["weight"], trainable=False, bias=stored.get("bias"))
     if config.reward_type == "lora":
         if reward.info.get("weights") != "adapter":
             raise RecipeError("key 'reward_model_type': lora needs a LoRA reward model; this one has full weights "

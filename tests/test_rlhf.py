@@ -386,3 +386,23 @@ def test_ld_alpha_weights_the_averaged_losses_too(tiny_model_dir, tmp_path):
                                 **PAIRS, **extra)
         first[alpha] = losses(trained(plan, refs, store))[0]
     assert first[0.0] != pytest.approx(first[None], abs=1e-4)
+
+
+def test_an_imported_trl_value_head_keeps_its_bias(tmp_path):
+    """LlamaFactory's reward model (TRL's value head) has a bias; importing it kept only the weight, shifting every
+    reward PPO read."""
+    from safetensors.torch import save_file
+
+    from tasks import adapter
+
+    folder = tmp_path / "lf-rm"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    save_file({"unused": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    save_file({"v_head.summary.weight": torch.ones(1, 4), "v_head.summary.bias": torch.tensor([0.5])},
+              str(folder / "value_head.safetensors"))
+    step = adapter.plan(folder, "reward_model", "reward_model", "adapter[reward_model]")
+    ref = run_in_process([step], tmp_path / "store")[step.label]
+    stored = load_file(str(ArtifactStore(tmp_path / "store").open(ref).part("value_head")))
+    head = ppo_loop.linear_head(stored["weight"], trainable=False, bias=stored.get("bias"))
+    assert head(torch.ones(1, 4)).item() == pytest.approx(4.5)
