@@ -59,10 +59,12 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, adapter: Step | None = No
     return STAGE.step("train", config, inputs, locators)
 
 
-def collator_for(data, tokenizer, model):
+def collator_for(data, tokenizer, model, neftune: bool = False):
     """One unpadded row per batch where the model allows it (tasks.lean_training); otherwise packed rows carry
-    position_ids and need no attention mask (see tasks.packing), and others pad per batch."""
-    if flat_batches_supported(model):
+    position_ids and need no attention mask (see tasks.packing), and others pad per batch. NEFTune's noise is
+    scaled by 1/sqrt(row length): on one row of the whole batch it was sqrt(batch) times weaker than on the padded
+    batches LlamaFactory trains on, so a NEFTune run pads."""
+    if flat_batches_supported(model) and not neftune:
         return FlatCollator()
     if data.info.get("position_ids"):
         from tasks.packing import PackedCollator
@@ -86,7 +88,7 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     use_varlen_attention(base)
     model = attach_trainable(base, config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
     cast_frozen_weights_for_autocast(model, config)
-    collator = collator_for(data, tokenizer, model)
+    collator = collator_for(data, tokenizer, model, neftune=bool(config.neftune_noise_alpha))
     flat = isinstance(collator, FlatCollator)  # no pad tokens: every token counted is a real one
     padding = None
     if data.info["train"] == "stream":  # rows are aligned and tokenized lazily as training consumes them

@@ -263,6 +263,20 @@ def test_neftune_and_pure_bf16(store, tiny_model_dir):
     _, plain, _ = train(store, tiny_model_dir)
     _, noisy, _ = train(store, tiny_model_dir, neftune_noise_alpha=5.0)
     assert noisy["train_loss"] != plain["train_loss"]  # the same run, with noise on the embeddings
+    # NEFTune's noise is alpha / sqrt(row length * hidden): on one flattened row of the whole batch it was
+    # sqrt(batch) times weaker than on LlamaFactory's padded batches, so a NEFTune run pads.
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    from tasks.lean_training import FlatCollator, use_varlen_attention
+    from tasks.train import collator_for
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    use_varlen_attention(model)
+    tokenizer, data = AutoTokenizer.from_pretrained(str(tiny_model_dir)), SimpleNamespace(info={})
+    assert isinstance(collator_for(data, tokenizer, model), FlatCollator)
+    assert isinstance(collator_for(data, tokenizer, model, neftune=True), DataCollatorForSeq2Seq)
     artifact, results, losses = train(store, tiny_model_dir, **{**FULL, "learning_rate": 1e-2}, pure_bf16=True)
     weights = load_file(str(artifact.part("model") / "model.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.bfloat16} and falls(losses)
