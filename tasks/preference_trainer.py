@@ -86,7 +86,12 @@ class PreferenceTrainer(SparseGradClipping, Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, loss: Loss, reference_model, **kwargs):
+        from trl.trainer.utils import disable_dropout_in_model
+
         super().__init__(**kwargs)
+        # As LlamaFactory's DPO and KTO trainers: no dropout (lora_dropout included), so the policy's log-probs are
+        # not noisier than the reference's (the same model with its adapters off).
+        disable_dropout_in_model(self.model)
         self.loss_settings = loss
         if reference_model is not None and self.is_deepspeed_enabled and not getattr(reference_model,
                                                                                       "is_quantized", False):

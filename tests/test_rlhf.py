@@ -406,3 +406,22 @@ def test_an_imported_trl_value_head_keeps_its_bias(tmp_path):
     stored = load_file(str(ArtifactStore(tmp_path / "store").open(ref).part("value_head")))
     head = ppo_loop.linear_head(stored["weight"], trainable=False, bias=stored.get("bias"))
     assert head(torch.ones(1, 4)).item() == pytest.approx(4.5)
+
+
+def test_preference_training_turns_dropout_off(tiny_model_dir, tmp_path):
+    """As LlamaFactory's DPO and KTO trainers: with lora_dropout the policy's pass was noisier than the reference's
+    (the same model with its adapters off)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from tasks.preference import Loss
+    from tasks.preference_trainer import PreferenceTrainer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                           LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"]))
+    loss = Loss(kind="sigmoid", beta=0.1, ftx=0.0, label_smoothing=None, simpo_gamma=None, ld_alpha=None,
+                desirable_weight=None, undesirable_weight=None)
+    PreferenceTrainer(loss, None, model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                       report_to="none"))
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts)
