@@ -93,8 +93,7 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, reward: Step, adapter: St
                       temperature=e.temperature if e.do_sample else None, top_p=e.top_p if e.do_sample else None,
                       top_k=e.top_k if e.do_sample else None, repetition_penalty=e.repetition_penalty)
     bits = r.reward_model_quantization_bit if r.reward_model_type == "full" else None
-    quant = QuantSettings(bits=bits, type="nf4" if bits == 4 else None, double=True if bits == 4 else None) if bits \
-        else None
+    quant = QuantSettings.of(bits, recipe.model)
     config = PPOConfig(**training_values(recipe), ppo=settings, rollout=rollout, reward_type=r.reward_model_type,
                        reward_quantization=quant)
     inputs = {"data": tokenized, "model": model, "reward": reward, **({"adapter": adapter} if adapter else {})}

@@ -90,9 +90,7 @@ def plan(recipe: Recipe, tokenized: Step, model: Step, adapter: Step | None = No
         reference = model
     quant = recipe.rlhf.ref_model_quantization_bit
     config = PreferenceConfig(objective=recipe.finetuning.stage, **training_values(recipe), loss=loss, reference=mode,
-                              reference_quantization=QuantSettings(bits=quant, type="nf4" if quant == 4 else None,
-                                                                   double=True if quant == 4 else None)
-                              if quant and mode == "model" else None)
+                              reference_quantization=QuantSettings.of(quant, recipe.model) if mode == "model" else None)
     inputs = {"data": tokenized, "model": model, **({"adapter": adapter} if adapter else {}),
               **({"reference": reference} if mode == "model" else {})}
     return STAGE.step(f"{recipe.finetuning.stage}", config, inputs, training_locators(recipe))

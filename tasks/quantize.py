@@ -25,10 +25,8 @@ class QuantizeConfig(StageConfig):
 
 def plan(recipe: Recipe, model: Step, compute: str) -> Step:
     """The quantize step on the imported model; compute is the training precision (fp32, bf16, fp16)."""
-    m = recipe.model
-    four = m.quantization_bit == 4
-    settings = QuantSettings(bits=m.quantization_bit, type=m.quantization_type if four else None,
-                             double=m.double_quantization if four else None)
+    settings = QuantSettings.of(recipe.model.quantization_bit, recipe.model)
+    four = settings.bits == 4
     return STAGE.step("quantize", QuantizeConfig(quantization=settings, compute_dtype=compute if four else "-"),
                       {"model": model})
 

@@ -107,7 +107,7 @@ def schedule(recipe: Recipe) -> Schedule:
 def method_settings(recipe: Recipe) -> dict[str, Any]:
     """The settings of the chosen finetuning_type only: options of other methods change nothing."""
     f, m = recipe.finetuning, recipe.model
-    lora = freeze = quant = None
+    lora = freeze = None
     if f.finetuning_type == "lora":
         lora = LoraSettings(rank=f.lora_rank, alpha=f.lora_alpha or f.lora_rank * 2, dropout=f.lora_dropout,
                             target=f.lora_target, use_dora=f.use_dora, use_rslora=f.use_rslora,
@@ -118,10 +118,7 @@ def method_settings(recipe: Recipe) -> dict[str, Any]:
         freeze = FreezeSettings(trainable_layers=f.freeze_trainable_layers,
                                 trainable_modules=split_names(f.freeze_trainable_modules) or ("all",),
                                 extra_modules=split_names(f.freeze_extra_modules))
-    if m.quantization_bit:
-        four = m.quantization_bit == 4
-        quant = QuantSettings(bits=m.quantization_bit, type=m.quantization_type if four else None,
-                              double=m.double_quantization if four else None)
+    quant = QuantSettings.of(m.quantization_bit, m)
     return {"lora": lora, "freeze": freeze, "quantization": quant}
 
 

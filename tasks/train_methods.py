@@ -49,6 +49,16 @@ class QuantSettings(BaseModel):
     type: str | None  # 4-bit only
     double: bool | None  # 4-bit only
 
+    @classmethod
+    def of(cls, bits: int | None, model) -> QuantSettings | None:
+        """`bits` with the recipe's quantization_type and double_quantization (model: its model section), for the
+        trained model and, as LlamaFactory copies them, for the reference and reward models."""
+        if not bits:
+            return None
+        four = bits == 4
+        return cls(bits=bits, type=model.quantization_type if four else None,
+                   double=model.double_quantization if four else None)
+
 
 def quantization_config(quant: QuantSettings | None, precision: str):
     if quant is None:

@@ -48,10 +48,15 @@ CASES = {
                          ({"quantization_bit": 4}, {"quantization_bit": 8}, {"quantize", "train"})],
     "quantization_type": [({}, {"quantization_type": "fp4"}, set()),
                           ({"quantization_bit": 4}, {"quantization_type": "fp4"}, {"quantize", "train"}),
-                          ({"quantization_bit": 8}, {"quantization_type": "fp4"}, set())],
+                          ({"quantization_bit": 8}, {"quantization_type": "fp4"}, set()),
+                          # the reference model is quantized as the recipe says (it was always nf4)
+                          ({**DPO, "ref_model": "{altered}", "ref_model_quantization_bit": 4},
+                           {"quantization_type": "fp4"}, {"dpo"})],
     "quantization_method": [({"quantization_bit": 4}, {"quantization_method": "bnb"}, set())],  # the only one
     "double_quantization": [({}, {"double_quantization": False}, set()),
-                            ({"quantization_bit": 4}, {"double_quantization": False}, {"quantize", "train"})],
+                            ({"quantization_bit": 4}, {"double_quantization": False}, {"quantize", "train"}),
+                            ({**DPO, "ref_model": "{altered}", "ref_model_quantization_bit": 4},
+                             {"double_quantization": False}, {"dpo"})],
     "rope_scaling": [({}, {"rope_scaling": "linear"}, {"model"})],
     "upcast_layernorm": [({}, {"upcast_layernorm": True}, {"train"})],
     "upcast_lmhead_output": [({}, {"upcast_lmhead_output": True}, {"train"})],
