@@ -250,6 +250,8 @@ CASES = [
          {"adapter_name_or_path": "/no/such/adapter"}),
     Case("api-reward-model", "'api' (an HTTP reward service) is not supported",
          {"stage": "ppo", "reward_model": "http://x", "reward_model_type": "api"}),
+    Case("val-size-and-eval-dataset", "keys 'val_size' and 'eval_dataset' both choose the evaluation rows",
+         {"val_size": 4}),
     Case("val-size-over-data", "key 'val_size': 30 validation rows asked for, but the training data has only 24",
          {"eval_dataset": None, "val_size": 30}, failing="tokenize"),
     Case("cutoff-below-template", "key 'cutoff_len': 4 tokens leave no room for a conversation",

@@ -94,8 +94,7 @@ CASES = {
     "train_on_prompt": [({}, {"train_on_prompt": True}, {"tokenize"})],
     "mask_history": [({}, {"mask_history": True}, {"tokenize"})],
     "max_samples": [({}, {"max_samples": 12}, {"tokenize"})],
-    "val_size": [({}, {"val_size": 4}, set()),  # eval_dataset given: no split
-                 ({"eval_dataset": None, "val_size": 4}, {"val_size": 6}, {"tokenize"})],
+    "val_size": [({"eval_dataset": None, "val_size": 4}, {"val_size": 6}, {"tokenize"})],  # with eval_dataset: refused
     "mix_strategy": [({}, {"mix_strategy": "interleave_under"}, set()),  # one dataset per split
                      (TWO_DATASETS, {"mix_strategy": "interleave_under"}, {"tokenize"})],
     "interleave_probs": [({**TWO_DATASETS, "mix_strategy": "interleave_under"}, {"interleave_probs": "0.5,0.5"},

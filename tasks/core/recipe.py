@@ -366,6 +366,10 @@ def check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: key 'streaming' needs 'max_steps' > 0 (a stream has no known length)")
     if data.streaming and (data.packing or data.neat_packing):
         raise RecipeError(f"{source}: keys 'streaming' and 'packing'/'neat_packing' cannot be combined")
+    if data.val_size and data.eval_dataset:  # as LlamaFactory: one or the other says what is evaluated
+        raise RecipeError(f"{source}: keys 'val_size' and 'eval_dataset' both choose the evaluation rows; keep one")
+    if data.val_size and not data.dataset:
+        raise RecipeError(f"{source}: key 'val_size' holds out rows of 'dataset', which is not set")
     if data.streaming and 0 < data.val_size < 1:
         raise RecipeError(f"{source}: key 'val_size' must be a row count (>= 1) with streaming")
     if recipe.model.init_special_tokens != "noise_init" and not recipe.model.new_special_tokens_config:
