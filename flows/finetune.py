@@ -247,7 +247,7 @@ def finetune(
     A mistake in the recipe or the data ends the run Failed with the CLI's one-line message."""
     share_one_malloc_arena()  # a deployment's run starts here, not in the command
     try:
-        recipe = recipe.checked("flow parameter 'recipe'", **(overrides or {}))
+        recipe = recipe.checked("flow parameter 'recipe'", overrides, "flow parameter 'overrides'")
         return run_stages(recipe, ArtifactStore(home), experiment_for(recipe, experiment))
     except TuneFactoryError as exc:
         return Failed(message=f"tunefactory: error: {exc}", data=exc)

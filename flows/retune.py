@@ -122,7 +122,7 @@ def retune(
     """Fine-tune again if anything the result depends on changed since `model_name`'s last retune; register the
     merged model and move the `champion` alias to it only if it beats the champion by `margin` on `metric`."""
     try:
-        recipe = recipe.checked("flow parameter 'recipe'", **(overrides or {}))
+        recipe = recipe.checked("flow parameter 'recipe'", overrides, "flow parameter 'overrides'")
         return decide(recipe, model_name, metric, margin, ArtifactStore(home), experiment)
     except TuneFactoryError as exc:
         return Failed(message=f"tunefactory: error: {exc}", data=exc)

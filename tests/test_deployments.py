@@ -132,7 +132,7 @@ def test_served_deployments_run_cache_share_and_fail_cleanly(server, project):
         bad = prefect(server, "deployment", "run", "finetune/tiny", "--watch", "--param", 'overrides={"lora_rnk": 4}')
         bad_run = wait_final(server, flow_run_id(bad.stdout))
         assert bad_run.state.name == "Failed"
-        expected = "tunefactory: error: override: unknown key 'lora_rnk'; did you mean 'lora_rank'?"
+        expected = "tunefactory: error: flow parameter 'overrides': unknown key 'lora_rnk'; did you mean 'lora_rank'?"
         assert bad_run.state.message == expected  # the CLI's one line, no traceback
         assert {a.ref.id for a in store.artifacts()} == published
     finally:

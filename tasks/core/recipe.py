@@ -338,10 +338,14 @@ class Recipe(Section):
         """A new validated recipe with some flat keys changed."""
         return Recipe.from_flat({**self.flat(), **changes}, source="override")
 
-    def checked(self, source: str, **changes: Any) -> Recipe:
+    def checked(self, source: str, changes: dict[str, Any] | None = None, changes_source: str = "override"
+                ) -> Recipe:
         """This recipe (with changes) through every check `from_flat` makes: a recipe built as a model (a flow's
-        parameters, the Prefect UI's form) has only been validated field by field."""
-        return Recipe.from_flat({**self.flat(), **changes}, source=source)
+        parameters, the Prefect UI's form) has only been validated field by field. A mistake in a change is
+        reported as `changes_source`'s."""
+        changes = changes or {}
+        return Recipe.from_flat({**self.flat(), **changes}, source=source,
+                                given_by=dict.fromkeys(changes, changes_source))
 
 
 FIELD_SECTION = {f: name for name, sec in SECTIONS.items() for f in sec.model_fields}
