@@ -53,9 +53,12 @@ class RetuneDecision(BaseModel):
                          + [f"| {k} | {v} |" for k, v in rows]) + "\n"
 
 
-def fingerprint(plan: Plan) -> str:
-    """What a retune depends on: every stage's keyed config, data and model content digests included."""
-    return stable_hash({step.label: step.config.keyed() for step in plan})
+def fingerprint(plan: Plan, metric: str, margin: float) -> str:
+    """What a retune depends on: every stage's keyed config (data and model content digests included), its code
+    and library versions (an upgrade can change the result), and the decision rule."""
+    stages = {step.label: {"config": step.config.keyed(), "code": step.stage.code_digest,
+                           "versions": step.stage.versions} for step in plan}
+    return stable_hash({"stages": stages, "metric": metric, "margin": margin})
 
 
 def last_decision(model_name: str):
@@ -71,6 +74,8 @@ def last_decision(model_name: str):
 
 def better(challenger: float, champion: float, metric: str, margin: float) -> bool:
     """Whether the challenger wins by at least the margin (lower wins for losses, higher for scores)."""
+    if challenger == champion:  # a tie is no improvement, whatever the margin
+        return False
     if metric in LOWER_IS_BETTER:
         return challenger <= champion - margin
     return challenger >= champion + margin
@@ -144,7 +149,8 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
         raise RecipeError(f"retune metric '{metric}' scores generated replies, which this recipe does not generate "
                           f"(stage {recipe.finetuning.stage}, do_predict {recipe.evaluation.do_predict}); use "
                           "--metric eval_loss or perplexity")
-    base = {"model_name": model_name, "metric": metric, "margin": margin, "fingerprint": fingerprint(plan)}
+    base = {"model_name": model_name, "metric": metric, "margin": margin,
+            "fingerprint": fingerprint(plan, metric, margin)}
     last = last_decision(model_name)
     if last is not None and last.data.tags.get("fingerprint") == base["fingerprint"]:
         return record(RetuneDecision(decision="skipped", reason="data and recipe unchanged since the last retune "

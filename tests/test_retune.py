@@ -71,3 +71,15 @@ def test_retune_refuses_what_it_cannot_register_or_score_before_training(write_r
     with pytest.raises(RecipeError, match="retune metric 'rougeL' scores generated replies"):
         decide(plain, "tiny-np", "rougeL", 0.0, ArtifactStore(), None)
     assert not (workdir / "artifacts").exists()  # refused before anything was built
+
+
+def test_a_tie_is_no_improvement_and_the_decision_rule_is_part_of_the_fingerprint(write_recipe):
+    """With margin 0 a tie promoted the challenger; a changed --metric or code was 'unchanged' and skipped."""
+    from flows.plan import plan_run
+    from flows.retune import better, fingerprint
+
+    assert not better(0.5, 0.5, "rougeL", 0.0) and not better(1.2, 1.2, "eval_loss", 0.0)
+    assert better(0.6, 0.5, "rougeL", 0.0) and better(1.1, 1.2, "eval_loss", 0.05)
+    plan = plan_run(load_recipe(write_recipe()))
+    assert fingerprint(plan, "rougeL", 0.0) != fingerprint(plan, "eval_loss", 0.0)
+    assert fingerprint(plan, "rougeL", 0.0) != fingerprint(plan, "rougeL", 0.1)
