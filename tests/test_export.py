@@ -54,10 +54,16 @@ def test_the_adapter_in_output_dir_loads_on_its_own(trained, workdir, tiny_model
     AutoTokenizer.from_pretrained(saves)
 
 
-def test_exporting_a_recipe_that_trains_exports_its_trained_model(trained, write_recipe, workdir, capsys):
-    """The recipe's own stages (cached from the run) and their merged model; it exported the bare base before."""
+def test_export_and_evaluation_follow_what_the_recipe_trains(trained, write_recipe, workdir, capsys):
+    """A recipe that trains exports its trained model (it exported the bare base); one that does not train but
+    names adapter_name_or_path scores and serves the base with that adapter (as LlamaFactory evaluates model +
+    adapter; the adapter was dropped)."""
+    from flows.plan import plan_run
+    from flows.serving import trained_model
+    from tasks.core.store import ArtifactStore
+
     recipe = write_recipe(max_samples=8, output_dir=str(workdir / "saves"), export_dir=str(workdir / "exported"))
-    assert main(["export", str(recipe)]) == 0
+    assert main(["export", str(recipe)]) == 0  # the run's own stages, cached
     merged_key = next(s.key for s in trained.stages if s.stage == "merge")
     expected = AutoModelForCausalLM.from_pretrained(workdir / "artifacts" / "merge" / merged_key / "model")
     exported = AutoModelForCausalLM.from_pretrained(workdir / "exported")
@@ -68,13 +74,6 @@ def test_exporting_a_recipe_that_trains_exports_its_trained_model(trained, write
                                             export_dir=str(workdir / "rm")))]) == 1
     assert "stage rm trains a reward model" in capsys.readouterr().err
 
-
-def test_a_recipe_that_does_not_train_scores_and_serves_the_base_with_its_adapter(trained, write_recipe, workdir):
-    """As LlamaFactory evaluates model + adapter: the adapter was dropped, and the bare base scored and served."""
-    from flows.plan import plan_run
-    from flows.serving import trained_model
-    from tasks.core.store import ArtifactStore
-
     adapter_id = next(f"{s.stage}/{s.key}" for s in trained.stages if s.stage == "train")
     recipe = load_recipe(write_recipe("eval.yaml", adapter_name_or_path=adapter_id, do_train=False))
     plan = plan_run(recipe, ArtifactStore())
@@ -84,6 +83,5 @@ def test_a_recipe_that_does_not_train_scores_and_serves_the_base_with_its_adapte
     merged = AutoModelForCausalLM.from_pretrained(model_dir)
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.model.model_name_or_path),
                                           str(workdir / "artifacts" / adapter_id / "adapter"))
-    ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)

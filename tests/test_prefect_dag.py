@@ -46,7 +46,7 @@ def test_parallel_stages_give_the_same_artifacts_and_never_overlap_heavy_builds(
     assert all(end <= next_start + 0.05 for (_, end), (next_start, _) in itertools.pairwise(spans))
 
 
-def test_data_preview_runs_its_stages_side_by_side_in_a_fresh_process(write_recipe, workdir):
+def test_data_preview_runs_its_stages_side_by_side_in_a_fresh_process(write_recipe, workdir, monkeypatch):
     """Every flow runs its stages on the recipe's task runner (data preview had Prefect's, which starts them all
     at once), and stages that first import transformers side by side do not race: a fresh process failed with
     "module 'transformers' has no attribute 'PreTrainedTokenizerBase'", reported as the dataset's fault."""
@@ -59,8 +59,8 @@ def test_data_preview_runs_its_stages_side_by_side_in_a_fresh_process(write_reci
            "TUNEFACTORY_CACHE_DIR": str(workdir / "cache")}
     recipe = str(write_recipe())
     # A warm cache (of transformers' option names) is what lets planning skip importing transformers.
-    subprocess.run([sys.executable, "-m", "flows", "run", "--dry-run", recipe], env=env, check=True, timeout=300,
-                   capture_output=True)
+    monkeypatch.setenv("TUNEFACTORY_CACHE_DIR", env["TUNEFACTORY_CACHE_DIR"])
+    plan_run(load_recipe(recipe))
     done = subprocess.run([sys.executable, "-m", "flows", "data", "preview", recipe], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -108,7 +108,7 @@ def test_preference_losses_are_averaged_over_accumulated_batches(tiny_model_dir,
     """At the first step the policy is the reference (LoRA starts as a no-op), so DPO's sigmoid loss is ln 2 and
     KTO's 0.5 whatever the batch. Accumulating two batches logged (and stepped on) their sum."""
     for stage, data, expected in (("dpo", PAIRS, math.log(2)), ("kto", FEEDBACK, 0.5)):
-        plan, refs, store = run(tiny_model_dir, tmp_path / stage, stage=stage, **data, max_steps=1,
+        plan, refs, store = run(tiny_model_dir, tmp_path, stage=stage, **data, max_steps=1,
                                 per_device_train_batch_size=2, gradient_accumulation_steps=2)
         assert losses(trained(plan, refs, store))[0] == pytest.approx(expected, abs=1e-3), stage
 
@@ -382,7 +382,7 @@ def test_ld_alpha_weights_the_averaged_losses_too(tiny_model_dir, tmp_path):
     first = {}
     for alpha in (None, 0.0):
         extra = {} if alpha is None else {"ld_alpha": alpha}
-        plan, refs, store = run(tiny_model_dir, tmp_path / str(alpha), stage="dpo", pref_loss="simpo", max_steps=1,
+        plan, refs, store = run(tiny_model_dir, tmp_path, stage="dpo", pref_loss="simpo", max_steps=1,
                                 **PAIRS, **extra)
         first[alpha] = losses(trained(plan, refs, store))[0]
     assert first[0.0] != pytest.approx(first[None], abs=1e-4)
