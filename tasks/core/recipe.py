@@ -336,7 +336,7 @@ class Recipe(Section):
 
     def replace(self, **changes: Any) -> Recipe:
         """A new validated recipe with some flat keys changed."""
-        return Recipe.from_flat({**self.flat(), **changes}, source="override")
+        return self.checked("override", changes)
 
     def checked(self, source: str, changes: dict[str, Any] | None = None, changes_source: str = "override"
                 ) -> Recipe:
