@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.core.errors import DataError, RecipeError
-from tasks.core.hardware import attn_implementation, place_on_compute_device
+from tasks.core.hardware import attn_implementation, compute_device, torch_dtype
 from tasks.core.hashing import tree_digest
 from tasks.core.loading import remote_code
+from tasks.core.mapped_weights import load_causal_lm
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
 from tasks.encoding import prompt_and_reply
+from tasks.evaluate import inference_dtype
 from tasks.templates.choice import TemplateChoice
 
 CHOICES = "ABCD"
@@ -46,6 +48,7 @@ class ExamConfig(StageConfig):
     template: TemplateChoice
     batch_size: int  # shapes padding, and so the last digits of the logits
     attn_implementation: str
+    dtype: str  # as evaluation loads a model: the half precision the recipe trains in, else "auto" (as stored)
     progress: bool = unkeyed(True)
 
 
@@ -83,7 +86,8 @@ def plan(recipe: Recipe, scored: Step, role: str) -> Step:
     source = tree_digest(folder) if folder else hub_source(e.task_dir, name)
     config = ExamConfig(exam=name, split=split, source=source, lang=e.lang, n_shot=e.n_shot,
                         template=TemplateChoice.of(recipe.data), batch_size=e.batch_size,
-                        attn_implementation=attn_implementation(recipe.model.flash_attn))
+                        attn_implementation=attn_implementation(recipe.model.flash_attn),
+                        dtype=inference_dtype(recipe))
     locators = {"folder": str(folder) if folder else "", "hub": "" if folder else source, "role": role}
     return STAGE.step(f"exam[{role}]", config, {"model": scored}, locators)
 
@@ -187,14 +191,14 @@ def report(config: ExamConfig, mapping: dict[str, dict[str, str]], scores: dict[
 
 
 def build(config: ExamConfig, ctx: BuildContext, out: Path) -> Built:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model_dir = ctx.inputs["model"].part("model")
     remote = remote_code(ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=config.attn_implementation,
-                                                 **remote)
-    place_on_compute_device(model).eval()
+    dtype = "auto" if config.dtype == "auto" else torch_dtype(config.dtype)
+    model = load_causal_lm(model_dir, dtype, device=compute_device(), attn_implementation=config.attn_implementation,
+                           **remote).eval()
     template = config.template.load(tokenizer)
     folder = Path(ctx.locators["folder"]) if ctx.locators["folder"] else None
     if folder is not None:

@@ -180,7 +180,10 @@ CASES = {
     "max_grad_norm": [({}, {"max_grad_norm": 0.5}, {"train"})],
     "optim": [({}, {"optim": "sgd"}, {"train"})],
     # bf16 autocast where the hardware has bf16 instructions; an older CPU trains in fp32 either way
-    "bf16": [({}, {"bf16": True}, {"train"} | EVALS if has_cuda() or cpu_has_native_bf16() else set())],
+    "bf16": [({}, {"bf16": True}, {"train"} | EVALS if has_cuda() or cpu_has_native_bf16() else set()),
+             # exams load the model as evaluation does: in the half precision the recipe trains in
+             ({"task": "pystdlib_test"}, {"bf16": True},
+              {"train"} | EVALS | EXAMS if has_cuda() or cpu_has_native_bf16() else set())],
     "fp16": [({}, {"fp16": True}, set())],
     "seed": [({}, {"seed": 7}, {"train"}), ({"eval_dataset": None, "val_size": 4}, {"seed": 7}, {"tokenize", "train"}),
              ({"do_sample": True}, {"seed": 7}, {"train"} | EVALS),
