@@ -53,10 +53,12 @@ class ExamConfig(StageConfig):
 
 
 def task_parts(task: str) -> tuple[str, str]:
-    """`mmlu_test` -> ("mmlu", "test")."""
+    """`mmlu_test` -> ("mmlu", "test"); LlamaFactory's `ceval_validation` is the val split."""
     name, _, split = task.rpartition("_")
+    split = "val" if split == "validation" else split
     if not name or split not in ("dev", "val", "test"):
-        raise RecipeError(f"key 'task': {task!r} should be <exam>_<split> with split dev, val or test (mmlu_test)")
+        raise RecipeError(f"key 'task': {task!r} should be <exam>_<split> with split dev, val (validation) or test "
+                          "(mmlu_test)")
     return name, split
 
 
@@ -107,11 +109,13 @@ def read_split(folder: Path, subject: str, split: str) -> list[dict[str, str]]:
 
 
 def hub_split(source: str, subject: str, split: str) -> list[dict[str, str]]:
-    """A subject's questions from a hub exam (LlamaFactory's layout: one config per subject; dev is `train`)."""
+    """A subject's questions from a hub exam (LlamaFactory's layout: one config per subject, its splits train (dev),
+    validation (val) and test)."""
     import datasets
 
     repo, commit = source.removeprefix("hub:").rsplit("@", 1)
-    rows = datasets.load_dataset(repo, name=subject, revision=commit, split="train" if split == "dev" else split)
+    hub_name = {"dev": "train", "val": "validation"}.get(split, split)
+    rows = datasets.load_dataset(repo, name=subject, revision=commit, split=hub_name)
     return [{k: str(row[k]) for k in ("question", *CHOICES, "answer")} for row in rows]
 
 

@@ -119,17 +119,23 @@ def test_a_malformed_exam_row_is_named(tmp_path):
 
 
 def test_a_hub_exam_reads_each_subject_as_a_dataset_config(tmp_path, monkeypatch):
-    """The hub path, on a local folder laid out as a hub dataset repo (a config per subject, dev as `train`)."""
+    """The hub path, on a local folder laid out as a hub dataset repo (a config per subject, dev as `train`, val as
+    `validation`: it asked for a split named 'val', which LlamaFactory's hub exams do not have)."""
     import datasets
 
+    from tasks.exam import task_parts
+
     rows = read_split(BUNDLED / "pystdlib", "numeric", "test")
-    for split, part in (("train", rows[:3]), ("test", rows)):
+    for split, part in (("train", rows[:3]), ("validation", rows[3:6]), ("test", rows)):
         datasets.Dataset.from_list(part).to_parquet(tmp_path / f"numeric-{split}.parquet")
     (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: numeric\n  data_files:\n"
                                         "  - {split: train, path: numeric-train.parquet}\n"
+                                        "  - {split: validation, path: numeric-validation.parquet}\n"
                                         "  - {split: test, path: numeric-test.parquet}\n---\n")
     assert hub_split(f"hub:{tmp_path}@0123abc", "numeric", "dev") == rows[:3]
+    assert hub_split(f"hub:{tmp_path}@0123abc", "numeric", "val") == rows[3:6]
     assert hub_split(f"hub:{tmp_path}@0123abc", "numeric", "test") == rows
+    assert task_parts("ceval_validation") == ("ceval", "val")  # LlamaFactory's task name for C-Eval
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RecipeError, match="no exam 'mmlu' in someorg or the bundled exams, and the hub dataset "
                                           "someorg/mmlu cannot be resolved"):
