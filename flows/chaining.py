@@ -30,6 +30,11 @@ def is_recipe_file(value: str) -> bool:
     return value.endswith((".yaml", ".yml")) and Path(value).is_file()
 
 
+def is_own_trainer(stage: str, label: str) -> bool:
+    """Whether a step (or its run) is the recipe's own training, not an upstream recipe's (see `relabel`)."""
+    return stage in TRAINERS and ":" not in label
+
+
 def relabel(steps: Iterable[Step], prefix: str) -> list[Step]:
     """Steps with their labels (and their inputs' labels) prefixed by an upstream recipe's name."""
     return [replace(s, label=f"{prefix}:{s.label}", inputs={n: f"{prefix}:{u}" for n, u in s.inputs.items()})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlflow.entities import Run
 
-from flows.chaining import TRAINERS
+from flows.chaining import is_own_trainer
 from tasks.core import tracking
 from tasks.core.errors import TuneFactoryError
 
@@ -28,10 +28,15 @@ class Compared:
     mlflow_run_id: str
 
 
-def latest_experiment() -> str:
-    """The experiment of the newest finetune run."""
+def require_tracking_store() -> None:
+    """Refuse to read runs from a SQLite store that does not exist (reading would create it empty)."""
     if (missing := tracking.missing_database()) is not None:
         raise TuneFactoryError(f"no MLflow store at {missing}: run it where mlflow.db is, or set MLFLOW_TRACKING_URI")
+
+
+def latest_experiment() -> str:
+    """The experiment of the newest finetune run."""
+    require_tracking_store()
     found = tracking.newest_finetune_runs(1)
     if not found:
         raise TuneFactoryError(f"no finetune runs in the MLflow store {tracking.tracking_uri()}")
@@ -40,8 +45,7 @@ def latest_experiment() -> str:
 
 def finished_runs(experiment: str, last: int) -> list[Run]:
     """The experiment's newest finished finetune runs, oldest first."""
-    if (missing := tracking.missing_database()) is not None:
-        raise TuneFactoryError(f"no MLflow store at {missing}: run it where mlflow.db is, or set MLFLOW_TRACKING_URI")
+    require_tracking_store()
     client = tracking.client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -56,8 +60,8 @@ def finished_runs(experiment: str, last: int) -> list[Run]:
 def trainer_run(run: Run) -> Run | None:
     """The nested run of a finetune run's own training stage (sft's train, rm's reward, dpo and kto's preference,
     ppo's), not that of a recipe it chains on (labelled 'recipe:stage')."""
-    return next((stage for stage in tracking.stage_runs(run) if stage.data.tags.get("stage") in TRAINERS
-                 and ":" not in (stage.info.run_name or "")), None)
+    return next((stage for stage in tracking.stage_runs(run)
+                 if is_own_trainer(stage.data.tags.get("stage", ""), stage.info.run_name or "")), None)
 
 
 def differing_params(runs: list[Run]) -> list[str]:

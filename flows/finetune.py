@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
-from flows.chaining import TRAINERS
+from flows.chaining import is_own_trainer
 from flows.plan import Plan, plan_run
 from flows.user_output import write_into
 from tasks.core import tracking
@@ -181,7 +181,7 @@ def evaluation_metrics(plan: Plan, results: list[StageResult], store: ArtifactSt
 
 def own_trainer(results: list[StageResult]) -> StageResult | None:
     """This recipe's training step (not one of an upstream recipe it chains on)."""
-    return next((r for r in results if r.stage in TRAINERS and ":" not in r.label), None)
+    return next((r for r in results if is_own_trainer(r.stage, r.label)), None)
 
 
 def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStore) -> dict[str, str]:

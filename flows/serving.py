@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.chaining import TRAINERS
+from flows.chaining import is_own_trainer
 from flows.plan import plan_run
 from flows.sources import source_recipe
 from tasks.core.errors import RecipeError
@@ -19,7 +19,7 @@ def trained_model(source: Path, recipe, home: str | None) -> tuple[Path, Path | 
     """(model folder, adapter folder or None) of a recipe's trained model, built now if the store lacks it."""
     store = ArtifactStore(home)
     plan = plan_run(recipe, store)
-    trainer = next((s for s in plan if s.stage.name in TRAINERS and ":" not in s.label), None)
+    trainer = next((s for s in plan if is_own_trainer(s.stage.name, s.label)), None)
     if trainer is not None and trainer.stage.name == "reward":
         raise RecipeError(f"{source}: a reward model (stage rm) scores replies; it does not chat")
     # The merged model where base + one adapter is not the model: create_new_adapter (the trained adapter sits on

@@ -23,10 +23,9 @@ from transformers import StoppingCriteria
 from tasks.core.errors import DataError, RecipeError
 from tasks.core.hardware import place_on_compute_device
 from tasks.encoding import prompt_and_reply
-from tasks.formats.openai import calls_text, results_text
 from tasks.templates import stop_token_ids
 from tasks.templates.choice import TemplateChoice
-from tasks.templates.tools import read_calls
+from tasks.templates.tools import calls_text, read_calls, results_text
 
 USER_SIDE = {"user": "user", "tool": "observation", "observation": "observation"}
 

@@ -65,7 +65,7 @@ RESULTS = ['{"temperature": 18}', "noon"]
 
 def tool_conversation(calls: list[dict]) -> tuple[list[dict], list[dict]]:
     """A conversation with (parallel) tool calls and their results: as training stores it, and as OpenAI messages."""
-    from tasks.formats.openai import calls_text, results_text
+    from tasks.templates.tools import calls_text, results_text
 
     stored = [{"role": "user", "content": "Weather and time in Paris?"},
               {"role": "function", "content": calls_text(calls)},

@@ -7,23 +7,10 @@ from typing import Any
 
 from tasks.formats import sharegpt
 from tasks.formats.common import Message, RowError, tools_cell
-from tasks.templates.tools import RESULTS_SEPARATOR
+from tasks.templates.tools import calls_text, results_text
 
 REQUIRED = sharegpt.REQUIRED
 OPTIONAL = sharegpt.OPTIONAL
-
-
-def calls_text(calls: list[dict[str, Any]]) -> str:
-    """A function turn's content: one call as its {"name", "arguments"} object, parallel calls as a list of
-    them. The API writes a conversation's calls back with it (tasks.inference), so serving sees what training
-    saw."""
-    return json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
-
-
-def results_text(results: list[str]) -> str:
-    """The observation turn answering parallel calls (shared with the API): their results joined as LlamaFactory
-    joins them, so a Qwen template writes one <tool_response> block each, as Qwen's own template does."""
-    return RESULTS_SEPARATOR.join(results)
 
 
 def call_content(calls: list[Any], where: str, column: str) -> str:

@@ -9,7 +9,7 @@ from tasks.core.errors import RecipeError, did_you_mean
 from tasks.templates.base import IGNORE_INDEX, Template, format_pairs
 from tasks.templates.encode import encode_pairs, supervised_example
 from tasks.templates.registry import TEMPLATES, get_template
-from tasks.templates.tools import RESULTS_SEPARATOR, TOOL_FORMATS
+from tasks.templates.tools import TOOL_FORMATS, calls_text, results_text
 
 SAMPLE_SYSTEM = "You are a concise assistant."
 SAMPLE = [
@@ -24,8 +24,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 CALLS = [{"name": "get_weather", "arguments": {"city": city}} for city in ("Paris", "Lyon")]
 TOOL_SAMPLE = [
     {"role": "user", "content": "Weather in Paris and Lyon?"},
-    {"role": "function", "content": json.dumps(CALLS)},
-    {"role": "observation", "content": RESULTS_SEPARATOR.join(['{"celsius": 18}', '{"celsius": 21}'])},
+    {"role": "function", "content": calls_text(CALLS)},
+    {"role": "observation", "content": results_text(['{"celsius": 18}', '{"celsius": 21}'])},
     {"role": "assistant", "content": "18 C in Paris, 21 C in Lyon."},
 ]
 OPEN, CLOSE = "⟦", "⟧"
@@ -41,7 +41,7 @@ def tool_sample(template: Template) -> tuple[list[dict], str]:
     one call a turn), their results, a reply."""
     messages = TOOL_SAMPLE
     if template.tool_format == "glm4":
-        messages = [TOOL_SAMPLE[0], {"role": "function", "content": json.dumps(CALLS[0])},
+        messages = [TOOL_SAMPLE[0], {"role": "function", "content": calls_text(CALLS[:1])},
                     {"role": "observation", "content": '{"celsius": 18}'}, {"role": "assistant", "content": "18 C."}]
     return messages, template.system_with_tools(SAMPLE_SYSTEM, json.dumps([WEATHER]))
 

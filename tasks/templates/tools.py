@@ -53,6 +53,18 @@ def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def calls_text(calls: list[Call]) -> str:
+    """A function turn as stored: one call as its {"name", "arguments"} object, parallel calls as a list of them
+    (the dataset converter and the API both write it, so serving sees what training saw)."""
+    return dumps(calls[0] if len(calls) == 1 else calls)
+
+
+def results_text(results: list[str]) -> str:
+    """The observation turn answering parallel calls, as stored: their results joined as LlamaFactory joins
+    them, so a Qwen template writes one <tool_response> block each, as Qwen's own template does."""
+    return RESULTS_SEPARATOR.join(results)
+
+
 def stored_calls(content: str) -> list[Call] | None:
     """The calls of a stored function turn ({"name", "arguments"} or a list of them), or None if it is not that."""
     try:
