@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--metric", default="rougeL", help="the score to compare (default rougeL)")
     compare.add_argument("--last", type=count(1), default=5, help="how many of the newest runs (default 5)")
     compare.add_argument("--out", default="compare.png", help="where to write the figure (default compare.png)")
-    runs = add(commands, "runs", "recent finetune runs with each stage's outcome and key")
+    runs = add(commands, "runs", "recent runs (finetune, export, data preview) with each stage's outcome and key")
     runs.add_argument("--last", type=count(1), default=10)
     gc = add(commands, "gc", "delete store artifacts no recent run or registered model needs")
     gc.add_argument("--keep-last", type=count(0), default=10,

@@ -37,7 +37,7 @@ def require_tracking_store() -> None:
 def latest_experiment() -> str:
     """The experiment of the newest finetune run."""
     require_tracking_store()
-    found = tracking.newest_finetune_runs(1)
+    found = tracking.newest_runs(1)
     if not found:
         raise TuneFactoryError(f"no finetune runs in the MLflow store {tracking.tracking_uri()}")
     return tracking.client().get_experiment(found[0].info.experiment_id).name

@@ -1,6 +1,7 @@
 """Store housekeeping: list recent runs with each stage's outcome, and collect artifacts nothing needs.
 
-`gc` keeps every artifact reachable from the last N finetune runs in MLflow or from any registered
+`gc` keeps every artifact reachable from the last N runs in MLflow of the flows that use the store
+(finetune, export, data preview) or from any registered
 model version (and, through manifests, everything each was made from), deletes the rest, and never
 touches an artifact whose key a running build holds the lock on. What to keep comes from the tracking
 store and what to delete from the artifact store, two places set apart (MLFLOW_TRACKING_URI or the working
@@ -24,27 +25,28 @@ from tasks.core.store import STAGING, TEMP_PREFIX, TRASH_PREFIX, ArtifactStore, 
 
 
 def recent_runs(last: int) -> str:
-    """A listing of recent finetune runs: when, name, status, and each stage's outcome and key."""
+    """A listing of recent runs of the flows that use the store: when, flow, name, status, and each stage's
+    outcome and key."""
     if (missing := tracking.missing_database()) is not None:
-        return f"no finetune runs: no MLflow store at {missing} (run it where mlflow.db is, or set MLFLOW_TRACKING_URI)"
+        return f"no runs: no MLflow store at {missing} (run it where mlflow.db is, or set MLFLOW_TRACKING_URI)"
     client = tracking.client()
     lines = []
-    for run in tracking.newest_finetune_runs(last):
+    for run in tracking.newest_runs(last, tracking.STORE_FLOWS):
         started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
         experiment = client.get_experiment(run.info.experiment_id).name
-        lines.append(f"{started}  {run.info.run_name}  {run.info.status.lower()}  experiment '{experiment}'  "
-                     f"run {run.info.run_id}")
+        lines.append(f"{started}  {run.data.tags['tunefactory.flow']}  {run.info.run_name}  "
+                     f"{run.info.status.lower()}  experiment '{experiment}'  run {run.info.run_id}")
         for stage in tracking.stage_runs(run):
             tags = stage.data.tags
             outcome = {"hit": "cached", "miss": "built"}.get(tags.get("cache", ""), stage.info.status.lower())
             lines.append(f"    {stage.info.run_name:<28} {outcome:<9} {tags.get('artifact_key', '-')[:12]}")
-    return "\n".join(lines) if lines else f"no finetune runs in {tracking.tracking_uri()}"
+    return "\n".join(lines) if lines else f"no runs in {tracking.tracking_uri()}"
 
 
 def roots(store: ArtifactStore, keep_last: int) -> set[str]:
     """Artifact ids ("stage/key") that runs and registered models point at directly."""
     ids = set()
-    for run in tracking.newest_finetune_runs(keep_last):
+    for run in tracking.newest_runs(keep_last, tracking.STORE_FLOWS):
         for stage in tracking.stage_runs(run):
             key = stage.data.tags.get("artifact_key")
             if key:

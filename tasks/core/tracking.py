@@ -36,20 +36,25 @@ def client() -> MlflowClient:
 
 
 FINETUNE_RUNS = "tags.`tunefactory.flow` = 'finetune'"  # search_runs' filter for the finetune flow's runs
+STORE_FLOWS = ("finetune", "export", "data-preview")  # the flows whose stage runs build or reuse store artifacts
 
 
-def newest_finetune_runs(last: int) -> list:
-    """The newest `last` finetune runs of all experiments, newest first."""
+def newest_runs(last: int, flows: tuple[str, ...] = ("finetune",)) -> list:
+    """The newest `last` runs of these flows in all experiments, newest first."""
     if last <= 0:
         return []
     found = client()
     ids = [e.experiment_id for e in found.search_experiments()]
-    return list(found.search_runs(ids, FINETUNE_RUNS, max_results=last, order_by=["attributes.start_time DESC"])
-                if ids else [])
+    if not ids:
+        return []
+    runs = [run for name in flows  # one search per flow: MLflow's filter has no IN for tags
+            for run in found.search_runs(ids, f"tags.`tunefactory.flow` = '{name}'", max_results=last,
+                                         order_by=["attributes.start_time DESC"])]
+    return sorted(runs, key=lambda run: run.info.start_time, reverse=True)[:last]
 
 
 def stage_runs(run, stage: str | None = None) -> list:
-    """A finetune run's nested stage runs, in the order they were created; only `stage`'s if named."""
+    """A flow run's nested stage runs, in the order they were created; only `stage`'s if named."""
     query = f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     if stage:
         query += f" and attributes.run_name = '{stage}'"
