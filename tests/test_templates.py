@@ -33,6 +33,7 @@ def test_infer_seqlen_keeps_both_sides_in_proportion():
     assert infer_seqlen(200, 200, 100) == (50, 50)  # both long: split by share
     source, target = infer_seqlen(150, 50, 100)
     assert source + target == 100 and target >= 1
+    assert infer_seqlen(14, 30, 22) == (8, 14)  # LlamaFactory's rounding: int(22 * (30 / 44)) is 14, not 15
 
 
 def test_chatml_two_turns_with_system_tokens_and_mask(tiny_model_dir):

@@ -52,7 +52,7 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     elif source_len * 2 < cutoff_len:
         max_target = cutoff_len - source_len
     else:
-        max_target = int(cutoff_len * target_len / (source_len + target_len))
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))  # LlamaFactory's rounding
     new_target = min(max_target, target_len)
     new_source = min(max(cutoff_len - new_target, 0), source_len)
     return new_source, new_target
