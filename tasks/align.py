@@ -1,9 +1,10 @@
 """Align stage: a fetched dataset's rows in the unified schema that tokenize consumes.
 
 Unified row (see tasks.formats): `prompt` and `response` as lists of {role, content}, `system`, `tools`
-(a JSON string), `kto_tag`, `text` (pretraining documents), and `row` (the source row index, so later
-errors can point back at the file). An invalid row stops the run with its location, or, with
-`on_invalid_row: drop`, is dropped and counted in the manifest.
+(a JSON string), `kto_tag`, `text` (pretraining documents), and `file` and `row` (the row's file in a folder
+source, "" for a one-file source, and its row in that file, so later errors can point back at it). An
+invalid row stops the run with its location, or, with `on_invalid_row: drop`, is dropped and counted in
+the manifest.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unke
 from tasks.formats import MEDIA, RowError, convert_row, dataset_kind, field_columns
 from tasks.formats.common import unified
 from tasks.rows import load_rows, save_rows
-from tasks.sources import open_source
+from tasks.sources import ORIGIN_COLUMNS, SOURCE_FILE, SOURCE_ROW, open_source, row_origin
 from tasks.streaming import check_first_rows
 
 EXAMPLES = 5  # dropped rows quoted in the manifest, enough to find the pattern
@@ -85,7 +86,7 @@ def features(checked: bool):
     message = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
     names = {"prompt": message, "response": message, "system": datasets.Value("string"),
              "tools": datasets.Value("string"), "kto_tag": datasets.Value("bool"), "text": datasets.Value("string"),
-             "row": datasets.Value("int64")}
+             "file": datasets.Value("string"), "row": datasets.Value("int64")}
     if checked:
         names |= {"invalid": datasets.Value("string"), "reason": datasets.Value("string")}
     return datasets.Features(names)
@@ -100,19 +101,20 @@ def build(config: AlignConfig, ctx: BuildContext, out: Path) -> Built:
         return publish_stream(config, ctx, out, where)
     datasets.disable_caching()  # map() would otherwise write its cache file into the input artifact
     rows = load_rows(fetched.part("rows"))
-    columns = usable_columns(config, rows.column_names, where)
+    columns = usable_columns(config, [c for c in rows.column_names if c not in ORIGIN_COLUMNS], where)
     drop = config.on_invalid_row == "drop"
 
-    def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
+    def convert(row: dict[str, Any]) -> dict[str, Any]:
+        origin = {"file": row[SOURCE_FILE], "row": row[SOURCE_ROW]}
         try:
             converted = convert_row(row, config.formatting, config.kind, columns, config.tags)
-            return {**converted, "row": index, "invalid": "", "reason": ""}
+            return {**converted, **origin, "invalid": "", "reason": ""}
         except RowError as exc:
             if not drop:
-                raise DataError(f"{where}, row {index}: {exc}") from None
-            return {**unified([], []), "row": index, "invalid": f"row {index}: {exc}", "reason": exc.reason}
+                raise DataError(f"{where}, {row_origin(row)}: {exc}") from None
+            return {**unified([], []), **origin, "invalid": f"{row_origin(row)}: {exc}", "reason": exc.reason}
 
-    aligned = rows.map(convert, with_indices=True, remove_columns=rows.column_names, features=features(checked=True),
+    aligned = rows.map(convert, remove_columns=rows.column_names, features=features(checked=True),
                        num_proc=config.workers)
     invalid = aligned["invalid"]
     reasons = Counter(reason for reason in aligned["reason"] if reason)
@@ -134,7 +136,7 @@ def publish_stream(config: AlignConfig, ctx: BuildContext, out: Path, where: str
     """Streaming: check the first rows now and publish the converter settings that training applies lazily."""
     source = json.loads(ctx.inputs["rows"].part("source").read_text())
     location = ctx.locators["location"]
-    present = list(next(iter(open_source(source, location, where))))
+    present = [c for c in next(iter(open_source(source, location, where))) if c not in ORIGIN_COLUMNS]
     part = {"source": source, "formatting": config.formatting, "kind": config.kind, "tags": config.tags,
             "columns": usable_columns(config, present, where), "on_invalid_row": config.on_invalid_row,
             "present_columns": present}

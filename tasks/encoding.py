@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.core.errors import DataError
+from tasks.packing import pack_pretraining
 from tasks.templates import (
     IGNORE_INDEX,
     Template,
@@ -29,11 +30,17 @@ def row_kind(row: dict[str, Any]) -> str:
 NEEDS = {"preference": "stage rm or dpo", "kto": "stage kto", "pretrain": "stage pt", "sft": "stage sft"}
 
 
+def row_location(row: dict[str, Any]) -> str:
+    """Where an aligned row came from, for messages: its dataset (where tokenize adds it), file and row."""
+    place = f"file {row['file']}, row {row['row']}" if row.get("file") else f"row {row['row']}"
+    return f"{row['dataset']}, {place}" if row.get("dataset") else place
+
+
 def check_kind(row: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    """Refuse a row of a kind the objective cannot learn from, naming its row index."""
+    """Refuse a row of a kind the objective cannot learn from, naming where it is."""
     kind = row_kind(row)
     if kind not in allowed:
-        raise DataError(f"row {row['row']}: a {kind} row cannot be used here; it needs {NEEDS[kind]}")
+        raise DataError(f"{row_location(row)}: a {kind} row cannot be used here; it needs {NEEDS[kind]}")
 
 
 def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -61,7 +68,7 @@ def row_pairs(row: dict[str, Any], messages: list[dict], tokenizer, template: Te
     try:
         return encode_pairs(tokenizer, template, messages, system_prompt(row, template))
     except DataError as error:
-        raise DataError(f"row {row['row']}: {error}" if "row" in row else str(error)) from None
+        raise DataError(f"{row_location(row)}: {error}" if "row" in row else str(error)) from None
 
 
 def encode_supervised(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
@@ -164,6 +171,12 @@ def encode_document(row: dict[str, Any], tokenizer) -> dict[str, Any]:
     bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
     ids = tokenizer.encode(document_text(row), add_special_tokens=False) + [tokenizer.eos_token_id]
     return {"input_ids": ids if bos is None else [bos, *ids]}
+
+
+def document_blocks(documents: dict[str, list], cutoff_len: int) -> dict[str, list]:
+    """A batch of encoded documents packed into cutoff_len blocks (batched map), all of them trained on."""
+    blocks = pack_pretraining(documents["input_ids"], cutoff_len)
+    return {"input_ids": blocks, "labels": blocks}
 
 
 def truncated_document(row: dict[str, Any], cutoff_len: int) -> dict[str, Any]:

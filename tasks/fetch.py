@@ -18,7 +18,7 @@ from tasks.core.hashing import tree_digest
 from tasks.core.registry import DatasetEntry
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 from tasks.rows import save_rows
-from tasks.sources import load_arguments, open_rows
+from tasks.sources import ORIGIN_COLUMNS, load_arguments, open_located_rows, open_source
 
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 
@@ -147,17 +147,18 @@ def build(config: FetchConfig, ctx: BuildContext, out: Path) -> Built:
     where = ctx.locators["where"]
     if config.streaming:
         # Publish how to open the source, not its rows; one row is read to prove it opens.
-        first = next(iter(open_rows(arguments, where, streaming=True)), None)
+        first = next(iter(open_source(description, ctx.locators["path"], where)), None)
         if first is None:
             raise DataError(f"{where}: the source has no rows")
         (out / "source.json").write_text(json.dumps(description, indent=1))
-        return Built("stream", {"source": "source.json"}, {"columns": list(first)})
-    rows = open_rows(arguments, where)
+        return Built("stream", {"source": "source.json"}, {"columns": [c for c in first if c not in ORIGIN_COLUMNS]})
+    rows = open_located_rows(description, ctx.locators["path"], where)
     if config.num_samples:
         rows = rows.select(sample_indexes(len(rows), config.num_samples))
     save_rows(rows, out / "rows")
-    ctx.log.info("%s: fetched %d rows with columns %s", where, len(rows), rows.column_names)
-    return Built("rows", {"rows": "rows"}, {"rows": len(rows), "columns": rows.column_names})
+    columns = [name for name in rows.column_names if name not in ORIGIN_COLUMNS]
+    ctx.log.info("%s: fetched %d rows with columns %s", where, len(rows), columns)
+    return Built("rows", {"rows": "rows"}, {"rows": len(rows), "columns": columns})
 
 
 STAGE = Stage(

@@ -58,7 +58,7 @@ def encode_train(rows, tokenizer, template, config):
     if objective == "pt":
         docs = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, desc="tokenize documents", **arguments)
         if config.packing == "blocks":
-            blocks = pack_pretraining(docs["input_ids"], cutoff, tokenizer.eos_token_id)
+            blocks = pack_pretraining(docs["input_ids"], cutoff)
         else:
             blocks = [ids[:cutoff] for ids in docs["input_ids"]]
         return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks}), 0

@@ -25,11 +25,12 @@ from tasks.templates import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
-def pack_pretraining(token_lists: list[list[int]], cutoff_len: int, eos_id: int) -> list[list[int]]:
-    """Documents joined with EOS after each, cut into blocks of exactly cutoff_len; the short tail is dropped."""
+def pack_pretraining(token_lists: list[list[int]], cutoff_len: int) -> list[list[int]]:
+    """Documents (each already ending in EOS: tasks.encoding.encode_document) joined and cut into blocks of
+    exactly cutoff_len; the short tail is dropped."""
     if cutoff_len < 1:
         raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
-    stream = list(chain.from_iterable([*doc, eos_id] for doc in token_lists))
+    stream = list(chain.from_iterable(token_lists))
     usable = len(stream) - len(stream) % cutoff_len  # as HF run_clm's group_texts and LlamaFactory's pt
     return [stream[start : start + cutoff_len] for start in range(0, usable, cutoff_len)]
 

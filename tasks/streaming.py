@@ -13,28 +13,30 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.core.errors import DataError
-from tasks.encoding import Masking, encode_document, encode_supervised, truncated_document
+from tasks.encoding import Masking, document_blocks, encode_document, encode_supervised, truncated_document
 from tasks.formats import RowError, convert_row
 from tasks.formats.common import unified
 from tasks.mixing import merge_parts
-from tasks.sources import open_source
+from tasks.sources import ORIGIN_COLUMNS, SOURCE_FILE, SOURCE_ROW, open_source, row_origin
 from tasks.templates import IGNORE_INDEX
 from tasks.templates.choice import TemplateChoice
 
 CHECKED_ROWS = 100  # rows align reads up front, so a bad file fails before training starts
-UNIFIED = [*unified([], []), "row"]  # the aligned columns that encoding replaces
+PACKED_DOCUMENTS = 1000  # pt documents packed together (LlamaFactory's preprocessing_batch_size); tails dropped
+UNIFIED = [*unified([], []), "file", "row", "dataset"]  # the aligned columns that encoding replaces
 Sources = dict[str, dict[str, str]]  # source digest -> {"location": path, "where": "dataset 'x' (path)"}
 
 
-def convert_or_flag(row: dict[str, Any], index: int, part: dict[str, Any], where: str) -> dict[str, Any]:
+def convert_or_flag(row: dict[str, Any], part: dict[str, Any], where: str) -> dict[str, Any]:
     """One raw row in the unified schema, or flagged for dropping (on_invalid_row: drop)."""
+    origin = {"file": row[SOURCE_FILE], "row": row[SOURCE_ROW]}
     try:
         converted = convert_row(row, part["formatting"], part["kind"], part["columns"], part["tags"])
-        return {**converted, "row": index, "keep": True}
+        return {**converted, **origin, "dataset": where, "keep": True}
     except RowError as exc:
         if part["on_invalid_row"] == "fail":
-            raise DataError(f"{where}, row {index}: {exc}") from None
-        return {**unified([], []), "row": index, "keep": False}
+            raise DataError(f"{where}, {row_origin(row)}: {exc}") from None
+        return {**unified([], []), **origin, "dataset": where, "keep": False}
 
 
 def located(part: dict[str, Any], sources: Sources) -> tuple[str, str]:
@@ -47,16 +49,16 @@ def aligned_stream(part: dict[str, Any], sources: Sources):
     """A part's rows in the unified schema; invalid rows raise or are dropped, as the recipe says."""
     location, where = located(part, sources)
     rows = open_source(part["source"], location, where)
-    converted = rows.map(convert_or_flag, with_indices=True, fn_kwargs={"part": part, "where": where},
-                         remove_columns=part["present_columns"])
+    converted = rows.map(convert_or_flag, fn_kwargs={"part": part, "where": where},
+                         remove_columns=[*part["present_columns"], *ORIGIN_COLUMNS])
     return converted.filter(lambda row: row["keep"]).remove_columns(["keep"])
 
 
 def check_first_rows(part: dict[str, Any], location: str, where: str) -> int:
     """Convert the first rows now so a malformed source fails at align, not mid-training."""
     checked = 0
-    for index, row in enumerate(open_source(part["source"], location, where).take(CHECKED_ROWS)):
-        convert_or_flag(row, index, part, where)
+    for row in open_source(part["source"], location, where).take(CHECKED_ROWS):
+        convert_or_flag(row, part, where)
         checked += 1
     return checked
 
@@ -80,7 +82,11 @@ def training_stream(spec: dict[str, Any], tokenizer, sources: Sources, shuffle_b
     masking = Masking(encode["cutoff_len"], encode["train_on_prompt"], encode["mask_history"])
     if encode["objective"] == "pt":
         encoded = rows.map(encode_document, fn_kwargs={"tokenizer": tokenizer}, remove_columns=UNIFIED)
-        encoded = encoded.map(truncated_document, fn_kwargs={"cutoff_len": masking.cutoff_len})
+        if encode["packing"] == "blocks":
+            encoded = encoded.map(document_blocks, batched=True, batch_size=PACKED_DOCUMENTS,
+                                  remove_columns=["input_ids"], fn_kwargs={"cutoff_len": masking.cutoff_len})
+        else:
+            encoded = encoded.map(truncated_document, fn_kwargs={"cutoff_len": masking.cutoff_len})
     else:
         template = TemplateChoice(**encode["template"]).load(tokenizer)
         encoded = rows.map(encode_supervised, remove_columns=UNIFIED,

@@ -89,7 +89,8 @@ def plan(recipe: Recipe, train: list[Step], evaluation: list[Step], model: Step)
     )
     inputs = {"model": model, **{f"train_{i}": s for i, s in enumerate(train)},
               **{f"eval_{i}": s for i, s in enumerate(evaluation)}}
-    return STAGE.step("tokenize", config, inputs, {"sources": stream_sources(train + evaluation)})
+    wheres = {name: step.locators["where"] for name, step in inputs.items() if name != "model"}
+    return STAGE.step("tokenize", config, inputs, {"sources": stream_sources(train + evaluation), "wheres": wheres})
 
 
 def stream_sources(aligned: list[Step]) -> dict[str, dict[str, str]]:
@@ -104,12 +105,14 @@ def input_names(ctx: BuildContext, prefix: str) -> list[str]:
 
 
 def load_aligned(ctx: BuildContext, prefix: str, config: TokenizeConfig):
-    """The aligned inputs named prefix_0, prefix_1, ..., each capped at max_samples rows, merged."""
+    """The aligned inputs named prefix_0, prefix_1, ..., each capped at max_samples rows, merged; each row
+    says which dataset it is from (a `dataset` column, for messages: encoding drops it)."""
     parts = []
     for name in input_names(ctx, prefix):
         rows = load_rows(ctx.inputs[name].part("rows"))
         limit = config.max_samples
-        parts.append(rows.select(range(min(limit, len(rows)))) if limit else rows)
+        rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+        parts.append(rows.add_column("dataset", [ctx.locators["wheres"].get(name, "")] * len(rows)))
     return merge_parts(parts, config.mix_strategy, config.interleave_probs, config.seed) if parts else None
 
 
@@ -153,6 +156,9 @@ def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
     layout = {"generation": "generation.json", "stats": "stats.json"}
     if train is not None:
         encoded, dropped = encode_train(train, tokenizer, template, config)
+        if not len(encoded) and config.packing == "blocks":
+            raise DataError(f"the training documents hold fewer tokens than one cutoff_len block "
+                            f"({config.cutoff_len}); lower cutoff_len, add data, or set packing: false")
         if not len(encoded):
             raise DataError(f"no training sample keeps a trainable token at cutoff_len {config.cutoff_len}; "
                             "raise cutoff_len")
@@ -206,7 +212,7 @@ def stream_spec(config: TokenizeConfig, ctx: BuildContext) -> dict[str, Any]:
                 "probs": config.interleave_probs, "seed": config.seed},
         "encode": {"objective": config.objective, "template": config.template.model_dump(),
                    "cutoff_len": config.cutoff_len, "train_on_prompt": config.train_on_prompt,
-                   "mask_history": config.mask_history},
+                   "mask_history": config.mask_history, "packing": config.packing},
         "skip": int(config.val_size or 0),  # the stream's first rows are the validation split
     }
 
@@ -234,7 +240,7 @@ def build_stream(config: TokenizeConfig, ctx: BuildContext, out: Path, tokenizer
         layout["preview"] = "preview.md"
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    info = {"train": "stream", "train_format": "supervised", "packed": False, "position_ids": False,
+    info = {"train": "stream", "train_format": "supervised", "packed": config.packing != "none", "position_ids": False,
             "eval_prompts": config.objective == "sft"}
     return Built("tokenized", layout, info)
 

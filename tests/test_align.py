@@ -101,6 +101,9 @@ def test_alpaca_preference_and_kto():
     assert convert({"q": "Q", "a": "A", "label": True}, columns=kto_columns)["response"] == [assistant("A")]
     with pytest.raises(RowError, match="field 'label' \\(kto_tag\\) must be true or false, got str 'yes'"):
         convert({"q": "Q", "a": "A", "label": "yes"}, columns=kto_columns)
+    # A CSV cell is text: the words true and false are its booleans (pandas reads them so for LlamaFactory).
+    assert convert({"q": "Q", "a": "A", "label": "True"}, columns=kto_columns)["kto_tag"] is True
+    assert convert({"q": "Q", "a": "A", "label": "false"}, columns=kto_columns)["kto_tag"] is False
 
 
 # --- sharegpt / openai ----------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def test_alpaca_file_fails_on_first_invalid_row(tmp_path):
 def test_alpaca_file_drops_and_counts_invalid_rows(tmp_path):
     mine = write_dataset(tmp_path, "mine.json", ALPACA_ROWS)
     rows, manifest = run_align(tmp_path, mine, on_invalid_row="drop")
-    assert rows.column_names == ["prompt", "response", "system", "tools", "kto_tag", "text", "row"]
+    assert rows.column_names == ["prompt", "response", "system", "tools", "kto_tag", "text", "file", "row"]
     assert rows["row"] == [0, 2]
     assert rows[1]["prompt"] == [user("c")] and rows[1]["response"] == [assistant("C")]
     assert manifest["rows"] == 2 and manifest["dataset_kind"] == "sft" and manifest["dropped_invalid"] == 2

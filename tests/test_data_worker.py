@@ -81,22 +81,60 @@ def test_streaming_row_errors_name_the_row(capsys, write_recipe, workdir):
     assert err.endswith("row 3: field 'output' (response) is empty") and "broken.jsonl" in err
 
 
-def test_pretraining_packs_documents_into_blocks(write_recipe, workdir):
+def write_documents(workdir, count: int = 40):
+    """A pretraining dataset 'docs': one document per line of a text file."""
     folder = workdir / "data"
     folder.mkdir()
     lines = [json.loads(line)["input"].replace("\n", " ")
-             for line in (BUNDLED_DATA / "pydoc_summaries_train.jsonl").read_text().splitlines()[:40]]
+             for line in (BUNDLED_DATA / "pydoc_summaries_train.jsonl").read_text().splitlines()[:count]]
     (folder / "docs.txt").write_text("\n".join(lines) + "\n")
     (folder / "dataset_info.json").write_text(json.dumps({"docs": {"file_name": "docs.txt",
                                                                    "columns": {"prompt": "text"}}}))
-    recipe = write_recipe(stage="pt", dataset="docs", dataset_dir=str(folder), eval_dataset=None, val_size=4,
-                          cutoff_len=64, max_samples=None)
+    return folder
+
+
+def one_eos_per_document(blocks: list[list[int]], eos: int) -> bool:
+    """No two EOS in a row across the packed stream (each document ends in exactly one)."""
+    stream = [t for block in blocks for t in block]
+    return stream.count(eos) > 3 and not any(a == b == eos for a, b in zip(stream, stream[1:], strict=False))
+
+
+def test_pretraining_packs_documents_into_blocks(write_recipe, workdir, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    recipe = write_recipe(stage="pt", dataset="docs", dataset_dir=str(write_documents(workdir)), eval_dataset=None,
+                          val_size=4, cutoff_len=64, max_samples=None)
     summary = finetune(load_recipe(recipe))
     tokenized = workdir / "artifacts" / "tokenize" / next(s.key for s in summary.stages if s.stage == "tokenize")
     rows = datasets.load_from_disk(str(tokenized / "train"))
     assert len(rows) > 36 and {len(ids) for ids in rows["input_ids"]} == {64}  # documents packed into blocks
     assert rows[0]["labels"] == rows[0]["input_ids"]
+    assert one_eos_per_document(rows["input_ids"], AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id)
     assert "perplexity" in summary.metrics["tuned"] and "rougeL" not in summary.metrics["tuned"]
+
+
+def test_streamed_pretraining_is_packed_too(write_recipe, workdir, tiny_model_dir):
+    """Packing is on for pt; a stream was cut at cutoff_len per document, the rest of each document lost."""
+    from transformers import AutoTokenizer
+
+    from flows.plan import plan_run
+    from tasks.core.store import ArtifactStore
+    from tasks.streaming import training_stream
+
+    recipe = write_recipe(stage="pt", dataset="docs", dataset_dir=str(write_documents(workdir)), eval_dataset=None,
+                          streaming=True, max_steps=2, cutoff_len=32, max_samples=None)
+    assert main(["data", "preview", str(recipe)]) == 0
+    store = ArtifactStore(workdir / "artifacts")
+    step = next(s for s in plan_run(load_recipe(recipe), store) if s.stage.name == "tokenize")
+    tokenized = next(artifact for artifact in store.artifacts() if artifact.ref.stage == "tokenize")
+    spec = json.loads(tokenized.part("stream").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    blocks = [row["input_ids"] for row in training_stream(spec, tokenizer, step.locators["sources"])]
+    documents = [json.loads(line)["input"] for line in
+                 (BUNDLED_DATA / "pydoc_summaries_train.jsonl").read_text().splitlines()[:40]]
+    tokens = sum(len(tokenizer.encode(text.replace("\n", " "), add_special_tokens=False)) + 1 for text in documents)
+    assert {len(block) for block in blocks} == {32} and len(blocks) == tokens // 32  # every whole block kept
+    assert one_eos_per_document(blocks, tokenizer.eos_token_id)
 
 
 ROWS = [{"instruction": f"Say {i}.", "output": f"00{i}"} for i in range(6)]  # digits a CSV reader would make 5
@@ -173,3 +211,51 @@ def test_a_document_starts_with_bos_where_the_tokenizer_adds_one(tiny_model_dir)
     assert plain[-1] == tokenizer.eos_token_id and tokenizer.bos_token_id not in plain  # SmolLM-style: no BOS
     tokenizer.add_bos_token = True  # as Llama's tokenizers are set
     assert encode_document(row, tokenizer)["input_ids"] == [tokenizer.bos_token_id, *plain]
+
+
+GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+PARALLEL_CALLS = {"messages": [  # two tool calls in one turn, which the glm4 tool format cannot write
+    {"role": "user", "content": "weather?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "w", "arguments": '{"c": "a"}'}},
+        {"type": "function", "function": {"name": "w", "arguments": '{"c": "b"}'}}]},
+    {"role": "tool", "content": "sun"}, {"role": "tool", "content": "rain"},
+    {"role": "assistant", "content": "sun and rain"}]}
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_errors_name_the_row_in_its_file_after_sampling_joining_and_mixing(write_recipe, workdir, capsys):
+    """A bad row was named by its place in the sampled rows (num_samples), in a folder's files joined (no file
+    named), or, at tokenize, by a row number with no dataset though several were mixed."""
+    folder = workdir / "data"
+    answers = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    write_jsonl(folder / "sampled.jsonl", [*answers[:2], {"instruction": "q2", "output": ""}, *answers[3:]])
+    write_jsonl(folder / "parts" / "part1.jsonl", answers[:3])
+    write_jsonl(folder / "parts" / "part2.jsonl", [answers[3], {"instruction": "q", "output": ""}])
+    write_jsonl(folder / "one.jsonl", [GOOD_CHAT, GOOD_CHAT])
+    write_jsonl(folder / "two.jsonl", [GOOD_CHAT, PARALLEL_CALLS])
+    chat = {"formatting": "openai", "columns": {"messages": "messages"}}
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "sampled": {"file_name": "sampled.jsonl", "num_samples": 10}, "parts": {"file_name": "parts"},
+        "one": {"file_name": "one.jsonl", **chat}, "two": {"file_name": "two.jsonl", **chat}}))
+    cases = [("sampled", {}, f"dataset 'sampled' ({folder / 'sampled.jsonl'}), row 2: field 'output'"),
+             ("parts", {}, f"dataset 'parts' ({folder / 'parts'}), file part2.jsonl, row 1: field 'output'"),
+             ("one,two", {"tool_format": "glm4"},
+              f"dataset 'two' ({folder / 'two.jsonl'}), row 1: a function turn holds parallel tool calls")]
+    for dataset, overrides, message in cases:
+        recipe = write_recipe(dataset=dataset, dataset_dir=str(folder), eval_dataset=None, max_samples=None,
+                              **overrides)
+        assert main(["data", "preview", str(recipe)]) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_a_corpus_shorter_than_one_block_says_so(write_recipe, workdir, capsys):
+    """The advice was 'raise cutoff_len', which makes a too-short pretraining corpus shorter still."""
+    recipe = write_recipe(stage="pt", dataset="docs", dataset_dir=str(write_documents(workdir, count=2)),
+                          eval_dataset=None, cutoff_len=2048, max_samples=None)
+    assert main(["data", "preview", str(recipe)]) == 1
+    assert "fewer tokens than one cutoff_len block (2048); lower cutoff_len" in capsys.readouterr().err

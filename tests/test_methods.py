@@ -315,6 +315,10 @@ def test_neftune_and_pure_bf16(store, tiny_model_dir):
     ({"deepspeed": "configs/deepspeed/ds_z2_config.json", "fsdp": "full_shard"}, "keys 'deepspeed' and 'fsdp'"),
     ({"nnodes": 2, "node_rank": 2, "master_port": 29500}, "key 'node_rank' must be below nnodes"),
     ({"deepspeed": "nowhere.json"}, "key 'deepspeed': config file not found"),
+    ({"stage": "pt", "neat_packing": True}, "key 'neat_packing' applies to stage sft only"),
+    ({"dataset": "a,b", "eval_dataset": "c,d,e", "mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5"},
+     "key 'interleave_probs' gives 2 probabilities for 3 datasets in 'eval_dataset'"),
+    ({"streaming": True, "max_steps": 2, "packing": True}, "keys 'streaming' and 'packing'/'neat_packing'"),
 ])
 def test_combinations_are_refused_naming_the_keys(tiny_model_dir, keys, message):
     from tests.conftest import REPO

@@ -110,18 +110,18 @@ def test_negative_controls_cross_sample_attention_changes_loss(model):
         assert abs(nll - ref_nll) / ref_nll > 1e-3
 
 
-def test_pack_pretraining_chunks_with_eos():
-    docs = [[1, 2, 3], [4, 5], [6]]
-    assert pack_pretraining(docs, 3, eos_id=0) == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
-    assert pack_pretraining(docs, 4, eos_id=0) == [[1, 2, 3, 0], [4, 5, 0, 6]]  # short tail [0] dropped
-    assert pack_pretraining(docs, 10, eos_id=0) == []
-    assert pack_pretraining([], 4, eos_id=0) == []
+def test_pack_pretraining_chunks_documents_that_end_in_eos():
+    docs = [[1, 2, 3, 0], [4, 5, 0], [6, 0]]  # as encode_document ends them; packing adds no second EOS
+    assert pack_pretraining(docs, 3) == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
+    assert pack_pretraining(docs, 4) == [[1, 2, 3, 0], [4, 5, 0, 6]]  # short tail [0] dropped
+    assert pack_pretraining(docs, 10) == []
+    assert pack_pretraining([], 4) == []
     with pytest.raises(ValueError):
-        pack_pretraining(docs, 0, eos_id=0)
+        pack_pretraining(docs, 0)
 
 
 def test_pretraining_rows_collate_with_labels_equal_ids():
-    batch = PackedCollator(PAD)([{"input_ids": block} for block in pack_pretraining([[1, 2, 3], [4, 5]], 3, 9)])
+    batch = PackedCollator(PAD)([{"input_ids": block} for block in pack_pretraining([[1, 2, 3, 9], [4, 5, 9]], 3)])
     assert batch["labels"].tolist() == batch["input_ids"].tolist() == [[1, 2, 3], [9, 4, 5]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
 

@@ -368,8 +368,9 @@ def check_combinations(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: key 'quantization_bit' needs finetuning_type: lora (QLoRA)")
     if data.streaming and training.max_steps <= 0:
         raise RecipeError(f"{source}: key 'streaming' needs 'max_steps' > 0 (a stream has no known length)")
-    if data.streaming and (data.packing or data.neat_packing):
-        raise RecipeError(f"{source}: keys 'streaming' and 'packing'/'neat_packing' cannot be combined")
+    if data.streaming and (data.neat_packing or (data.packing and recipe.finetuning.stage != "pt")):
+        raise RecipeError(f"{source}: keys 'streaming' and 'packing'/'neat_packing' cannot be combined (a stream "
+                          "of stage pt is packed into cutoff_len blocks unless packing: false)")
     if data.val_size and data.eval_dataset:  # as LlamaFactory: one or the other says what is evaluated
         raise RecipeError(f"{source}: keys 'val_size' and 'eval_dataset' both choose the evaluation rows; keep one")
     if data.val_size and not data.dataset:
@@ -537,6 +538,9 @@ def check_rlhf(recipe: Recipe, source: str) -> None:
     if rlhf.reward_model_adapters:
         raise RecipeError(f"{source}: key 'reward_model_adapters' is not supported; give the rm recipe or the folder "
                           "of its adapter as 'reward_model'")
+    if objective == "pt" and data.neat_packing:  # as LlamaFactory: pretraining packs plain blocks
+        raise RecipeError(f"{source}: key 'neat_packing' applies to stage sft only; stage pt packs documents into "
+                          "cutoff_len blocks (packing: false trains each document alone)")
     if objective not in ("pt", "sft"):
         for key in ("train_on_prompt", "mask_history", "neat_packing", "packing"):
             if getattr(data, key):
@@ -555,10 +559,11 @@ def check_interleave_probs(recipe: Recipe, source: str) -> None:
     except ValueError:
         raise RecipeError(f"{source}: key 'interleave_probs': expected comma-separated numbers, "
                           f"got {text!r}") from None
-    names = [n for n in (recipe.data.dataset or "").split(",") if n.strip()]
-    if len(probs) != len(names):
-        raise RecipeError(f"{source}: key 'interleave_probs' gives {len(probs)} probabilities for "
-                          f"{len(names)} datasets in 'dataset'")
+    for key in ("dataset", "eval_dataset"):  # one eval dataset is not mixed, so needs none
+        names = [n for n in (getattr(recipe.data, key) or "").split(",") if n.strip()]
+        if len(probs) != len(names) and (key == "dataset" or len(names) > 1):
+            raise RecipeError(f"{source}: key 'interleave_probs' gives {len(probs)} probabilities for "
+                              f"{len(names)} datasets in '{key}'")
     if any(not 0 <= p <= 1 for p in probs) or abs(sum(probs) - 1) > 1e-6:
         raise RecipeError(f"{source}: key 'interleave_probs' must be probabilities summing to 1 "
                           f"(got {text!r}, sum {sum(probs):g})")
