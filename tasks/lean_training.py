@@ -198,9 +198,9 @@ def trainer_class():
     """A transformers Trainer whose loss computes logits at label positions only (when the model can)."""
     from transformers import Trainer
 
-    from tasks.optimizers import SparseGradClipping
+    from tasks.optimizers import LowRankWeightDecay, SparseGradClipping
 
-    class LabelOnlyLossTrainer(SparseGradClipping, Trainer):
+    class LabelOnlyLossTrainer(LowRankWeightDecay, SparseGradClipping, Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not supports_label_only_logits(self.accelerator.unwrap_model(model)):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

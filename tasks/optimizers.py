@@ -122,7 +122,7 @@ class OptimizerFactory:
 
             return create_loraplus_optimizer(model, base_cls, loraplus_lr_ratio=o["lr_ratio"],
                                              loraplus_lr_embedding=o["lr_embedding"],
-                                             weight_decay=arguments.weight_decay, **base_kwargs)
+                                             loraplus_weight_decay=arguments.weight_decay, **base_kwargs)
         adam = {"lr": arguments.learning_rate, "betas": (arguments.adam_beta1, arguments.adam_beta2),
                 "eps": arguments.adam_epsilon}
         if settings.kind == "adam_mini":
@@ -193,6 +193,32 @@ def clip_sparse_grads(parameters, max_norm: float) -> torch.Tensor:
             for g in grads:  # a sparse tensor's mul_ would not reach its stored values in place; _values() does
                 (g._values() if g.is_sparse else g).mul_(scale.to(g.device, g.dtype))
     return total
+
+
+def with_weight_decay(optimizer, decayed: set[int], weight_decay: float) -> None:
+    """Each parameter group split by decay: weight_decay on the parameters whose ids are in `decayed`, none on the
+    rest (the group's other options, such as GaLore's rank, kept). A layer-wise optimizer's per-parameter
+    optimizers each get theirs. Before the first step only: the optimizer state is keyed by parameter."""
+    inner = getattr(optimizer, "optimizer_dict", None)
+    for each in inner.values() if inner else [optimizer]:
+        each.param_groups = [{**group, "params": params, "weight_decay": weight_decay if decays else 0.0}
+                             for group in each.param_groups for decays in (True, False)
+                             if (params := [p for p in group["params"] if (id(p) in decayed) == decays])]
+
+
+class LowRankWeightDecay:
+    """Trainer mixin: transformers builds GaLore's and APOLLO's parameter groups itself and gives them no weight
+    decay (they replace the Trainer's decay groups); LlamaFactory decays all but norms and biases there too, as
+    the Trainer does for every other optimizer. This puts the recipe's weight_decay back on them."""
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.args.optim.startswith(("galore", "apollo")) and self.args.weight_decay:
+            opt_model = self.model if model is None else model
+            names = set(self.get_decay_parameter_names(opt_model))
+            decayed = {id(p) for n, p in opt_model.named_parameters() if n in names}
+            with_weight_decay(self.optimizer, decayed, self.args.weight_decay)
+        return optimizer
 
 
 class SparseGradClipping:

@@ -25,7 +25,7 @@ from tasks.lean_training import (
     supports_label_only_logits,
     use_varlen_attention,
 )
-from tasks.optimizers import SparseGradClipping
+from tasks.optimizers import LowRankWeightDecay, SparseGradClipping
 from tasks.preference import AVERAGED, Loss, PreferenceConfig
 from tasks.preference_losses import (
     dpo_loss,
@@ -77,7 +77,7 @@ class FeedbackCollator:
         return batch
 
 
-class PreferenceTrainer(SparseGradClipping, Trainer):
+class PreferenceTrainer(LowRankWeightDecay, SparseGradClipping, Trainer):
     """A Trainer whose loss is a preference loss over the pair (or feedback) batches of the collators above."""
 
     # The loss is a batch mean: Trainer divides it by the accumulated batches. (The batches carry `labels`,

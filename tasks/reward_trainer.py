@@ -23,7 +23,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardTrainer
 
 from tasks.lean_training import bucketed_inputs, flat_batches_supported, sample_bounds, use_varlen_attention
-from tasks.optimizers import SparseGradClipping
+from tasks.optimizers import LowRankWeightDecay, SparseGradClipping
 from tasks.reward import score_head
 
 
@@ -67,7 +67,7 @@ def flat_rewards(model, score: torch.nn.Module, batch: dict[str, torch.Tensor], 
     return scores[0][0, pooled, 0]
 
 
-class FlatRewardTrainer(SparseGradClipping, RewardTrainer):
+class FlatRewardTrainer(LowRankWeightDecay, SparseGradClipping, RewardTrainer):
     """RewardTrainer whose flattened batches (FlatPairCollator) are scored by `flat_rewards`; its loss and
     figures as RewardTrainer.compute_loss gives them, but for accuracy and margin: those are kept per pair
     (`record_pairs`). A padded batch goes to RewardTrainer as it is."""

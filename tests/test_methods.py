@@ -421,3 +421,40 @@ def test_scheduler_arguments_reach_the_scheduler(store, tiny_model_dir):
                            lr_scheduler_kwargs='{"min_lr_rate": 0.5}')  # JSON text, as LlamaFactory's CLI gives it
     rates = [e["learning_rate"] for e in json.loads(artifact.part("log_history").read_text()) if "learning_rate" in e]
     assert min(rates) >= 0.5 * 5e-3 * 0.99 and rates[-1] < rates[0]  # decays, but not below min_lr_rate
+
+
+@pytest.mark.parametrize("optimizer", ["loraplus", "galore", "galore_layerwise", "apollo"])
+def test_every_optimizer_decays_the_weights_the_trainer_decays(tiny_model_dir, tmp_path, optimizer):
+    """weight_decay reached neither LoRA+ (PEFT reads loraplus_weight_decay) nor GaLore and APOLLO (transformers
+    builds their groups without it); LlamaFactory decays all but norms and biases for each of them."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from tasks.lean_training import trainer_class
+    from tasks.optimizers import OptimizerFactory, OptimizerSettings, low_rank_arguments
+    from tasks.train_methods import LoraSettings, lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    common = {"output_dir": str(tmp_path), "learning_rate": 1e-3, "weight_decay": 0.1, "use_cpu": True,
+              "report_to": "none"}
+    if optimizer == "loraplus":
+        model = get_peft_model(model, lora_config(LoraSettings(rank=4, alpha=8, dropout=0.0, target="all",
+                                                               use_dora=False, use_rslora=False)))
+        settings = OptimizerSettings(kind="loraplus", options={"lr_ratio": 16.0, "lr_embedding": 1e-6})
+        groups = OptimizerFactory()(model, settings=settings, arguments=TrainingArguments(**common)).param_groups
+    else:
+        kind, layerwise = optimizer.split("_")[0], optimizer.endswith("layerwise")
+        options = {"target": "all", "rank": 4, "update_interval": 200, "scale": 0.25, "proj_type": "std",
+                   "layerwise": layerwise} | ({"proj": "random", "scale_type": "channel"} if kind == "apollo" else {})
+        arguments = TrainingArguments(**common, **low_rank_arguments(OptimizerSettings(kind=kind, options=options),
+                                                                     "adamw_torch"))
+        trainer = trainer_class()(model=model, args=arguments)
+        trainer.create_optimizer()
+        inner = getattr(trainer.optimizer, "optimizer_dict", None)
+        groups = [g for o in inner.values() for g in o.param_groups] if inner else trainer.optimizer.param_groups
+        assert any("rank" in g and g["weight_decay"] == 0.1 for g in groups)  # the low-rank weights decay
+    names = {id(p): n for n, p in model.named_parameters()}
+    decays = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(decays) == trained
+    assert all((value == 0.0) == ("norm" in name or "bias" in name) for name, value in decays.items()), decays
