@@ -16,7 +16,7 @@ from flows.chaining import deduplicated, resolve, same_base
 from flows.user_output import check_target
 from tasks import align, evaluate, exam, export, fetch, merge, model, ppo, preference, quantize, reward, tokenize, train
 from tasks.core.errors import RecipeError
-from tasks.core.hardware import mixed_precision
+from tasks.core.hardware import training_precision
 from tasks.core.recipe import Recipe
 from tasks.core.registry import DatasetEntry, resolve_datasets
 from tasks.core.stage import Step
@@ -125,17 +125,20 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
         tokenized = tokenize.plan(recipe, [a for _, a in train_pairs], [a for _, a in eval_pairs], base)
         steps.append(tokenized)
     scored = {"base": base}
+    shipped_quantized = prequantized_method(base)
+    if shipped_quantized:
+        check_unmerged(recipe, shipped_quantized)
     if recipe.finetuning.do_train:
-        check_prequantized(prequantized_method(base), recipe.finetuning.finetuning_type,
-                           recipe.model.quantization_bit)
+        check_prequantized(shipped_quantized, recipe.finetuning.finetuning_type, recipe.model.quantization_bit)
         loaded = base  # what the trainer loads: the quantized checkpoint for QLoRA
         if recipe.model.quantization_bit:
-            loaded = quantize.plan(recipe, base, mixed_precision(recipe.training.bf16, recipe.training.fp16))
+            loaded = quantize.plan(recipe, base, training_precision(recipe.finetuning.pure_bf16, recipe.training.bf16,
+                                                                    recipe.training.fp16))
             steps.append(loaded)
         upstream, trained = trainer_step(recipe, tokenized, base, store, chain, loaded)
         check_trainable(lambda: model_structure(base, store), trained.config.lora, trained.config.freeze)
         steps = upstream + steps + [trained]
-        if trained.stage.name != "reward":  # a reward model is scored by its own pairwise accuracy
+        if trained.stage.name != "reward" and not shipped_quantized:  # an rm scores its own pairwise accuracy
             start = next((s for s in upstream if s.label == trained.inputs.get("adapter")), None)
             merged = merge.plan(recipe, base, trained, start)
             steps.append(merged)
@@ -186,6 +189,21 @@ def with_adapter(recipe: Recipe, base: Step, store: ArtifactStore | None, chain:
                               lambda up, path: list(plan_run(up, store, (*chain, path)).steps), chain)
     same_base(base, upstream, "adapter_name_or_path")
     return upstream + [start], merge.plan(recipe, base, start)
+
+
+def check_unmerged(recipe: Recipe, method: str) -> None:
+    """A model that ships quantized (GPTQ, AWQ, ...) trains adapters that cannot be merged into it (PEFT refuses,
+    as LlamaFactory's export does): its run scores the base only, serving loads base and adapter, and what would
+    merge is refused by key."""
+    if recipe.export.export_dir:
+        raise RecipeError(f"key 'export_dir': the model is already quantized ({method}), and an adapter cannot be "
+                          "merged into quantized weights; export from the full-precision model")
+    if recipe.finetuning.create_new_adapter:
+        raise RecipeError(f"key 'create_new_adapter': the model is already quantized ({method}), and the adapter "
+                          "cannot be merged into it; drop create_new_adapter to continue training that adapter")
+    if recipe.model.adapter_name_or_path and not recipe.finetuning.do_train:
+        raise RecipeError(f"key 'adapter_name_or_path': the model is already quantized ({method}); scoring it with "
+                          "an adapter needs the adapter merged, which quantized weights do not allow")
 
 
 def prequantized_method(model_step: Step) -> str | None:

@@ -143,8 +143,9 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
     if not plan.of_stage("evaluate"):
         raise RecipeError("retune needs evaluation data: set 'eval_dataset' or 'val_size'")
     if not plan.of_stage("merge"):
-        raise RecipeError(f"retune registers the tuned model; stage {recipe.finetuning.stage} trains a reward model, "
-                          "which scores replies and is not registered")
+        why = (f"stage {recipe.finetuning.stage} trains a reward model, which scores replies and is not registered"
+               if recipe.finetuning.stage == "rm" else "this model ships quantized, and its adapter cannot be merged")
+        raise RecipeError(f"retune registers the merged tuned model; {why}")
     if metric not in ("perplexity", "eval_loss") and not plan["evaluate[tuned]"].config.generate:
         raise RecipeError(f"retune metric '{metric}' scores generated replies, which this recipe does not generate "
                           f"(stage {recipe.finetuning.stage}, do_predict {recipe.evaluation.do_predict}); use "

@@ -24,7 +24,7 @@ class QuantizeConfig(StageConfig):
 
 
 def plan(recipe: Recipe, model: Step, compute: str) -> Step:
-    """The quantize step on the imported model; compute is the training precision (fp32, bf16, fp16)."""
+    """The quantize step on the imported model; compute is the training precision (fp32, bf16, fp16, pure_bf16)."""
     settings = QuantSettings.of(recipe.model.quantization_bit, recipe.model)
     four = settings.bits == 4
     return STAGE.step("quantize", QuantizeConfig(quantization=settings, compute_dtype=compute if four else "-"),
@@ -69,7 +69,7 @@ STAGE = Stage(
     name="quantize",
     plan=plan,
     build=build,
-    code=("tasks.quantize",),
+    code=("tasks.quantize", "tasks.train_methods"),  # train_methods builds the bitsandbytes config
     libraries=("torch", "transformers", "bitsandbytes", "safetensors"),
     heavy=True,
 )

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.core import tracking
 from tasks.core.errors import RecipeError
-from tasks.core.hardware import attn_implementation, cuda_has_bf16, has_cuda, mixed_precision
+from tasks.core.hardware import attn_implementation, has_cuda, training_precision
 from tasks.core.hashing import tree_digest
 from tasks.core.memory import trim_heap
 from tasks.core.recipe import Recipe, report_targets
@@ -198,12 +198,8 @@ def launch(recipe: Recipe) -> Launch:
 
 
 def precision(recipe: Recipe) -> str:
-    """The training precision: pure_bf16 (bf16 weights, no autocast; CPUs compute bf16 too) or mixed_precision."""
-    if recipe.finetuning.pure_bf16:
-        if has_cuda() and not cuda_has_bf16():
-            raise RecipeError("key 'pure_bf16': this GPU has no bfloat16; use fp16 mixed precision")
-        return "pure_bf16"
-    return mixed_precision(recipe.training.bf16, recipe.training.fp16)
+    """The recipe's training precision on this machine (fp32, bf16, fp16 or pure_bf16)."""
+    return training_precision(recipe.finetuning.pure_bf16, recipe.training.bf16, recipe.training.fp16)
 
 
 def liger_kernel(enabled: bool) -> bool:

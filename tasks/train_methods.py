@@ -60,7 +60,11 @@ class QuantSettings(BaseModel):
                    double=model.double_quantization if four else None)
 
 
+COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "pure_bf16": "bfloat16", "fp16": "float16"}  # LlamaFactory's
+
+
 def quantization_config(quant: QuantSettings | None, precision: str):
+    """bitsandbytes settings; 4-bit layers compute in the training precision (fp16 included, as LlamaFactory's)."""
     if quant is None:
         return None
     from transformers import BitsAndBytesConfig
@@ -71,7 +75,7 @@ def quantization_config(quant: QuantSettings | None, precision: str):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double,
-        bnb_4bit_compute_dtype=torch_dtype("bfloat16" if precision == "bf16" else "float32"),
+        bnb_4bit_compute_dtype=torch_dtype(COMPUTE_DTYPES[precision]),
     )
 
 

@@ -60,4 +60,11 @@ def test_a_prequantized_model_trains_with_adapters_only(gptq_model):
         plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model, finetuning_type="full")))
     with pytest.raises(RecipeError, match=r"'quantization_bit': the model is already quantized \(gptq\)"):
         plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model, quantization_bit=4)))
-    assert "train" in {s.label for s in plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model)))}
+    # PEFT cannot merge into GPTQ/AWQ weights: the base is scored, the adapter served on it, nothing merged.
+    labels = {s.label for s in plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model)))}
+    assert "train" in labels and "evaluate[base]" in labels and not labels & {"merge", "evaluate[tuned]"}
+    for keys, message in (({"export_dir": "out"}, "key 'export_dir': the model is already quantized \\(gptq\\)"),
+                          ({"create_new_adapter": True, "adapter_name_or_path": "a"}, "key 'create_new_adapter'"),
+                          ({"do_train": False, "adapter_name_or_path": "a"}, "key 'adapter_name_or_path'")):
+        with pytest.raises(RecipeError, match=message):
+            plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model, **keys)))

@@ -99,6 +99,15 @@ def mixed_precision(bf16: bool, fp16: bool) -> str:
     return "bf16" if bf16 and cpu_has_native_bf16() else "fp32"
 
 
+def training_precision(pure_bf16: bool, bf16: bool, fp16: bool) -> str:
+    """The training precision: pure_bf16 (bf16 weights, no autocast; CPUs compute bf16 too) or mixed_precision."""
+    if pure_bf16:
+        if has_cuda() and not cuda_has_bf16():
+            raise RecipeError("key 'pure_bf16': this GPU has no bfloat16; use fp16 mixed precision")
+        return "pure_bf16"
+    return mixed_precision(bf16, fp16)
+
+
 def attn_implementation(flash_attn: str) -> str:
     """transformers' attn_implementation for the recipe's `flash_attn` choice."""
     if flash_attn in ("auto", "sdpa"):
