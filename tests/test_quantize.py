@@ -68,3 +68,21 @@ def test_a_prequantized_model_trains_with_adapters_only(gptq_model):
                           ({"do_train": False, "adapter_name_or_path": "a"}, "key 'adapter_name_or_path'")):
         with pytest.raises(RecipeError, match=message):
             plan_run(Recipe.from_flat(tiny_recipe_values(gptq_model, **keys)))
+
+
+def test_4bit_layers_compute_in_the_training_precision(tiny_model_dir):
+    """fp16 and pure_bf16 runs computed their 4-bit layers in fp32 (LlamaFactory: the training's half precision),
+    and the quantize key left out the module that builds the config, so a fix there reused stale checkpoints."""
+    import torch
+
+    from tasks import quantize
+    from tasks.core.hashing import module_sources
+    from tasks.train_methods import QuantSettings, quantization_config
+
+    four = QuantSettings(bits=4, type="nf4", double=True)
+    dtypes = {p: quantization_config(four, p).bnb_4bit_compute_dtype for p in ("fp32", "bf16", "pure_bf16", "fp16")}
+    assert dtypes == {"fp32": torch.float32, "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
+                      "fp16": torch.float16}
+    recipe = Recipe.from_flat(tiny_recipe_values(tiny_model_dir, quantization_bit=4, pure_bf16=True))
+    assert next(s for s in plan_run(recipe) if s.label == "quantize").config.compute_dtype == "pure_bf16"
+    assert "train_methods.py" in {path.name for path in module_sources(quantize.STAGE.code)}
