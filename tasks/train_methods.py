@@ -413,10 +413,26 @@ def save_weights(model, tokenizer, config, out: Path) -> str:
     if start is not None:  # a plain LoRA of rank 2r on the original base (PEFT's conversion)
         model.save_pretrained(str(out / weights), path_initial_model_for_weight_conversion=str(start))
         shutil.rmtree(start, ignore_errors=True)
+        keep_whole_modules(model, out / weights)
     else:
         model.save_pretrained(str(out / weights), **gathered)
     tokenizer.save_pretrained(str(out / weights))  # beside an adapter too: AutoPeftModel then needs only the base
     return weights
+
+
+def keep_whole_modules(model, folder: Path) -> None:
+    """PEFT's PiSSA conversion writes the LoRA weights only, while the adapter's config still lists its
+    modules_to_save (additional_target, a grown vocabulary's embedding and head): the trained copies go back in,
+    or the adapter would not load."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    whole = {name: tensor for name, tensor in get_peft_model_state_dict(model).items() if "lora_" not in name}
+    if whole:
+        path = folder / "adapter_model.safetensors"
+        converted = load_file(str(path))
+        save_file({**converted, **{n: t.detach().contiguous() for n, t in whole.items()}}, str(path),
+                  metadata={"format": "pt"})
 
 
 def node_writer() -> bool:

@@ -106,12 +106,15 @@ def test_lora_additional_target(store, tiny_model_dir):
     assert json.loads((artifact.part("adapter") / "adapter_config.json").read_text())["modules_to_save"] == ["norm"]
 
 
-def test_pissa_converted_adapter_fits_the_original_base(store, tiny_model_dir):
+@pytest.mark.parametrize("whole", [None, "norm"])
+def test_pissa_converted_adapter_fits_the_original_base(store, tiny_model_dir, whole):
+    """With modules trained whole (additional_target, or a grown vocabulary's embedding and head), PEFT's
+    conversion dropped them and the adapter no longer loaded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     artifact, results, losses = train(store, tiny_model_dir, pissa_init=True, pissa_iter=4, pissa_convert=True,
-                                      lora_target="q_proj,v_proj")
+                                      lora_target="q_proj,v_proj", additional_target=whole)
     config = json.loads((artifact.part("adapter") / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["init_lora_weights"] is True  # rank 2r, a plain LoRA
     assert falls(losses)
@@ -122,6 +125,10 @@ def test_pissa_converted_adapter_fits_the_original_base(store, tiny_model_dir):
     with model.disable_adapter():
         plain = model(input_ids=ids).logits
     assert not torch.allclose(tuned, plain)  # it learned something, and applies to the unchanged base
+    if whole:
+        trained_norm = load_file(str(artifact.part("adapter") / "adapter_model.safetensors"))
+        assert not torch.equal(trained_norm["base_model.model.model.norm.weight"], base_weights(tiny_model_dir)[
+            "model.norm.weight"])
 
 
 def test_create_new_adapter_merges_the_old_one(store, tiny_model_dir, tmp_path):
@@ -290,6 +297,7 @@ def test_neftune_and_pure_bf16(store, tiny_model_dir):
     ({"finetuning_type": "freeze", "use_rslora": True}, "key 'use_rslora' applies to finetuning_type: lora"),
     ({"freeze_extra_modules": "embed_tokens"}, "key 'freeze_extra_modules' applies to finetuning_type: freeze"),
     ({"pissa_init": True}, "key 'pissa_init' needs 'pissa_convert: true'"),
+    ({**FULL, "adapter_name_or_path": "a"}, "key 'adapter_name_or_path' applies to finetuning_type: lora"),
     ({"pissa_init": True, "pissa_convert": True, "quantization_bit": 4}, "keys 'pissa_init' and 'quantization_bit'"),
     ({"create_new_adapter": True}, "key 'create_new_adapter' needs 'adapter_name_or_path'"),
     ({"lr_scheduler_type": "cosine_with_min_lr"}, "key 'lr_scheduler_kwargs': cosine_with_min_lr needs min_lr or"),

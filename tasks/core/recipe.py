@@ -433,6 +433,10 @@ def check_methods(recipe: Recipe, source: str) -> None:
         if not f.pissa_convert:
             raise RecipeError(f"{source}: key 'pissa_init' needs 'pissa_convert: true': the artifact is an adapter "
                               "on the original base, which a PiSSA adapter only fits once converted")
+    if m.adapter_name_or_path and f.finetuning_type != "lora":  # as LlamaFactory: it would be quietly ignored
+        raise RecipeError(f"{source}: key 'adapter_name_or_path' applies to finetuning_type: lora (got "
+                          f"{f.finetuning_type}); to tune the base with that adapter in it, export the merge "
+                          "(tunefactory export) and name that folder as model_name_or_path")
     if f.create_new_adapter and not m.adapter_name_or_path:
         raise RecipeError(f"{source}: key 'create_new_adapter' needs 'adapter_name_or_path' (the adapter to merge)")
     if f.create_new_adapter and m.quantization_bit:
