@@ -38,7 +38,7 @@ class EvaluateConfig(StageConfig):
     max_new_tokens: int | None
     repetition_penalty: float | None
     sampling: Sampling | None  # None: greedy decoding
-    attn_implementation: str
+    attn_implementation: str | None  # None: transformers chooses
     dtype: str  # "auto" (as stored), or the half precision the recipe trains in (see `inference_dtype`)
     progress: bool = unkeyed(True, "show progress bars")
 

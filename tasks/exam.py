@@ -47,7 +47,7 @@ class ExamConfig(StageConfig):
     n_shot: int
     template: TemplateChoice
     batch_size: int  # shapes padding, and so the last digits of the logits
-    attn_implementation: str
+    attn_implementation: str | None  # None: transformers chooses
     dtype: str  # as evaluation loads a model: the half precision the recipe trains in, else "auto" (as stored)
     progress: bool = unkeyed(True)
 

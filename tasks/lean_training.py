@@ -227,8 +227,8 @@ def use_varlen_attention(model) -> None:
         model.set_attn_implementation(VARLEN_ATTENTION)
 
 
-def restore_attention(model, attn_implementation: str) -> None:
-    """Put back the attention implementation the model was loaded with, before it is saved or reused."""
+def restore_attention(model) -> None:
+    """Put back SDPA, which use_varlen_attention swapped out, before the model is saved or reused."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config._attn_implementation == VARLEN_ATTENTION:
-        base.set_attn_implementation(attn_implementation)
+        base.set_attn_implementation("sdpa")

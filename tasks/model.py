@@ -131,12 +131,28 @@ def plan(recipe: Recipe) -> Step:
     return STAGE.step("model", config, locators={k: v for k, v in source.items() if k != "digest"})
 
 
+LONG_CONTEXT_LAYERS = "full_attention"  # per-layer-type RoPE (Gemma 3): the layers a longer context stretches
+
+
 def scaled_rope(model_config, kind: str, cutoff_len: int) -> dict[str, Any] | None:
     """RoPE parameters stretched to cutoff_len as LlamaFactory computes them (factor ceil(cutoff_len /
-    original context)); None when cutoff_len fits the model's context already."""
+    original context)); None when cutoff_len fits the model's context already. Where each layer type has its
+    own parameters (Gemma 3), the full-attention layers' are stretched, as Gemma 3 scales its own long context:
+    sliding-window layers never see more than their window."""
     params = dict(getattr(model_config, "rope_parameters", None) or {})
     if not params:
         raise ModelError(f"key 'rope_scaling': this model ({model_config.model_type}) has no RoPE parameters to scale")
+    if all(isinstance(value, dict) for value in params.values()):
+        if LONG_CONTEXT_LAYERS not in params:
+            raise ModelError(f"key 'rope_scaling': this model's RoPE parameters are per layer type ({sorted(params)}), "
+                             f"with no {LONG_CONTEXT_LAYERS} entry to scale")
+        scaled = stretched(params[LONG_CONTEXT_LAYERS], model_config, kind, cutoff_len)
+        return None if scaled is None else {**params, LONG_CONTEXT_LAYERS: scaled}
+    return stretched(params, model_config, kind, cutoff_len)
+
+
+def stretched(params: dict[str, Any], model_config, kind: str, cutoff_len: int) -> dict[str, Any] | None:
+    """One set of RoPE parameters scaled to cutoff_len (see scaled_rope)."""
     old = params.get("original_max_position_embeddings") or getattr(model_config, "max_position_embeddings", None)
     if not old:
         raise ModelError("key 'rope_scaling': the model's config has no max_position_embeddings to scale from")
@@ -156,9 +172,10 @@ def patch_config(model_config, config: ModelConfig) -> dict[str, Any]:
     if config.rope_scaling:
         rope = scaled_rope(model_config, config.rope_scaling, config.rope_cutoff_len)
         if rope is not None:
-            old = rope.get("original_max_position_embeddings") or model_config.max_position_embeddings
+            scaled = rope.get(LONG_CONTEXT_LAYERS, rope)
+            old = scaled.get("original_max_position_embeddings") or model_config.max_position_embeddings
             model_config.rope_parameters = rope
-            model_config.max_position_embeddings = int(old * rope["factor"])
+            model_config.max_position_embeddings = int(old * scaled["factor"])
             patches["rope_scaling"] = rope
     if config.train_from_scratch:
         patches["train_from_scratch"] = True

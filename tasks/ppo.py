@@ -133,7 +133,7 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     history = train_ppo(shared, load_rows(data.part("train"))["input_ids"], config, generation, report,
                         checkpoints=ctx.staging, resume=resume)
     seconds = time.monotonic() - started
-    restore_attention(model, config.attn_implementation)
+    restore_attention(model)
     model.save_pretrained(str(out / "adapter"), selected_adapters=[POLICY])
     from transformers import AutoTokenizer
 

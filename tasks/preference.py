@@ -128,7 +128,7 @@ def build(config: PreferenceConfig, ctx: BuildContext, out: Path) -> Built:
         data_collator=collator(tokenizer.pad_token_id, flat=flat), callbacks=[run_callback(ctx.run.mlflow_run_id)],
         **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out)
-    restore_attention(trainer.model, config.attn_implementation)
+    restore_attention(trainer.model)
     weights = save_weights(trainer.model, tokenizer, config, out)
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
     kind = "adapter" if weights == "adapter" else "full_weights"

@@ -118,7 +118,7 @@ def build(config: RewardModelConfig, ctx: BuildContext, out: Path) -> Built:
         summary |= {"eval_accuracy": scores["eval_accuracy"], "eval_margin": scores["eval_margin"]}
         ctx.log.info("reward model on %d validation pairs: accuracy %.3f, margin %.3f", len(pairs),
                      scores["eval_accuracy"], scores["eval_margin"])
-    restore_attention(trainer.model, config.attn_implementation)
+    restore_attention(trainer.model)
     head = whole_weight(score_head(trainer.model).weight)  # before save_weights: every rank takes part
     weights = save_weights(trainer.model, tokenizer, config, out)
     save_file({"weight": head}, str(out / VALUE_HEAD))

@@ -102,7 +102,7 @@ def build(config: TrainConfig, ctx: BuildContext, out: Path) -> Built:
     trainer = trainer_class()(model=model, args=arguments, train_dataset=train_rows, data_collator=collator,
                               callbacks=[run_callback(ctx.run.mlflow_run_id)], **trainer_hooks(config, arguments))
     summary = run_trainer(trainer, config, ctx, out) | {"padding_share": padding}
-    restore_attention(trainer.model, config.attn_implementation)
+    restore_attention(trainer.model)
     weights = save_weights(trainer.model, tokenizer, config, out)
     write_results(summary, ctx, out, trainer.state.log_history, config.plot_loss)
     kind = "adapter" if weights == "adapter" else "full_weights"

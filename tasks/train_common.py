@@ -63,7 +63,7 @@ class TrainingConfig(StageConfig):
     neftune_noise_alpha: float | None
     liger_kernel: bool
     launch: Launch
-    attn_implementation: str
+    attn_implementation: str | None  # None: transformers chooses
     batch_size: int
     gradient_accumulation_steps: int
     learning_rate: float

@@ -86,3 +86,45 @@ def test_loaders_pass_trust_remote_code_as_the_artifact_records_it():
 
     assert remote_code(SimpleNamespace(info={"trust_remote_code": True})) == {"trust_remote_code": True}
     assert remote_code(SimpleNamespace(info={})) == {"trust_remote_code": False}
+
+
+def test_rope_scaling_stretches_the_full_attention_layers_of_per_layer_type_rope():
+    """Gemma 3 keeps RoPE parameters per layer type: the scaling went beside them, where no layer reads it."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tasks.model import patch_config
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              layer_types=["sliding_attention", "full_attention"], num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=16)
+    before = dict(Gemma3ForCausalLM(config).model.rotary_emb.named_buffers())
+    patches = patch_config(config, model_config(rope_scaling="linear", rope_cutoff_len=300))
+    assert patches["rope_scaling"]["full_attention"]["factor"] == 3.0 and config.max_position_embeddings == 384
+    after = dict(Gemma3ForCausalLM(config).model.rotary_emb.named_buffers())
+    assert torch.allclose(before["full_attention_inv_freq"] / after["full_attention_inv_freq"], torch.tensor(3.0))
+    assert torch.equal(before["sliding_attention_inv_freq"], after["sliding_attention_inv_freq"])
+
+
+def test_flash_attn_auto_lets_transformers_choose(write_recipe, workdir, tiny_model_dir):
+    """auto forced SDPA, which Gemma 2 (and GraniteSWA) refuse to load with; LlamaFactory leaves it to
+    transformers, which picks eager for them."""
+    import shutil
+
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from flows.finetune import finetune
+    from tasks.core.recipe import load_recipe
+
+    folder = workdir / "gemma2"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=512, sliding_window=64,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   bos_token_id=tokenizer.bos_token_id)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    summary = finetune(load_recipe(write_recipe(model_name_or_path=str(folder), max_samples=8, max_steps=2)))
+    assert {"train", "merge", "evaluate[tuned]"} <= {s.label for s in summary.stages}
+    assert "eval_loss" in summary.metrics["tuned"]

@@ -108,9 +108,13 @@ def training_precision(pure_bf16: bool, bf16: bool, fp16: bool) -> str:
     return mixed_precision(bf16, fp16)
 
 
-def attn_implementation(flash_attn: str) -> str:
-    """transformers' attn_implementation for the recipe's `flash_attn` choice."""
-    if flash_attn in ("auto", "sdpa"):
+def attn_implementation(flash_attn: str) -> str | None:
+    """transformers' attn_implementation for the recipe's `flash_attn` choice; None for auto, where transformers
+    chooses as LlamaFactory leaves it to: SDPA where the model class supports it, else eager (Gemma2 and
+    GraniteSWA refuse SDPA)."""
+    if flash_attn == "auto":
+        return None
+    if flash_attn == "sdpa":
         return "sdpa"
     if flash_attn == "disabled":
         return "eager"
