@@ -195,7 +195,7 @@ def check_unmerged(recipe: Recipe, method: str) -> None:
     """A model that ships quantized (GPTQ, AWQ, ...) trains adapters that cannot be merged into it (PEFT refuses,
     as LlamaFactory's export does): its run scores the base only, serving loads base and adapter, and what would
     merge is refused by key."""
-    if recipe.export.export_dir:
+    if recipe.export.export_dir and (recipe.finetuning.do_train or recipe.model.adapter_name_or_path):
         raise RecipeError(f"key 'export_dir': the model is already quantized ({method}), and an adapter cannot be "
                           "merged into quantized weights; export from the full-precision model")
     if recipe.finetuning.create_new_adapter:

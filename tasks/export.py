@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from tasks.core.hardware import has_cuda
+from tasks.core.hardware import has_cuda, storage_dtype, torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
@@ -20,6 +21,7 @@ class ExportConfig(StageConfig):
     # written as the tokenizer's chat template (None: keep the tokenizer's own, `auto`, or write `default`'s
     # when it has none, as training then used `default`)
     template: TemplateChoice | None
+    dtype: str  # infer_dtype, resolved as the imported model is stored (a full fine-tune trains in fp32)
     device: str = unkeyed("cpu", "where the weights are loaded to be re-saved; the bytes are the same")
 
 
@@ -28,15 +30,13 @@ def plan(recipe: Recipe, merged: Step) -> Step:
     choice = TemplateChoice.of(recipe.data)
     config = ExportConfig(shard_size_gb=e.export_size, legacy_format=e.export_legacy_format,
                           template=None if choice.name in (None, "auto") else choice,
-                          device=e.export_device)
+                          dtype=storage_dtype(recipe.model.infer_dtype), device=e.export_device)
     return STAGE.step("export", config, {"model": merged})
 
 
 def save_legacy(model, folder: Path, max_shard_size: str) -> None:
     """PyTorch .bin shards with their index, as transformers 4 wrote them (transformers 5 only writes
     safetensors); the split follows huggingface_hub's, so loaders find the shards the usual way."""
-    import json
-
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -60,7 +60,9 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
     source = ctx.inputs["model"].part("model")
     device = "cuda" if config.device == "auto" and has_cuda() else "cpu"
     remote = remote_code(ctx.inputs["model"])
-    model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device, **remote)
+    quantized = "quantization_config" in json.loads((source / "config.json").read_text())  # its dtype is its own
+    dtype = "auto" if quantized else torch_dtype(config.dtype)  # as LlamaFactory's export casts to infer_dtype
+    model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device, dtype=dtype, **remote)
     if config.legacy_format:
         save_legacy(model, out / "model", f"{config.shard_size_gb}GB")
     else:

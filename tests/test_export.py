@@ -85,3 +85,16 @@ def test_export_and_evaluation_follow_what_the_recipe_trains(trained, write_reci
                                           str(workdir / "artifacts" / adapter_id / "adapter"))
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
+
+
+def test_a_full_fine_tune_exports_in_infer_dtype(write_recipe, workdir):
+    """Full tuning trains (and merge re-saves) fp32 weights; export wrote them so, at twice the size of the
+    infer_dtype asked for (LlamaFactory's export casts to it)."""
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(finetuning_type="full", infer_dtype="bfloat16", max_samples=8, max_steps=2, do_eval=False,
+                          export_dir=str(workdir / "exported"))
+    assert main(["run", str(recipe)]) == 0
+    weights = load_file(str(workdir / "exported" / "model.safetensors"))
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(workdir / "exported").dtype == torch.bfloat16
