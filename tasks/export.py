@@ -36,12 +36,25 @@ def plan(recipe: Recipe, merged: Step) -> Step:
 
 def save_legacy(model, folder: Path, max_shard_size: str) -> None:
     """PyTorch .bin shards with their index, as transformers 4 wrote them (transformers 5 only writes
-    safetensors); the split follows huggingface_hub's, so loaders find the shards the usual way."""
+    safetensors); the split follows huggingface_hub's, so loaders find the shards the usual way. The tensors
+    are those transformers' own save writes, under the checkpoint's names: it undoes the conversions it makes
+    on loading (a Mixtral's experts are fused in memory, one tensor per expert on disk), and they are on the
+    CPU whatever device the model is on."""
+    import shutil
+    import tempfile
+
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import load_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(dir=folder.parent) as saved:
+        model.save_pretrained(saved)
+        state = {name: tensor for file in sorted(Path(saved).glob("*.safetensors"))
+                 for name, tensor in load_file(str(file)).items()}
+        for name in ("config.json", "generation_config.json"):
+            if (Path(saved) / name).is_file():
+                shutil.copy(Path(saved) / name, folder / name)
     split = split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
                                                max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
@@ -49,9 +62,6 @@ def save_legacy(model, folder: Path, max_shard_size: str) -> None:
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
-    model.config.save_pretrained(str(folder))
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(str(folder))
 
 
 def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:

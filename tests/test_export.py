@@ -98,3 +98,29 @@ def test_a_full_fine_tune_exports_in_infer_dtype(write_recipe, workdir):
     weights = load_file(str(workdir / "exported" / "model.safetensors"))
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
     assert AutoModelForCausalLM.from_pretrained(workdir / "exported").dtype == torch.bfloat16
+
+
+def test_legacy_format_names_tensors_as_the_checkpoint_does(write_recipe, workdir, tiny_model_dir):
+    """transformers 5 fuses a Mixtral's experts in memory; the .bin held those internal names, which a
+    transformers 4 (or any other) reader of the format does not know."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    folder = workdir / "mixtral"
+    MixtralForCausalLM(MixtralConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
+                                     num_experts_per_tok=1)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    recipe = write_recipe(model_name_or_path=str(folder), do_train=False, export_legacy_format=True,
+                          export_dir=str(workdir / "exported"))
+    assert main(["export", str(recipe)]) == 0
+    legacy = torch.load(workdir / "exported" / "pytorch_model.bin", weights_only=True)
+    assert set(legacy) == set(load_file(str(folder / "model.safetensors")))  # e.g. ...experts.0.w1.weight
+    reloaded = AutoModelForCausalLM.from_pretrained(workdir / "exported")
+    original = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, original(ids).logits)
