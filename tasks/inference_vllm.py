@@ -11,7 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tasks.core.errors import RecipeError
 from tasks.inference import ChatEngine, Generated, parse_tool_calls
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts (MaxLoRARanks)
+
+
+def max_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank` (at least its default, 16): a rank of 24, or a
+    PiSSA adapter converted to rank 2r, is no value of vLLM's own."""
+    fitting = [r for r in VLLM_LORA_RANKS if r >= max(16, rank)]
+    if not fitting:
+        raise RecipeError(f"infer_backend vllm: the adapter's rank {rank} is above vLLM's largest, "
+                          f"{VLLM_LORA_RANKS[-1]}; serve it with infer_backend: huggingface")
+    return fitting[0]
 
 
 class VllmEngine(ChatEngine):
@@ -25,7 +38,7 @@ class VllmEngine(ChatEngine):
         self.lora = None
         if adapter_dir is not None:
             rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16)
-            options = {"enable_lora": True, "max_lora_rank": max(16, rank)}
+            options = {"enable_lora": True, "max_lora_rank": max_lora_rank(rank)}
             self.lora = LoRARequest("adapter", 1, str(adapter_dir))
         self.llm = LLM(model=str(model_dir), tokenizer=str(adapter_dir if adapter_dir else model_dir),
                        trust_remote_code=trust_remote_code, **options)

@@ -304,3 +304,16 @@ def test_eval_command_scores_a_model_folder_on_an_exam(tiny_model_dir, workdir, 
     assert main(["eval", str(tiny_model_dir)]) == 1
     assert "needs an exam: --set task=" in capsys.readouterr().err
 
+
+
+def test_vllm_gets_a_max_lora_rank_of_its_own():
+    """vLLM accepts only its own max_lora_rank values: a rank-24 adapter (or a PiSSA one converted to 2r) asked
+    for 24, which vLLM refuses."""
+    import pytest
+
+    from tasks.core.errors import RecipeError
+    from tasks.inference_vllm import max_lora_rank
+
+    assert [max_lora_rank(r) for r in (4, 16, 24, 64, 300)] == [16, 16, 32, 64, 320]
+    with pytest.raises(RecipeError, match="rank 1024 is above vLLM's largest, 512"):
+        max_lora_rank(1024)
