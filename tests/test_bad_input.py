@@ -150,6 +150,10 @@ CASES = [
          argv=["--set", "lora_rnk=4"]),
     Case("set-wrong-type", "error: --set: key 'cutoff_len': Input should be a valid integer",
          argv=["--set", "cutoff_len=long"]),
+    Case("set-unknown-value", "error: --set: key 'lr_scheduler_type': unknown value 'cosin'; did you mean 'cosine'?",
+         argv=["--set", "lr_scheduler_type=cosin"]),
+    Case("set-combination", "error: --set: keys 'bf16' and 'fp16' are both true", recipe={"bf16": True},
+         argv=["--set", "fp16=true"]),
     Case("chained-recipe-mistake", "up.yaml (named by key 'adapter_name_or_path'): key 'template': unknown template",
          setup=lambda p: write(p.work / "up.yaml", f"model_name_or_path: {p.model}\ndataset: pydoc_summaries\n"
                                "template: chatm\n", {"adapter_name_or_path": str(p.work / "up.yaml")})),

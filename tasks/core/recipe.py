@@ -8,6 +8,7 @@ alone. Registry- and model-dependent checks run at plan time (flows/plan.py).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -327,7 +328,10 @@ class Recipe(Section):
                 (str(p) for p in reversed(err["loc"]) if str(p) in FIELD_SECTION), ".".join(map(str, err["loc"]))
             )
             raise RecipeError(f"{where(key)}: key '{key}': {err['msg']} (got {err.get('input')!r})") from None
-        check_combinations(recipe, source)
+        try:
+            check_combinations(recipe, source)
+        except RecipeError as error:
+            raise RecipeError(blamed(str(error), source, given_by or {})) from None
         return recipe
 
     def flat(self) -> dict[str, Any]:
@@ -349,6 +353,16 @@ class Recipe(Section):
 
 
 FIELD_SECTION = {f: name for name, sec in SECTIONS.items() for f in sec.model_fields}
+
+
+def blamed(message: str, source: str, given_by: dict[str, str]) -> str:
+    """A check's message ("<source>: key 'x' ...") said where the first key it names that a change gave (a
+    `--set`, an override) was given, rather than the recipe file."""
+    if not message.startswith(f"{source}: "):
+        return message
+    named = re.findall(r"'([a-z0-9_]+)'", message)
+    giver = next((given_by[key] for key in named if key in given_by), None)
+    return f"{giver}: {message.removeprefix(f'{source}: ')}" if giver else message
 # LlamaFactory's keys for image, video and audio inputs: a recipe using them is refused by name.
 MULTIMODAL_KEYS = {"image_max_pixels", "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches",
                    "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video",
