@@ -1,4 +1,4 @@
-"""The fine-tune flow: fetch -> align -> tokenize -> model -> train -> merge -> evaluate (base, tuned).
+"""The fine-tune flow: fetch -> align, model -> tokenize -> train -> merge -> evaluate (base, tuned).
 
 Each stage is a Prefect task that receives its upstream tasks' futures, so the graph Prefect records
 is the plan's graph, and independent stages may run side by side (`parallel`). A task is Cached
