@@ -13,7 +13,7 @@ EXAMPLES = sorted((REPO / "configs" / "examples").glob("*.yaml"))
 
 def test_there_is_an_example_per_stage_and_loss():
     names = {path.stem for path in EXAMPLES}
-    assert {"sft_lora", "rm_lora", "dpo_lora", "kto_lora", "ppo_lora"} <= names
+    assert {"pt_lora", "sft_lora", "rm_lora", "dpo_lora", "kto_lora", "ppo_lora"} <= names
     assert {f"dpo_{loss}_lora" for loss in ("hinge", "ipo", "kto_pair", "orpo", "simpo")} <= names
     methods = {"loraplus", "pissa", "lora_additional_target", "lora_new_adapter", "lora_neftune", "freeze_modules",
                "full_galore", "full_galore_layerwise", "full_apollo", "full_badam", "full_adam_mini", "full_muon",
@@ -26,7 +26,7 @@ def test_example_plans(path: Path, monkeypatch):
     monkeypatch.chdir(REPO)  # chained recipes name their upstream recipes relative to the repository
     plan = plan_run(load_recipe(path))
     objective = load_recipe(path).finetuning.stage
-    trainer = {"sft": "train", "rm": "reward", "dpo": "preference", "kto": "preference", "ppo": "ppo"}[objective]
+    trainer = {"pt": "train", "sft": "train", "rm": "reward", "dpo": "preference", "kto": "preference", "ppo": "ppo"}[objective]
     assert any(step.stage.name == trainer and ":" not in step.label for step in plan)
     if objective == "ppo":
         assert {"sft_lora:train", "rm_lora:reward"} <= set(plan.labels())
