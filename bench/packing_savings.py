@@ -71,7 +71,7 @@ def main() -> None:
     else:
         tokenizer = tiny_tokenizer(rows)
     examples = [encode(tokenizer, row) for row in rows]
-    documents = [ids for ids, _ in examples]
+    documents = [[*ids, tokenizer.eos_token_id] for ids, _ in examples]  # each ends in EOS, as encode_document's
     print(
         f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
         f"python={platform.python_version()} transformers={transformers.__version__}"
@@ -86,7 +86,7 @@ def main() -> None:
         cut = [(ids[:cutoff], labels[:cutoff]) for ids, labels in examples]
         plain = shuffled([len(ids) for ids, _ in cut])
         packed = shuffled([len(row["input_ids"]) for row in neat_pack(cut, cutoff)])
-        blocks = [len(block) for block in pack_pretraining(documents, cutoff, tokenizer.eos_token_id)]
+        blocks = [len(block) for block in pack_pretraining(documents, cutoff)]
         for layout, lengths in (("unpacked", plain), ("neat_pack", packed), ("pt blocks", blocks)):
             share = padding_share(lengths, args.batch)
             tokens = sum(lengths)

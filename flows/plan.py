@@ -8,6 +8,7 @@ registry and the model's config is checked here, so a mistake fails before the f
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -125,7 +126,7 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
         tokenized = tokenize.plan(recipe, [a for _, a in train_pairs], [a for _, a in eval_pairs], base)
         steps.append(tokenized)
     scored = {"base": base}
-    shipped_quantized = prequantized_method(base)
+    shipped_quantized = prequantized_method(base, store)
     if shipped_quantized:
         check_unmerged(recipe, shipped_quantized)
     if recipe.finetuning.do_train:
@@ -206,11 +207,25 @@ def check_unmerged(recipe: Recipe, method: str) -> None:
                           "an adapter needs the adapter merged, which quantized weights do not allow")
 
 
-def prequantized_method(model_step: Step) -> str | None:
-    """The quantization a local model folder ships with (GPTQ, AWQ, ...), read from its config.json."""
-    if model_step.config.source_kind != "local":
+def prequantized_method(model_step: Step, store: ArtifactStore | None = None) -> str | None:
+    """The quantization a model ships with (GPTQ, AWQ, ...): from a local folder's config.json, an imported
+    model's manifest, or the hub's config.json at the resolved commit (None where it cannot be read: offline,
+    the model stage then refuses what it cannot do); a GGUF file is dequantized on import."""
+    config, where = model_step.config, model_step.locators
+    if config.source_kind == "local":
+        return prequantized(model.read_config(Path(where["path"])))
+    found = store.lookup("model", model_step.stage.key(config, {})) if store else None
+    if found is not None:
+        return found.info.get("prequantized")
+    if config.source_kind != "hub":
         return None
-    return prequantized(model.read_config(Path(model_step.locators["path"])))
+    try:
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(where["path"], "config.json", revision=config.source.rsplit("@", 1)[-1])
+        return prequantized(json.loads(Path(file).read_text(encoding="utf-8")))
+    except Exception:  # offline, or no config.json: the import finds out
+        return None
 
 
 def trainer_step(recipe: Recipe, tokenized: Step, base: Step, store: ArtifactStore | None,

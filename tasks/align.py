@@ -55,7 +55,7 @@ def plan(entry: DatasetEntry, fetched: Step, recipe: Recipe) -> Step:
         workers=recipe.data.preprocessing_num_workers,
     )
     locators = {"where": fetched.locators["where"], "location": fetched.locators["path"],
-                "digest": fetched.config.source}
+                "digest": fetched.config.source, "dataset": f"dataset '{entry.name}'"}
     return STAGE.step(f"align[{entry.name}]", config, {"rows": fetched}, locators)
 
 

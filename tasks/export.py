@@ -52,9 +52,9 @@ def save_legacy(model, folder: Path, max_shard_size: str) -> None:
         model.save_pretrained(saved)
         state = {name: tensor for file in sorted(Path(saved).glob("*.safetensors"))
                  for name, tensor in load_file(str(file)).items()}
-        for name in ("config.json", "generation_config.json"):
-            if (Path(saved) / name).is_file():
-                shutil.copy(Path(saved) / name, folder / name)
+        for file in Path(saved).iterdir():  # config, generation config, a remote-code model's own modules
+            if not file.name.startswith("model.safetensors") and file.suffix != ".safetensors":
+                shutil.copy(file, folder / file.name)
     split = split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
                                                max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():

@@ -18,7 +18,7 @@ from tasks.core.hashing import tree_digest
 from tasks.core.registry import DatasetEntry
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
 from tasks.rows import save_rows
-from tasks.sources import ORIGIN_COLUMNS, load_arguments, open_located_rows, open_source
+from tasks.sources import ORIGIN_COLUMNS, load_arguments, located, open_rows, open_source
 
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 
@@ -85,10 +85,11 @@ def plan(entry: DatasetEntry, streaming: bool) -> Step:
     return STAGE.step(f"fetch[{entry.name}]", config, locators=locators)
 
 
-def check_json_rows(path: Path) -> None:
-    """Raise a DataError naming the file and line of the first malformed JSON row."""
+def check_json_rows(path: Path) -> int:
+    """Raise a DataError naming the file and line of the first malformed JSON row; the rows counted."""
     text = read_utf8(path, "a dataset file", DataError)
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        count = 0
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
@@ -97,7 +98,8 @@ def check_json_rows(path: Path) -> None:
                     raise DataError(f"{path}, line {number}: malformed JSON row ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}, line {number}: a row must be a JSON object")
-        return
+                count += 1
+        return count
     try:
         rows = json.loads(text)
     except ValueError as exc:
@@ -105,6 +107,23 @@ def check_json_rows(path: Path) -> None:
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}, row {index}: a row must be a JSON object")
+    return len(rows)
+
+
+def rows_per_file(loader: str | None, files: list[str]) -> list[int] | None:
+    """How many rows each of a source's files holds, where that is cheap to know exactly: JSON (read through
+    once, checking it) and Parquet (its metadata); None otherwise (CSV, Arrow and text are counted only by
+    loading them). JSON files are checked in either case."""
+    if loader == "json":
+        return [check_json_rows(Path(file)) for file in files]
+    if loader == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return [pq.ParquetFile(file).metadata.num_rows for file in files]
+        except Exception:  # load_dataset names an unreadable file
+            return None
+    return None
 
 
 def source_description(config: FetchConfig) -> dict[str, Any]:
@@ -141,9 +160,7 @@ def sample_indexes(available: int, wanted: int) -> list[int]:
 def build(config: FetchConfig, ctx: BuildContext, out: Path) -> Built:
     description = source_description(config)
     arguments = load_arguments(description, ctx.locators["path"])
-    if config.loader == "json":
-        for file in arguments["data_files"]:
-            check_json_rows(Path(file))
+    counts = rows_per_file(config.loader, arguments["data_files"]) if config.loader else None
     where = ctx.locators["where"]
     if config.streaming:
         # Publish how to open the source, not its rows; one row is read to prove it opens.
@@ -152,7 +169,7 @@ def build(config: FetchConfig, ctx: BuildContext, out: Path) -> Built:
             raise DataError(f"{where}: the source has no rows")
         (out / "source.json").write_text(json.dumps(description, indent=1))
         return Built("stream", {"source": "source.json"}, {"columns": [c for c in first if c not in ORIGIN_COLUMNS]})
-    rows = open_located_rows(description, ctx.locators["path"], where)
+    rows = located(open_rows(arguments, where), config.files, counts)
     if config.num_samples:
         rows = rows.select(sample_indexes(len(rows), config.num_samples))
     save_rows(rows, out / "rows")

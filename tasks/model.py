@@ -152,12 +152,19 @@ def scaled_rope(model_config, kind: str, cutoff_len: int) -> dict[str, Any] | No
 
 
 def stretched(params: dict[str, Any], model_config, kind: str, cutoff_len: int) -> dict[str, Any] | None:
-    """One set of RoPE parameters scaled to cutoff_len (see scaled_rope)."""
-    old = params.get("original_max_position_embeddings") or getattr(model_config, "max_position_embeddings", None)
+    """One set of RoPE parameters scaled to cutoff_len (see scaled_rope); None where the model's context
+    (max_position_embeddings, any scaling it ships with included) holds cutoff_len already, as LlamaFactory
+    leaves it. Parameters already scaled without naming their original context (Gemma 3's full-attention
+    layers: linear, factor 8, to its 128K) are scaled from the context before that factor, so the new factor
+    covers all of it."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    old = params.get("original_max_position_embeddings") or context
     if not old:
         raise ModelError("key 'rope_scaling': the model's config has no max_position_embeddings to scale from")
-    if cutoff_len <= old:
+    if cutoff_len <= (context or old):
         return None
+    if "original_max_position_embeddings" not in params and params.get("factor"):
+        old = int(old / params["factor"])
     rope = {**params, "rope_type": kind, "factor": float(math.ceil(cutoff_len / old))}
     if kind in ("dynamic", "yarn", "llama3"):
         rope["original_max_position_embeddings"] = old

@@ -3,7 +3,9 @@
 A source description (what fetch publishes for streaming) says how to open a source but not where
 it is: its location comes from the current run's plan, so a moved file is found where it is now.
 Rows come with their origin (ORIGIN_COLUMNS: the file within a folder source and the row within that
-file), so an error after sampling, mixing or a folder's files joined still names the row in its file.
+file), so an error after sampling or mixing still names the row in its file. A folder's files are opened
+in one load (as datasets joins them); each row's file is known where fetch can count every file's rows
+cheaply (JSON, Parquet), else its number counts across the files in name order.
 """
 
 from __future__ import annotations
@@ -25,20 +27,27 @@ def load_arguments(source: dict[str, Any], location: str) -> dict[str, Any]:
     arguments: dict[str, Any] = {"path": source["loader"], "data_files": files, "split": "train"}
     if source["loader"] == "csv":  # an empty CSV cell is an empty text, not NaN
         arguments["keep_default_na"] = False
+        arguments["features"] = csv_text_features(files[0])
     return arguments
 
 
-# A row's file in a folder source ("" for a one-file source) and its row in that file.
+# A row's file in a folder source ("" for a one-file source, JOINED where unknown) and its row in that file
+# (where unknown, in the folder's files taken in name order).
 SOURCE_FILE, SOURCE_ROW = "__source_file", "__source_row"
 ORIGIN_COLUMNS = (SOURCE_FILE, SOURCE_ROW)
+JOINED = "*"
 
 
-def file_arguments(arguments: dict[str, Any], file: str) -> dict[str, Any]:
-    """load_dataset arguments for one of a local source's files."""
-    one = {**arguments, "data_files": [file]}
-    if arguments["path"] == "csv":
-        one["features"] = csv_text_features(file)
-    return one
+def located(rows, names: tuple[str, ...], counts: list[int] | None):
+    """Materialized rows with their ORIGIN_COLUMNS, given a folder's file names and how many rows each holds
+    (None, or counts that do not add up to the rows: not known)."""
+    total = len(rows)
+    if len(names) > 1 and counts is not None and sum(counts) == total:
+        files = [name for name, count in zip(names, counts, strict=True) for _ in range(count)]
+        numbers = [number for count in counts for number in range(count)]
+    else:
+        files, numbers = [JOINED if len(names) > 1 else ""] * total, list(range(total))
+    return rows.add_column(SOURCE_FILE, files).add_column(SOURCE_ROW, numbers)
 
 
 def csv_text_features(path: str):
@@ -70,32 +79,19 @@ def open_rows(arguments: dict[str, Any], where: str, streaming: bool = False):
         raise DataError(f"{where}: cannot read {arguments['path']}: {exc}".splitlines()[0]) from None
 
 
-def open_located_rows(source: dict[str, Any], location: str, where: str, streaming: bool = False):
-    """A source's rows with their ORIGIN_COLUMNS: each file is opened on its own (in the folder's order) so that
-    a row's number is its row in its file."""
-    import datasets
-
-    arguments = load_arguments(source, location)
-    files = arguments.get("data_files") or [None]  # a hub source: one split
-    names = source["files"] or [""]
-    parts = []
-    for file, name in zip(files, names, strict=True):
-        rows = open_rows(file_arguments(arguments, file) if file else arguments, where, streaming)
-        if streaming:
-            rows = rows.map(lambda _, index, name=name: {SOURCE_FILE: name, SOURCE_ROW: index}, with_indices=True)
-        else:
-            rows = rows.add_column(SOURCE_FILE, [name] * len(rows)).add_column(SOURCE_ROW, list(range(len(rows))))
-        parts.append(rows)
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
 def open_source(source: dict[str, Any], location: str, where: str):
-    """The raw rows of a described source, with their origin, as an IterableDataset (num_samples applied)."""
-    rows = open_located_rows(source, location, where, streaming=True)
+    """The raw rows of a described source, with their origin, as an IterableDataset (num_samples applied: the
+    first rows)."""
+    rows = open_rows(load_arguments(source, location), where, streaming=True)
+    file = JOINED if len(source["files"]) > 1 else ""  # a stream's files are not counted up front
+    rows = rows.map(lambda _, index: {SOURCE_FILE: file, SOURCE_ROW: index}, with_indices=True)
     return rows.take(source["num_samples"]) if source.get("num_samples") else rows
 
 
 def row_origin(row: dict[str, Any]) -> str:
-    """Where a row is in its source: "row 5", or "file part2.jsonl, row 1" in a folder source."""
-    file = row.get(SOURCE_FILE)
-    return f"file {file}, row {row[SOURCE_ROW]}" if file else f"row {row[SOURCE_ROW]}"
+    """Where a row is in its source: "row 5", "file part2.jsonl, row 1" in a folder source, or "row 7 of the
+    folder's files in name order" where its file is not known."""
+    file, number = row.get(SOURCE_FILE), row[SOURCE_ROW]
+    if file == JOINED:
+        return f"row {number} of the folder's files in name order"
+    return f"file {file}, row {number}" if file else f"row {number}"

@@ -89,8 +89,8 @@ def plan(recipe: Recipe, train: list[Step], evaluation: list[Step], model: Step)
     )
     inputs = {"model": model, **{f"train_{i}": s for i, s in enumerate(train)},
               **{f"eval_{i}": s for i, s in enumerate(evaluation)}}
-    wheres = {name: step.locators["where"] for name, step in inputs.items() if name != "model"}
-    return STAGE.step("tokenize", config, inputs, {"sources": stream_sources(train + evaluation), "wheres": wheres})
+    names = {name: step.locators["dataset"] for name, step in inputs.items() if name != "model"}
+    return STAGE.step("tokenize", config, inputs, {"sources": stream_sources(train + evaluation), "datasets": names})
 
 
 def stream_sources(aligned: list[Step]) -> dict[str, dict[str, str]]:
@@ -106,13 +106,13 @@ def input_names(ctx: BuildContext, prefix: str) -> list[str]:
 
 def load_aligned(ctx: BuildContext, prefix: str, config: TokenizeConfig):
     """The aligned inputs named prefix_0, prefix_1, ..., each capped at max_samples rows, merged; each row
-    says which dataset it is from (a `dataset` column, for messages: encoding drops it)."""
+    says which dataset it is from (a `dataset` column holding its name, for messages: encoding drops it)."""
     parts = []
     for name in input_names(ctx, prefix):
         rows = load_rows(ctx.inputs[name].part("rows"))
         limit = config.max_samples
         rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-        parts.append(rows.add_column("dataset", [ctx.locators["wheres"].get(name, "")] * len(rows)))
+        parts.append(rows.add_column("dataset", [ctx.locators["datasets"].get(name, "")] * len(rows)))
     return merge_parts(parts, config.mix_strategy, config.interleave_probs, config.seed) if parts else None
 
 

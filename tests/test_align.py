@@ -329,3 +329,17 @@ def test_multimodal_columns_are_refused_at_plan(tmp_path):
                          columns={"messages": "messages", "images": "images"})
     with pytest.raises(DataError, match="column 'images' \\(images\\) is multimodal input"):
         align.plan(mine, fetch.plan(mine, streaming=False), Recipe())
+
+
+def test_a_row_is_named_by_its_file_where_the_files_can_be_counted():
+    import datasets
+
+    from tasks.sources import located, row_origin
+
+    rows = datasets.Dataset.from_list([{"a": i} for i in range(5)])
+    counted = located(rows, ("x.jsonl", "y.jsonl"), [2, 3])
+    assert [row_origin(row) for row in counted.select([1, 2, 4])] == [
+        "file x.jsonl, row 1", "file y.jsonl, row 0", "file y.jsonl, row 2"]
+    uncounted = located(rows, ("x.csv", "y.csv"), None)  # CSV files are not counted up front
+    assert row_origin(uncounted[3]) == "row 3 of the folder's files in name order"
+    assert row_origin(located(rows, (), None)[4]) == "row 4"

@@ -235,6 +235,7 @@ def test_errors_name_the_row_in_its_file_after_sampling_joining_and_mixing(write
     answers = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
     write_jsonl(folder / "sampled.jsonl", [*answers[:2], {"instruction": "q2", "output": ""}, *answers[3:]])
     write_jsonl(folder / "parts" / "part1.jsonl", answers[:3])
+    write_jsonl(folder / "parts" / "part1b.jsonl", [])  # an empty file holds no rows (it failed to load alone)
     write_jsonl(folder / "parts" / "part2.jsonl", [answers[3], {"instruction": "q", "output": ""}])
     write_jsonl(folder / "one.jsonl", [GOOD_CHAT, GOOD_CHAT])
     write_jsonl(folder / "two.jsonl", [GOOD_CHAT, PARALLEL_CALLS])
@@ -245,7 +246,7 @@ def test_errors_name_the_row_in_its_file_after_sampling_joining_and_mixing(write
     cases = [("sampled", {}, f"dataset 'sampled' ({folder / 'sampled.jsonl'}), row 2: field 'output'"),
              ("parts", {}, f"dataset 'parts' ({folder / 'parts'}), file part2.jsonl, row 1: field 'output'"),
              ("one,two", {"tool_format": "glm4"},
-              f"dataset 'two' ({folder / 'two.jsonl'}), row 1: a function turn holds parallel tool calls")]
+              "dataset 'two', row 1: a function turn holds parallel tool calls")]
     for dataset, overrides, message in cases:
         recipe = write_recipe(dataset=dataset, dataset_dir=str(folder), eval_dataset=None, max_samples=None,
                               **overrides)

@@ -26,7 +26,8 @@ def test_example_plans(path: Path, monkeypatch):
     monkeypatch.chdir(REPO)  # chained recipes name their upstream recipes relative to the repository
     plan = plan_run(load_recipe(path))
     objective = load_recipe(path).finetuning.stage
-    trainer = {"pt": "train", "sft": "train", "rm": "reward", "dpo": "preference", "kto": "preference", "ppo": "ppo"}[objective]
+    trainer = {"pt": "train", "sft": "train", "rm": "reward", "dpo": "preference", "kto": "preference",
+               "ppo": "ppo"}[objective]
     assert any(step.stage.name == trainer and ":" not in step.label for step in plan)
     if objective == "ppo":
         assert {"sft_lora:train", "rm_lora:reward"} <= set(plan.labels())

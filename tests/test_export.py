@@ -124,3 +124,32 @@ def test_legacy_format_names_tensors_as_the_checkpoint_does(write_recipe, workdi
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, original(ids).logits)
+
+
+def test_legacy_format_keeps_a_remote_code_models_own_modules(tmp_path):
+    """A trust_remote_code model's configuration and modeling files went missing from the .bin export."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.export import save_legacy
+
+    source = tmp_path / "remote"
+    source.mkdir()
+    (source / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\nclass TinyConfig(LlamaConfig):\n    model_type = 'tinyremote'\n")
+    (source / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_tiny import TinyConfig\n"
+        "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(model_type="tinyremote", architectures=["TinyForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tiny.TinyConfig",
+                            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+    (source / "config.json").write_text(json.dumps(config))
+    save_legacy(AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True), tmp_path / "out", "5GB")
+    assert {"configuration_tiny.py", "modeling_tiny.py", "pytorch_model.bin"} <= {p.name for p in
+                                                                                   (tmp_path / "out").iterdir()}
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)).__name__ == \
+        "TinyForCausalLM"

@@ -128,3 +128,18 @@ def test_flash_attn_auto_lets_transformers_choose(write_recipe, workdir, tiny_mo
     summary = finetune(load_recipe(write_recipe(model_name_or_path=str(folder), max_samples=8, max_steps=2)))
     assert {"train", "merge", "evaluate[tuned]"} <= {s.label for s in summary.stages}
     assert "eval_loss" in summary.metrics["tuned"]
+
+
+def test_rope_already_scaled_is_extended_not_shrunk():
+    """Gemma 3's full-attention layers ship scaled (linear, factor 8, to 128K) without naming the context before
+    it: a longer cutoff replaced the 8 by 2; a cutoff within the 128K scaled it down."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              max_position_embeddings=131072,
+                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                  "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    assert scaled_rope(config, "linear", 100000) is None  # the shipped context holds it
+    assert scaled_rope(config, "linear", 262144)["full_attention"]["factor"] == 16.0  # 16K x 16
