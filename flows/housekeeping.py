@@ -1,6 +1,6 @@
 """Store housekeeping: list recent runs with each stage's outcome, and collect artifacts nothing needs.
 
-`gc` keeps every artifact reachable from the last N runs in MLflow of the flows that use the store
+`gc` keeps every artifact reachable from the last N runs in MLflow of each flow that uses the store
 (finetune, export, data preview) or from any registered
 model version (and, through manifests, everything each was made from), deletes the rest, and never
 touches an artifact whose key a running build holds the lock on. What to keep comes from the tracking
@@ -46,7 +46,8 @@ def recent_runs(last: int) -> str:
 def roots(store: ArtifactStore, keep_last: int) -> set[str]:
     """Artifact ids ("stage/key") that runs and registered models point at directly."""
     ids = set()
-    for run in tracking.newest_runs(keep_last, tracking.STORE_FLOWS):
+    # The last N of each flow: a row of previews must not push the last fine-tune's artifacts out.
+    for run in [run for flow in tracking.STORE_FLOWS for run in tracking.newest_runs(keep_last, (flow,))]:
         for stage in tracking.stage_runs(run):
             key = stage.data.tags.get("artifact_key")
             if key:

@@ -55,7 +55,8 @@ def test_compare_runs_and_gc(write_recipe, workdir, capsys):
 
 def test_runs_and_gc_count_every_flow_that_uses_the_store(write_recipe, workdir, capsys):
     """A data preview's (or an export's) run is one of the last runs too: gc counted only finetune runs, so it
-    deleted what the newest preview had just built."""
+    deleted what the newest preview had just built. It keeps the last N of each flow, so previews do not push
+    the last fine-tune out."""
     trained = run_finetune(load_recipe(write_recipe(max_samples=12)))
     assert main(["data", "preview", str(write_recipe("preview.yaml", max_samples=8))]) == 0
     capsys.readouterr()
@@ -67,9 +68,10 @@ def test_runs_and_gc_count_every_flow_that_uses_the_store(write_recipe, workdir,
     assert main(["runs", "--last", "1"]) == 0
     listing = capsys.readouterr().out
     assert "data-preview" in listing and "tokenize" in listing and "finetune" not in listing
+    assert main(["data", "preview", str(write_recipe("preview.yaml", max_samples=8))]) == 0  # a row of previews
     collect_garbage(store, keep_last=1, dry_run=False)
     assert store.lookup("tokenize", previewed[0].ref.key) is not None  # the newest run's artifact stays
-    assert store.lookup("train", next(s.key for s in trained.stages if s.stage == "train")) is None
+    assert store.lookup("train", next(s.key for s in trained.stages if s.stage == "train")) is not None
 
 
 def test_gc_deletes_nothing_when_the_runs_it_reads_are_not_this_stores(tmp_path, monkeypatch, capsys):
