@@ -43,7 +43,9 @@ CASES = {
     "infer_backend": [({}, {"infer_backend": "vllm"}, set())],  # chat and api only
     "trust_remote_code": [({}, {"trust_remote_code": True}, {"model"})],
     "infer_dtype": [({}, {"infer_dtype": "float32"}, set()), ({}, {"infer_dtype": "bfloat16"}, {"model"})],
-    "flash_attn": [({}, {"flash_attn": "sdpa"}, set()), ({}, {"flash_attn": "disabled"}, {"train"} | EVALS)],
+    # auto leaves the choice to transformers (SDPA where the class supports it, else eager): its own key
+    "flash_attn": [({}, {"flash_attn": "sdpa"}, {"train"} | EVALS),
+                   ({}, {"flash_attn": "disabled"}, {"train"} | EVALS)],
     "quantization_bit": [({}, {"quantization_bit": 4}, {"quantize", "train"}),  # QLoRA trains on its checkpoint
                          ({"quantization_bit": 4}, {"quantization_bit": 8}, {"quantize", "train"})],
     "quantization_type": [({}, {"quantization_type": "fp4"}, set()),
