@@ -57,8 +57,8 @@ def test_runs_and_gc_count_every_flow_that_uses_the_store(write_recipe, workdir,
     """A data preview's (or an export's) run is one of the last runs too: gc counted only finetune runs, so it
     deleted what the newest preview had just built. It keeps the last N of each flow, so previews do not push
     the last fine-tune out."""
-    trained = run_finetune(load_recipe(write_recipe(max_samples=12)))
-    assert main(["data", "preview", str(write_recipe("preview.yaml", max_samples=8))]) == 0
+    trained = run_finetune(load_recipe(write_recipe(max_samples=8, do_eval=False)))
+    assert main(["data", "preview", str(write_recipe("preview.yaml", max_samples=6))]) == 0
     capsys.readouterr()
     store = ArtifactStore(workdir / "artifacts")
     previewed = [t for t in store.artifacts() if t.ref.stage == "tokenize"
@@ -68,7 +68,7 @@ def test_runs_and_gc_count_every_flow_that_uses_the_store(write_recipe, workdir,
     assert main(["runs", "--last", "1"]) == 0
     listing = capsys.readouterr().out
     assert "data-preview" in listing and "tokenize" in listing and "finetune" not in listing
-    assert main(["data", "preview", str(write_recipe("preview.yaml", max_samples=8))]) == 0  # a row of previews
+    assert main(["data", "preview", str(write_recipe("preview.yaml", max_samples=6))]) == 0  # a row of previews
     collect_garbage(store, keep_last=1, dry_run=False)
     assert store.lookup("tokenize", previewed[0].ref.key) is not None  # the newest run's artifact stays
     assert store.lookup("train", next(s.key for s in trained.stages if s.stage == "train")) is not None
