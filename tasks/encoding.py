@@ -8,6 +8,7 @@ from typing import Any
 
 from tasks.core.errors import DataError
 from tasks.packing import pack_pretraining
+from tasks.sources import origin_text
 from tasks.templates import (
     IGNORE_INDEX,
     Template,
@@ -32,7 +33,7 @@ NEEDS = {"preference": "stage rm or dpo", "kto": "stage kto", "pretrain": "stage
 
 def row_location(row: dict[str, Any]) -> str:
     """Where an aligned row came from, for messages: its dataset (where tokenize adds it), file and row."""
-    place = f"file {row['file']}, row {row['row']}" if row.get("file") else f"row {row['row']}"
+    place = origin_text(row.get("file"), row["row"])
     return f"{row['dataset']}, {place}" if row.get("dataset") else place
 
 

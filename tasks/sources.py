@@ -88,10 +88,14 @@ def open_source(source: dict[str, Any], location: str, where: str):
     return rows.take(source["num_samples"]) if source.get("num_samples") else rows
 
 
-def row_origin(row: dict[str, Any]) -> str:
+def origin_text(file: str | None, number: int) -> str:
     """Where a row is in its source: "row 5", "file part2.jsonl, row 1" in a folder source, or "row 7 of the
     folder's files in name order" where its file is not known."""
-    file, number = row.get(SOURCE_FILE), row[SOURCE_ROW]
     if file == JOINED:
         return f"row {number} of the folder's files in name order"
     return f"file {file}, row {number}" if file else f"row {number}"
+
+
+def row_origin(row: dict[str, Any]) -> str:
+    """origin_text of a raw row (its ORIGIN_COLUMNS)."""
+    return origin_text(row.get(SOURCE_FILE), row[SOURCE_ROW])

@@ -343,3 +343,7 @@ def test_a_row_is_named_by_its_file_where_the_files_can_be_counted():
     uncounted = located(rows, ("x.csv", "y.csv"), None)  # CSV files are not counted up front
     assert row_origin(uncounted[3]) == "row 3 of the folder's files in name order"
     assert row_origin(located(rows, (), None)[4]) == "row 4"
+    from tasks.encoding import row_location  # tokenize's messages say the same, after the dataset
+
+    assert row_location({"file": "*", "row": 3, "dataset": "dataset 'x'"}) == (
+        "dataset 'x', row 3 of the folder's files in name order")
