@@ -85,6 +85,11 @@ def data_steps(recipe: Recipe, names: str | None, key: str, store: ArtifactStore
     return pairs
 
 
+def imported_model(model_step: Step, store: ArtifactStore | None):
+    """The model stage's artifact, if the store holds it already (a hub or GGUF model imported before)."""
+    return store.lookup("model", model_step.stage.key(model_step.config, {})) if store else None
+
+
 def model_structure(model_step: Step, store: ArtifactStore | None):
     """The base model's modules without its weights, from its config: a local folder's, an imported model's
     already in the store, a GGUF file's metadata (the bundled model's: about 5 s, paid only by a check that
@@ -95,7 +100,7 @@ def model_structure(model_step: Step, store: ArtifactStore | None):
         return None
     if config.source_kind == "local":
         return meta_model(Path(where["path"]))
-    found = store.lookup("model", model_step.stage.key(config, {})) if store else None
+    found = imported_model(model_step, store)
     if found is not None:
         return meta_model(found.part("model"))
     if config.source_kind == "gguf":
@@ -214,7 +219,7 @@ def prequantized_method(model_step: Step, store: ArtifactStore | None = None) ->
     config, where = model_step.config, model_step.locators
     if config.source_kind == "local":
         return prequantized(model.read_config(Path(where["path"])))
-    found = store.lookup("model", model_step.stage.key(config, {})) if store else None
+    found = imported_model(model_step, store)
     if found is not None:
         return found.info.get("prequantized")
     if config.source_kind != "hub":

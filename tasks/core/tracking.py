@@ -35,7 +35,12 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-FINETUNE_RUNS = "tags.`tunefactory.flow` = 'finetune'"  # search_runs' filter for the finetune flow's runs
+def flow_runs(flow: str) -> str:
+    """search_runs' filter for one flow's runs."""
+    return f"tags.`tunefactory.flow` = '{flow}'"
+
+
+FINETUNE_RUNS = flow_runs("finetune")
 STORE_FLOWS = ("finetune", "export", "data-preview")  # the flows whose stage runs build or reuse store artifacts
 
 
@@ -48,7 +53,7 @@ def newest_runs(last: int, flows: tuple[str, ...] = ("finetune",)) -> list:
     if not ids:
         return []
     runs = [run for name in flows  # one search per flow: MLflow's filter has no IN for tags
-            for run in found.search_runs(ids, f"tags.`tunefactory.flow` = '{name}'", max_results=last,
+            for run in found.search_runs(ids, flow_runs(name), max_results=last,
                                          order_by=["attributes.start_time DESC"])]
     return sorted(runs, key=lambda run: run.info.start_time, reverse=True)[:last]
 
