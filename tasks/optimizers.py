@@ -109,6 +109,28 @@ def decay_groups(model, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
 
 
+def loraplus_groups(model, lr: float, weight_decay: float, lr_ratio: float,
+                    lr_embedding: float) -> list[dict[str, Any]]:
+    """LoRA+ parameter groups as LlamaFactory's `_create_loraplus_optimizer` makes them: B matrices (and 1-D
+    weights) learn `lr_ratio` times faster; only an embedding's B matrix takes `lr_embedding`. PEFT's
+    `create_loraplus_optimizer` gives the embedding rate to the A matrix too, which learns at `lr` here."""
+    decayed = {id(param) for param in decay_groups(model, weight_decay)[0]["params"]}
+    groups = {"a": [], "b": [], "b_nodecay": [], "embedding": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_embedding_B" in name:
+            groups["embedding"].append(param)
+        elif "lora_B" in name or param.ndim == 1:
+            groups["b" if id(param) in decayed else "b_nodecay"].append(param)
+        else:
+            groups["a"].append(param)
+    return [{"params": groups["a"], "lr": lr, "weight_decay": weight_decay},
+            {"params": groups["b"], "lr": lr * lr_ratio, "weight_decay": weight_decay},
+            {"params": groups["b_nodecay"], "lr": lr * lr_ratio, "weight_decay": 0.0},
+            {"params": groups["embedding"], "lr": lr_embedding, "weight_decay": weight_decay}]
+
+
 class OptimizerFactory:
     """The Trainer calls `OptimizerFactory()(model, settings=..., arguments=...)` (transformers' factory hook)."""
 
@@ -118,11 +140,8 @@ class OptimizerFactory:
         base_cls, base_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments, model)
         o = settings.options
         if settings.kind == "loraplus":
-            from peft.optimizers import create_loraplus_optimizer
-
-            return create_loraplus_optimizer(model, base_cls, loraplus_lr_ratio=o["lr_ratio"],
-                                             loraplus_lr_embedding=o["lr_embedding"],
-                                             loraplus_weight_decay=arguments.weight_decay, **base_kwargs)
+            return base_cls(loraplus_groups(model, arguments.learning_rate, arguments.weight_decay, **o),
+                            **base_kwargs)
         adam = {"lr": arguments.learning_rate, "betas": (arguments.adam_beta1, arguments.adam_beta2),
                 "eps": arguments.adam_epsilon}
         if settings.kind == "adam_mini":

@@ -180,6 +180,28 @@ def test_loraplus_groups(store, tiny_model_dir):
     assert rates == {1e-3, 16e-3}  # B matrices learn 16 times faster
 
 
+def test_loraplus_gives_the_embedding_rate_to_the_embeddings_b_matrix_only(tiny_model_dir):
+    """As LlamaFactory's LoRA+ does: an embedding's A matrix learns at learning_rate like every A matrix (PEFT's
+    create_loraplus_optimizer gave it loraplus_lr_embedding too)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from tasks.optimizers import OptimizerFactory, OptimizerSettings
+    from tasks.train_methods import LoraSettings, lora_config
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), lora_config(
+        LoraSettings(rank=4, alpha=8, dropout=0.0, target="q_proj,embed_tokens", use_dora=False, use_rslora=False)))
+    arguments = TrainingArguments(output_dir="unused", learning_rate=1e-3, use_cpu=True, report_to="none")
+    settings = OptimizerSettings(kind="loraplus", options={"lr_ratio": 16.0, "lr_embedding": 1e-6})
+    optimizer = OptimizerFactory()(model, settings=settings, arguments=arguments)
+    names = {id(p): n.removeprefix("base_model.model.") for n, p in model.named_parameters()}
+    rates = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rates["model.embed_tokens.lora_embedding_A.default"] == 1e-3
+    assert rates["model.embed_tokens.lora_embedding_B.default"] == 1e-6
+    assert rates["model.layers.0.self_attn.q_proj.lora_A.default.weight"] == 1e-3
+    assert rates["model.layers.0.self_attn.q_proj.lora_B.default.weight"] == 16e-3
+
+
 @pytest.mark.parametrize(("keys", "optimizer"), [
     ({"use_galore": True, "galore_rank": 4, "galore_update_interval": 2}, "galore_torch.adamw.AdamW"),
     ({"use_galore": True, "galore_rank": 4, "galore_layerwise": True, "galore_target": "mlp"},
