@@ -41,14 +41,20 @@ def relabel(steps: Iterable[Step], prefix: str) -> list[Step]:
             for s in steps]
 
 
-def deduplicated(steps: list[Step]) -> list[Step]:
-    """One step for each distinct (stage, config, inputs), at its first place in the order; it keeps this recipe's
-    own label (without an upstream prefix) where it has one, the shortest otherwise ("model" over "model[ref]"),
-    and every user points at it."""
+def identities(steps: list[Step]) -> dict[str, str]:
+    """Each step's identity by label: a hash of its stage, config and its inputs' identities (steps in order)."""
     identity: dict[str, str] = {}
     for step in steps:
         inputs = sorted((name, identity[label]) for name, label in step.inputs.items())
         identity[step.label] = stable_hash([step.stage.name, step.config.keyed(), inputs, step.force])
+    return identity
+
+
+def deduplicated(steps: list[Step]) -> list[Step]:
+    """One step for each distinct (stage, config, inputs), at its first place in the order; it keeps this recipe's
+    own label (without an upstream prefix) where it has one, the shortest otherwise ("model" over "model[ref]"),
+    and every user points at it."""
+    identity = identities(steps)
     canonical: dict[str, str] = {}
     for step in steps:
         ident = identity[step.label]
@@ -106,3 +112,26 @@ def same_base(ours: Step, upstream: list[Step], key: str) -> None:
     if theirs is not None and theirs.config.keyed() != ours.config.keyed():
         raise RecipeError(f"key '{key}': the recipe it names trains on another base model; adapters only fit the "
                           "base they were trained on")
+
+
+def merged_adapter(trainer: Step) -> str | None:
+    """The label of the adapter a trainer merged into its base before training (create_new_adapter), or None."""
+    lora = getattr(trainer.config, "lora", None)
+    return trainer.inputs.get("adapter") if lora is not None and lora.create_new_adapter else None
+
+
+def same_adapter_base(policy: Step, reward: Step, steps: list[Step]) -> None:
+    """A LoRA reward model is put on the policy's base, so both must have merged the same adapter into that base
+    (create_new_adapter) or neither: else the rm scores on a base it was not trained on. `steps` hold the adapters'
+    own steps (an imported adapter's provenance is unknown and passes)."""
+    identity = identities(steps)
+    ours, theirs = merged_adapter(policy), merged_adapter(reward)
+    if (ours and identity[ours]) == (theirs and identity[theirs]):
+        return
+    merged = "the base with its starting adapter merged (create_new_adapter)"
+    theirs_base, ours_base = merged if theirs else "the plain base", merged if ours else "the plain base"
+    if ours and theirs:
+        ours_base = "the base with another adapter merged"
+    raise RecipeError(f"key 'reward_model': the reward model was trained on {theirs_base}, this ppo recipe trains on "
+                      f"{ours_base}; a LoRA reward model only fits the base it was trained on (match "
+                      "create_new_adapter and adapter_name_or_path, or use reward_model_type: full)")

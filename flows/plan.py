@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flows.chaining import deduplicated, resolve, same_base
+from flows.chaining import deduplicated, resolve, same_adapter_base, same_base
 from flows.user_output import check_target
 from tasks import align, evaluate, exam, export, fetch, merge, model, ppo, preference, quantize, reward, tokenize, train
 from tasks.core.errors import RecipeError
@@ -262,7 +262,10 @@ def trainer_step(recipe: Recipe, tokenized: Step, base: Step, store: ArtifactSto
         return upstream, preference.plan(recipe, tokenized, loaded, start, reference)
     scorer, steps = resolve(rlhf.reward_model, "reward_model", "reward_model", store, upstream_plan, chain)
     same_base(base, steps, "reward_model")
-    return upstream + steps + [scorer], ppo.plan(recipe, tokenized, loaded, scorer, start)
+    policy = ppo.plan(recipe, tokenized, loaded, scorer, start)
+    if rlhf.reward_model_type == "lora":
+        same_adapter_base(policy, scorer, [*upstream, *steps, scorer])
+    return upstream + steps + [scorer], policy
 
 
 def check_targets(recipe: Recipe) -> None:

@@ -364,6 +364,37 @@ def test_rm_continues_an_sft_adapter_and_an_adapter_of_another_model_is_named(ti
         starting_adapter_on(wider, sft.part("adapter"), "CAUSAL_LM", trainable=True)
 
 
+@pytest.mark.parametrize(("rm_merges", "ppo_merges", "fits"), [
+    (False, False, True), (True, True, True), (True, False, False), (False, True, False)])
+def test_a_lora_reward_model_must_share_the_policys_merged_adapter(write_recipe, rm_merges, ppo_merges, fits):
+    """PPO puts a LoRA rm's adapter on its own base; with create_new_adapter on one side only, that base lacked
+    (or doubled) the SFT adapter the rm was trained on, and PPO scored with a different reward model."""
+    from tasks.core.errors import RecipeError
+    from tasks.core.recipe import load_recipe
+
+    sft = write_recipe("sft.yaml")
+    rm = write_recipe("rm.yaml", stage="rm", adapter_name_or_path=str(sft), create_new_adapter=rm_merges, **PAIRS)
+    chained = write_recipe("ppo.yaml", stage="ppo", adapter_name_or_path=str(sft), create_new_adapter=ppo_merges,
+                           reward_model=str(rm))
+    if fits:
+        assert any(step.stage.name == "ppo" for step in plan_run(load_recipe(chained)))
+        return
+    with pytest.raises(RecipeError, match="a LoRA reward model only fits the base it was trained on"):
+        plan_run(load_recipe(chained))
+
+
+@pytest.mark.parametrize("key", [{"ref_model": "some/model"}, {"ref_model_quantization_bit": 4}])
+def test_ppo_refuses_a_separate_reference_model(write_recipe, key):
+    """ppo's reference is the base with the policy adapter off; ref_model was accepted and ignored."""
+    from tasks.core.errors import RecipeError
+    from tasks.core.recipe import load_recipe
+
+    rm = write_recipe("rm.yaml", stage="rm", **PAIRS)
+    chained = write_recipe("ppo.yaml", stage="ppo", reward_model=str(rm), **key)
+    with pytest.raises(RecipeError, match=f"key '{next(iter(key))}'.*ppo"):
+        load_recipe(chained)
+
+
 def test_ppo_builds_the_optimizer_optim_names():
     """PPO's loop built AdamW whatever `optim` said, decaying biases and norms too."""
     from types import SimpleNamespace

@@ -186,7 +186,7 @@ class RLHFSection(Section):
     ppo_score_norm: bool = option(False, "Normalise reward scores with their running mean and std.")
     ppo_target: float = option(6.0, "Target KL for adaptive KL control in PPO.", gt=0)
     ppo_whiten_rewards: bool = option(False, "Whiten the rewards before computing advantages in PPO.")
-    ref_model: str | None = option(None, "Reference model for DPO/KTO/PPO (default: the base with adapters disabled).")
+    ref_model: str | None = option(None, "Reference model for DPO/KTO (default: the base with adapters disabled).")
     ref_model_adapters: str | None = option(None, "Adapter applied to ref_model (a folder or artifact id).")
     ref_model_quantization_bit: Literal[4, 8] | None = option(None, "Load the reference model in 4 or 8 bit.")
     reward_model: str | None = option(
@@ -550,6 +550,10 @@ def check_rlhf(recipe: Recipe, source: str) -> None:
         if recipe.finetuning.finetuning_type != "lora":
             raise RecipeError(f"{source}: stage ppo trains a LoRA policy (its reference is the base with the adapter "
                               "disabled); set finetuning_type: lora")
+        for key in ("ref_model", "ref_model_quantization_bit"):
+            if getattr(rlhf, key):
+                raise RecipeError(f"{source}: key '{key}' applies to stage dpo or kto; stage ppo's reference is the "
+                                  "base with the policy adapter disabled")
     if rlhf.ref_model_adapters:
         raise RecipeError(f"{source}: key 'ref_model_adapters' is not supported; merge the adapter into ref_model "
                           "(tunefactory export) and name that folder")
