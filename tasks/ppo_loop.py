@@ -45,8 +45,12 @@ def load_reward_adapter(model, reward_dir: Path) -> None:
     lora = LoraConfig(task_type="CAUSAL_LM", r=settings["r"], lora_alpha=settings["lora_alpha"],
                       target_modules=settings["target_modules"], use_dora=settings.get("use_dora", False),
                       use_rslora=settings.get("use_rslora", False))
-    model.add_adapter(REWARD, lora)
     weights = {k: v for k, v in load_file(str(reward_dir / "adapter_model.safetensors")).items() if ".score." not in k}
+    whole = sorted({k.split(".modules_to_save.")[0] for k in weights if "lora_" not in k})
+    if whole:  # the rm also trained these whole (additional_target, a grown vocabulary): they are not the policy's
+        raise RecipeError(f"key 'reward_model': the LoRA reward model also trained whole modules ({whole[:3]}), which "
+                          "an adapter on the policy's shared base cannot hold; use reward_model_type: full")
+    model.add_adapter(REWARD, lora)
     result = set_peft_model_state_dict(model, weights, adapter_name=REWARD)
     missing = [k for k in result.unexpected_keys if "lora" in k]
     if missing:

@@ -395,6 +395,27 @@ def test_ppo_refuses_a_separate_reference_model(write_recipe, key):
         load_recipe(chained)
 
 
+def test_a_lora_reward_model_with_whole_modules_is_refused_and_leaves_the_base_alone(tiny_model_dir, tmp_path):
+    """An rm trained with additional_target saves those modules whole; PPO loaded them straight into the shared base,
+    which changed the reference and the policy too (a grown vocabulary's embeddings were dropped instead)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tasks import reward
+    from tasks.core.errors import RecipeError
+    from tasks.train_methods import attach_trainable
+
+    values = tiny_recipe_values(tiny_model_dir, stage="rm", additional_target="norm", **PAIRS)
+    config = reward.RewardModelConfig(**reward.training_values(Recipe.from_flat(values)))
+    attach_trainable(reward.load_classifier(tiny_model_dir, config, 0), config, None,
+                     task_type="SEQ_CLS").save_pretrained(tmp_path / "rm")
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                            LoraConfig(r=4, target_modules="all-linear"), adapter_name=ppo_loop.POLICY)
+    before = {n: p.clone() for n, p in policy.named_parameters()}
+    with pytest.raises(RecipeError, match=r"also trained whole modules .*norm.*reward_model_type: full"):
+        ppo_loop.load_reward_adapter(policy, tmp_path / "rm")
+    assert all(torch.equal(before[n], p) for n, p in policy.named_parameters())
+
+
 def test_ppo_builds_the_optimizer_optim_names():
     """PPO's loop built AdamW whatever `optim` said, decaying biases and norms too."""
     from types import SimpleNamespace
