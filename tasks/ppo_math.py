@@ -30,8 +30,12 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 
 
 def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Values scaled to unit variance over the mask, and centred unless shift_mean is False."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    """Values scaled to unit variance over the mask, and centred unless shift_mean is False. One value has no
+    variance (a rollout batch of one single-token reply): it is only centred."""
+    mean = masked_mean(values, mask)
+    if mask.sum() < 2:
+        return values - mean if shift_mean else values
+    var = masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 

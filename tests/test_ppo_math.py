@@ -142,3 +142,12 @@ def test_a_two_armed_bandit_learns_the_rewarded_arm():
             out["loss"].backward()
             optimizer.step()
     assert logits.softmax(-1)[0].item() > 0.9
+
+
+def test_whitening_one_reply_token_centres_it():
+    """A rollout batch of one single-token reply (batch size 1, EOS first) stopped the stage with an internal error."""
+    values, mask = torch.tensor([[0.0, 3.0, 0.0]]), torch.tensor([[0, 1, 0]])
+    assert masked_whiten(values, mask)[0, 1].item() == 0.0
+    assert masked_whiten(values, mask, shift_mean=False)[0, 1].item() == 3.0
+    advantages, returns = advantages_and_returns(values, torch.tensor([[0.0, 1.0, 0.0]]), mask, 1.0, 0.95, True)
+    assert torch.isfinite(advantages).all() and torch.isfinite(returns).all()
