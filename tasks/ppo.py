@@ -109,6 +109,8 @@ def build(config: PPOConfig, ctx: BuildContext, out: Path) -> Built:
     data = ctx.inputs["data"]
     model = attach_trainable(load_base(ctx.inputs["model"].part("model"), config, **remote_code(ctx.inputs["model"])),
                              config, starting_adapter(ctx), train_embeddings=grown_vocabulary(ctx))
+    if config.gradient_checkpointing:  # as the Trainer stages: the update passes recompute activations
+        model.gradient_checkpointing_enable()
     reward_head, classifier = reward_parts(ctx, config, model)
     cast_frozen_weights_for_autocast(model, config)  # the reward adapter's weights too: they are frozen here
     place_on_compute_device(model)  # this loop is not the Trainer's: nothing else moves it to the GPU

@@ -292,6 +292,16 @@ def test_ppo_raises_the_mean_reward_on_a_synthetic_task(tiny_model_dir, tmp_path
     assert sum(h["reward"] for h in last) / 5 > sum(h["reward"] for h in first) / 5 + 0.3
 
 
+def test_ppo_with_gradient_checkpointing_learns_the_same(tiny_model_dir, tmp_path):
+    config, fresh = synthetic_ppo(tiny_model_dir, tmp_path, max_steps=3)
+    plain = ppo_loop.train_ppo(fresh(), SYNTHETIC_PROMPTS, config, SYNTHETIC_GENERATION)
+    shared = fresh()
+    shared.model.gradient_checkpointing_enable()
+    checkpointed = ppo_loop.train_ppo(shared, SYNTHETIC_PROMPTS, config, SYNTHETIC_GENERATION)
+    assert shared.model.get_base_model().is_gradient_checkpointing
+    assert [h["loss"] for h in checkpointed] == pytest.approx([h["loss"] for h in plain], rel=1e-5)
+
+
 def test_ppo_chains_on_sft_and_rm_recipes_all_under_bf16(tiny_model_dir, write_recipe, workdir, capsys, monkeypatch):
     """Under `bf16: true` on a CPU with bf16 instructions (the probe is set, so this runs on any CPU): every stage
     of the chain trains under bf16 mixed precision, rm and ppo with their frozen weights held in bf16."""
@@ -308,14 +318,18 @@ def test_ppo_chains_on_sft_and_rm_recipes_all_under_bf16(tiny_model_dir, write_r
     flat = []
     shared_init = ppo_loop.SharedModel.__init__
 
+    checkpointed = []
+
     def recording_init(self, *args, **kwargs):
         flat.append(kwargs["flat"])
+        checkpointed.append(args[0].get_base_model().is_gradient_checkpointing)
         shared_init(self, *args, **kwargs)
     monkeypatch.setattr(ppo_loop.SharedModel, "__init__", recording_init)
     common = {"max_samples": 8, "max_steps": 2, "per_device_train_batch_size": 4, "max_new_tokens": 3, "bf16": True}
     sft = write_recipe("sft.yaml", **common)
     rm = write_recipe("rm.yaml", stage="rm", **PAIRS, **common)
-    chained = write_recipe("ppo.yaml", stage="ppo", adapter_name_or_path=str(sft), reward_model=str(rm), **common)
+    chained = write_recipe("ppo.yaml", stage="ppo", adapter_name_or_path=str(sft), reward_model=str(rm), **common,
+                           disable_gradient_checkpointing=False)
     assert main(["run", "--dry-run", str(chained)]) == 0
     out = capsys.readouterr().out
     assert "sft:train" in out and "rm:reward" in out and "ppo" in out and out.count("cached") == 0
@@ -330,6 +344,7 @@ def test_ppo_chains_on_sft_and_rm_recipes_all_under_bf16(tiny_model_dir, write_r
     assert (ppo_dir / "value_head.safetensors").is_file()
     assert held == {"reward": {torch.bfloat16}, "ppo": {torch.bfloat16}}  # base and reward adapter; not the trained
     assert flat == [True]  # ppo's passes on unpadded rows
+    assert checkpointed == [True]  # as the Trainer stages do
     precisions = {path.parent.parent.name: json.loads(path.read_text())["config"]["precision"]
                   for path in (workdir / "artifacts").glob("*/*/manifest.json") if path.parent.parent.name in TRAINERS}
     assert precisions == {"train": "bf16", "reward": "bf16", "ppo": "bf16"}
