@@ -124,3 +124,17 @@ def test_killed_training_resumes(write_recipe, workdir, tmp_path):
     assert results["global_step"] == 120
     assert results["train_loss"] > 0 and results["tokens_trained"] > 0  # the whole run's figures
     assert not (staging / stages["train"].key).exists()  # checkpoints are dropped once the artifact is published
+
+
+def test_a_run_after_a_failed_one_in_the_same_process_is_not_interrupted(tiny_model_dir, tmp_path):
+    """A failed flow asks its still-running builds to stop; that request outlived it, so the next in-process build
+    (the chat and API engines build a recipe's model so) stopped at its first training step."""
+    from flows.plan import plan_run
+    from tasks.core.recipe import Recipe
+    from tasks.core.stage import request_stop, run_in_process
+    from tests.conftest import tiny_recipe_values
+
+    request_stop()  # what run_stages does when a stage fails
+    plan = plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, max_samples=4, max_steps=1)))
+    refs = run_in_process(plan.steps, tmp_path / "store")
+    assert any(ref.stage == "train" for ref in refs.values())

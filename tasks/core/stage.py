@@ -296,6 +296,7 @@ def task_seconds(task_run_id) -> float:
 def run_in_process(steps: Iterable[Step], home: str | Path) -> dict[str, ArtifactRef]:
     """Execute steps in order in this process, without Prefect or MLflow (tests, debugging); each step's
     inputs must come earlier. Returns every step's artifact reference by label."""
+    clear_stop()  # a new run: an earlier run's interruption in this process (a failed flow) is not this one's
     refs: dict[str, ArtifactRef] = {}
     run = RunContext(home=str(home))
     for step in steps:
