@@ -225,7 +225,26 @@ def test_tool_lists_are_json_arrays_where_a_format_writes_one():
     assert json.loads(phi.split("<|tool|>")[1].removesuffix("<|/tool|>")) == tools
     with_mistral_tools = replace(get_template("chatml"), tools=TOOL_FORMATS["mistral"].tools)
     mistral = with_mistral_tools.system_with_tools("", json.dumps(tools))
-    assert json.loads(mistral.removeprefix("[AVAILABLE_TOOLS] ").removesuffix("[/AVAILABLE_TOOLS]")) == tools
+    assert json.loads(mistral.removeprefix("[AVAILABLE_TOOLS] ").removesuffix("[/AVAILABLE_TOOLS]")) == [
+        {"type": "function", "function": tool} for tool in tools]  # as Mistral's template and LlamaFactory wrap them
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama3", "mistral", "phi4_mini", "chatml", "glm4"])
+def test_bare_and_wrapped_tool_definitions_write_the_same_prompt(name):
+    """Datasets hold bare definitions, OpenAI clients send wrapped ones: qwen, llama3 and mistral wrote each as it
+    came, so the served prompt differed from the trained one (LlamaFactory's formatters wrap bare ones)."""
+    bare = [{"name": "get_weather", "description": "Weather in a city.",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    wrapped = [{"type": "function", "function": tool} for tool in bare]
+    template = get_template(name)
+    assert template.system_with_tools("SYS", json.dumps(bare)) == template.system_with_tools("SYS", json.dumps(wrapped))
+
+
+def test_llama3_lists_tools_as_llama_3_1_and_llamafactory_write_them():
+    tools = [{"name": "a", "parameters": {}}, {"name": "b", "parameters": {}}]
+    written = get_template("llama3").system_with_tools("", json.dumps(tools))
+    blocks = "".join(json.dumps({"type": "function", "function": t}, indent=4) + "\n\n" for t in tools)
+    assert written.endswith("Do not use variables.\n\n" + blocks)
 
 
 def test_a_turn_the_template_cannot_write_names_its_row(tiny_model_dir):

@@ -40,9 +40,9 @@ QWEN_TOOLS = (
 LLAMA3_TOOLS = (
     "{content}\n\nYou have access to the following functions. To call a function, please respond with JSON for a "
     'function call. Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
-    "value}. Do not use variables.\n\n{tools}"
+    "value}. Do not use variables.\n\n{tool_blocks}"
 )
-MISTRAL_TOOLS = "[AVAILABLE_TOOLS] {tool_list}[/AVAILABLE_TOOLS]{content}"
+MISTRAL_TOOLS = "[AVAILABLE_TOOLS] {wrapped_tool_list}[/AVAILABLE_TOOLS]{content}"
 GLM4_TOOLS = (  # LlamaFactory writes GLM-4's tool prompt right after the system text
     "{content}你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，"
     "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具{tool_text_glm4}"
@@ -119,8 +119,10 @@ def write_glm4(calls: list[Call]) -> str:
 
 @dataclass(frozen=True)
 class ToolFormat:
-    tools: str  # system prompt with tools: {content} system text; {tools} one JSON per line; {tool_list} a JSON
-    # array; {tool_text} / {tool_names} LlamaFactory's default description and name list; {tool_text_glm4} GLM-4's
+    tools: str  # system prompt with tools: {content} system text; {tools} one OpenAI-wrapped JSON per line;
+    # {tool_blocks} each wrapped one indented, as Llama 3.1 writes them; {wrapped_tool_list} / {tool_list} a JSON
+    # array of the wrapped / bare definitions; {tool_text} / {tool_names} LlamaFactory's default description and
+    # name list; {tool_text_glm4} GLM-4's
     write: Callable[[list[Call]], str]  # a function turn's calls as this family writes them
     read: Callable[[str], list[Call] | None]  # the inverse: the calls in a reply, or None
     # The same writing in Jinja, for exported chat templates (tasks.templates.jinja): one call as an expression
@@ -179,11 +181,16 @@ def described(tool: dict[str, Any]) -> str:
 
 
 def describe(tools: list[dict[str, Any]]) -> dict[str, str]:
-    """The placeholders of a tools pattern filled from the definitions (OpenAI-wrapped or bare)."""
+    """The placeholders of a tools pattern filled from the definitions. Datasets hold them bare ({"name", ...}),
+    OpenAI clients send them wrapped ({"type": "function", "function": {...}}): each placeholder writes one
+    shape whichever came, as LlamaFactory's tool formatters do, so serving writes what training wrote."""
     bare = [tool.get("function", tool) if tool.get("type") == "function" else tool for tool in tools]
+    wrapped = [{"type": "function", "function": tool} for tool in bare]
     glm4 = "".join(f"\n\n## {tool.get('name', '')}\n\n{json.dumps(tool, indent=4, ensure_ascii=False)}\n"
                    "在调用上述函数时，请使用 Json 格式表示调用的参数。" for tool in bare)
-    return {"tools": "\n".join(dumps(tool) for tool in tools), "tool_list": dumps(tools),
+    return {"tools": "\n".join(dumps(tool) for tool in wrapped),
+            "tool_blocks": "".join(json.dumps(tool, indent=4, ensure_ascii=False) + "\n\n" for tool in wrapped),
+            "wrapped_tool_list": dumps(wrapped), "tool_list": dumps(bare),
             "tool_text": "".join(described(tool) for tool in bare),
             "tool_names": ", ".join(str(tool.get("name", "")) for tool in bare), "tool_text_glm4": glm4}
 
@@ -191,7 +198,7 @@ def describe(tools: list[dict[str, Any]]) -> dict[str, str]:
 def fill_tools(pattern: str, system: str, tools: list[dict[str, Any]]) -> str:
     """The system prompt with the tool definitions written in by a tools pattern."""
     values = {"content": system, **describe(tools)}
-    filled = re.sub(r"\{(content|tools|tool_list|tool_text|tool_names|tool_text_glm4)\}",
+    filled = re.sub(r"\{(content|tools|tool_blocks|wrapped_tool_list|tool_list|tool_text|tool_names|tool_text_glm4)\}",
                     lambda m: values[m.group(1)], pattern)
     return filled if system else filled.lstrip("\n")
 
