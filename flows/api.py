@@ -1,10 +1,11 @@
 """`tunefactory api`: an OpenAI-compatible HTTP server (FastAPI, run by uvicorn) over one ChatEngine.
 
-`/v1/models` and `/v1/chat/completions` (streamed as server-sent events, or whole), with the request fields
-OpenAI clients send. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so the
-official client raises its own exceptions: 400 for a bad request (malformed JSON, a field out of range,
-messages the template cannot write), 401 for a wrong API key, 413 for an oversized body, 429 when the
-configured number of generations is already running or waiting; 404 and 405 for an unknown route or method.
+`/v1/models` (and `/v1/models/{id}`) and `/v1/chat/completions` (streamed as server-sent events, or whole),
+with the request fields OpenAI clients send. Errors use OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}}`, so the official client raises its own exceptions: 400 for a bad request (malformed JSON, a field out
+of range, messages the template cannot write, a prompt that fills the model's context), 401 for a wrong API
+key, 413 for an oversized body, 429 when the configured number of generations is already running or waiting;
+404 and 405 for an unknown route or method.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -34,11 +35,30 @@ class Limits:
     max_n: int = 8
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class StreamOptions(BaseModel):
@@ -51,16 +71,34 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # OpenAI documents these as "or null": null means the default
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
     tool_choice: str | dict[str, Any] | None = None  # "none" is honoured; "auto" and the others act as "auto"
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # only 0 (no penalty): refused otherwise
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def stop_words(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+    @property
+    def tool_definitions(self) -> list[dict[str, Any]] | None:
+        """The tools the model may call (none under tool_choice "none"), as plain definitions."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
 
 class ApiError(Exception):
@@ -74,16 +112,15 @@ class ApiError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
-def text_of(content: str | list[dict[str, Any]] | None) -> str:
+def text_of(content: str | list[ContentPart] | None) -> str:
     """A message's text; content parts other than text are refused (this server serves text models)."""
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
     for part in content:
-        if part.get("type") != "text":
-            raise ApiError(400, f"content part of type {part.get('type')!r} is not supported; send text",
-                           param="messages")
-        texts.append(part.get("text", ""))
+        if part.type != "text":
+            raise ApiError(400, f"content part of type {part.type!r} is not supported; send text", param="messages")
+        texts.append(part.text or "")
     return "".join(texts)
 
 
@@ -110,12 +147,17 @@ def parse_request(body: bytes, limits: Limits, model_name: str) -> ChatRequest:
     if asked is not None and asked > limits.max_tokens:
         raise ApiError(400, f"max_tokens {asked} is more than this server's limit of {limits.max_tokens}",
                        param="max_tokens")
-    if request.n > limits.max_n:
+    if request.choices > limits.max_n:
         raise ApiError(400, f"n {request.n} is more than this server's limit of {limits.max_n}", param="n")
-    if request.stream and request.n > 1:
+    if request.stream and request.choices > 1:
         raise ApiError(400, "stream with n > 1 is not supported; ask for one choice", param="n")
     if request.stream and request.tools:
         raise ApiError(400, "tool calls are not streamed; send tools without stream", param="stream")
+    if "" in request.stop_words:
+        raise ApiError(400, "stop: an empty stop string would end every reply before it starts", param="stop")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, penalty):
+            raise ApiError(400, f"{penalty} is not supported by this server; send 0 or leave it out", param=penalty)
     if request.model != model_name:
         raise ApiError(404, f"model {request.model!r} does not exist; this server serves {model_name!r}",
                        param="model", code="model_not_found")
@@ -159,18 +201,27 @@ def create_app(engine: ChatEngine, api_key: str | None = None, limits: Limits = 
                 return ApiError(401, "invalid API key", code="invalid_api_key").response()
         return await call_next(request)
 
+    def card() -> dict[str, Any]:
+        return {"id": engine.name, "object": "model", "created": int(time.time()), "owned_by": "tunefactory"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "tunefactory"}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != engine.name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {engine.name!r}",
+                           param="model", code="model_not_found")
+        return card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         chat = parse_request(await request.body(), limits, engine.name)
         messages = plain_messages(chat)
         options = {"max_tokens": chat.max_completion_tokens or chat.max_tokens or limits.max_tokens,
-                   "temperature": chat.temperature, "top_p": chat.top_p,
-                   "stop": [chat.stop] if isinstance(chat.stop, str) else chat.stop or []}
+                   "temperature": 1.0 if chat.temperature is None else chat.temperature,
+                   "top_p": 1.0 if chat.top_p is None else chat.top_p, "stop": chat.stop_words}
         slots.take()
         if chat.stream:
             try:
@@ -182,9 +233,9 @@ def create_app(engine: ChatEngine, api_key: str | None = None, limits: Limits = 
                 raise
             return StreamingResponse(released(events(stream, engine.name, chat), stream, slots),
                                      media_type="text/event-stream")
-        tools = None if chat.tool_choice == "none" else chat.tools  # "none": the model may not call tools
         try:
-            replies = await run_in_threadpool(engine.generate, messages, n=chat.n, tools=tools, **options)
+            replies = await run_in_threadpool(engine.generate, messages, n=chat.choices, tools=chat.tool_definitions,
+                                              **options)
         except MessageError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         finally:

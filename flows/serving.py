@@ -11,7 +11,7 @@ from flows.sources import source_recipe
 from tasks.core.errors import RecipeError
 from tasks.core.stage import run_in_process
 from tasks.core.store import ArtifactStore
-from tasks.inference import ChatEngine, check_backend, load_engine
+from tasks.inference import ChatEngine, Generation, check_backend, load_engine
 from tasks.templates.choice import TemplateChoice
 
 
@@ -54,5 +54,6 @@ def engine_for(source: str, overrides: list[str], home: str | None, template: st
             raise RecipeError(f"--adapter {adapter}: no adapter_config.json there (not a PEFT adapter folder)")
     name = path.stem if path.is_file() else path.name
     choice = TemplateChoice.of(recipe.data, name=template)  # the recipe's template options apply to --template too
+    generation = Generation(top_k=recipe.evaluation.top_k, repetition_penalty=recipe.evaluation.repetition_penalty)
     return load_engine(recipe.model.infer_backend, model_dir, choice, adapter_dir, name,
-                       recipe.model.trust_remote_code)
+                       recipe.model.trust_remote_code, generation)

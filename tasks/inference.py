@@ -43,6 +43,18 @@ class Generated:
     tool_calls: list[dict[str, Any]] | None = None
 
 
+@dataclass(frozen=True)
+class Generation:
+    """The sampling settings no request field sets: the recipe's (top_k, repetition_penalty), as LlamaFactory's
+    chat and API take its generating arguments; top_k applies when sampling (temperature > 0)."""
+
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+
+SAMPLING_DEFAULTS = Generation()
+
+
 def check_backend(backend: str) -> None:
     """Refuse, in one line, an inference backend whose package is not installed."""
     if backend != "huggingface" and importlib.util.find_spec(backend) is None:
@@ -96,13 +108,28 @@ def conversation(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, st
     return system, turns
 
 
-def parse_tool_calls(text: str, tool_format: str = "default") -> list[dict[str, Any]] | None:
+def parse_tool_calls(text: str, tool_format: str = "default",
+                     names: set[str] | None = None) -> list[dict[str, Any]] | None:
     """OpenAI tool_calls from a reply that calls tools, written as the template's tool format writes calls
-    (or as a bare JSON call / <tool_call> blocks), or None."""
+    (or as a bare JSON call / <tool_call> blocks), or None. With `names` (the offered tools'), a call to any
+    other name is no call: a JSON answer with a "name" field is an answer."""
     calls = read_calls(tool_format, text)
+    if calls and names is not None and not all(call["name"] in names for call in calls):
+        return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
             for call in calls] if calls else None
+
+
+def tool_names(tools: list[dict[str, Any]] | None) -> set[str]:
+    """The names of OpenAI-style tool definitions (wrapped or bare)."""
+    bare = [tool.get("function", tool) if tool.get("type") == "function" else tool for tool in tools or []]
+    return {tool.get("name") for tool in bare if isinstance(tool, dict)}
+
+
+def context_length(config) -> int | None:
+    """The most tokens a model's positions cover (prompt and reply together), where its config says."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 class ChatEngine:
@@ -111,12 +138,14 @@ class ChatEngine:
 
     name: str
     tokenizer: Any
+    context: int | None = None  # the model's context length, where known (subclasses set it)
+    pad_id: int | None = None  # what generate pads a finished row of several with
 
     def __init__(self, model_dir: Path, template: str | TemplateChoice | None, adapter_dir: Path | None, name: str,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, generation: Generation = SAMPLING_DEFAULTS):
         from transformers import AutoTokenizer
 
-        self.name = name
+        self.name, self.generation = name, generation
         self.remote = {"trust_remote_code": trust_remote_code}
         # A trained adapter carries its tokenizer (special tokens it may have added); a bare one does not.
         with_tokenizer = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else None
@@ -134,9 +163,20 @@ class ChatEngine:
                "tools": json.dumps(tools) if tools else ""}
         try:
             ids, _ = prompt_and_reply(row, {"role": "assistant", "content": ""}, self.tokenizer, self.template)
-        except DataError as error:  # e.g. parallel calls for a template that writes one call per turn
-            raise MessageError(str(error)) from None
+        except (DataError, RecipeError) as error:  # parallel calls a format writes one per turn; a chat_template's
+            raise MessageError(str(error)) from None  # own refusal (template: auto)
         return ids
+
+    def reply_budget(self, ids: list[int], max_tokens: int) -> int:
+        """max_tokens, cut to what the model's context leaves after the prompt; a prompt that fills the context
+        is refused (OpenAI's context_length_exceeded)."""
+        if self.context is None:
+            return max_tokens
+        room = self.context - len(ids)
+        if room <= 0:
+            raise MessageError(f"the messages are {len(ids)} tokens; this model's context is {self.context} tokens, "
+                               "which must hold the reply too")
+        return min(max_tokens, room)
 
     def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
@@ -151,20 +191,24 @@ class ChatEngine:
 
     def finish(self, tokens: list[int], prompt_tokens: int, max_tokens: int, stop: list[str],
                tools: list[dict] | None) -> Generated:
-        """A sampled reply cut at its stop, with its finish reason and any tool calls."""
-        kept = []
+        """A sampled reply cut at its stop, with its finish reason and any tool calls. A row of several (n > 1)
+        that a stop string ended is padded to the others' length: its padding is not part of it."""
+        kept, ended = [], False  # ended: a stop token closed the reply (it counts as generated)
         for token in tokens:
             if token in self.stops:
+                ended = True
+                break
+            if token == self.pad_id:
                 break
             kept.append(token)
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        for word in stop:
-            if word in text:
-                text = text[: text.index(word)]
-        reason = "length" if len(kept) >= max_tokens and len(tokens) >= max_tokens else "stop"
-        calls = parse_tool_calls(text, self.template.tool_format) if tools else None
+        cut = min((text.index(word) for word in stop if word in text), default=None)
+        if cut is not None:
+            text = text[:cut]
+        reason = "length" if not ended and cut is None and len(kept) >= max_tokens else "stop"
+        calls = parse_tool_calls(text, self.template.tool_format, tool_names(tools)) if tools else None
         return Generated(text=text if not calls else "", prompt_tokens=prompt_tokens,
-                         completion_tokens=min(len(tokens), len(kept) + 1), finish_reason="tool_calls" if calls
+                         completion_tokens=len(kept) + ended, finish_reason="tool_calls" if calls
                          else reason, tool_calls=calls)
 
 
@@ -172,26 +216,34 @@ class HuggingFaceEngine(ChatEngine):
     """transformers' generate on a model plus an optional adapter, not merged."""
 
     def __init__(self, model_dir: Path, template: str | TemplateChoice | None, adapter_dir: Path | None = None,
-                 name: str = "tunefactory", trust_remote_code: bool = False):
+                 name: str = "tunefactory", trust_remote_code: bool = False,
+                 generation: Generation = SAMPLING_DEFAULTS):
         from transformers import AutoModelForCausalLM
 
-        super().__init__(model_dir, template, adapter_dir, name, trust_remote_code)
+        super().__init__(model_dir, template, adapter_dir, name, trust_remote_code, generation)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **self.remote)
         if adapter_dir is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = place_on_compute_device(model).eval()
+        self.context = context_length(self.model.config)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
         self.lock = threading.Lock()  # one generate at a time on this model
 
-    def options(self, max_tokens: int, temperature: float, top_p: float, stop: list[str]) -> dict[str, Any]:
-        sampling = {"do_sample": temperature > 0}
+    def options(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
+                stop: list[str]) -> dict[str, Any]:
+        from transformers import StoppingCriteriaList
+
+        sampling = {"do_sample": temperature > 0, "repetition_penalty": self.generation.repetition_penalty}
         if temperature > 0:
-            sampling |= {"temperature": temperature, "top_p": top_p}
-        extra = {"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}
-        return {"max_new_tokens": max_tokens, "eos_token_id": self.stops, "pad_token_id": self.pad_id, **sampling,
-                **extra}
+            sampling |= {"temperature": temperature, "top_p": top_p, "top_k": self.generation.top_k or None}
+        # Not generate's stop_strings: they match across the prompt's end, so a stop string that begins in the
+        # prompt's last characters ended a reply that never held it.
+        extra = {"stopping_criteria": StoppingCriteriaList([ReplyStopStrings(self.tokenizer, stop, len(ids))])
+                 } if stop else {}
+        return {"max_new_tokens": self.reply_budget(ids, max_tokens), "eos_token_id": self.stops,
+                "pad_token_id": self.pad_id, **sampling, **extra}
 
     def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
@@ -200,17 +252,19 @@ class HuggingFaceEngine(ChatEngine):
         import torch
 
         ids = self.prompt(messages, tools)
-        options = self.options(max_tokens, temperature, top_p, stop or [])
+        options = self.options(ids, max_tokens, temperature, top_p, stop or [])
         prompts = torch.tensor([ids] * n, device=self.model.device)
         with self.lock, torch.no_grad():
             output = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), **options)
-        return [self.finish(row[len(ids):].tolist(), len(ids), max_tokens, stop or [], tools) for row in output]
+        budget = options["max_new_tokens"]
+        return [self.finish(row[len(ids):].tolist(), len(ids), budget, stop or [], tools) for row in output]
 
     def stream(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, stop: list[str] | None = None) -> ReplyStream:
         """The reply, iterated as text pieces while it is generated; its Generated summary after."""
-        return ReplyStream(self, self.prompt(messages), self.options(max_tokens, temperature, top_p, stop or []),
-                           max_tokens, stop or [])
+        ids = self.prompt(messages)
+        options = self.options(ids, max_tokens, temperature, top_p, stop or [])
+        return ReplyStream(self, ids, options, options["max_new_tokens"], stop or [])
 
 
 class Cancelled(StoppingCriteria):
@@ -223,6 +277,20 @@ class Cancelled(StoppingCriteria):
         import torch
 
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ReplyStopStrings(StoppingCriteria):
+    """Ends each row once its reply (the tokens after the prompt) holds one of the stop strings."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        replies = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([any(word in reply for word in self.stops) for reply in replies], dtype=torch.bool,
+                            device=input_ids.device)
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -258,9 +326,11 @@ class ReplyStream:
             try:
                 with engine.lock, torch.no_grad():
                     prompt = torch.tensor([self.ids], device=engine.model.device)
+                    options = dict(self.options)
+                    criteria = StoppingCriteriaList([Cancelled(cancelled), *options.pop("stopping_criteria", [])])
                     sequences = engine.model.generate(
                         input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([Cancelled(cancelled)]), **self.options)
+                        stopping_criteria=criteria, **options)
                 output.append(sequences[0, len(self.ids):].tolist())
             except BaseException as exc:  # handed to the reader, which re-raises it
                 failure.append(exc)
@@ -296,11 +366,11 @@ class ReplyStream:
 
 
 def load_engine(backend: str, model_dir: Path, template: str | TemplateChoice | None, adapter_dir: Path | None,
-                name: str, trust_remote_code: bool = False) -> ChatEngine:
+                name: str, trust_remote_code: bool = False, generation: Generation = SAMPLING_DEFAULTS) -> ChatEngine:
     """The engine for a recipe's `infer_backend`; one whose package is missing is refused in one line."""
     check_backend(backend)
     if backend == "vllm":
         from tasks.inference_vllm import VllmEngine
 
-        return VllmEngine(model_dir, template, adapter_dir, name, trust_remote_code)
-    return HuggingFaceEngine(model_dir, template, adapter_dir, name, trust_remote_code)
+        return VllmEngine(model_dir, template, adapter_dir, name, trust_remote_code, generation)
+    return HuggingFaceEngine(model_dir, template, adapter_dir, name, trust_remote_code, generation)

@@ -7,12 +7,13 @@ vLLM's offline `LLM` returns whole replies, so a stream from this engine arrives
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import RecipeError
-from tasks.inference import ChatEngine, Generated, parse_tool_calls
+from tasks.inference import SAMPLING_DEFAULTS, ChatEngine, Generated, Generation, parse_tool_calls, tool_names
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts (MaxLoRARanks)
 
@@ -29,11 +30,11 @@ def max_lora_rank(rank: int) -> int:
 
 class VllmEngine(ChatEngine):
     def __init__(self, model_dir: Path, template, adapter_dir: Path | None = None, name: str = "tunefactory",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, generation: Generation = SAMPLING_DEFAULTS):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        super().__init__(model_dir, template, adapter_dir, name, trust_remote_code)
+        super().__init__(model_dir, template, adapter_dir, name, trust_remote_code, generation)
         options: dict[str, Any] = {}
         self.lora = None
         if adapter_dir is not None:
@@ -42,6 +43,8 @@ class VllmEngine(ChatEngine):
             self.lora = LoRARequest("adapter", 1, str(adapter_dir))
         self.llm = LLM(model=str(model_dir), tokenizer=str(adapter_dir if adapter_dir else model_dir),
                        trust_remote_code=trust_remote_code, **options)
+        self.context = self.llm.llm_engine.model_config.max_model_len
+        self.lock = threading.Lock()  # the offline LLM is not thread-safe; the API generates on worker threads
 
     def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
@@ -50,13 +53,16 @@ class VllmEngine(ChatEngine):
         from vllm.inputs import TokensPrompt
 
         ids = self.prompt(messages, tools)
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None,
-                                stop_token_ids=self.stops, skip_special_tokens=True)
-        output = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=self.lora,
-                                   use_tqdm=False)[0]
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, stop=stop or None,
+                                max_tokens=self.reply_budget(ids, max_tokens), stop_token_ids=self.stops,
+                                top_k=self.generation.top_k or -1,
+                                repetition_penalty=self.generation.repetition_penalty, skip_special_tokens=True)
+        with self.lock:
+            output = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=self.lora,
+                                       use_tqdm=False)[0]
         replies = []
         for choice in output.outputs:
-            calls = parse_tool_calls(choice.text, self.template.tool_format) if tools else None
+            calls = parse_tool_calls(choice.text, self.template.tool_format, tool_names(tools)) if tools else None
             replies.append(Generated(text="" if calls else choice.text, prompt_tokens=len(ids),
                                      completion_tokens=len(choice.token_ids),
                                      finish_reason="tool_calls" if calls else choice.finish_reason or "stop",

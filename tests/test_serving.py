@@ -131,10 +131,100 @@ def test_a_streamed_reply_never_sends_part_of_a_stop_string():
     """The newline that starts the stop "\nUser:" arrives (and is flushed) before the rest of it: it is held
     back until the stop shows, so the streamed text is the whole reply's, cut before its stop."""
     engine = SimpleNamespace(tokenizer=WordTokenizer(), model=ScriptedModel(), lock=threading.Lock(), stops=[9],
-                             finish=lambda *args: ChatEngine.finish(engine, *args))
+                             pad_id=None, finish=lambda *args: ChatEngine.finish(engine, *args))
     stream = ReplyStream(engine, [0], {}, 100, ["\nUser:"])
     assert "".join(stream) == stream.result.text == "Paris is sunny."
     assert held_back("Paris.\nUs", ["\nUser:"]) == 3 and held_back("Paris.", ["\nUser:"]) == 0
+
+
+def test_a_stop_string_is_matched_in_the_reply_not_across_the_prompts_end(client):
+    """The chatml prompt ends "assistant\n" and the greedy reply is newlines: "t\n\n" is in prompt + reply but
+    never in the reply. generate's stop_strings matched it there and ended the reply after one token."""
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0,
+                                           stop=["t\n\n"])
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
+    streamed = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0,
+                                              stop=["t\n\n"], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+
+
+def test_padding_after_a_finished_choice_is_not_counted():
+    """n > 1: a choice a stop string ended is padded to the others' length; with a pad token apart from EOS
+    (Qwen2.5's) the padding was counted as reply tokens and the choice reported 'length'."""
+    engine = SimpleNamespace(tokenizer=WordTokenizer(), stops=[9], pad_id=0, template=SimpleNamespace())
+    finish = lambda tokens, stop=(): ChatEngine.finish(engine, tokens, 5, 5, list(stop), None)  # noqa: E731
+    assert finish([1, 2, 3, 0, 0], [" sunny"]) == finish([1, 2, 3], [" sunny"])
+    assert (finish([1, 2, 3, 0, 0], [" sunny"]).text, finish([1, 2, 3, 0, 0], [" sunny"]).completion_tokens,
+            finish([1, 2, 3, 0, 0], [" sunny"]).finish_reason) == ("Paris is", 3, "stop")
+    assert (finish([1, 2, 9, 0, 0]).completion_tokens, finish([1, 2, 9, 0, 0]).finish_reason) == (3, "stop")
+    assert (finish([1, 2, 3, 4, 5]).completion_tokens, finish([1, 2, 3, 4, 5]).finish_reason) == (5, "length")
+
+
+def test_a_reply_gets_the_room_the_context_leaves_and_a_prompt_that_fills_it_is_a_400(client, engine):
+    assert engine.context == 512  # the tiny model's max_position_embeddings
+    assert engine.reply_budget([0] * 509, 8) == 3 and engine.reply_budget([0] * 10, 8) == 8
+    with pytest.raises(MessageError, match="this model's context is 512 tokens"):
+        engine.reply_budget([0] * 512, 8)
+    long = [{"role": "user", "content": "What does os.path.join do? " * 100}]
+    with pytest.raises(openai.BadRequestError, match="context is 512 tokens"):
+        client.chat.completions.create(model="tiny", messages=long, max_tokens=4)
+
+
+def test_request_fields_openai_allows_as_null_take_their_defaults(client, server):
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, temperature=None,
+                                           top_p=None, n=None, stream=None)
+    assert len(reply.choices) == 1 and reply.usage.completion_tokens <= 2
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
+        client.models.retrieve("gpt-4o")
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"tools": [{"type": "function", "function": "x"}]}, "tools.0.function"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages.0.content"),
+    ({"stop": [""]}, "empty stop string"),
+    ({"presence_penalty": 1.5}, "presence_penalty is not supported"),
+])
+def test_malformed_tools_content_and_unsupported_options_are_400s(server, fields, message):
+    body = {"model": "tiny", "messages": QUESTION, "max_tokens": 2, **fields}
+    answer = httpx.post(f"{server}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 400 and message in answer.json()["error"]["message"], answer.text
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_message_error(tiny_model_dir):
+    """template: auto renders through the tokenizer's own chat_template; its refusal (Mistral's wants 9-character
+    tool call ids) was a 500 from the API, where the request is what it refuses (a MessageError is a 400)."""
+    from tasks.templates.auto import AUTO
+
+    engine = HuggingFaceEngine(tiny_model_dir, "chatml", name="tiny")
+    engine.tokenizer.chat_template = "{{ raise_exception('Tool call IDs should be alphanumeric strings') }}"
+    engine.template = AUTO
+    with pytest.raises(MessageError, match="chat_template rejected a conversation .*Tool call IDs"):
+        engine.prompt(QUESTION)
+
+
+def test_a_json_answer_is_no_tool_call_unless_it_names_an_offered_tool(engine):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for answer in ('{"name": "Bob", "age": 3}', '<tool_call>{"name": "Bob", "arguments": {}}</tool_call>'):
+        tokens = engine.tokenizer.encode(answer, add_special_tokens=False) + engine.stops[:1]
+        reply = engine.finish(tokens, 10, 64, [], tools)
+        assert reply.finish_reason == "stop" and reply.tool_calls is None and reply.text == answer
+    assert parse_tool_calls('{"name": "Bob", "age": 3}', "qwen") is not None  # with no names given, as before
+
+
+def test_the_recipes_top_k_and_repetition_penalty_reach_chat_and_the_api(tiny_model_dir, engine):
+    """Set in the recipe (or --set), as LlamaFactory's chat and API take its generating arguments; they were used
+    by evaluation only."""
+    from tasks.inference import Generation
+
+    built = engine_for(str(tiny_model_dir), ["top_k=7", "repetition_penalty=10.0"], None)
+    assert built.generation == Generation(top_k=7, repetition_penalty=10.0)
+    sampled = built.options([0], 8, 0.7, 0.9, [])
+    assert sampled["top_k"] == 7 and sampled["repetition_penalty"] == 10.0
+    assert "top_k" not in built.options([0], 8, 0.0, 1.0, [])  # greedy: no sampling settings
+    plain, penalised = engine.generate(QUESTION, max_tokens=8)[0], built.generate(QUESTION, max_tokens=8)[0]
+    assert plain.text.count("\n") == 8 and penalised.text != plain.text  # the greedy newlines are penalised
 
 
 def test_a_wrong_api_key_is_refused(server):
