@@ -57,7 +57,7 @@ def fingerprint(plan: Plan, metric: str, margin: float) -> str:
     """What a retune depends on: every stage's keyed config (data and model content digests included), its code
     and library versions (an upgrade can change the result), and the decision rule."""
     stages = {step.label: {"config": step.config.keyed(), "code": step.stage.code_digest,
-                           "versions": step.stage.versions} for step in plan}
+                           "versions": step.stage.versions_for(step.config)} for step in plan}
     return stable_hash({"stages": stages, "metric": metric, "margin": margin})
 
 

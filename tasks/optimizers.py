@@ -20,7 +20,7 @@ from tasks.core.recipe import Recipe
 if TYPE_CHECKING:
     import torch
 
-OPTIMIZER_LIBRARIES = ("galore-torch", "apollo-torch", "badam", "adam-mini")  # they shape a result when chosen
+OPTIMIZER_LIBRARIES = {"galore": "galore-torch", "apollo": "apollo-torch", "badam": "badam", "adam_mini": "adam-mini"}
 GALORE_OPTIM = {"adamw_torch": "galore_adamw", "adamw_8bit": "galore_adamw_8bit", "adamw_bnb_8bit": "galore_adamw_8bit",
                 "paged_adamw_8bit": "galore_adamw_8bit", "adafactor": "galore_adafactor"}
 APOLLO_OPTIM = {"adamw_torch": "apollo_adamw"}
@@ -33,6 +33,13 @@ class OptimizerSettings(BaseModel):
 
     kind: Literal["galore", "apollo", "badam", "adam_mini", "muon", "loraplus"]
     options: dict[str, Any] = {}
+
+
+def optimizer_libraries(config) -> tuple[str, ...]:
+    """The library of a training config's use_* optimizer, if one is chosen: its version shapes the result (so
+    it is keyed), and installing or upgrading one nobody chose rebuilds nothing."""
+    kind = config.optimizer.kind if config.optimizer else None
+    return (OPTIMIZER_LIBRARIES[kind],) if kind in OPTIMIZER_LIBRARIES else ()
 
 
 def optimizer_settings(recipe: Recipe) -> OptimizerSettings | None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
-from tasks.optimizers import OPTIMIZER_LIBRARIES
+from tasks.optimizers import optimizer_libraries
 from tasks.rows import load_rows
 from tasks.train_common import (
     REPORTS,
@@ -142,6 +142,7 @@ STAGE = Stage(
     code=("tasks.preference", "tasks.preference_trainer", "tasks.preference_losses", "tasks.train_common",
           "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
           "tasks.muon", "tasks.lean_training", "tasks.varlen_attention", "tasks.eval_passes", "tasks.launch"),
-    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
+    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
+    config_libraries=optimizer_libraries,
     heavy=True,
 )

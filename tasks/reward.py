@@ -16,7 +16,7 @@ from tasks.core.hardware import torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
-from tasks.optimizers import OPTIMIZER_LIBRARIES
+from tasks.optimizers import optimizer_libraries
 from tasks.rows import load_rows
 from tasks.train_common import (
     REPORTS,
@@ -134,6 +134,7 @@ STAGE = Stage(
     code=("tasks.reward", "tasks.reward_trainer", "tasks.lean_training", "tasks.varlen_attention", "tasks.train_common",
           "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
           "tasks.muon", "tasks.launch"),
-    libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
+    libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"),
+    config_libraries=optimizer_libraries,
     heavy=True,
 )

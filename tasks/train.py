@@ -22,7 +22,7 @@ from tasks.lean_training import (
     trainer_class,
     use_varlen_attention,
 )
-from tasks.optimizers import OPTIMIZER_LIBRARIES
+from tasks.optimizers import optimizer_libraries
 from tasks.rows import load_rows
 from tasks.streaming import training_stream
 from tasks.train_common import (
@@ -117,6 +117,7 @@ STAGE = Stage(
     code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.core.mapped_weights",
           "tasks.train_checkpoints", "tasks.packing", "tasks.streaming", "tasks.encoding", "tasks.formats",
           "tasks.lean_training", "tasks.varlen_attention", "tasks.optimizers", "tasks.muon", "tasks.launch"),
-    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", *OPTIMIZER_LIBRARIES),
+    libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
+    config_libraries=optimizer_libraries,
     heavy=True,
 )

@@ -337,3 +337,16 @@ def test_a_field_changes_exactly_the_configs_it_shapes(places, tiny_model_dir, f
     before, after = configs(base), configs({**base, **fill(change, places)})
     changed = {label for label in before.keys() | after.keys() if before.get(label) != after.get(label)}
     assert changed == expected
+
+
+def test_only_a_chosen_optimizers_library_is_keyed(tiny_model_dir):
+    """Installing or upgrading galore-torch (or badam, apollo-torch, adam-mini) changed every train, reward and
+    preference key, so a recipe that uses none of them rebuilt and dropped a killed run's checkpoints."""
+    def trainer_versions(values):
+        step = next(s for s in plan_run(Recipe.from_flat(values)) if s.stage.name == "train")
+        return step.stage.versions_for(step.config)
+
+    plain = trainer_versions(tiny_recipe_values(tiny_model_dir, **FULL))
+    assert not {"galore-torch", "apollo-torch", "badam", "adam-mini"} & set(plain) and "peft" in plain
+    assert set(trainer_versions(tiny_recipe_values(tiny_model_dir, **GALORE))) - set(plain) == {"galore-torch"}
+    assert set(trainer_versions(tiny_recipe_values(tiny_model_dir, **BADAM))) - set(plain) == {"badam"}

@@ -105,6 +105,8 @@ class Stage:
     code: tuple[str, ...]
     libraries: tuple[str, ...] = CORE_LIBRARIES
     heavy: bool = False
+    # Libraries that shape the result only for some configs (an optimizer chosen by a use_* key): keyed for those.
+    config_libraries: Callable[[Any], tuple[str, ...]] | None = None
 
     @cached_property
     def code_digest(self) -> str:
@@ -114,6 +116,11 @@ class Stage:
     def versions(self) -> dict[str, str]:
         return library_versions(self.libraries)
 
+    def versions_for(self, config: StageConfig) -> dict[str, str]:
+        """The versions of the libraries that shape this config's result."""
+        extra = self.config_libraries(config) if self.config_libraries else ()
+        return {**self.versions, **library_versions(extra)} if extra else self.versions
+
     def key(self, config: StageConfig, inputs: Mapping[str, ArtifactRef]) -> str:
         """The artifact key: config, input content digests, code digest, library versions."""
         return stable_hash(
@@ -122,7 +129,7 @@ class Stage:
                 "config": config.keyed(),
                 "inputs": {name: ref.digest for name, ref in sorted(inputs.items())},
                 "code": self.code_digest,
-                "versions": self.versions,
+                "versions": self.versions_for(config),
             }
         )
 
@@ -262,7 +269,7 @@ def execute(step: Step, inputs: Mapping[str, ArtifactRef], run: RunContext) -> A
                 "config": step.config.keyed(),
                 "inputs": {name: {"id": ref.id, "digest": ref.digest} for name, ref in inputs.items()},
                 "code": stage.code_digest,
-                "versions": stage.versions,
+                "versions": stage.versions_for(step.config),
                 "mlflow_run_id": run.mlflow_run_id,
                 "build_started": started_at,
                 "build_seconds": seconds,
