@@ -294,14 +294,15 @@ def trainer_hooks(config: TrainingConfig, arguments) -> dict[str, Any]:
 
 
 def resume_point(config: TrainingConfig, ctx: BuildContext) -> Path | None:
-    """The checkpoint to resume from: the recipe's, or the newest usable one of an earlier killed run."""
+    """The checkpoint to resume from: the newest usable one of an earlier killed run of this key, else the
+    recipe's resume_from_checkpoint (the key covers that checkpoint, so staged ones continue from it)."""
     explicit = ctx.locators["resume_from_checkpoint"]
     if explicit:
         problem = checkpoint_problem(Path(explicit), config.save_only_model)
         if problem:
             raise RecipeError(f"key 'resume_from_checkpoint': {explicit} cannot be resumed from: {problem}")
-        return Path(explicit)
-    return latest_usable_checkpoint(ctx.staging, config.save_only_model, ctx.log)
+    staged = latest_usable_checkpoint(ctx.staging, config.save_only_model, ctx.log)
+    return staged or (Path(explicit) if explicit else None)
 
 
 def whole_run_loss(history: list[dict[str, Any]], resumed_step: int, this_run_loss: float, final_step: int) -> float:

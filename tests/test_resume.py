@@ -73,6 +73,21 @@ def test_falls_back_to_the_previous_complete_checkpoint(tmp_path, caplog):
     assert latest_usable_checkpoint(tmp_path / "nowhere", False, LOG) is None
 
 
+def test_a_killed_run_from_an_explicit_checkpoint_resumes_from_its_own_newer_one(tmp_path):
+    """With resume_from_checkpoint set, every re-run of a killed run went back to that checkpoint and lost the
+    steps trained since (its staged checkpoints continue from it: the key covers it)."""
+    from types import SimpleNamespace
+
+    from tasks.train_common import resume_point
+
+    given = make_checkpoint(tmp_path / "mine" / "checkpoint-100", 100)
+    ctx = SimpleNamespace(locators={"resume_from_checkpoint": str(given)}, staging=tmp_path / "staging", log=LOG)
+    config = SimpleNamespace(save_only_model=False)
+    assert resume_point(config, ctx) == given  # nothing staged yet
+    make_checkpoint(tmp_path / "staging" / "checkpoint-300", 300)
+    assert resume_point(config, ctx) == tmp_path / "staging" / "checkpoint-300"
+
+
 def test_whole_run_loss_joins_the_resumed_parts():
     history = [{"step": 2, "loss": 4.0}, {"step": 4, "loss": 2.0}, {"step": 6, "loss": 1.0}]
     assert whole_run_loss(history, 0, 3.0, 6) == 3.0  # not resumed: the Trainer's own figure
