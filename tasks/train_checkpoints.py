@@ -23,6 +23,8 @@ def checkpoint_problem(path: Path, save_only_model: bool) -> str | None:
         return "trainer_state.json is missing or torn"
     weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
     if not weights:
+        if (path / "latest").is_file() and not save_only_model:  # ZeRO-3 without gathering 16-bit weights on
+            return deepspeed_problem(path)  # save (a user's DeepSpeed config): the model is in its shards only
         return "no model or adapter weights"
     from safetensors import safe_open
 

@@ -232,6 +232,9 @@ def test_deepspeed_checkpoint_checks(tmp_path):
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
         torch.save({"x": 1}, folder / "global_step4" / name)
     assert checkpoint_problem(folder, False) is None
+    (folder / "model.safetensors").unlink()  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save: the
+    assert checkpoint_problem(folder, False) is None  # model is in the shards only (it was deleted as unusable)
+    assert checkpoint_problem(folder, True) == "no model or adapter weights"
     (folder / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"torn")
     assert "optim_states.pt is missing or torn" in checkpoint_problem(folder, False)
 
