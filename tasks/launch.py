@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,8 @@ from tasks.core.store import ArtifactStore
 
 IN_RANK = "TUNEFACTORY_IN_RANK"  # set in the ranks' environment: their build trains in-process
 REQUEST, RESULT = "launch-request.pkl", "launch-built.pkl"
-ERROR_LINE = re.compile(r"^(\[rank ?\d+\]:? )?(\w+\.)*\w*(Error|Exception)\b")
+ERROR_LINE = re.compile(r"^(\[rank ?(\d+)\]:? )?(\w+\.)*\w*(Error|Exception)\b")
+ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")  # in torchrun's "Root Cause (first observed failure)"
 
 
 def needs_ranks(config) -> bool:
@@ -104,14 +107,21 @@ def run_forwarding(command: list[str], env: dict[str, str], log) -> None:
     """Run the launcher, its output line by line into the stage's log; stop it if the run is interrupted."""
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              bufsize=1, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
-    error = ""
+    errors = RankErrors()
+    lines: queue.Queue[str | None] = queue.Queue()  # read on a thread: a stop is seen within a second even while
+    threading.Thread(target=pump, args=(child.stdout, lines), daemon=True).start()  # the ranks print nothing
     try:
-        for line in child.stdout:
-            line = line.rstrip()
-            if line:
+        while True:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                check_stop()
+                continue
+            if line is None:
+                break
+            if line := line.rstrip():
                 log.info("%s", line)
-                if ERROR_LINE.search(line) and "ChildFailedError" not in line:
-                    error = line  # the last exception a rank printed: the one-line cause
+                errors.read(line)
             check_stop()
         code = child.wait()
     except BaseException:
@@ -119,7 +129,37 @@ def run_forwarding(command: list[str], env: dict[str, str], log) -> None:
         child.wait()
         raise
     if code != 0:
-        raise TuneFactoryError(f"training ranks failed (torchrun exit {code}): {error or 'see the log'}")
+        raise TuneFactoryError(f"training ranks failed (torchrun exit {code}): {errors.cause() or 'see the log'}")
+
+
+def pump(stream, lines: queue.Queue) -> None:
+    """Every line of the stream into the queue, then None."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+class RankErrors:
+    """The one-line cause of a failed launch, read from its output: the exception the failing rank printed. When
+    one rank dies the others fail after it (a closed connection), so the rank torchrun names as the root cause
+    is believed, else the first exception printed."""
+
+    def __init__(self):
+        self.last_by_rank: dict[str | None, str] = {}  # each rank's last exception line (its traceback's end)
+        self.first, self.root_rank, self.in_root_cause = "", None, False
+
+    def read(self, line: str) -> None:
+        error = ERROR_LINE.search(line)
+        if error and "ChildFailedError" not in line:
+            self.last_by_rank[error.group(2)] = line
+            self.first = self.first or line
+        if line.startswith("Root Cause"):
+            self.in_root_cause = True
+        elif self.in_root_cause and self.root_rank is None and (rank := ROOT_CAUSE_RANK.match(line)):
+            self.root_rank = rank.group(1)
+
+    def cause(self) -> str:
+        return self.last_by_rank.get(self.root_rank) or self.first
 
 
 def zero3_loading(config, ctx: BuildContext):

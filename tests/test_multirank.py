@@ -251,6 +251,50 @@ def test_a_failing_rank_fails_the_task_in_one_line():
         run_forwarding([sys.executable, "-c", script], {}, logging.getLogger("test"))
 
 
+def test_the_failing_rank_is_named_not_the_ranks_that_failed_after_it():
+    """Rank 1 dies; rank 0 then fails on the closed connection and prints last. torchrun names rank 1 the root
+    cause: its exception is the task's error (it was rank 0's side effect)."""
+    import logging
+    import sys
+
+    from tasks.core.errors import TuneFactoryError
+    from tasks.launch import run_forwarding
+
+    output = ["[rank1]: Traceback (most recent call last):", "[rank1]: ValueError: the real cause on rank 1",
+              "[rank0]: RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer",
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", "Failures:", "[1]:",
+              "  rank      : 0 (local_rank: 0)", "Root Cause (first observed failure):", "[0]:",
+              "  rank      : 1 (local_rank: 1)", "  exitcode  : 1 (pid: 19483)"]
+    script = f"import sys; print({chr(10).join(output)!r}); sys.exit(1)"
+    with pytest.raises(TuneFactoryError, match=r"exit 1\): \[rank1\]: ValueError: the real cause on rank 1$"):
+        run_forwarding([sys.executable, "-c", script], {}, logging.getLogger("test"))
+    unnamed = f"import sys; print({chr(10).join(output[:3])!r}); sys.exit(1)"  # no summary: the first one printed
+    with pytest.raises(TuneFactoryError, match=r"exit 1\): \[rank1\]: ValueError: the real cause on rank 1$"):
+        run_forwarding([sys.executable, "-c", unnamed], {}, logging.getLogger("test"))
+
+
+def test_a_stop_reaches_quiet_ranks_within_a_second():
+    """The stop request was checked only when the launcher printed a line: quiet ranks (a long step, a hung
+    collective) kept running until their next line."""
+    import logging
+    import sys
+    import threading
+    import time
+
+    from tasks.core.stage import BuildInterrupted, clear_stop, request_stop
+    from tasks.launch import run_forwarding
+
+    script = "import time; print('[rank0]: step 1', flush=True); time.sleep(60)"
+    threading.Timer(2, request_stop).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(BuildInterrupted):
+            run_forwarding([sys.executable, "-c", script], {}, logging.getLogger("test"))
+    finally:
+        clear_stop()
+    assert time.monotonic() - started < 5
+
+
 def port_outside_ephemeral_range() -> int:
     """A free port below the kernel's ephemeral range, which it never hands out by itself (to a bind to port 0,
     or as a connection's source port): nothing else takes it in the seconds before node 0 listens on it."""
