@@ -119,6 +119,7 @@ def cancel_if_interrupted(flow, run, state) -> None:
 
 def submit_all(plan: Plan, store: ArtifactStore, stage_runs: dict[str, str]) -> dict[str, Any]:
     """Submit every step's task, in plan order, each with its upstream steps' futures as inputs."""
+    clear_stop()  # a new run (finetune, export, data preview): an earlier one's interruption is not its own
     import_libraries_before_threads()
     records = records_block(store.root)
     futures: dict[str, Any] = {}
@@ -259,7 +260,6 @@ def experiment_for(recipe: Recipe, experiment: str | None) -> str:
 
 def run_stages(recipe: Recipe, store: ArtifactStore, experiment: str) -> RunSummary:
     """Plan, run every stage as a Prefect task, and record the run in MLflow."""
-    clear_stop()
     plan = plan_run(recipe, store)
     tags = {"tunefactory.flow": "finetune", "prefect_flow_run_id": str(flow_run.id or ""),
             "prefect_flow_run_name": str(flow_run.name or ""), "store": str(store.root)}

@@ -44,10 +44,12 @@ def recent_runs(last: int) -> str:
 
 
 def roots(store: ArtifactStore, keep_last: int) -> set[str]:
-    """Artifact ids ("stage/key") that runs and registered models point at directly."""
-    ids = set()
-    # The last N of each flow: a row of previews must not push the last fine-tune's artifacts out.
-    for run in [run for flow in tracking.STORE_FLOWS for run in tracking.newest_runs(keep_last, (flow,))]:
+    """Artifact ids ("stage/key") that runs, builds running now and registered models point at directly."""
+    ids = store.read_by_builds()  # inputs of builds running now, which a run tags only once they are done
+    # The last N of each flow (a row of previews must not push the last fine-tune's artifacts out), and every
+    # run still going, however many ran since it started.
+    runs = [run for flow in tracking.STORE_FLOWS for run in tracking.newest_runs(keep_last, (flow,))]
+    for run in runs + tracking.running_runs(tracking.STORE_FLOWS):
         for stage in tracking.stage_runs(run):
             key = stage.data.tags.get("artifact_key")
             if key:

@@ -151,3 +151,50 @@ def test_gc_keeps_interrupted_checkpoints_for_a_resume_unless_asked(tmp_path, ca
         assert collect_garbage(store, 1, dry_run=False, force=True, staging=True).in_use and staged.is_dir()
     assert main(["gc", "--home", str(store.root), "--force", "--staging"]) == 0
     assert not staged.exists() and "freed 1.0 MiB" in capsys.readouterr().out
+
+
+def test_gc_keeps_what_a_running_build_reads(tmp_path):
+    """gc deleted an input of a build still running (only the built key's lock was held, and a run tags its
+    artifacts once they are done), and the build failed reading it."""
+    import json
+
+    from tasks.core.stage import Built, Stage
+    from tests.test_store import ValueConfig, write_upstream_value
+
+    store = ArtifactStore(tmp_path / "store")
+    run = RunContext(home=str(store.root))
+    up = execute(step(1), {}, run)
+    during = []
+
+    def collect_then_read(config, ctx, out) -> Built:
+        during.append(collect_garbage(store, keep_last=1, dry_run=False, force=True))
+        return write_upstream_value(config, ctx, out)
+
+    down = Stage(name="down", plan=None, build=collect_then_read, code=("tasks.core.store",), libraries=())
+    built = execute(down.step("down", ValueConfig(value=0)), {"up": up}, run)
+    assert up.id not in during[0].removed and json.loads(store.lookup(built.stage, built.key).part("value")
+                                                         .read_text()) == {"value": 10}
+    record = store.root / ".locks" / f"down-{built.key}.reads"
+    assert not record.exists()  # gone with the build
+    record.write_text(json.dumps([up.id]))  # as a killed build leaves it: its lock is free
+    assert up.id in collect_garbage(store, keep_last=1, dry_run=False, force=True).removed
+    assert not record.exists()
+
+
+def test_gc_keeps_the_artifacts_of_a_run_still_going_however_many_ran_since(tmp_path, monkeypatch):
+    from tasks.core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = ArtifactStore(tmp_path / "store")
+    refs = [execute(step(value), {}, RunContext(home=str(store.root))) for value in (1, 2)]
+
+    def finetune_run(ref, ok: bool | None) -> None:
+        parent = tracking.start_parent(None, {}, {"tunefactory.flow": "finetune"}, "gc-test")
+        tracking.start_stage(parent, "demo", {"stage": ref.stage, "artifact_key": ref.key})
+        if ok is not None:
+            tracking.finish(parent, ok)
+
+    finetune_run(refs[0], ok=None)  # started first, still going
+    finetune_run(refs[1], ok=True)  # finished since
+    removed = collect_garbage(store, keep_last=1, dry_run=False).removed
+    assert removed == [] and store.lookup(refs[0].stage, refs[0].key) is not None

@@ -120,3 +120,55 @@ def test_store_root_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(TuneFactoryError, match="is a file, not a folder"):
         ArtifactStore(tmp_path / "file")
+
+
+def test_a_run_waiting_for_another_builds_lock_stops_when_interrupted(tmp_path, caplog):
+    """A run that wanted a key another process was building waited on its lock through Ctrl-C, then built."""
+    import threading
+    import time
+
+    from tasks.core.stage import BuildInterrupted, clear_stop, request_stop
+
+    run, wanted = RunContext(home=str(tmp_path)), step(7)
+    key = wanted.stage.key(wanted.config, {})
+    held = ArtifactStore(tmp_path).lock(wanted.stage.name, key)
+    held.acquire()  # another builder (flock: a second lock object conflicts even in this process)
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(_outcome(lambda: execute(wanted, {}, run))))
+    with caplog.at_level("INFO", logger="tunefactory"):
+        waiter.start()
+        time.sleep(1.5)
+        assert waiter.is_alive() and f"waiting: another run is building demo/{key[:12]}" in caplog.text
+        started = time.monotonic()
+        request_stop()
+        waiter.join(timeout=10)
+    try:
+        assert not waiter.is_alive() and time.monotonic() - started < 3
+        assert isinstance(outcome[0], BuildInterrupted)
+        assert ArtifactStore(tmp_path).lookup(wanted.stage.name, key) is None  # nothing built after the stop
+    finally:
+        clear_stop()
+        held.release()
+
+
+def _outcome(call):
+    try:
+        return call()
+    except BaseException as exc:  # handed to the test's thread
+        return exc
+
+
+def test_a_multi_node_build_whose_key_another_process_holds_stops_instead_of_waiting(tmp_path):
+    """Two nodes of one training on a shared store: node 1 waited on node 0's lock while node 0's ranks waited
+    for node 1's at the rendezvous, for good."""
+    from tasks.core.errors import TuneFactoryError
+
+    class NodesConfig(StageConfig):
+        value: int
+        nnodes: int
+
+    wanted = VALUE.step("demo", NodesConfig(value=1, nnodes=2))
+    key = wanted.stage.key(wanted.config, {})
+    with ArtifactStore(tmp_path).lock(wanted.stage.name, key):
+        with pytest.raises(TuneFactoryError, match="with nnodes > 1 each node needs a store of its own"):
+            execute(wanted, {}, RunContext(home=str(tmp_path)))

@@ -25,8 +25,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core import tracking
+from tasks.core.errors import TuneFactoryError
 from tasks.core.hashing import code_digest, library_versions, stable_hash
 from tasks.core.memory import return_freed_memory
 from tasks.core.store import Artifact, ArtifactRef, ArtifactStore
@@ -232,25 +233,57 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextmanager
+def waited_for(lock, what: str, log: logging.Logger, busy: str | None = None) -> Iterator[None]:
+    """A key's lock, held for the block. While another run builds that key this waits, saying so once, and an
+    interrupted run stops waiting within a second (a blocking wait outlived Ctrl-C by the other build's hours).
+    With `busy`, a held lock is that error instead of a wait."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if busy:
+            raise TuneFactoryError(busy) from None
+        log.info("waiting: another run is building %s", what)
+        while True:
+            check_stop()
+            try:
+                lock.acquire(timeout=1)
+                break
+            except Timeout:
+                continue
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def execute(step: Step, inputs: Mapping[str, ArtifactRef], run: RunContext) -> ArtifactRef:
     """Reuse the artifact for the step's key if it is valid; otherwise build it and publish atomically."""
     stage = step.stage
     store = ArtifactStore(run.home)
     key = stage.key(step.config, inputs)
     log = run_logger()
-    with store.lock(stage.name, key):
+    # Nodes of one multi-node training that share a store would wait on each other's lock for good.
+    busy = (f"{stage.name}/{key[:12]} is being built by another process using the store {store.root}; with "
+            "nnodes > 1 each node needs a store of its own (--home)") if getattr(step.config, "nnodes", 1) > 1 else None
+    with waited_for(store.lock(stage.name, key), f"{stage.name}/{key[:12]}", log, busy):
         found = None if step.force else store.lookup(stage.name, key)
         if found is not None:
             log.info("cached: %s/%s", stage.name, key[:12])
             if run.mlflow_run_id:
                 tracking.set_tags(run.mlflow_run_id, tracking.hit_tags(found.manifest.get("mlflow_run_id")))
             return found.ref
+        check_stop()  # interrupted while waiting: build nothing
         log.info("building %s/%s", stage.name, key[:12])
         if run.mlflow_run_id:
             tracking.record_stage(run.mlflow_run_id, {"cache": "miss", **tracking.prefect_tags()},
                                   step.config.keyed())
         ctx = BuildContext(step, key, store, {n: store.open(r) for n, r in inputs.items()}, run, log)
-        with _HEAVY_SLOT if stage.heavy else nullcontext(), store.building(stage.name, key) as tmp:
+        reads = [ref.id for ref in inputs.values()]
+        with (_HEAVY_SLOT if stage.heavy else nullcontext(), store.reading(stage.name, key, reads),
+              store.building(stage.name, key) as tmp):
             started_at, started = time.time(), time.monotonic()
             if stage.heavy:  # light stages take explicit seeds; reseeding here could disturb a heavy one
                 seed_everything(step.config.rng_seed)

@@ -157,6 +157,31 @@ class ArtifactStore:
         return FileLock(str(locks / f"{stage}-{key}.lock"))
 
     @contextmanager
+    def reading(self, stage: str, key: str, ids: list[str]) -> Iterator[None]:
+        """While the key's build runs (its lock held), a record of the artifacts it reads: gc keeps them."""
+        record = self.root / LOCKS / f"{stage}-{key}.reads"
+        record.write_text(json.dumps(ids))
+        try:
+            yield
+        finally:
+            record.unlink(missing_ok=True)
+
+    def read_by_builds(self) -> set[str]:
+        """The artifact ids that builds running now read (a record whose key's lock is free was a killed build's)."""
+        ids: set[str] = set()
+        for record in (self.root / LOCKS).glob("*.reads"):
+            stage, _, key = record.stem.rpartition("-")
+            try:
+                with self.lock(stage, key).acquire(timeout=0):
+                    record.unlink(missing_ok=True)
+            except Timeout:
+                try:
+                    ids |= set(json.loads(record.read_text()))
+                except (FileNotFoundError, ValueError):  # the build just ended
+                    pass
+        return ids
+
+    @contextmanager
     def building(self, stage: str, key: str) -> Iterator[Path]:
         """A temporary directory to build in (`publish` moves it into place); on error it is discarded.
 

@@ -58,6 +58,14 @@ def newest_runs(last: int, flows: tuple[str, ...] = ("finetune",)) -> list:
     return sorted(runs, key=lambda run: run.info.start_time, reverse=True)[:last]
 
 
+def running_runs(flows: tuple[str, ...]) -> list:
+    """The runs of these flows still going (or killed without a word: MLflow cannot tell them apart)."""
+    found = client()
+    ids = [e.experiment_id for e in found.search_experiments()]
+    return [run for name in flows for run in found.search_runs(
+        ids, f"{flow_runs(name)} and attributes.status = 'RUNNING'")] if ids else []
+
+
 def stage_runs(run, stage: str | None = None) -> list:
     """A flow run's nested stage runs, in the order they were created; only `stage`'s if named."""
     query = f"tags.mlflow.parentRunId = '{run.info.run_id}'"
