@@ -36,15 +36,25 @@ def checkpoint_problem(path: Path, save_only_model: bool) -> str | None:
                 handle.keys()
         except Exception as exc:  # a torn or truncated safetensors file
             return f"{file.name} does not read ({type(exc).__name__})"
+    for file in sorted(path.glob("rng_state*.pth")):  # one per rank; a torn one fails every resume's load
+        if not is_zip(file):
+            return f"{file.name} is torn"
     if not save_only_model and (path / "latest").is_file():  # DeepSpeed: optimizer state sharded per rank
         return deepspeed_problem(path)
     if not save_only_model:
         for name in ("optimizer.pt", "scheduler.pt"):
-            try:
-                zipfile.ZipFile(path / name).close()  # torch.save writes a zip; a torn one has no directory
-            except (OSError, zipfile.BadZipFile):
+            if not is_zip(path / name):
                 return f"{name} is missing or torn (the optimizer would restart from scratch)"
     return None
+
+
+def is_zip(file: Path) -> bool:
+    """Whether a torch.save file is whole: it writes a zip, and a torn one has no directory."""
+    try:
+        zipfile.ZipFile(file).close()
+        return True
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def deepspeed_problem(path: Path) -> str | None:
@@ -54,9 +64,7 @@ def deepspeed_problem(path: Path) -> str | None:
     if not shards or not sorted((path / tag).glob("*model_states.pt")):
         return f"DeepSpeed state {tag or '(no tag)'} is missing its model or optimizer shards"
     for file in [*shards, path / "scheduler.pt"]:
-        try:
-            zipfile.ZipFile(file).close()
-        except (OSError, zipfile.BadZipFile):
+        if not is_zip(file):
             return f"{file.name} is missing or torn (the optimizer would restart from scratch)"
     return None
 

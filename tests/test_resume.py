@@ -32,9 +32,11 @@ def make_checkpoint(folder, step: int, damage: str | None = None):
     if damage == "torn_adapter":
         data = (folder / "adapter_model.safetensors").read_bytes()
         (folder / "adapter_model.safetensors").write_bytes(data[: len(data) - 20])
-    for name in ("optimizer.pt", "scheduler.pt"):
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"):
         if damage != f"no_{name.split('.')[0]}":
             torch.save({"x": torch.ones(2)}, folder / name)
+    if damage == "torn_rng":  # a multi-rank kill while rank 1 wrote its RNG state after rank 0 wrote the rest
+        (folder / "rng_state_1.pth").write_bytes((folder / "rng_state_1.pth").read_bytes()[:40])
     return folder
 
 
@@ -47,6 +49,7 @@ def make_checkpoint(folder, step: int, damage: str | None = None):
         ("torn_adapter", "adapter_model.safetensors does not read"),
         ("no_optimizer", "optimizer.pt is missing or torn"),
         ("no_scheduler", "scheduler.pt is missing or torn"),
+        ("torn_rng", "rng_state_1.pth is torn"),
     ],
 )
 def test_checkpoint_checks(tmp_path, damage, problem):
