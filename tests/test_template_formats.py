@@ -502,6 +502,23 @@ def test_auto_handles_tool_turns_and_templates_that_close_the_conversation(token
     assert encoded(tokenizer, "auto", CONVERSATION, SYSTEM) == encoded(tokenizer, "phi", CONVERSATION, SYSTEM)
 
 
+def test_auto_numbers_tool_calls_for_templates_that_write_ids(tokenizer):
+    """Mistral Small 3.1's template refuses a tool call or result without a 9-character id; rows and API requests
+    keep none, so template: auto refused every tool conversation for it."""
+    from pathlib import Path
+
+    tokenizer.chat_template = (Path(__file__).parent / "data" / "chat_templates" /
+                               "mistralai-Mistral-Small-3.1-24B-Instruct-2503.jinja").read_text(encoding="utf-8")
+    input_ids, labels = encoded(tokenizer, "auto", TOOL_CONVERSATION, SYSTEM)
+    text = tokenizer.decode(input_ids)
+    assert '"id": "call00001"' in text and '"call_id": "call00001"' in text
+    call = {**TOOL_CHAT[1]["tool_calls"][0], "id": "call00001"}
+    numbered = [{"role": "system", "content": SYSTEM}, TOOL_CHAT[0], {**TOOL_CHAT[1], "tool_calls": [call]},
+                {**TOOL_CHAT[2], "tool_call_id": "call00001"}, TOOL_CHAT[3]]
+    assert text == tokenizer.apply_chat_template(numbered, tokenize=False)
+    assert trained_spans(tokenizer, input_ids, labels)[-1].startswith("It is 18 C.")
+
+
 # Qwen3-style (simplified): the reply after the last user turn opens with an empty thinking block,
 # replies in history do not, so the rendering of a prefix is not a prefix of the whole.
 THINKING = (

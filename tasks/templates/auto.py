@@ -38,6 +38,24 @@ def chat_messages(message: dict) -> list[dict]:
     return [{"role": role, "content": content}]
 
 
+def with_call_ids(conversation: list[dict]) -> list[dict]:
+    """Tool calls numbered call00001, call00002, ... through the conversation, and each tool message given the id
+    of the call it answers (in order): templates that write ids need them (Mistral's: 9 or more alphanumeric
+    characters), and neither a dataset row nor an API request keeps ids, so both are numbered alike."""
+    numbered, waiting, count = [], [], 0
+    for message in conversation:
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                count += 1
+                calls.append({**call, "id": f"call{count:05d}"})
+            message, waiting = {**message, "tool_calls": calls}, [call["id"] for call in calls]
+        elif message["role"] == "tool" and waiting:
+            message = {**message, "tool_call_id": waiting.pop(0)}
+        numbered.append(message)
+    return numbered
+
+
 def render_chat(tokenizer, conversation: list[dict], generation: bool) -> str:
     """The tokenizer's chat_template applied to a conversation, as text."""
     try:
@@ -83,6 +101,7 @@ def chat_template_pairs(tokenizer, messages: list[dict], system: str) -> list[tu
     for message in messages:
         conversation += chat_messages(message)
         ends.append(len(conversation))
+    conversation = with_call_ids(conversation)
     full = render_chat(tokenizer, conversation, generation=False)
     cuts: list[int] = []
     for index, message in enumerate(messages):
