@@ -43,9 +43,9 @@ def recent_runs(last: int) -> str:
     return "\n".join(lines) if lines else f"no runs in {tracking.tracking_uri()}"
 
 
-def roots(store: ArtifactStore, keep_last: int) -> set[str]:
+def roots(store: ArtifactStore, keep_last: int, dry_run: bool = False) -> set[str]:
     """Artifact ids ("stage/key") that runs, builds running now and registered models point at directly."""
-    ids = store.read_by_builds()  # inputs of builds running now, which a run tags only once they are done
+    ids = store.read_by_builds(prune=not dry_run)  # inputs of builds running now (a run tags them once done)
     # The last N of each flow (a row of previews must not push the last fine-tune's artifacts out), and every
     # run still going, however many ran since it started.
     runs = [run for flow in tracking.STORE_FLOWS for run in tracking.newest_runs(keep_last, (flow,))]
@@ -133,7 +133,7 @@ def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: 
         raise TuneFactoryError(f"tunefactory gc: no MLflow store at {database}, so no run says what to keep; run it "
                                "where the runs' mlflow.db is, or set MLFLOW_TRACKING_URI (--force deletes all)")
     artifacts = list(store.artifacts())
-    keep = reachable(store, roots(store, keep_last))
+    keep = reachable(store, roots(store, keep_last, dry_run))
     if artifacts and not force and not keep & {a.ref.id for a in artifacts}:
         raise TuneFactoryError(f"tunefactory gc: none of the runs or models in {uri} used an artifact of "
                                f"{store.root}, so it would delete all {len(artifacts)}; is that the tracking "

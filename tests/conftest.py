@@ -81,6 +81,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_stop_request_from_an_earlier_test():
+    """A flow that fails asks this process's running builds to stop, and the request stays until a new run
+    clears it: a test calling execute() directly after such a test in the same worker must not inherit it."""
+    from tasks.core.stage import clear_stop
+
+    clear_stop()
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh working directory with its own artifact store and MLflow database."""

@@ -138,8 +138,9 @@ def test_reading_runs_where_there_is_no_tracking_store_creates_none(tmp_path, mo
         assert "give a whole number of at least 1" in capsys.readouterr().err
 
 
-def test_gc_keeps_interrupted_checkpoints_for_a_resume_unless_asked(tmp_path, capsys):
+def test_gc_keeps_interrupted_checkpoints_for_a_resume_unless_asked(tmp_path, capsys, monkeypatch):
     """Staged checkpoints were never collected, not even with --force: a full fine-tune's could stay for good."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # not the checkout's
     store = ArtifactStore(tmp_path / "store")
     staged = store.staging("train", "k" * 64) / "checkpoint-4"
     staged.mkdir(parents=True)
@@ -153,14 +154,19 @@ def test_gc_keeps_interrupted_checkpoints_for_a_resume_unless_asked(tmp_path, ca
     assert not staged.exists() and "freed 1.0 MiB" in capsys.readouterr().out
 
 
-def test_gc_keeps_what_a_running_build_reads(tmp_path):
+def test_gc_keeps_what_a_running_build_reads(tmp_path, monkeypatch):
     """gc deleted an input of a build still running (only the built key's lock was held, and a run tags its
-    artifacts once they are done), and the build failed reading it."""
+    artifacts once they are done), and the build failed reading it; also while a heavy build queued for its
+    slot behind another one."""
     import json
+    import threading
+    import time
 
+    from tasks.core import stage as stages
     from tasks.core.stage import Built, Stage
     from tests.test_store import ValueConfig, write_upstream_value
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     store = ArtifactStore(tmp_path / "store")
     run = RunContext(home=str(store.root))
     up = execute(step(1), {}, run)
@@ -177,8 +183,26 @@ def test_gc_keeps_what_a_running_build_reads(tmp_path):
     record = store.root / ".locks" / f"down-{built.key}.reads"
     assert not record.exists()  # gone with the build
     record.write_text(json.dumps([up.id]))  # as a killed build leaves it: its lock is free
+    assert up.id in collect_garbage(store, keep_last=1, dry_run=True, force=True).removed
+    assert record.exists()  # a dry run changes nothing
     assert up.id in collect_garbage(store, keep_last=1, dry_run=False, force=True).removed
     assert not record.exists()
+
+    up = execute(step(2), {}, run)
+    heavy = Stage(name="heavy", plan=None, build=write_upstream_value, code=("tasks.core.store",), libraries=(),
+                  heavy=True)
+    queued = heavy.step("heavy", ValueConfig(value=0))
+    outcome = []
+    with stages._HEAVY_SLOT:  # another heavy build runs: this one waits for the slot, its inputs opened
+        waiter = threading.Thread(target=lambda: outcome.append(execute(queued, {"up": up}, run)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while not list((store.root / ".locks").glob("heavy-*.reads")):
+            assert time.monotonic() < deadline, "the queued build recorded no reads"
+            time.sleep(0.05)
+        assert up.id not in collect_garbage(store, keep_last=1, dry_run=False, force=True).removed
+    waiter.join(timeout=30)
+    assert outcome and store.lookup(outcome[0].stage, outcome[0].key) is not None
 
 
 def test_gc_keeps_the_artifacts_of_a_run_still_going_however_many_ran_since(tmp_path, monkeypatch):

@@ -172,3 +172,16 @@ def test_a_multi_node_build_whose_key_another_process_holds_stops_instead_of_wai
     with ArtifactStore(tmp_path).lock(wanted.stage.name, key):
         with pytest.raises(TuneFactoryError, match="with nnodes > 1 each node needs a store of its own"):
             execute(wanted, {}, RunContext(home=str(tmp_path)))
+
+
+def test_a_stop_request_left_by_a_failed_run_does_not_stop_a_build_that_never_waited(tmp_path):
+    """The check after taking a key's lock is for a run interrupted while it waited; it also failed builds that
+    took the lock at once, after an earlier flow in the process had failed (its request outlives it)."""
+    from tasks.core.stage import clear_stop, request_stop
+
+    request_stop()
+    try:
+        ref = execute(step(11), {}, RunContext(home=str(tmp_path)))
+    finally:
+        clear_stop()
+    assert ArtifactStore(tmp_path).lookup(ref.stage, ref.key) is not None

@@ -234,15 +234,17 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def waited_for(lock, what: str, log: logging.Logger, busy: str | None = None) -> Iterator[None]:
-    """A key's lock, held for the block. While another run builds that key this waits, saying so once, and an
-    interrupted run stops waiting within a second (a blocking wait outlived Ctrl-C by the other build's hours).
-    With `busy`, a held lock is that error instead of a wait."""
+def waited_for(lock, what: str, log: logging.Logger, busy: str | None = None) -> Iterator[bool]:
+    """A key's lock, held for the block, which gets whether it had to wait. While another run builds that key
+    this waits, saying so once, and an interrupted run stops waiting within a second (a blocking wait outlived
+    Ctrl-C by the other build's hours). With `busy`, a held lock is that error instead of a wait."""
     from filelock import Timeout
 
+    waited = False
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        waited = True
         if busy:
             raise TuneFactoryError(busy) from None
         log.info("waiting: another run is building %s", what)
@@ -254,7 +256,7 @@ def waited_for(lock, what: str, log: logging.Logger, busy: str | None = None) ->
             except Timeout:
                 continue
     try:
-        yield
+        yield waited
     finally:
         lock.release()
 
@@ -268,21 +270,22 @@ def execute(step: Step, inputs: Mapping[str, ArtifactRef], run: RunContext) -> A
     # Nodes of one multi-node training that share a store would wait on each other's lock for good.
     busy = (f"{stage.name}/{key[:12]} is being built by another process using the store {store.root}; with "
             "nnodes > 1 each node needs a store of its own (--home)") if getattr(step.config, "nnodes", 1) > 1 else None
-    with waited_for(store.lock(stage.name, key), f"{stage.name}/{key[:12]}", log, busy):
+    with waited_for(store.lock(stage.name, key), f"{stage.name}/{key[:12]}", log, busy) as waited:
         found = None if step.force else store.lookup(stage.name, key)
         if found is not None:
             log.info("cached: %s/%s", stage.name, key[:12])
             if run.mlflow_run_id:
                 tracking.set_tags(run.mlflow_run_id, tracking.hit_tags(found.manifest.get("mlflow_run_id")))
             return found.ref
-        check_stop()  # interrupted while waiting: build nothing
+        if waited:
+            check_stop()  # interrupted while it waited: build nothing
         log.info("building %s/%s", stage.name, key[:12])
         if run.mlflow_run_id:
             tracking.record_stage(run.mlflow_run_id, {"cache": "miss", **tracking.prefect_tags()},
                                   step.config.keyed())
         ctx = BuildContext(step, key, store, {n: store.open(r) for n, r in inputs.items()}, run, log)
-        reads = [ref.id for ref in inputs.values()]
-        with (_HEAVY_SLOT if stage.heavy else nullcontext(), store.reading(stage.name, key, reads),
+        reads = [ref.id for ref in inputs.values()]  # recorded before a heavy build queues for its slot
+        with (store.reading(stage.name, key, reads), _HEAVY_SLOT if stage.heavy else nullcontext(),
               store.building(stage.name, key) as tmp):
             started_at, started = time.time(), time.monotonic()
             if stage.heavy:  # light stages take explicit seeds; reseeding here could disturb a heavy one

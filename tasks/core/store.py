@@ -166,14 +166,16 @@ class ArtifactStore:
         finally:
             record.unlink(missing_ok=True)
 
-    def read_by_builds(self) -> set[str]:
-        """The artifact ids that builds running now read (a record whose key's lock is free was a killed build's)."""
+    def read_by_builds(self, prune: bool = True) -> set[str]:
+        """The artifact ids that builds running now read; a record whose key's lock is free was a killed build's
+        (removed when `prune`)."""
         ids: set[str] = set()
         for record in (self.root / LOCKS).glob("*.reads"):
             stage, _, key = record.stem.rpartition("-")
             try:
                 with self.lock(stage, key).acquire(timeout=0):
-                    record.unlink(missing_ok=True)
+                    if prune:
+                        record.unlink(missing_ok=True)
             except Timeout:
                 try:
                     ids |= set(json.loads(record.read_text()))
