@@ -124,6 +124,8 @@ def same_adapter_base(policy: Step, reward: Step, steps: list[Step]) -> None:
     """A LoRA reward model is put on the policy's base, so both must have merged the same adapter into that base
     (create_new_adapter) or neither: else the rm scores on a base it was not trained on. `steps` hold the adapters'
     own steps (an imported adapter's provenance is unknown and passes)."""
+    if reward.stage.name not in TRAINERS:  # imported from a folder or an artifact id: how it was trained is unknown
+        return
     identity = identities(steps)
     ours, theirs = merged_adapter(policy), merged_adapter(reward)
     if (ours and identity[ours]) == (theirs and identity[theirs]):

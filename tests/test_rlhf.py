@@ -381,7 +381,8 @@ def test_rm_continues_an_sft_adapter_and_an_adapter_of_another_model_is_named(ti
 
 @pytest.mark.parametrize(("rm_merges", "ppo_merges", "fits"), [
     (False, False, True), (True, True, True), (True, False, False), (False, True, False)])
-def test_a_lora_reward_model_must_share_the_policys_merged_adapter(write_recipe, rm_merges, ppo_merges, fits):
+def test_a_lora_reward_model_must_share_the_policys_merged_adapter(write_recipe, tmp_path, rm_merges, ppo_merges,
+                                                                    fits):
     """PPO puts a LoRA rm's adapter on its own base; with create_new_adapter on one side only, that base lacked
     (or doubled) the SFT adapter the rm was trained on, and PPO scored with a different reward model."""
     from tasks.core.errors import RecipeError
@@ -396,6 +397,14 @@ def test_a_lora_reward_model_must_share_the_policys_merged_adapter(write_recipe,
         return
     with pytest.raises(RecipeError, match="a LoRA reward model only fits the base it was trained on"):
         plan_run(load_recipe(chained))
+    # An imported reward model (a folder, an artifact id) says nothing of how it was trained: it is let through.
+    imported = tmp_path / "imported_rm"
+    imported.mkdir()
+    (imported / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    (imported / "value_head.safetensors").write_bytes(b"")
+    elsewhere = write_recipe("ppo_imported.yaml", stage="ppo", adapter_name_or_path=str(sft),
+                             create_new_adapter=ppo_merges, reward_model=str(imported))
+    assert any(step.stage.name == "ppo" for step in plan_run(load_recipe(elsewhere)))
 
 
 @pytest.mark.parametrize("key", [{"ref_model": "some/model"}, {"ref_model_quantization_bit": 4}])
