@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,6 +59,14 @@ class ToolDefinition(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["function"]
     function: FunctionDefinition
+
+    @model_validator(mode="before")
+    @classmethod
+    def wrapped(cls, value: Any) -> Any:
+        """A bare definition ({"name", ...}, as datasets hold them) is taken as OpenAI's wrapped one."""
+        if isinstance(value, dict) and "type" not in value and "name" in value:
+            return {"type": "function", "function": value}
+        return value
 
 
 class StreamOptions(BaseModel):

@@ -207,9 +207,10 @@ class ChatEngine:
             text = text[:cut]
         reason = "length" if not ended and cut is None and len(kept) >= max_tokens else "stop"
         calls = parse_tool_calls(text, self.template.tool_format, tool_names(tools)) if tools else None
+        # After a stop string nothing more was generated: a stop token there is padding (pad being EOS).
         return Generated(text=text if not calls else "", prompt_tokens=prompt_tokens,
-                         completion_tokens=len(kept) + ended, finish_reason="tool_calls" if calls
-                         else reason, tool_calls=calls)
+                         completion_tokens=len(kept) + (ended and cut is None),
+                         finish_reason="tool_calls" if calls else reason, tool_calls=calls)
 
 
 class HuggingFaceEngine(ChatEngine):

@@ -71,7 +71,7 @@ class VllmEngine(ChatEngine):
 
     def stream(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, stop: list[str] | None = None) -> WholeReply:
-        self.prompt(messages)  # bad messages fail now, before a stream is opened
+        self.reply_budget(self.prompt(messages), max_tokens)  # bad messages fail now, before a stream opens
         return WholeReply(lambda: self.generate(messages, max_tokens, temperature, top_p, stop)[0])
 
 

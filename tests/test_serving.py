@@ -158,6 +158,8 @@ def test_padding_after_a_finished_choice_is_not_counted():
             finish([1, 2, 3, 0, 0], [" sunny"]).finish_reason) == ("Paris is", 3, "stop")
     assert (finish([1, 2, 9, 0, 0]).completion_tokens, finish([1, 2, 9, 0, 0]).finish_reason) == (3, "stop")
     assert (finish([1, 2, 3, 4, 5]).completion_tokens, finish([1, 2, 3, 4, 5]).finish_reason) == (5, "length")
+    engine.pad_id = 9  # no pad token of its own: generate pads with EOS, which follows no stop string
+    assert finish([1, 2, 3, 9, 9], [" sunny"]).completion_tokens == 3
 
 
 def test_a_reply_gets_the_room_the_context_leaves_and_a_prompt_that_fills_it_is_a_400(client, engine):
@@ -266,6 +268,17 @@ def test_a_malformed_tool_call_is_a_400_and_gives_its_slot_back(client, server):
     for method, path, status in (("GET", "/nothing", 404), ("GET", "/chat/completions", 405)):
         answer = httpx.request(method, f"{server}{path}", headers={"Authorization": f"Bearer {KEY}"})
         assert answer.status_code == status and answer.json()["error"]["message"]  # OpenAI's error shape
+
+
+def test_bare_tool_definitions_are_taken_as_wrapped_ones(client, engine, monkeypatch):
+    """Bare definitions (as datasets hold them) were accepted before the request model was typed."""
+    offered = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *args, **kwargs: offered.append(kwargs["tools"]) or
+                        generate(*args, **kwargs))
+    bare = {"name": "get_weather", "parameters": {"type": "object"}}
+    client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, tools=[bare])
+    assert offered == [[{"type": "function", "function": bare}]]
 
 
 def test_tool_choice_none_reads_no_tool_calls(client, engine, monkeypatch):
