@@ -159,7 +159,11 @@ class RankErrors:
             self.root_rank = rank.group(1)
 
     def cause(self) -> str:
-        return self.last_by_rank.get(self.root_rank) or self.first
+        """The root-cause rank's exception; a rank that failed before the process group started prints without
+        its [rankN] prefix, so then the last unprefixed one; else the first printed."""
+        if self.root_rank is not None:
+            return self.last_by_rank.get(self.root_rank) or self.last_by_rank.get(None) or self.first
+        return self.first
 
 
 def zero3_loading(config, ctx: BuildContext):

@@ -271,6 +271,12 @@ def test_the_failing_rank_is_named_not_the_ranks_that_failed_after_it():
     unnamed = f"import sys; print({chr(10).join(output[:3])!r}); sys.exit(1)"  # no summary: the first one printed
     with pytest.raises(TuneFactoryError, match=r"exit 1\): \[rank1\]: ValueError: the real cause on rank 1$"):
         run_forwarding([sys.executable, "-c", unnamed], {}, logging.getLogger("test"))
+    # Rank 1 failed before its process group started: its lines carry no [rank1] prefix.
+    early = ["[rank0]: NotImplementedError: no fused kernel here, falling back", "ValueError: rank 1 could not start",
+             *output[2:]]
+    script = f"import sys; print({chr(10).join(early)!r}); sys.exit(1)"
+    with pytest.raises(TuneFactoryError, match=r"exit 1\): ValueError: rank 1 could not start$"):
+        run_forwarding([sys.executable, "-c", script], {}, logging.getLogger("test"))
 
 
 def test_a_stop_reaches_quiet_ranks_within_a_second():
