@@ -129,7 +129,7 @@ class FinetuningSection(Section):
         None, "LoRA: comma-separated modules trained in full and saved with the adapter (embed_tokens, lm_head).")
     module_dropout: float = option(0.0, "OFT's module dropout (LlamaFactory's OFT key); LoRA has none.", ge=0, lt=1)
     loraplus_lr_ratio: float | None = option(None, "LoRA+: the B matrices learn this many times faster.", gt=0)
-    loraplus_lr_embedding: float = option(1e-6, "LoRA+: learning rate of LoRA embedding layers.", gt=0)
+    loraplus_lr_embedding: float = option(1e-6, "LoRA+: learning rate of an embedding's LoRA B matrix.", gt=0)
     pissa_init: bool = option(False, "LoRA: initialise the adapter from the base's principal singular vectors (PiSSA).")
     pissa_iter: int = option(16, "PiSSA: fast-SVD iterations; -1 uses the exact SVD.", ge=-1)
     pissa_convert: bool = option(
@@ -238,7 +238,8 @@ class TrainingSection(Section):
     dataloader_num_workers: int = option(0, "Processes feeding batches to the trainer.", ge=0)
     save_only_model: bool = option(False, "Checkpoints without optimizer state (smaller, but resume restarts it).")
     ddp_timeout: int = option(1800, "Seconds before a multi-process collective times out.", gt=0)
-    resume_from_checkpoint: str | None = option(None, "Resume from this checkpoint instead of the newest staged one.")
+    resume_from_checkpoint: str | None = option(
+        None, "Resume from this checkpoint (a re-run of a killed run resumes from its own newer staged one).")
     neftune_noise_alpha: float | None = option(None, "NEFTune: noise added to the input embeddings while training.",
                                                gt=0)
     deepspeed: str | None = option(None, "DeepSpeed config file (configs/deepspeed/ds_z{0,2,3}[_offload]_config.json).")
