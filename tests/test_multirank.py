@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tasks.core.ports import free_port
 from tasks.core.stage import run_in_process
 from tasks.core.store import ArtifactStore
 from tasks.launch import torchrun_command
@@ -301,22 +302,14 @@ def test_a_stop_reaches_quiet_ranks_within_a_second():
     assert time.monotonic() - started < 5
 
 
-def port_outside_ephemeral_range() -> int:
-    """A free port below the kernel's ephemeral range, which it never hands out by itself (to a bind to port 0,
-    or as a connection's source port): nothing else takes it in the seconds before node 0 listens on it."""
-    import random
-    import socket
-    from pathlib import Path
+def test_free_ports_come_from_below_the_ephemeral_range():
+    """A port from bind(0) is ephemeral: another process's outgoing connection could take it in the seconds before
+    torchrun (or a Prefect server) binds it, as two test workers' connections can."""
+    from tasks.core.ports import EPHEMERAL_RANGE, binds
 
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.sample(range(20000, low), 100):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in 20000-{low}")
+    low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    ports = [free_port() for _ in range(5)]
+    assert all(20000 <= port < low and binds(port) for port in ports), (ports, low)
 
 
 def run_nodes(commands: list[list[str]], logs: list, env: dict, deadline_s: float) -> None:
@@ -350,7 +343,7 @@ def test_two_nodes_on_one_machine(one_rank, tiny_model_dir, tmp_path):
     import sys
 
     _, (single, single_losses) = one_rank
-    port = port_outside_ephemeral_range()
+    port = free_port()  # below the ephemeral range: nothing takes it before node 0 listens on it
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     logged = "import logging; logging.basicConfig(level=logging.INFO)" + CHILD  # the ranks' output, forwarded
     commands, stores = [], []
