@@ -90,6 +90,7 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: str | dict[str, Any] | None = None  # "none" is honoured; "auto" and the others act as "auto"
+    seed: int | None = None  # sampling: the same request and seed, the same reply
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # only 0 (no penalty): refused otherwise
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
 
@@ -229,7 +230,7 @@ def create_app(engine: ChatEngine, api_key: str | None = None, limits: Limits = 
         messages = plain_messages(chat)
         options = {"max_tokens": chat.max_completion_tokens or chat.max_tokens or limits.max_tokens,
                    "temperature": 1.0 if chat.temperature is None else chat.temperature,
-                   "top_p": 1.0 if chat.top_p is None else chat.top_p, "stop": chat.stop_words}
+                   "top_p": 1.0 if chat.top_p is None else chat.top_p, "stop": chat.stop_words, "seed": chat.seed}
         slots.take()
         if chat.stream:
             try:

@@ -180,12 +180,12 @@ class ChatEngine:
 
     def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
-                 tools: list[dict] | None = None) -> list[Generated]:
+                 tools: list[dict] | None = None, seed: int | None = None) -> list[Generated]:
         """n replies to the messages."""
         raise NotImplementedError
 
     def stream(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, stop: list[str] | None = None) -> ReplyStream:
+               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> ReplyStream:
         """The reply, iterated as text pieces while it is generated; its Generated summary after."""
         raise NotImplementedError
 
@@ -248,7 +248,7 @@ class HuggingFaceEngine(ChatEngine):
 
     def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
-                 tools: list[dict] | None = None) -> list[Generated]:
+                 tools: list[dict] | None = None, seed: int | None = None) -> list[Generated]:
         """n replies to the messages."""
         import torch
 
@@ -256,16 +256,17 @@ class HuggingFaceEngine(ChatEngine):
         options = self.options(ids, max_tokens, temperature, top_p, stop or [])
         prompts = torch.tensor([ids] * n, device=self.model.device)
         with self.lock, torch.no_grad():
+            seeded(seed)
             output = self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), **options)
         budget = options["max_new_tokens"]
         return [self.finish(row[len(ids):].tolist(), len(ids), budget, stop or [], tools) for row in output]
 
     def stream(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, stop: list[str] | None = None) -> ReplyStream:
+               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> ReplyStream:
         """The reply, iterated as text pieces while it is generated; its Generated summary after."""
         ids = self.prompt(messages)
         options = self.options(ids, max_tokens, temperature, top_p, stop or [])
-        return ReplyStream(self, ids, options, options["max_new_tokens"], stop or [])
+        return ReplyStream(self, ids, options, options["max_new_tokens"], stop or [], seed)
 
 
 class Cancelled(StoppingCriteria):
@@ -278,6 +279,14 @@ class Cancelled(StoppingCriteria):
         import torch
 
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def seeded(seed: int | None) -> None:
+    """A request's seed, set under the engine's lock just before it samples: the same request, the same reply."""
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
 
 
 class ReplyStopStrings(StoppingCriteria):
@@ -305,8 +314,9 @@ class ReplyStream:
     the whole reply's Generated once iteration ends. Closing the iterator early stops generation."""
 
     def __init__(self, engine: HuggingFaceEngine, ids: list[int], options: dict[str, Any], max_tokens: int,
-                 stop: list[str]):
+                 stop: list[str], seed: int | None = None):
         self.engine, self.ids, self.options, self.max_tokens, self.stop = engine, ids, options, max_tokens, stop
+        self.seed = seed
         self.result: Generated | None = None
         self.cancelled = threading.Event()
 
@@ -326,6 +336,7 @@ class ReplyStream:
         def run() -> None:
             try:
                 with engine.lock, torch.no_grad():
+                    seeded(self.seed)
                     prompt = torch.tensor([self.ids], device=engine.model.device)
                     options = dict(self.options)
                     criteria = StoppingCriteriaList([Cancelled(cancelled), *options.pop("stopping_criteria", [])])

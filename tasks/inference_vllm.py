@@ -48,7 +48,7 @@ class VllmEngine(ChatEngine):
 
     def generate(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, n: int = 1,
-                 tools: list[dict] | None = None) -> list[Generated]:
+                 tools: list[dict] | None = None, seed: int | None = None) -> list[Generated]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -56,7 +56,8 @@ class VllmEngine(ChatEngine):
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, stop=stop or None,
                                 max_tokens=self.reply_budget(ids, max_tokens), stop_token_ids=self.stops,
                                 top_k=self.generation.top_k or -1,
-                                repetition_penalty=self.generation.repetition_penalty, skip_special_tokens=True)
+                                repetition_penalty=self.generation.repetition_penalty, seed=seed,
+                                skip_special_tokens=True)
         with self.lock:
             output = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=self.lora,
                                        use_tqdm=False)[0]
@@ -70,9 +71,9 @@ class VllmEngine(ChatEngine):
         return replies
 
     def stream(self, messages: list[dict[str, Any]], max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, stop: list[str] | None = None) -> WholeReply:
+               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> WholeReply:
         self.reply_budget(self.prompt(messages), max_tokens)  # bad messages fail now, before a stream opens
-        return WholeReply(lambda: self.generate(messages, max_tokens, temperature, top_p, stop)[0])
+        return WholeReply(lambda: self.generate(messages, max_tokens, temperature, top_p, stop, seed=seed)[0])
 
 
 class WholeReply:

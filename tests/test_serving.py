@@ -229,6 +229,19 @@ def test_the_recipes_top_k_and_repetition_penalty_reach_chat_and_the_api(tiny_mo
     assert plain.text.count("\n") == 8 and penalised.text != plain.text  # the greedy newlines are penalised
 
 
+def test_a_seed_makes_a_sampled_reply_repeatable(client):
+    """seed was accepted and ignored: two requests with the same seed sampled different replies."""
+    def sampled(seed: int, stream: bool = False) -> str:
+        reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=1.0,
+                                               seed=seed, stream=stream)
+        if stream:
+            return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices)
+        return reply.choices[0].message.content
+
+    assert sampled(7) == sampled(7) == sampled(7, stream=True)
+    assert len({sampled(seed) for seed in (1, 2, 3, 4)}) > 1  # the seed, not something else, fixes the reply
+
+
 def test_a_wrong_api_key_is_refused(server):
     stranger = openai.OpenAI(base_url=server, api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="invalid API key"):
