@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from tasks.core.errors import RecipeError
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
@@ -68,6 +69,11 @@ def collator_for(data, tokenizer, model, neftune: bool = False):
         return FlatCollator()
     if data.info.get("position_ids"):
         from tasks.packing import PackedCollator
+
+        if not flat_batches_supported(model):  # its own code builds its masks: position_ids need not bound them
+            raise RecipeError("key 'neat_packing': this model runs its own code (trust_remote_code), whose attention "
+                              "is not known to keep packed samples apart; use packing: true (samples of a row see "
+                              "each other, as in LlamaFactory's plain packing) or no packing")
 
         return PackedCollator(pad_token_id=tokenizer.pad_token_id)
     from transformers import DataCollatorForSeq2Seq

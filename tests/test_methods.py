@@ -306,6 +306,17 @@ def test_neftune_and_pure_bf16(store, tiny_model_dir):
     tokenizer, data = AutoTokenizer.from_pretrained(str(tiny_model_dir)), SimpleNamespace(info={})
     assert isinstance(collator_for(data, tokenizer, model), FlatCollator)
     assert isinstance(collator_for(data, tokenizer, model, neftune=True), DataCollatorForSeq2Seq)
+    # Neat-packed rows: transformers' own classes keep the samples apart by their position_ids (tests/
+    # test_packing); a model with its own code is not known to, and its samples would attend to each other.
+    from tasks.core.errors import RecipeError
+    from tasks.packing import PackedCollator
+
+    packed = SimpleNamespace(info={"position_ids": True})
+    assert isinstance(collator_for(packed, tokenizer, model, neftune=True), PackedCollator)
+    remote = type("RemoteLlama", (type(model),), {"__module__": "transformers_modules.someone.modeling"})
+    model.__class__ = remote
+    with pytest.raises(RecipeError, match="key 'neat_packing': this model runs its own code"):
+        collator_for(packed, tokenizer, model)
     artifact, results, losses = train(store, tiny_model_dir, **{**FULL, "learning_rate": 1e-2}, pure_bf16=True)
     weights = load_file(str(artifact.part("model") / "model.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.bfloat16} and falls(losses)
