@@ -255,14 +255,23 @@ def create_app(engine: ChatEngine, api_key: str | None = None, limits: Limits = 
 
 
 async def released(chunks: Iterator[str], stream: ReplyStream, slots: Slots):
-    """The stream's chunks (each waited for on a worker thread), giving its slot back when it ends or the
+    """The stream's chunks (each waited for on a worker thread), giving its slot back when it ends, before its
+    last chunk is sent (a client that asks again as soon as it reads [DONE] finds the slot free), or when the
     client goes; a client that goes stops the generation too."""
+    held = True
     try:
-        while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
+        chunk = await run_in_threadpool(next, chunks, None)
+        while chunk is not None:
+            following = await run_in_threadpool(next, chunks, None)
+            if following is None:
+                held = False
+                slots.give()
             yield chunk
+            chunk = following
     finally:
         stream.cancel()
-        slots.give()
+        if held:
+            slots.give()
 
 
 def completion(replies, model: str) -> dict[str, Any]:

@@ -238,8 +238,16 @@ def test_a_seed_makes_a_sampled_reply_repeatable(client):
             return "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices)
         return reply.choices[0].message.content
 
-    assert sampled(7) == sampled(7) == sampled(7, stream=True)
+    assert sampled(7, stream=True) == sampled(7) == sampled(7)
     assert len({sampled(seed) for seed in (1, 2, 3, 4)}) > 1  # the seed, not something else, fixes the reply
+
+
+def test_a_streams_slot_is_free_once_its_last_chunk_is_read(client):
+    """The slot came back after [DONE] was sent: a client asking again at once could get a 429 (one slot here)."""
+    for _ in range(5):
+        stream = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, stream=True)
+        assert [chunk for chunk in stream]
+        assert client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2).choices
 
 
 def test_a_wrong_api_key_is_refused(server):
