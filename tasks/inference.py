@@ -25,7 +25,7 @@ from tasks.core.hardware import place_on_compute_device
 from tasks.encoding import prompt_and_reply
 from tasks.templates import stop_token_ids
 from tasks.templates.choice import TemplateChoice
-from tasks.templates.tools import calls_text, read_calls, results_text
+from tasks.templates.tools import bare_tools, calls_text, read_calls, results_text
 
 USER_SIDE = {"user": "user", "tool": "observation", "observation": "observation"}
 
@@ -123,8 +123,7 @@ def parse_tool_calls(text: str, tool_format: str = "default",
 
 def tool_names(tools: list[dict[str, Any]] | None) -> set[str]:
     """The names of OpenAI-style tool definitions (wrapped or bare)."""
-    bare = [tool.get("function", tool) if tool.get("type") == "function" else tool for tool in tools or []]
-    return {tool.get("name") for tool in bare if isinstance(tool, dict)}
+    return {tool.get("name") for tool in bare_tools(tools or []) if isinstance(tool, dict)}
 
 
 def context_length(config) -> int | None:

@@ -180,11 +180,16 @@ def described(tool: dict[str, Any]) -> str:
             f"Tool Args:\n{lines}\n")
 
 
+def bare_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool definitions bare ({"name", ...}), whether they came so or OpenAI-wrapped ({"type": "function", ...})."""
+    return [tool.get("function", tool) if tool.get("type") == "function" else tool for tool in tools]
+
+
 def describe(tools: list[dict[str, Any]]) -> dict[str, str]:
     """The placeholders of a tools pattern filled from the definitions. Datasets hold them bare ({"name", ...}),
     OpenAI clients send them wrapped ({"type": "function", "function": {...}}): each placeholder writes one
     shape whichever came, as LlamaFactory's tool formatters do, so serving writes what training wrote."""
-    bare = [tool.get("function", tool) if tool.get("type") == "function" else tool for tool in tools]
+    bare = bare_tools(tools)
     wrapped = [{"type": "function", "function": tool} for tool in bare]
     glm4 = "".join(f"\n\n## {tool.get('name', '')}\n\n{json.dumps(tool, indent=4, ensure_ascii=False)}\n"
                    "在调用上述函数时，请使用 Json 格式表示调用的参数。" for tool in bare)
