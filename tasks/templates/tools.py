@@ -203,8 +203,7 @@ def describe(tools: list[dict[str, Any]]) -> dict[str, str]:
 def fill_tools(pattern: str, system: str, tools: list[dict[str, Any]]) -> str:
     """The system prompt with the tool definitions written in by a tools pattern."""
     values = {"content": system, **describe(tools)}
-    filled = re.sub(r"\{(content|tools|tool_blocks|wrapped_tool_list|tool_list|tool_text|tool_names|tool_text_glm4)\}",
-                    lambda m: values[m.group(1)], pattern)
+    filled = re.sub(r"\{(" + "|".join(values) + r")\}", lambda m: values[m.group(1)], pattern)
     return filled if system else filled.lstrip("\n")
 
 
