@@ -1,26 +1,26 @@
 """Exam stage: multiple-choice exams in MMLU's layout (MMLU, CMMLU, C-Eval, the bundled pystdlib), scored as
 LlamaFactory's evaluator does, on one model artifact.
 
-Layout: `<task_dir>/<name>/{dev,val,test}/<subject>_<split>.csv` (headerless rows question,A,B,C,D,answer)
-and `<task_dir>/<name>/mapping.json` (each subject's display name and category); or a hub dataset repo
-with a config per subject. `task: <name>_<split>` picks the exam and the split scored.
+Files: an exam folder `<task_dir>/<name>` as MMLU, CMMLU or C-Eval release it, or a hub dataset repo with a
+config per subject (tasks/exam_files.py reads and checks both). `task: <name>_<split>` picks the exam and the
+split scored.
 
 Prompt: a subject header ("The following are multiple choice questions (with answers) about {subject}.",
 or the Chinese wording for `lang: zh`), `n_shot` solved examples from the dev split as earlier turns,
 then the question with its choices and "Answer:", all through the recipe's chat template. The
 prediction is the choice letter whose token has the highest next-token logit. The support examples are
 the first `n_shot` of the dev split (the original MMLU harness's choice; LlamaFactory samples them at
-random, which makes two runs differ).
+random, which makes two runs differ); scoring the dev split itself, each question's support leaves it out.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.core.errors import DataError, RecipeError
+from tasks.core.errors import RecipeError
 from tasks.core.hardware import attn_implementation, compute_device, torch_dtype
 from tasks.core.hashing import tree_digest
 from tasks.core.loading import remote_code
@@ -29,9 +29,9 @@ from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, check_stop, unkeyed
 from tasks.encoding import prompt_and_reply
 from tasks.evaluate import inference_dtype
+from tasks.exam_files import LETTERS, hub_exam, is_local_exam, read_local_exam, support_questions
 from tasks.templates.choice import TemplateChoice
 
-CHOICES = "ABCD"
 BUNDLED = Path(__file__).resolve().parents[1] / "configs" / "exams"
 HEADERS = {
     "en": ("The following are multiple choice questions (with answers) about {subject}.\n\n", "\nAnswer:"),
@@ -65,7 +65,7 @@ def task_parts(task: str) -> tuple[str, str]:
 def exam_folder(task_dir: str, name: str) -> Path | None:
     """Where the exam's files are: under task_dir, else among the bundled exams."""
     for base in (Path(task_dir), BUNDLED):
-        if (base / name / "mapping.json").is_file():
+        if is_local_exam(base / name):
             return base / name
     return None
 
@@ -85,6 +85,8 @@ def plan(recipe: Recipe, scored: Step, role: str) -> Step:
     e = recipe.evaluation
     name, split = task_parts(e.task)
     folder = exam_folder(e.task_dir, name)
+    if folder:
+        read_local_exam(folder, split)  # every file checked now, before any stage runs
     source = tree_digest(folder) if folder else hub_source(e.task_dir, name)
     config = ExamConfig(exam=name, split=split, source=source, lang=e.lang, n_shot=e.n_shot,
                         template=TemplateChoice.of(recipe.data), batch_size=e.batch_size,
@@ -94,37 +96,12 @@ def plan(recipe: Recipe, scored: Step, role: str) -> Step:
     return STAGE.step(f"exam[{role}]", config, {"model": scored}, locators)
 
 
-def read_split(folder: Path, subject: str, split: str) -> list[dict[str, str]]:
-    """A subject's questions: rows question,A,B,C,D,answer (named by file and row when malformed)."""
-    path = folder / split / f"{subject}_{split}.csv"
-    if not path.is_file():
-        raise DataError(f"{path}: missing (the exam's mapping.json lists subject '{subject}')")
-    rows = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        for number, cells in enumerate(csv.reader(handle), start=1):
-            if len(cells) != 6 or cells[5].strip() not in CHOICES:
-                raise DataError(f"{path}, row {number}: expected question,A,B,C,D,answer with answer A-D")
-            rows.append(dict(zip(("question", *CHOICES, "answer"), cells, strict=True)))
-    return rows
-
-
-def hub_split(source: str, subject: str, split: str) -> list[dict[str, str]]:
-    """A subject's questions from a hub exam (LlamaFactory's layout: one config per subject, its splits train (dev),
-    validation (val) and test)."""
-    import datasets
-
-    repo, commit = source.removeprefix("hub:").rsplit("@", 1)
-    hub_name = {"dev": "train", "val": "validation"}.get(split, split)
-    rows = datasets.load_dataset(repo, name=subject, revision=commit, split=hub_name)
-    return [{k: str(row[k]) for k in ("question", *CHOICES, "answer")} for row in rows]
-
-
 def exam_messages(target: dict[str, str], support: list[dict[str, str]], subject: str, lang: str) -> list[dict]:
     """The k-shot conversation: solved examples as earlier turns, the question last (LlamaFactory's EvalTemplate)."""
     header, answer = HEADERS[lang]
 
     def turn(example: dict[str, str]) -> tuple[str, str]:
-        choices = "".join(f"\n{letter}. {example[letter]}" for letter in CHOICES)
+        choices = "".join(f"\n{letter}. {example[letter]}" for letter in LETTERS)
         return example["question"] + choices + answer, example["answer"]
 
     messages = []
@@ -150,7 +127,7 @@ def predict(model, tokenizer, prompts: list[list[int]], batch_size: int, progres
     from tasks.lean_training import supports_label_only_logits
 
     label_only = supports_label_only_logits(model)
-    choice_ids = [tokenizer.encode(letter, add_special_tokens=False)[-1] for letter in CHOICES]
+    choice_ids = [tokenizer.encode(letter, add_special_tokens=False)[-1] for letter in LETTERS]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     letters = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="exam", disable=not progress):
@@ -166,37 +143,48 @@ def predict(model, tokenizer, prompts: list[list[int]], batch_size: int, progres
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=last).logits.reshape(len(batch), -1)
             else:
                 logits = model(input_ids=ids, attention_mask=mask).logits[last]
-        letters += [CHOICES[i] for i in logits[:, choice_ids].argmax(-1).tolist()]
+        letters += [LETTERS[i] for i in logits[:, choice_ids].argmax(-1).tolist()]
     return letters
 
 
-def score(mapping: dict[str, dict[str, str]], predictions: dict[str, list[str]],
+def score(mapping: dict[str, dict[str, str | None]], predictions: dict[str, list[str]],
           answers: dict[str, list[str]]) -> dict[str, Any]:
-    """Accuracy (x100) per subject, per category and on average over all questions."""
+    """Accuracy (x100) per subject, per category (subjects without one join only the average) and on average over
+    all questions."""
     by_category: dict[str, list[bool]] = {}
-    subjects = {}
+    subjects, everything = {}, []
     for subject, letters in predictions.items():
         right = [p == a for p, a in zip(letters, answers[subject], strict=True)]
-        subjects[subject] = round(100 * sum(right) / max(len(right), 1), 2)
-        by_category.setdefault(mapping[subject]["category"], []).extend(right)
-        by_category.setdefault("Average", []).extend(right)
-    categories = {name: round(100 * sum(r) / max(len(r), 1), 2) for name, r in by_category.items()}
-    return {"subjects": subjects, "categories": categories, "average": categories.get("Average", 0.0),
-            "questions": len(by_category.get("Average", []))}
+        subjects[subject] = accuracy(right)
+        if mapping[subject]["category"] is not None:
+            by_category.setdefault(mapping[subject]["category"], []).extend(right)
+        everything += right
+    return {"subjects": subjects, "categories": {name: accuracy(r) for name, r in by_category.items()},
+            "average": accuracy(everything), "questions": len(everything)}
 
 
-def report(config: ExamConfig, mapping: dict[str, dict[str, str]], scores: dict[str, Any]) -> str:
-    lines = [f"# {config.exam} ({config.split}, {config.n_shot}-shot): {scores['average']:.2f}", "",
-             "| category | accuracy |", "|---|---|"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in scores["categories"].items()]
-    lines += ["", "| subject | category | accuracy |", "|---|---|---|"]
-    lines += [f"| {mapping[s]['name']} | {mapping[s]['category']} | {v:.2f} |" for s, v in scores["subjects"].items()]
+def accuracy(right: list[bool]) -> float:
+    return round(100 * sum(right) / len(right), 2)
+
+
+def report(config: ExamConfig, mapping: dict[str, dict[str, str | None]], scores: dict[str, Any]) -> str:
+    lines = [f"# {config.exam} ({config.split}, {config.n_shot}-shot): {scores['average']:.2f}", ""]
+    if scores["categories"]:
+        lines += ["| category | accuracy |", "|---|---|"]
+        lines += [f"| {name} | {value:.2f} |" for name, value in scores["categories"].items()]
+        lines += [""]
+    lines += ["| subject | category | accuracy |", "|---|---|---|"]
+    lines += [f"| {mapping[s]['name']} | {mapping[s]['category'] or ''} | {v:.2f} |"
+              for s, v in scores["subjects"].items()]
     return "\n".join(lines) + "\n"
 
 
 def build(config: ExamConfig, ctx: BuildContext, out: Path) -> Built:
     from transformers import AutoTokenizer
 
+    folder = Path(ctx.locators["folder"]) if ctx.locators["folder"] else None
+    # every question read and checked before the model loads
+    exam = read_local_exam(folder, config.split) if folder else hub_exam(config.source, config.split)
     model_dir = ctx.inputs["model"].part("model")
     remote = remote_code(ctx.inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **remote)
@@ -204,57 +192,59 @@ def build(config: ExamConfig, ctx: BuildContext, out: Path) -> Built:
     model = load_causal_lm(model_dir, dtype, device=compute_device(), attn_implementation=config.attn_implementation,
                            **remote).eval()
     template = config.template.load(tokenizer)
-    folder = Path(ctx.locators["folder"]) if ctx.locators["folder"] else None
-    if folder is not None:
-        mapping = json.loads((folder / "mapping.json").read_text(encoding="utf-8"))
-        load = lambda subject, split: read_split(folder, subject, split)  # noqa: E731
-    else:
-        from huggingface_hub import hf_hub_download
-
-        repo, commit = config.source.removeprefix("hub:").rsplit("@", 1)
-        mapping = json.loads(Path(hf_hub_download(repo, "mapping.json", repo_type="dataset", revision=commit))
-                             .read_text(encoding="utf-8"))
-        load = lambda subject, split: hub_split(config.source, subject, split)  # noqa: E731
-    predictions, answers = {}, {}
-    for subject in sorted(mapping):
-        support = load(subject, "dev")[: config.n_shot]
-        questions = load(subject, config.split)
-        name = mapping[subject]["name"]
-        prompts = [encode_question(exam_messages(q, support, name, config.lang), tokenizer, template)
-                   for q in questions]
+    predictions = {}
+    for subject, questions in exam.scored.items():
+        support = [support_questions(exam.dev[subject], index, config.n_shot, config.split == "dev")
+                   for index in range(len(questions))]
+        name = exam.mapping[subject]["name"]
+        prompts = [encode_question(exam_messages(q, s, name, config.lang), tokenizer, template)
+                   for q, s in zip(questions, support, strict=True)]
         predictions[subject] = predict(model, tokenizer, prompts, config.batch_size, config.progress)
-        answers[subject] = [q["answer"].strip() for q in questions]
-    scores = score(mapping, predictions, answers)
+    answers = {subject: [q["answer"] for q in questions] for subject, questions in exam.scored.items()}
+    scores = score(exam.mapping, predictions, answers)
     metrics = {"exam_average": scores["average"], "exam_questions": scores["questions"],
-               **{f"exam_{name}": value for name, value in scores["categories"].items() if name != "Average"}}
+               **{f"exam_{name}": value for name, value in scores["categories"].items()}}
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "results.json").write_text(json.dumps({s: dict(enumerate(p)) for s, p in predictions.items()}, indent=1))
-    (out / "report.md").write_text(report(config, mapping, scores))
+    (out / "report.md").write_text(report(config, exam.mapping, scores), encoding="utf-8")
     ctx.log_metrics(metrics)
     ctx.log_files([out / "report.md", out / "results.json"])
-    publish_report((out / "report.md").read_text(), config)
+    publish_report((out / "report.md").read_text(encoding="utf-8"), config, ctx.locators["role"])
     ctx.log.info("%s_%s: %.2f average over %d questions", config.exam, config.split, scores["average"],
                  scores["questions"])
     layout = {"metrics": "metrics.json", "scores": "scores.json", "results": "results.json", "report": "report.md"}
     return Built("exam_scores", layout, metrics)
 
 
-def publish_report(markdown: str, config: ExamConfig) -> None:
+def publish_report(markdown: str, config: ExamConfig, role: str) -> None:
     from prefect.context import TaskRunContext
 
     if TaskRunContext.get() is not None:
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(key=f"exam-{config.exam}".replace("_", "-"), markdown=markdown,
-                                 description=f"{config.exam} {config.split} accuracy")
+        create_markdown_artifact(key=artifact_key(config.exam, role), markdown=markdown,
+                                 description=f"{config.exam} {config.split} accuracy ({role} model)")
+
+
+def artifact_key(exam: str, role: str) -> str:
+    """Prefect takes only lower-case letters, digits and dashes in an artifact key; the role keeps the base and
+    tuned reports apart."""
+    return re.sub(r"[^a-z0-9]+", "-", f"exam-{exam}-{role}".lower()).strip("-")
+
+
+def hub_libraries(config: ExamConfig) -> tuple[str, ...]:
+    """datasets reads a hub exam's rows; a local exam's never pass through it."""
+    return ("datasets",) if config.source.startswith("hub:") else ()
 
 
 STAGE = Stage(
     name="exam",
     plan=plan,
     build=build,
-    code=("tasks.exam", "tasks.encoding", "tasks.templates", "tasks.lean_training"),
-    libraries=("torch", "transformers", "datasets"),
+    code=("tasks.exam", "tasks.exam_files", "tasks.encoding", "tasks.templates", "tasks.lean_training",
+          "tasks.core.mapped_weights"),
+    libraries=("torch", "transformers"),
+    config_libraries=hub_libraries,
     heavy=True,
 )

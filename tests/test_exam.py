@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
 from flows.finetune import run_finetune
 from tasks.core.errors import DataError, RecipeError
 from tasks.core.recipe import Recipe
-from tasks.exam import BUNDLED, CHOICES, exam_messages, hub_source, hub_split, read_split
+from tasks.exam import BUNDLED, exam_messages, hub_source
+from tasks.exam_files import hub_split, read_csv_questions
 from tasks.templates import format_pairs, get_template
 from tests.conftest import tiny_recipe_values
 
@@ -53,7 +54,7 @@ def rigged_model(tiny_model_dir, tmp_path_factory):
 
 def answer_share(letter: str, split: str = "test") -> float:
     answers = [row["answer"] for path in sorted((BUNDLED / "pystdlib" / split).glob("*.csv"))
-               for row in read_split(BUNDLED / "pystdlib", path.stem.rsplit("_", 1)[0], split)]
+               for row in read_csv_questions(path)]
     return 100 * sum(a == letter for a in answers) / len(answers)
 
 
@@ -80,15 +81,27 @@ def test_answers_from_the_head_at_each_prompts_last_token_equal_the_full_logits_
 
 
 def test_a_model_rigged_to_answer_b_scores_the_share_of_b(rigged_model, workdir):
-    recipe = Recipe.from_flat({"model_name_or_path": str(rigged_model), "do_train": False, "task": "pystdlib_test",
-                               "template": "chatml", "n_shot": 2, "batch_size": 8,
-                               "save_dir": str(workdir / "exam")})
+    """Also an exam whose name Prefect's artifact keys and a category whose name MLflow's metric names would refuse
+    (both failed the stage after every question was scored)."""
+    import mlflow
+
+    exam = workdir / "exams" / "PyStd.Lib"
+    shutil.copytree(BUNDLED / "pystdlib", exam)
+    mapping = json.loads((exam / "mapping.json").read_text())
+    mapping["numeric"]["category"] = "Maths & Numbers (misc)"
+    (exam / "mapping.json").write_text(json.dumps(mapping))
+    recipe = Recipe.from_flat({"model_name_or_path": str(rigged_model), "do_train": False, "task": "PyStd.Lib_test",
+                               "task_dir": str(workdir / "exams"), "template": "chatml", "n_shot": 2,
+                               "batch_size": 8, "save_dir": str(workdir / "exam")})
     summary = run_finetune(recipe)
     scores = summary.metrics["base"]
     assert scores["exam_average"] == pytest.approx(answer_share("B"), abs=0.01)
     assert scores["exam_questions"] == 105 and {"exam_Text", "exam_Data", "exam_Internet"} <= set(scores)
+    assert "exam_Maths & Numbers (misc)" in scores
+    parent = mlflow.MlflowClient().get_run(summary.mlflow_run_id).data.metrics
+    assert parent["base_exam_Maths _ Numbers _misc_"] == scores["exam_Maths & Numbers (misc)"]
     report = (workdir / "exam" / "base" / "report.md").read_text()
-    assert report.startswith("# pystdlib (test, 2-shot)") and "| text processing | Text |" in report
+    assert report.startswith("# PyStd.Lib (test, 2-shot)") and "| text processing | Text |" in report
     assert set(json.loads((workdir / "exam" / "base" / "results.json").read_text())["numeric"].values()) == {"B"}
     assert run_finetune(recipe).metrics["base"] == scores  # save_dir again: our report replaced, not refused
     (workdir / "exam" / "base" / "notes.txt").write_text("mine")  # a user's file beside ours is kept
@@ -113,9 +126,8 @@ def test_a_malformed_exam_row_is_named(tmp_path):
     rows[2][5] = "E"
     with path.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
-    with pytest.raises(DataError, match=r"numeric_test.csv, row 3: expected question,A,B,C,D,answer"):
-        read_split(tmp_path / "pystdlib", "numeric", "test")
-    assert CHOICES == "ABCD"
+    with pytest.raises(DataError, match=r"numeric_test.csv, row 3, field 'answer': 'E' is not one of A, B, C, D"):
+        read_csv_questions(path)
 
 
 def test_a_hub_exam_reads_each_subject_as_a_dataset_config(tmp_path, monkeypatch):
@@ -125,7 +137,7 @@ def test_a_hub_exam_reads_each_subject_as_a_dataset_config(tmp_path, monkeypatch
 
     from tasks.exam import task_parts
 
-    rows = read_split(BUNDLED / "pystdlib", "numeric", "test")
+    rows = read_csv_questions(BUNDLED / "pystdlib" / "test" / "numeric_test.csv")
     for split, part in (("train", rows[:3]), ("validation", rows[3:6]), ("test", rows)):
         datasets.Dataset.from_list(part).to_parquet(tmp_path / f"numeric-{split}.parquet")
     (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: numeric\n  data_files:\n"

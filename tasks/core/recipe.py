@@ -266,7 +266,7 @@ class EvaluationSection(Section):
     top_k: int = option(50, "Top-k sampling.", ge=0)
     repetition_penalty: float = option(1.0, "Penalty on repeated tokens.", gt=0)
     task: str | None = option(None, "A multiple-choice exam to score base and tuned models on: <exam>_<split> "
-                                    "(mmlu_test, cmmlu_val, ceval_val, the bundled pystdlib_test).")
+                                    "(mmlu_test, cmmlu_test, ceval_validation, the bundled pystdlib_test).")
     task_dir: str = option("evaluation", "Folder (or hub organisation) holding the exams; the bundled ones are "
                                          "always found.")
     lang: Literal["en", "zh"] = option("en", "Language of the exam prompt's header and answer cue.")

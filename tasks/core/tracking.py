@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -144,12 +145,17 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    """The finite numbers among metrics, in one batch."""
+    """The finite numbers among metrics, in one batch, under names MLflow accepts (see metric_name)."""
     stamp = int(time.time() * 1000)
-    entries = [Metric(name, float(value), stamp, step or 0) for name, value in metrics.items()
+    entries = [Metric(metric_name(name), float(value), stamp, step or 0) for name, value in metrics.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
     for batch in chunks(entries, 1000):
         client().log_batch(run_id, metrics=batch)
+
+
+def metric_name(name: str) -> str:
+    """MLflow takes only letters, digits, `_-. :/` in a metric name; others (an exam category's `&`) become `_`."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
