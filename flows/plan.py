@@ -119,9 +119,13 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
     if recipe.finetuning.do_train and not data.dataset:
         raise RecipeError("key 'dataset' is required when do_train is true")
     train_pairs = data_steps(recipe, data.dataset, "dataset", store)
-    eval_pairs = data_steps(recipe, data.eval_dataset, "eval_dataset", store)
+    # held-out data is only read to be scored: with do_eval false it is neither fetched nor tokenized
+    eval_pairs = data_steps(recipe, data.eval_dataset, "eval_dataset", store) if recipe.evaluation.do_eval else []
     has_eval = bool(eval_pairs) or data.val_size > 0
     if not (train_pairs or has_eval or recipe.evaluation.task):
+        if data.eval_dataset and not recipe.evaluation.do_eval:
+            raise RecipeError("nothing to do: do_eval is false, so eval_dataset is not scored (set do_eval: true; "
+                              "do_predict adds generation metrics to the perplexity it always reports)")
         raise RecipeError("nothing to do: set 'dataset' to train, or 'eval_dataset' / 'val_size' / 'task' to "
                           "evaluate")
     base = model.plan(recipe)

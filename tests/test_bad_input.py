@@ -132,6 +132,8 @@ CASES = [
          {"mask_history": True, "train_on_prompt": True}),
     Case("train-without-data", "key 'dataset' is required", {"dataset": None}),
     Case("nothing-to-do", "nothing to do", {"do_train": False, "dataset": None, "eval_dataset": None}),
+    Case("predict-without-eval", "nothing to do: do_eval is false, so eval_dataset is not scored",
+         {"do_train": False, "dataset": None, "do_eval": False, "do_predict": True}),
     Case("unknown-template", "key 'template': unknown template 'chatm'; did you mean 'chatml'?", {"template": "chatm"}),
     Case("lora-target-bundled-model", "key 'lora_target': no module named 'q_projj' in this model",
          {"model_name_or_path": None, "lora_target": "q_projj"}),  # read from the GGUF file's metadata
