@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from tasks.core.errors import DataError
 from tasks.core.stage import check_stop
 from tasks.lean_training import (
     FlatCollator,
@@ -52,7 +53,10 @@ def to_model(model, batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def loss_metrics(total_nll: float, total_tokens: int) -> dict[str, float]:
-    loss = total_nll / max(total_tokens, 1)
+    if not total_tokens:  # a loss of 0 would read as a perfect model, and retune would promote it
+        raise DataError("the evaluation data has no reply token to score (each reply was cut off at cutoff_len, "
+                        "or there are no rows)")
+    loss = total_nll / total_tokens
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 

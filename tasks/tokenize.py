@@ -166,7 +166,7 @@ def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
         stats["train"] = split_stats(encoded) | {"dropped_no_target": dropped}
         layout["train"] = "train"
     if evaluation is not None:
-        layout |= write_eval(evaluation, tokenizer, template, config, out, stats)
+        layout |= write_eval(evaluation, tokenizer, template, config, out, stats, eval_source(ctx, config))
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     if train is not None:
@@ -180,11 +180,22 @@ def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
     return Built("tokenized", layout, info)
 
 
-def write_eval(rows, tokenizer, template, config: TokenizeConfig, out: Path, stats: dict[str, Any]) -> dict[str, str]:
-    """Encode and save the evaluation split(s), adding their length statistics; their layout entries."""
+def eval_source(ctx: BuildContext, config: TokenizeConfig) -> str:
+    """Where the evaluation rows come from, as an error about them names it."""
+    names = [ctx.locators["datasets"].get(n, n) for n in input_names(ctx, "eval_")]
+    return ', '.join(names) if names else f"the val_size split ({config.val_size})"
+
+
+def write_eval(rows, tokenizer, template, config: TokenizeConfig, out: Path, stats: dict[str, Any],
+               source: str) -> dict[str, str]:
+    """Encode and save the evaluation split(s) (from `source`, as errors name it), adding their length statistics;
+    their layout entries."""
     layout = {}
     for part, encode in (("eval", encode_eval), ("eval_pairs", encode_eval_pairs)):
         encoded = encode(rows, tokenizer, template, config)
+        if encoded is not None and not len(encoded):
+            raise DataError(f"{source}: no desirable rows (kto_tag true), and KTO scores perplexity and generation "
+                            "on the desirable replies" if config.objective == "kto" else f"{source}: no rows to score")
         if encoded is not None:
             save_rows(encoded, out / part)
             stats[part] = split_stats(encoded)
@@ -233,7 +244,7 @@ def build_stream(config: TokenizeConfig, ctx: BuildContext, out: Path, tokenizer
     layout = {"stream": "stream.json", "generation": "generation.json", "stats": "stats.json"}
     stats: dict[str, Any] = {"train": {"streaming": True, "parts": len(spec["parts"])}}
     if evaluation is not None and len(evaluation):
-        layout |= write_eval(evaluation, tokenizer, template, config, out, stats)
+        layout |= write_eval(evaluation, tokenizer, template, config, out, stats, eval_source(ctx, config))
     sample = datasets.Dataset.from_list(list(training_stream(spec, tokenizer, sources).take(3)))
     if len(sample):
         write_preview(sample, tokenizer, stats, ctx, out)

@@ -57,6 +57,15 @@ def edit_mine(data: Path, edit: Callable[[list[dict]], None]) -> dict:
     return {"dataset": "mine", "dataset_dir": str(data)}
 
 
+def undesirable_eval_rows(p: Places) -> dict:
+    """KTO evaluation data whose rows are all labelled undesirable: nothing to score replies against."""
+    rows = [json.loads(line) for line in (BUNDLED_DATA / "pydoc_feedback_test.jsonl").read_text().splitlines()]
+    (p.data / "bad.jsonl").write_text("".join(json.dumps({**r, "label": False}) + "\n" for r in rows))
+    registry(p.data, {"bad": {"file_name": "bad.jsonl", "columns": {"prompt": "instruction", "query": "input",
+                                                                    "response": "output", "kto_tag": "label"}}})
+    return {"stage": "kto", "do_train": False, "dataset": None, "eval_dataset": "bad", "dataset_dir": str(p.data)}
+
+
 def model_copy(p: Places, damage: Callable[[Path], None]) -> dict:
     copy = p.work / "model-copy"
     shutil.copytree(p.model, copy)
@@ -260,6 +269,8 @@ CASES = [
          {"val_size": 4}),
     Case("val-size-over-data", "key 'val_size': 30 validation rows asked for, but the training data has only 24",
          {"eval_dataset": None, "val_size": 30}, failing="tokenize"),
+    Case("kto-eval-all-undesirable", "dataset 'bad': no desirable rows (kto_tag true)",
+         setup=undesirable_eval_rows, failing="tokenize"),
     Case("cutoff-below-template", "key 'cutoff_len': 4 tokens leave no room for a conversation",
          {"cutoff_len": 4}, failing="tokenize"),
 ]

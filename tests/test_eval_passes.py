@@ -57,3 +57,13 @@ def test_a_sliding_window_cache_is_not_cut_generation_prefills_afresh():
     plain = DynamicCache(config=tiny_llama_config(64, num_attention_heads=4, num_key_value_heads=2))
     plain.update(torch.zeros(1, 2, 6, 16), torch.zeros(1, 2, 6, 16), layer_idx=0)
     assert cut_cache(plain, 3).get_seq_length() == 3
+
+
+def test_no_reply_token_to_score_is_an_error_not_a_perfect_perplexity():
+    """A loss of 0 over 0 tokens read as perplexity 1.0, a score retune would promote."""
+    from tasks.core.errors import DataError
+    from tasks.eval_passes import loss_metrics
+
+    assert loss_metrics(2.0, 4) == {"eval_loss": 0.5, "perplexity": pytest.approx(1.6487, abs=1e-4)}
+    with pytest.raises(DataError, match="no reply token to score"):
+        loss_metrics(0.0, 0)
