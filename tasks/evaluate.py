@@ -158,7 +158,7 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
     with (out / "generated_predictions.jsonl").open("w", encoding="utf-8") as handle:
         for example in examples:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-    (out / "report.md").write_text(report(metrics, examples))
+    (out / "report.md").write_text(report(metrics, examples), encoding="utf-8")
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     ctx.log_files([out / "generated_predictions.jsonl", out / "report.md"])
     ctx.log.info("scores: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
@@ -172,6 +172,7 @@ STAGE = Stage(
     build=build,
     code=("tasks.evaluate", "tasks.eval_passes", "tasks.metrics", "tasks.rows", "tasks.preference_losses",
           "tasks.lean_training", "tasks.varlen_attention", "tasks.core.mapped_weights"),
-    libraries=("torch", "transformers", "evaluate", "rouge-score", "nltk"),
+    # the metric modules' libraries too: jieba's segmentation and regex's Unicode tables shape every text score
+    libraries=("torch", "transformers", "evaluate", "rouge-score", "nltk", "jieba", "rouge-chinese", "regex"),
     heavy=True,
 )

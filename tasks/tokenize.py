@@ -206,7 +206,7 @@ def write_eval(rows, tokenizer, template, config: TokenizeConfig, out: Path, sta
 def write_preview(rows, tokenizer, stats: dict[str, Any], ctx: BuildContext, out: Path) -> None:
     """Decoded samples and statistics: preview.md in the artifact, the Prefect UI and MLflow."""
     preview = preview_markdown(tokenizer, rows, stats)
-    (out / "preview.md").write_text(preview)
+    (out / "preview.md").write_text(preview, encoding="utf-8")
     publish_preview(preview, ctx)
 
 

@@ -39,6 +39,30 @@ def test_english_scores_keep_rouge_score_semantics():
     assert scores["rouge1"] == pytest.approx(expected)
 
 
+def test_english_tokens_are_rouge_scores_own_on_the_bundled_data():
+    """Words of every script are kept, and on ASCII text the tokens are rouge-score's tokenizer's, to the letter."""
+    import json
+
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    from tasks.metrics.rouge.rouge import MixedTokenizer
+    from tests.conftest import BUNDLED_DATA
+
+    rows = [json.loads(line) for line in (BUNDLED_DATA / "pydoc_summaries_test.jsonl").read_text().splitlines()]
+    texts = [row[field] for row in rows for field in ("instruction", "input", "output")]
+    ours, theirs = MixedTokenizer(use_stemmer=True), DefaultTokenizer(use_stemmer=True)
+    assert [ours.tokenize(t) for t in texts] == [theirs.tokenize(t) for t in texts]
+
+
+@pytest.mark.parametrize("text", ["Привет мир, как дела?", "안녕하세요 세계 좋은 아침입니다", "नमस्ते दुनिया कैसे हो",
+                                  "こんにちは世界です。", "Ça coûte très cher, naïve café"])
+def test_identical_text_in_any_script_scores_100(text):
+    """rouge-score's tokenizer keeps only a-z and 0-9: these scored 0 against themselves."""
+    scores = text_scores([text], [text])
+    assert {k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "bleu4")} == pytest.approx(
+        {"rouge1": 100, "rouge2": 100, "rougeL": 100, "bleu4": 100})
+
+
 def test_llamafactory_bleu_is_on_characters():
     prediction, reference = "the cat sat", "the cat sat down"
     scores = load("bleu").compute(predictions=[prediction], references=[reference])

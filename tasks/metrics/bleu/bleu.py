@@ -1,6 +1,6 @@
 """Sentence BLEU-4 with smoothing method 3, averaged over examples: the standard score (on words: whitespace
-words for Latin text, jieba words for Chinese), and LlamaFactory's (`bleu4_lf`: on characters, as its
-ComputeSimilarity computes it). Self-contained so `evaluate.load(path)` reads it."""
+words for text written with spaces, jieba words for Chinese and Japanese), and LlamaFactory's (`bleu4_lf`: on
+characters, as its ComputeSimilarity computes it). Self-contained so `evaluate.load(path)` reads it."""
 
 import re
 
@@ -9,13 +9,16 @@ import evaluate
 import jieba
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-CJK_STRETCHES = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]+)")
+# Chinese characters, Japanese kana and their punctuation and full-width forms: text written without spaces
+CJK_STRETCHES = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef"
+                           r"\U00020000-\U0003134f]+)")
 jieba.setLogLevel(60)
 
 
 def words(text: str) -> list[str]:
-    """Whitespace words of the text's Latin stretches, jieba words of its Chinese ones: each stretch cut the
-    same way whatever else the text holds, so a prediction and its reference are always split alike."""
+    """Whitespace words of the text's stretches written with spaces, jieba words of its Chinese and Japanese ones:
+    each stretch cut the same way whatever else the text holds, so a prediction and its reference are always split
+    alike."""
     out = []
     for index, stretch in enumerate(CJK_STRETCHES.split(text)):
         out += stretch.split() if index % 2 == 0 else [w for w in jieba.cut(stretch) if w.strip()]

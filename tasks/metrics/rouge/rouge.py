@@ -1,37 +1,50 @@
-"""ROUGE-1/2/L F-measure averaged over examples: the standard scores (Google's `rouge-score`, stemmed, with
-Chinese text cut into words by jieba instead of being dropped), and LlamaFactory's (`*_lf`: `rouge-chinese`
-on jieba words, as its ComputeSimilarity reports them). Self-contained so `evaluate.load(path)` reads it."""
+"""ROUGE-1/2/L F-measure averaged over examples: the standard scores (Google's `rouge-score`, stemmed, with the
+words of every script kept: its own tokenizer keeps only a-z and 0-9, so Chinese, Russian or Korean text scored 0
+even against itself; Chinese and Japanese are cut into words by jieba), and LlamaFactory's (`*_lf`:
+`rouge-chinese` on jieba words, as its ComputeSimilarity reports them). Self-contained so `evaluate.load(path)`
+reads it."""
 
-import re
 import unicodedata
 
 import datasets
 import evaluate
 import jieba
+import regex
+from nltk.stem.porter import PorterStemmer
 from rouge_chinese import Rouge as ChineseRouge
-from rouge_score import rouge_scorer, tokenizers
+from rouge_score import rouge_scorer
 
-CJK_STRETCHES = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]+)")
+# Chinese characters, Japanese kana and their punctuation and full-width forms: text written without spaces
+CJK_STRETCHES = regex.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef"
+                              r"\U00020000-\U0003134f]+)")
+WORDS = regex.compile(r"[\p{L}\p{N}\p{M}]+")  # letters with their combining marks, and digits
+ENGLISH_WORD = regex.compile(r"[a-z0-9]+")
 jieba.setLogLevel(60)  # no "Building prefix dict" chatter on every first use
 
 
 class MixedTokenizer:
-    """rouge-score's own tokenizer for the Latin stretches of a text (lowercased words, stemmed, punctuation
-    dropped) and jieba words for its Chinese stretches (punctuation dropped too). Each stretch is cut the same
-    way whatever else the text holds, so a prediction and its reference are always tokenized alike (a text
-    with one Chinese word once went wholly through jieba, unstemmed, against a stemmed reference)."""
+    """Lowercased words of any script, English ones stemmed as rouge-score stems them (on ASCII text this is
+    rouge-score's own tokenizer: words of a-z and 0-9, Porter-stemmed from four letters on), and jieba words for
+    Chinese and Japanese stretches (punctuation dropped). Each stretch is cut the same way whatever else the text
+    holds, so a prediction and its reference are always tokenized alike (a text with one Chinese word once went
+    wholly through jieba, unstemmed, against a stemmed reference)."""
 
     def __init__(self, use_stemmer: bool):
-        self.latin = tokenizers.DefaultTokenizer(use_stemmer=use_stemmer)
+        self.stemmer = PorterStemmer() if use_stemmer else None
 
     def tokenize(self, text: str) -> list[str]:
         words = []
         for index, stretch in enumerate(CJK_STRETCHES.split(text)):
             if index % 2 == 0:
-                words += self.latin.tokenize(stretch)
+                words += [self.stem(w) for w in WORDS.findall(stretch.lower())]
             else:
                 words += [w.lower() for w in jieba.cut(stretch) if w.strip() and not all(map(punctuation, w))]
         return words
+
+    def stem(self, word: str) -> str:
+        if self.stemmer and len(word) > 3 and ENGLISH_WORD.fullmatch(word):
+            return self.stemmer.stem(word)
+        return word
 
 
 def punctuation(char: str) -> bool:
