@@ -185,9 +185,11 @@ def own_trainer(results: list[StageResult]) -> StageResult | None:
     return next((r for r in results if is_own_trainer(r.stage, r.label)), None)
 
 
-def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStore) -> dict[str, str]:
-    """output_dir receives the adapter (or weights), export_dir the exported model (flows.user_output).
-    Returns where the user finds things: the adapter, the merged model, and those folders."""
+def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStore, deliver: bool = True
+                 ) -> dict[str, str]:
+    """output_dir receives the adapter (or weights), export_dir the exported model, save_dir the exam reports
+    (flows.user_output); with deliver false, nothing is written. Returns where the user finds things: the adapter,
+    the merged model, and those folders (when written)."""
     by_stage = {r.stage: r for r in results if ":" not in r.label}
     where: dict[str, str] = {}
     own = own_trainer(results)
@@ -195,7 +197,7 @@ def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStor
         trained = store.lookup(own.stage, own.key)
         part = "adapter" if trained.has("adapter") else "model"
         where[part] = str(trained.part(part))
-        if recipe.training.output_dir:
+        if recipe.training.output_dir and deliver:
             target = Path(recipe.training.output_dir)
             write_into(trained.part(part), target, trained.ref.id, "output_dir")
             if part == "adapter":
@@ -203,14 +205,14 @@ def copy_outputs(recipe: Recipe, results: list[StageResult], store: ArtifactStor
             where["output_dir"] = str(target.resolve())
     if "merge" in by_stage:
         where["merged model"] = str(store.path("merge", by_stage["merge"].key) / "model")
-    if recipe.evaluation.save_dir:
+    if recipe.evaluation.save_dir and deliver:
         for result in results:
             if result.stage == "exam":
                 role = result.label.removeprefix("exam[").removesuffix("]")
                 found = store.lookup("exam", result.key)
                 write_into(found.path, Path(recipe.evaluation.save_dir) / role, found.ref.id, "save_dir")
         where["save_dir"] = str(Path(recipe.evaluation.save_dir).resolve())
-    if recipe.export.export_dir and "export" in by_stage:
+    if recipe.export.export_dir and "export" in by_stage and deliver:
         exported = store.lookup("export", by_stage["export"].key)
         write_into(exported.part("model"), Path(recipe.export.export_dir), exported.ref.id, "export_dir")
         where["export_dir"] = str(Path(recipe.export.export_dir).resolve())
@@ -239,17 +241,19 @@ def finetune(
     overrides: dict[str, Any] | None = None,
     home: str | None = None,
     experiment: str | None = None,
+    deliver: bool = True,
 ) -> RunSummary:
     """Fine-tune and evaluate as the recipe says, reusing every stage whose artifact already exists.
 
     overrides: LlamaFactory keys over the recipe, as `--set` does (`{"lora_rank": 32}`). home: the
     artifact store (default $TUNEFACTORY_HOME or ./artifacts). experiment: the MLflow experiment (default
-    $MLFLOW_EXPERIMENT_NAME, else named from the recipe's data, objective and method).
+    $MLFLOW_EXPERIMENT_NAME, else named from the recipe's data, objective and method). deliver: copy the
+    results into the recipe's output_dir, export_dir and save_dir (retune copies only a model that wins).
     A mistake in the recipe or the data ends the run Failed with the CLI's one-line message."""
     share_one_malloc_arena()  # a deployment's run starts here, not in the command
     try:
         recipe = recipe.checked("flow parameter 'recipe'", overrides, "flow parameter 'overrides'")
-        return run_stages(recipe, ArtifactStore(home), experiment_for(recipe, experiment))
+        return run_stages(recipe, ArtifactStore(home), experiment_for(recipe, experiment), deliver)
     except TuneFactoryError as exc:
         return Failed(message=f"tunefactory: error: {exc}", data=exc)
 
@@ -258,7 +262,7 @@ def experiment_for(recipe: Recipe, experiment: str | None) -> str:
     return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or recipe_family(recipe)
 
 
-def run_stages(recipe: Recipe, store: ArtifactStore, experiment: str) -> RunSummary:
+def run_stages(recipe: Recipe, store: ArtifactStore, experiment: str, deliver: bool = True) -> RunSummary:
     """Plan, run every stage as a Prefect task, and record the run in MLflow."""
     plan = plan_run(recipe, store)
     tags = {"tunefactory.flow": "finetune", "prefect_flow_run_id": str(flow_run.id or ""),
@@ -272,7 +276,7 @@ def run_stages(recipe: Recipe, store: ArtifactStore, experiment: str) -> RunSumm
         metrics = evaluation_metrics(plan, results, store)
         for role, values in metrics.items():
             tracking.log_metrics(parent, {f"{role}_{k}": v for k, v in values.items()})
-        where = copy_outputs(recipe, results, store)
+        where = copy_outputs(recipe, results, store, deliver)
     except BaseException:
         request_stop()  # builds still running (a training thread) stop at their next step
         tracking.finish(parent, ok=False)

@@ -18,7 +18,7 @@ from prefect.states import Failed
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
-from flows.finetune import RunSummary, finetune, own_trainer, stage_runner
+from flows.finetune import RunSummary, copy_outputs, finetune, own_trainer, stage_runner
 from flows.plan import Plan, plan_run
 from tasks import evaluate
 from tasks.core import model_registry, tracking
@@ -81,14 +81,18 @@ def better(challenger: float, champion: float, metric: str, margin: float) -> bo
     return challenger >= champion + margin
 
 
-def score_champion(version, recipe: Recipe, summary: RunSummary, store: ArtifactStore, metric: str) -> float:
-    """The champion's score on this run's evaluation split (an evaluate stage, cached like any other)."""
+def score_champion(version, recipe: Recipe, plan: Plan, summary: RunSummary, store: ArtifactStore,
+                   metric: str) -> float:
+    """The champion's score on the data the challenger was scored on (an evaluate stage, cached like any other).
+    That is evaluate[tuned]'s input, not the first tokenize of the plan: a recipe built on another one (dpo on
+    sft) plans the other recipe's tokenize first."""
     merge_key = version.tags.get("artifact.merge")
     champion = store.lookup("merge", merge_key) if merge_key else None
     if champion is None:
         raise RecipeError(f"registered model '{version.name}' version {version.version}: its merged model "
                           f"(merge/{merge_key}) is not in the store {store.root}; retune with the store it came from")
-    tokenized = store.lookup("tokenize", next(s.key for s in summary.stages if s.stage == "tokenize"))
+    data_label = plan["evaluate[tuned]"].inputs["data"]
+    tokenized = store.lookup("tokenize", next(s.key for s in summary.stages if s.label == data_label))
     step = evaluate.STAGE.step("evaluate[champion]", evaluate.configure(recipe), locators={"role": "champion"})
     task = step.stage.task.with_options(task_run_name=step.label, result_storage=records_block(store.root))
     ref = task(step=quote(step), run=quote(RunContext(home=str(store.root))),
@@ -156,30 +160,34 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
     if last is not None and last.data.tags.get("fingerprint") == base["fingerprint"]:
         return record(RetuneDecision(decision="skipped", reason="data and recipe unchanged since the last retune "
                                      f"({last.data.tags.get('decision')}, run {last.info.run_id})", **base))
-    summary = finetune(recipe, home=str(store.root), experiment=experiment)
+    # The challenger's adapter and export reach output_dir and export_dir only if it wins.
+    summary = finetune(recipe, home=str(store.root), experiment=experiment, deliver=False)
     tuned = summary.metrics["tuned"]
     trained = own_trainer(summary.stages)
     merge_key = next(s.key for s in summary.stages if s.stage == "merge")
     tags = {"recipe": json.dumps(recipe.model_dump(exclude_defaults=True), default=str)[:5000],
             f"artifact.{trained.stage}": trained.key, "artifact.merge": merge_key, "fingerprint": base["fingerprint"],
             "store": str(store.root), **{f"metric.{k}": str(v) for k, v in tuned.items() if isinstance(v, float)}}
-    score = tuned[metric]  # before registering: a failure here must not leave a version without a decision
-    version = model_registry.register(model_name, Path(summary.where["merged model"]), summary.mlflow_run_id, tags)
+    score = tuned[metric]
+    # Both scores before registering: a failure must not leave a version without a decision (the next run would
+    # not skip, and would register yet another).
     current = model_registry.champion(model_name)
+    held = score_champion(current, recipe, plan, summary, store, metric) if current is not None else None
+    version = model_registry.register(model_name, Path(summary.where["merged model"]), summary.mlflow_run_id, tags)
     outcome = {**base, "challenger_version": str(version.version), "challenger_score": score,
                "finetune_run_id": summary.mlflow_run_id}
     if current is None:
-        model_registry.promote(model_name, version.version)
         decision = RetuneDecision(decision="promoted", reason="no champion yet", **outcome)
     else:
-        held = score_champion(current, recipe, summary, store, metric)
         outcome |= {"champion_version": str(current.version), "champion_score": held}
         if better(score, held, metric, margin):
-            model_registry.promote(model_name, version.version)
             decision = RetuneDecision(decision="promoted", reason=f"{metric} {score:.4f} beats {held:.4f} by the "
                                       f"margin {margin}", **outcome)
         else:
             decision = RetuneDecision(decision="rejected", reason=f"{metric} {score:.4f} does not beat the "
                                       f"champion's {held:.4f} by the margin {margin}", **outcome)
+    if decision.decision == "promoted":
+        model_registry.promote(model_name, version.version)
+        copy_outputs(recipe, summary.stages, store)
     model_registry.tag_version(model_name, version.version, {"retune_decision": decision.decision})
     return record(decision)

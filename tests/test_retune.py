@@ -4,10 +4,12 @@ import json
 import shutil
 
 import mlflow
+import pytest
 from transformers import AutoModelForCausalLM
 
 from flows.retune import retune
 from tasks.core import model_registry
+from tasks.core.errors import RecipeError
 from tasks.core.recipe import load_recipe
 from tests.conftest import BUNDLED_DATA
 
@@ -18,7 +20,9 @@ def test_retune_promotes_skips_retrains_and_rejects(write_recipe, workdir):
     shutil.copy(BUNDLED_DATA / "pydoc_summaries_train.jsonl", data / "mine.jsonl")
     (data / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.jsonl"}}))
     recipe = load_recipe(write_recipe(dataset="mine", dataset_dir=str(data), max_samples=None, max_steps=6,
-                                      cutoff_len=64, max_new_tokens=2, eval_dataset="pydoc_summaries_test"))
+                                      cutoff_len=64, max_new_tokens=2, eval_dataset="pydoc_summaries_test",
+                                      output_dir=str(workdir / "served")))
+    served = workdir / "served" / "adapter_model.safetensors"
 
     def run(**overrides):
         return retune(recipe, model_name="tiny", metric="eval_loss", overrides=overrides or None)
@@ -39,10 +43,11 @@ def test_retune_promotes_skips_retrains_and_rejects(write_recipe, workdir):
     assert third.challenger_version not in (None, first.challenger_version)
     assert third.champion_score is not None and third.champion_version == first.challenger_version
 
-    held = str(model_registry.champion("tiny").version)
+    held, champion_adapter = str(model_registry.champion("tiny").version), served.read_bytes()
     worse = run(learning_rate=1e-9)  # hardly trained: its eval_loss cannot beat a trained champion
     assert worse.decision == "rejected" and worse.challenger_score > worse.champion_score
     assert str(model_registry.champion("tiny").version) == held  # the alias stays
+    assert served.read_bytes() == champion_adapter  # and output_dir keeps the champion's adapter
 
     decisions = mlflow.tracking.MlflowClient().search_runs(
         [mlflow.tracking.MlflowClient().get_experiment_by_name("tunefactory-retune").experiment_id])
@@ -53,12 +58,28 @@ def test_retune_promotes_skips_retrains_and_rejects(write_recipe, workdir):
     model = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers loads the champion
     assert model.config.num_hidden_layers == 2
 
+    versions = len(mlflow.tracking.MlflowClient().search_model_versions("name = 'tiny'"))
+    shutil.rmtree(workdir / "artifacts" / "merge")  # the champion can no longer be scored in this store
+    with pytest.raises(RecipeError, match="its merged model .* is not in the store"):
+        run(learning_rate=2e-3)
+    assert len(mlflow.tracking.MlflowClient().search_model_versions("name = 'tiny'")) == versions  # none undecided
+
+
+def test_a_chained_recipes_champion_is_scored_on_the_challengers_data(write_recipe, workdir):
+    """A dpo recipe on an sft recipe plans sft's tokenize first: the champion was scored on sft's held-out rows
+    while the challenger was scored on dpo's."""
+    sft = write_recipe("sft.yaml", max_samples=12, max_steps=2, max_new_tokens=2, eval_dataset=None, val_size=4)
+    dpo = load_recipe(write_recipe("dpo.yaml", stage="dpo", dataset="pydoc_preferences", max_samples=8, max_steps=2,
+                                   eval_dataset="pydoc_preferences_test", adapter_name_or_path=str(sft)))
+    first = retune(dpo, model_name="dpo", metric="eval_loss")
+    second = retune(dpo, model_name="dpo", metric="eval_loss", overrides={"pref_beta": 0.2})
+    assert first.decision == "promoted" and second.decision in ("promoted", "rejected")
+    assert second.champion_score == first.challenger_score  # the same model on the same rows
+
 
 def test_retune_refuses_what_it_cannot_register_or_score_before_training(write_recipe, workdir):
     """A reward model (no merged model) or a generation metric the recipe does not compute failed after training,
     with a traceback, leaving a registered version without a decision."""
-    import pytest
-
     from flows.retune import decide
     from tasks.core.errors import RecipeError
     from tasks.core.store import ArtifactStore
