@@ -158,6 +158,8 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
     elif recipe.model.adapter_name_or_path:  # nothing trained: what is scored is the base with that adapter
         upstream, merged = with_adapter(recipe, base, store, chain)
         steps = upstream + steps + [merged]
+        if recipe.export.export_dir:  # exported as `tunefactory export` would
+            steps.append(export.plan(recipe, merged))
         scored = {"tuned": merged}
     if recipe.evaluation.do_eval and has_eval:
         steps += [evaluate.plan(recipe, tokenized, target, role) for role, target in scored.items()]
@@ -273,17 +275,32 @@ def trainer_step(recipe: Recipe, tokenized: Step, base: Step, store: ArtifactSto
 
 
 def check_targets(recipe: Recipe) -> None:
-    """output_dir / export_dir must be folders TuneFactory may write into (see flows.user_output)."""
+    """output_dir / export_dir must be folders TuneFactory may write into (see flows.user_output), apart from each
+    other, and export_dir is refused where nothing can be exported rather than left unwritten."""
     overwrite = recipe.training.overwrite_output_dir
-    if recipe.training.output_dir and recipe.finetuning.do_train:
-        check_target("output_dir", Path(recipe.training.output_dir), overwrite)
-    if recipe.export.export_dir and recipe.finetuning.do_train:
-        check_target("export_dir", Path(recipe.export.export_dir), overwrite)
+    output_dir = recipe.training.output_dir if recipe.finetuning.do_train else None
+    export_dir = recipe.export.export_dir if recipe.finetuning.do_train or recipe.model.adapter_name_or_path else None
+    if recipe.export.export_dir and recipe.finetuning.do_train and recipe.finetuning.stage == "rm":
+        raise RecipeError("key 'export_dir': stage rm trains a reward model, which scores replies: there is no model "
+                          "to export")
+    if output_dir and export_dir and overlapping(Path(output_dir), Path(export_dir)):
+        raise RecipeError(f"keys 'output_dir' and 'export_dir': {output_dir} and {export_dir} overlap, and each "
+                          "folder holds one result (the adapter, the exported model); choose two apart")
+    if output_dir:
+        check_target("output_dir", Path(output_dir), overwrite)
+    if export_dir:
+        check_target("export_dir", Path(export_dir), overwrite)
     if recipe.evaluation.save_dir and recipe.evaluation.task:  # each model's report goes into its own folder
         save_dir = Path(recipe.evaluation.save_dir)
         check_target("save_dir", save_dir, overwrite=True)  # a folder (the user's other files are left alone)
         for role in ("base", "tuned"):
             check_target("save_dir", save_dir / role, overwrite)
+
+
+def overlapping(a: Path, b: Path) -> bool:
+    """Whether one folder is the other or inside it."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Export stage: the merged model re-saved as the user asks (shard size, legacy .bin format), for
-`export_dir`. Cached like every stage, so a repeated export only copies files.
+"""Export stage: the merged model re-saved as the user asks (shard size, legacy .bin format, infer_dtype), for
+`export_dir`, with the training template as its chat template and the template's stop words as its end of
+sequence. Cached like every stage, so a repeated export only copies files.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
 from tasks.templates.choice import TemplateChoice
+from tasks.templates.encode import stop_token_ids
 from tasks.templates.jinja import to_jinja
 
 
 class ExportConfig(StageConfig):
     shard_size_gb: int
     legacy_format: bool  # pytorch_model.bin instead of safetensors
-    # written as the tokenizer's chat template (None: keep the tokenizer's own, `auto`, or write `default`'s
-    # when it has none, as training then used `default`)
-    template: TemplateChoice | None
+    # what training formatted with, options included: written as the tokenizer's chat template unless it resolves
+    # to the tokenizer's own (`auto`), and its stop words as the generation config's end-of-sequence ids
+    template: TemplateChoice
     dtype: str  # infer_dtype, resolved as the imported model is stored (a full fine-tune trains in fp32)
     device: str = unkeyed("cpu", "where the weights are loaded to be re-saved; the bytes are the same")
 
@@ -29,7 +31,7 @@ def plan(recipe: Recipe, merged: Step) -> Step:
     e = recipe.export
     choice = TemplateChoice.of(recipe.data)
     config = ExportConfig(shard_size_gb=e.export_size, legacy_format=e.export_legacy_format,
-                          template=None if choice.name in (None, "auto") else choice,
+                          template=choice,
                           dtype=storage_dtype(recipe.model.infer_dtype), device=e.export_device)
     return STAGE.step("export", config, {"model": merged})
 
@@ -73,15 +75,25 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
     quantized = "quantization_config" in json.loads((source / "config.json").read_text())  # its dtype is its own
     dtype = "auto" if quantized else torch_dtype(config.dtype)  # as LlamaFactory's export casts to infer_dtype
     model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device, dtype=dtype, **remote)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), **remote)
+    template = config.template.load(tokenizer)
+    end_at_turns_end(model, stop_token_ids(tokenizer, template))
     if config.legacy_format:
         save_legacy(model, out / "model", f"{config.shard_size_gb}GB")
     else:
         model.save_pretrained(str(out / "model"), max_shard_size=f"{config.shard_size_gb}GB")
-    tokenizer = AutoTokenizer.from_pretrained(str(source), **remote)
-    if config.template or not tokenizer.chat_template:  # apply_chat_template renders what the model learned
-        tokenizer.chat_template = to_jinja((config.template or TemplateChoice(name="default")).load(tokenizer))
+    if not template.jinja:  # apply_chat_template renders what the model learned
+        tokenizer.chat_template = to_jinja(template)
     tokenizer.save_pretrained(str(out / "model"))
     return Built("exported_model", {"model": "model"}, config.keyed())
+
+
+def end_at_turns_end(model, stop_ids: list[int]) -> None:
+    """The generation config's eos_token_id lists every id that ends a reply (EOS and the template's stop words,
+    llama3's <|eot_id|> with a base model's <|end_of_text|>), so generate(), vLLM and TGI stop at the turn's end as
+    TuneFactory's own chat does, not run on into the next turn."""
+    if stop_ids and getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
 
 
 STAGE = Stage(

@@ -43,6 +43,7 @@ def build(config: MergeConfig, ctx: BuildContext, out: Path) -> Built:
         model = PeftModel.from_pretrained(model, str(trained.part("adapter"))).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(trained.part("model")), **remote)
+        model.config.use_cache = True  # the Trainer saved its training-time false; inference wants the KV cache
     model.save_pretrained(str(out / "model"))
     AutoTokenizer.from_pretrained(str(base_dir), **remote).save_pretrained(str(out / "model"))
     ctx.log.info("merged model written (%s)", "adapter merged" if trained.kind == "adapter" else "full weights")

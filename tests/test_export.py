@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from flows.cli import main
 from flows.finetune import finetune
@@ -40,8 +40,22 @@ def test_export_merges_the_adapter_with_the_training_template(trained, write_rec
     ids = torch.tensor([tokenizer.encode("def register(cls, subclass):")])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
+    ends = GenerationConfig.from_pretrained(exported).eos_token_id  # generate() stops where a chatml turn ends
+    assert ends == sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]))
     assert main(["export", str(recipe)]) == 0  # again: every stage cached, the folder rewritten
     assert main(["data", "preview", str(recipe)]) == 0  # the artifact id is looked up in the same store
+
+    # No template named and none in the tokenizer: training used `default` with the recipe's system prompt, and
+    # so does the exported chat template (it dropped the system prompt).
+    recipe = write_recipe("export2.yaml", adapter_name_or_path=adapter_id, export_dir=str(workdir / "exported2"),
+                          template=None, default_system="You summarise Python docs.", do_train=False)
+    assert main(["export", str(recipe)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "exported2")
+    training = AutoTokenizer.from_pretrained(tiny_model_dir)  # what tokenize resolved the template against
+    template = get_template(None, training, default_system="You summarise Python docs.")
+    pairs = format_pairs(template, CONVERSATION, "", tokenizer.bos_token, tokenizer.eos_token)
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert rendered == "".join(p + r for p, r in pairs) and "You summarise Python docs." in rendered
 
 
 def test_the_adapter_in_output_dir_loads_on_its_own(trained, workdir, tiny_model_dir):
@@ -78,6 +92,8 @@ def test_export_and_evaluation_follow_what_the_recipe_trains(trained, write_reci
     recipe = load_recipe(write_recipe("eval.yaml", adapter_name_or_path=adapter_id, do_train=False))
     plan = plan_run(recipe, ArtifactStore())
     assert plan["evaluate[tuned]"].inputs["model"] == "merge" and "evaluate[base]" not in plan.labels()
+    exporting = plan_run(recipe.replace(export_dir=str(workdir / "exp")), ArtifactStore())  # it was ignored
+    assert exporting["export"].inputs["model"] == "merge"
     model_dir, adapter_dir = trained_model(workdir / "eval.yaml", recipe, None)
     assert adapter_dir is None and model_dir.parent.parent.name == "merge"
     merged = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -98,6 +114,7 @@ def test_a_full_fine_tune_exports_in_infer_dtype(write_recipe, workdir):
     weights = load_file(str(workdir / "exported" / "model.safetensors"))
     assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
     assert AutoModelForCausalLM.from_pretrained(workdir / "exported").dtype == torch.bfloat16
+    assert AutoConfig.from_pretrained(workdir / "exported").use_cache  # not the Trainer's training-time false
 
 
 def test_legacy_format_names_tensors_as_the_checkpoint_does(write_recipe, workdir, tiny_model_dir):
