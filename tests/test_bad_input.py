@@ -269,6 +269,8 @@ CASES = [
          {"val_size": 4}),
     Case("val-size-over-data", "key 'val_size': 30 validation rows asked for, but the training data has only 24",
          {"eval_dataset": None, "val_size": 30}, failing="tokenize"),
+    Case("export-quantization", "key 'export_quantization_bit': quantizing an export (GPTQ) is not supported",
+         {"export_quantization_bit": 4, "export_dir": "exported"}),
     Case("rm-export-dir", "key 'export_dir': stage rm trains a reward model",
          {"stage": "rm", "dataset": "pydoc_preferences", "eval_dataset": None, "export_dir": "exported"}),
     Case("output-dir-is-export-dir", "keys 'output_dir' and 'export_dir': saves and saves/merged overlap",

@@ -316,6 +316,8 @@ class Recipe(Section):
         for key in values:
             if key in MULTIMODAL_KEYS:
                 raise RecipeError(f"{where(key)}: key '{key}': image/video/audio inputs are not supported yet")
+            if key in UNSUPPORTED_KEYS:  # named, so a near match is not suggested and then silently ignored
+                raise RecipeError(f"{where(key)}: key '{key}': {UNSUPPORTED_KEYS[key]}")
         for key, value in values.items():
             section = FIELD_SECTION.get(key)
             if section is None:
@@ -369,6 +371,17 @@ MULTIMODAL_KEYS = {"image_max_pixels", "image_min_pixels", "image_do_pan_and_sca
                    "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video",
                    "audio_sampling_rate", "media_dir", "freeze_vision_tower", "freeze_multi_modal_projector",
                    "freeze_language_model", "train_mm_proj_only"}
+
+# LlamaFactory keys whose feature TuneFactory lacks; without this, `export_quantization_bit` got "did you mean
+# 'quantization_bit'?", which export ignores, and the user got an unquantized export without a word.
+UNSUPPORTED_KEYS = {
+    **dict.fromkeys(("export_quantization_bit", "export_quantization_dataset", "export_quantization_nsamples",
+                     "export_quantization_maxlen"),
+                    "quantizing an export (GPTQ) is not supported; export in infer_dtype, or train QLoRA with "
+                    "quantization_bit"),
+    "export_hub_model_id": "pushing an export to the hub is not supported; export to export_dir and upload it "
+                           "with `hf upload`",
+}
 
 
 def check_combinations(recipe: Recipe, source: str) -> None:
