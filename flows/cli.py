@@ -96,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
     serve = add(commands, "serve", "serve finetune/<recipe> and retune/<recipe> deployments (Prefect)")
     serve.add_argument("--recipes", default=None, help="folder of recipe files (default configs/recipes)")
     serve.add_argument("--limit", type=int, default=None, help="flow runs at once (default: no limit)")
+    serve.add_argument("--retune-schedule", choices=("keep", "on", "off"), default="keep",
+                       help="the weekly retune schedules: keep each as it is on the server (new ones start off), "
+                            "or switch them all on or off")
     compare = add(commands, "compare", "compare finetune runs from MLflow: a table and a PNG")
     compare.add_argument("--experiment", help="MLflow experiment (default: the newest run's)")
     compare.add_argument("--metric", default="rougeL", help="the score to compare (default rougeL)")
@@ -352,7 +355,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     home, uri = pin_locations()
     print(f"store: {home}\nMLflow: {uri}", file=sys.stderr)
-    serve(Path(args.recipes) if args.recipes else RECIPES, limit=args.limit)
+    serve(Path(args.recipes) if args.recipes else RECIPES, limit=args.limit, retune_schedule=args.retune_schedule)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,9 @@ def recipe_files(folder: Path = RECIPES) -> list[Path]:
     return sorted(folder.glob("*.yaml"))
 
 
-def runner_deployments(folder: Path = RECIPES, retune_active: bool = False) -> list:
-    """Deployments for `tunefactory serve`: finetune/<recipe> and retune/<recipe> for every recipe file."""
+def runner_deployments(folder: Path = RECIPES, retune_active: bool | Mapping[str, bool] = False) -> list:
+    """Deployments for `tunefactory serve`: finetune/<recipe> and retune/<recipe> for every recipe file, each
+    retune schedule on or off as `retune_active` says (per recipe name when a mapping; absent ones off)."""
     from prefect.schedules import Cron
 
     from flows.finetune import finetune
@@ -56,7 +58,8 @@ def runner_deployments(folder: Path = RECIPES, retune_active: bool = False) -> l
             description=f"Fine-tune as {path.name} says; override keys with the `overrides` parameter."))
         deployments.append(retune.to_deployment(
             name=name, parameters={"recipe": recipe, "model_name": name, "experiment": name}, tags=["tunefactory"],
-            schedules=[Cron(RETUNE_CRON, timezone="UTC", active=retune_active)],
+            schedules=[Cron(RETUNE_CRON, timezone="UTC", active=retune_active.get(name, False)
+                            if isinstance(retune_active, Mapping) else retune_active)],
             description=f"Re-tune {path.name} when its data changed; promote the champion only if it wins."))
     return deployments
 
@@ -96,11 +99,36 @@ def pin_locations() -> tuple[str, str]:
     return home, os.environ["MLFLOW_TRACKING_URI"]
 
 
-def serve(folder: Path = RECIPES, limit: int | None = None) -> None:
+def deployments_to_serve(folder: Path = RECIPES, retune_schedule: str = "keep") -> list:
+    """The deployments `serve` applies. Prefect recreates a deployment's schedules with the state it is sent, so
+    `keep` sends each retune schedule's state on the server now: a schedule a user switched on in the UI stayed
+    on only until serve restarted. `on` / `off` set them all; a new deployment's starts off."""
+    if retune_schedule in ("on", "off"):
+        return runner_deployments(folder, retune_schedule == "on")
+    return runner_deployments(folder, schedule_states([path.stem for path in recipe_files(folder)]))
+
+
+def schedule_states(names: list[str]) -> dict[str, bool]:
+    """Whether each retune/<name> deployment on the Prefect server has a schedule switched on (absent: unknown)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    states = {}
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                deployment = client.read_deployment_by_name(f"retune/{name}")
+            except ObjectNotFound:
+                continue
+            states[name] = any(schedule.active for schedule in deployment.schedules)
+    return states
+
+
+def serve(folder: Path = RECIPES, limit: int | None = None, retune_schedule: str = "keep") -> None:
     """Serve every recipe's deployments from this process until interrupted."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(*runner_deployments(folder), limit=limit)
+    prefect_serve(*deployments_to_serve(folder, retune_schedule), limit=limit)
 
 
 if __name__ == "__main__":

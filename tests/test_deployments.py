@@ -162,3 +162,36 @@ def test_prefect_deploy_all_and_a_process_worker(server, project):
     assert wait_final(env, run_id).state.name == "Completed"
     manifests = list((project / "artifacts").glob("merge/*/manifest.json"))
     assert len(manifests) == 1 and json.loads(manifests[0].read_text())["kind"] == "merged_model"
+
+
+SCHEDULE_STATE = """
+import sys
+from pathlib import Path
+from prefect.client.orchestration import get_client
+from flows.deployments import deployments_to_serve
+
+folder, mode, switch_on = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+for deployment in deployments_to_serve(folder, mode):  # what `tunefactory serve --retune-schedule MODE` applies
+    deployment.apply()
+with get_client(sync_client=True) as client:
+    retune = client.read_deployment_by_name("retune/tiny")
+    if switch_on:  # as a user does in the UI
+        client.update_deployment_schedule(retune.id, retune.schedules[0].id, active=True)
+        retune = client.read_deployment_by_name("retune/tiny")
+    print([schedule.active for schedule in retune.schedules])
+"""
+
+
+def test_serving_again_keeps_a_retune_schedule_the_user_switched_on(server, project):
+    """Prefect recreates schedules with the state serve sends: each restart switched the weekly retune off."""
+    def serve_once(mode: str, switch_on: bool = False) -> str:
+        arguments = [str(project / "recipes"), mode, str(int(switch_on))]
+        done = subprocess.run([sys.executable, "-c", SCHEDULE_STATE, *arguments], cwd=REPO, env=server,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert serve_once("keep", switch_on=True) == "[True]"  # shipped off, then switched on by the user
+    assert serve_once("keep") == "[True]"  # serve restarted: still on
+    assert serve_once("off") == "[False]"
+    assert serve_once("on") == "[True]"
