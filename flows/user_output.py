@@ -1,8 +1,8 @@
 """Copying results into folders the user names (output_dir, export_dir) without ever losing their files.
 
-TuneFactory records what it writes into such a folder in `tunefactory.json`. A later run replaces
-and removes only files listed there; any other file is the user's and is never touched, whatever
-the flags. `overwrite_output_dir: true` only allows writing into a folder of the user's files.
+TuneFactory records what it writes into such a folder in `tunefactory.json` (before copying, every name
+the copy may leave, marked incomplete; after, the files written). A later run replaces and removes only
+files listed there; any other file is the user's and is never touched, whatever the flags. `overwrite_output_dir: true` only allows writing into a folder of the user's files.
 """
 
 from __future__ import annotations
@@ -68,13 +68,30 @@ def write_into(source: Path, target: Path, artifact_id: str, key: str) -> list[s
         raise RecipeError(f"key '{key}': {target} already holds {', '.join(clashes[:3])}, which TuneFactory "
                           "did not write; move it away or choose another folder")
     target.mkdir(parents=True, exist_ok=True)
+    # Claim every name this copy may leave before writing any: a copy cut short (Ctrl-C, a kill) leaves files the
+    # record calls ours, so the next run replaces them, rather than refusing them as the user's.
+    claimed = previous | set(new) | {partial_name(name) for name in new}
+    record(target, {"artifact": artifact_id, "files": sorted(claimed), "complete": False})
     for name in new:
         destination = target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
-        partial = destination.with_name(f".{destination.name}.tunefactory-partial")
+        partial = target / partial_name(name)
         shutil.copyfile(source / name, partial)
         os.replace(partial, destination)
-    for name in previous - set(new):
+    for name in claimed - set(new):
         (target / name).unlink(missing_ok=True)
-    (target / MARKER).write_text(json.dumps({"artifact": artifact_id, "files": sorted(new)}, indent=2))
+    record(target, {"artifact": artifact_id, "files": sorted(new), "complete": True})
     return new
+
+
+def partial_name(name: str) -> str:
+    """Where a file is copied before it is moved into place under its name."""
+    path = Path(name)
+    return str(path.with_name(f".{path.name}.tunefactory-partial"))
+
+
+def record(target: Path, content: dict) -> None:
+    """Write the record whole or not at all."""
+    partial = target / partial_name(MARKER)
+    partial.write_text(json.dumps(content, indent=2))
+    os.replace(partial, target / MARKER)

@@ -26,7 +26,7 @@ def test_a_rerun_replaces_only_its_own_files(tmp_path):
     assert (target / "model.safetensors").read_text() == "v2" and (target / "sub" / "new.json").read_text() == "y"
     assert not (target / "old.json").exists()  # ours, no longer produced
     assert (target / "NOTES.txt").read_text() == "my notes"
-    assert json.loads((target / MARKER).read_text()) == {"artifact": "merge/b",
+    assert json.loads((target / MARKER).read_text()) == {"artifact": "merge/b", "complete": True,
                                                         "files": ["model.safetensors", "sub/new.json"]}
 
 
@@ -62,3 +62,31 @@ def test_targets_that_are_not_folders_are_refused(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
     with pytest.raises(RecipeError, match="symlink to nothing"):
         check_target("export_dir", tmp_path / "link", overwrite=True)
+
+
+def test_a_copy_cut_short_leaves_a_folder_the_next_run_can_write(tmp_path, monkeypatch):
+    """Interrupted after two files, the folder held new files and the old record: the next run refused them as the
+    user's, even with overwrite_output_dir, and old and new weights could be mixed."""
+    import shutil
+
+    target = tmp_path / "export"
+    write_into(artifact(tmp_path / "a", {"model.safetensors": "v1", "config.json": "c1"}), target, "merge/a",
+               "export_dir")
+    new = artifact(tmp_path / "b", {"config.json": "c2", "pytorch_model.bin": "v2", "tokenizer.json": "t2"})
+    copies = []
+    real_copy = shutil.copyfile
+
+    def copy_then_interrupt(source, destination):
+        if len(copies) == 2:
+            raise KeyboardInterrupt
+        copies.append(destination)
+        return real_copy(source, destination)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_into(new, target, "merge/b", "export_dir")
+    assert (target / "pytorch_model.bin").exists() and not json.loads((target / MARKER).read_text())["complete"]
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    check_target("export_dir", target, overwrite=False)  # ours, not the user's
+    write_into(new, target, "merge/b", "export_dir")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "pytorch_model.bin", "tokenizer.json", MARKER]
