@@ -119,13 +119,16 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
     if recipe.finetuning.do_train and not data.dataset:
         raise RecipeError("key 'dataset' is required when do_train is true")
     train_pairs = data_steps(recipe, data.dataset, "dataset", store)
-    # held-out data is only read to be scored: with do_eval false it is neither fetched nor tokenized
-    eval_pairs = data_steps(recipe, data.eval_dataset, "eval_dataset", store) if recipe.evaluation.do_eval else []
+    # Held-out rows are tokenized with the training rows whatever do_eval says: the train stage keys on that
+    # artifact, so toggling do_eval (as `tunefactory eval` does) must not retrain.
+    eval_pairs = data_steps(recipe, data.eval_dataset, "eval_dataset", store)
     has_eval = bool(eval_pairs) or data.val_size > 0
-    if not (train_pairs or has_eval or recipe.evaluation.task):
-        if data.eval_dataset and not recipe.evaluation.do_eval:
-            raise RecipeError("nothing to do: do_eval is false, so eval_dataset is not scored (set do_eval: true; "
-                              "do_predict adds generation metrics to the perplexity it always reports)")
+    scores_rows = has_eval and recipe.evaluation.do_eval
+    if not (train_pairs or scores_rows or recipe.evaluation.task or recipe.export.export_dir):
+        if has_eval:
+            raise RecipeError("nothing to do: do_eval is false, so the evaluation rows are not scored (set "
+                              "do_eval: true; do_predict adds generation metrics to the perplexity it always "
+                              "reports)")
         raise RecipeError("nothing to do: set 'dataset' to train, or 'eval_dataset' / 'val_size' / 'task' to "
                           "evaluate")
     base = model.plan(recipe)
@@ -161,6 +164,8 @@ def plan_run(recipe: Recipe, store: ArtifactStore | None = None, chain: tuple[st
         if recipe.export.export_dir:  # exported as `tunefactory export` would
             steps.append(export.plan(recipe, merged))
         scored = {"tuned": merged}
+    elif recipe.export.export_dir:  # nothing trained or merged: the base re-saved, as `tunefactory export` does
+        steps.append(export.plan(recipe, base))
     if recipe.evaluation.do_eval and has_eval:
         steps += [evaluate.plan(recipe, tokenized, target, role) for role, target in scored.items()]
     if recipe.evaluation.task:
@@ -279,7 +284,7 @@ def check_targets(recipe: Recipe) -> None:
     other, and export_dir is refused where nothing can be exported rather than left unwritten."""
     overwrite = recipe.training.overwrite_output_dir
     output_dir = recipe.training.output_dir if recipe.finetuning.do_train else None
-    export_dir = recipe.export.export_dir if recipe.finetuning.do_train or recipe.model.adapter_name_or_path else None
+    export_dir = recipe.export.export_dir
     if recipe.export.export_dir and recipe.finetuning.do_train and recipe.finetuning.stage == "rm":
         raise RecipeError("key 'export_dir': stage rm trains a reward model, which scores replies: there is no model "
                           "to export")

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.errors import DataError
 from tasks.core.hardware import attn_implementation, compute_device, mixed_precision, torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.mapped_weights import load_causal_lm
@@ -138,6 +139,8 @@ def build(config: EvaluateConfig, ctx: BuildContext, out: Path) -> Built:
     generation = json.loads(data.part("generation").read_text())
     metrics: dict[str, Any] = {}
     examples: list[dict[str, str]] = []
+    if data.info.get("eval_missing"):
+        raise DataError(data.info["eval_missing"])
     if data.has("eval"):
         rows = load_rows(data.part("eval"))
         if config.generate and data.info.get("eval_prompts"):

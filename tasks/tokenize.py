@@ -165,8 +165,10 @@ def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
         save_rows(encoded, out / "train")
         stats["train"] = split_stats(encoded) | {"dropped_no_target": dropped}
         layout["train"] = "train"
+    missing = None
     if evaluation is not None:
-        layout |= write_eval(evaluation, tokenizer, template, config, out, stats, eval_source(ctx, config))
+        written, missing = write_eval(evaluation, tokenizer, template, config, out, stats, eval_source(ctx, config))
+        layout |= written
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     if train is not None:
@@ -176,7 +178,7 @@ def build(config: TokenizeConfig, ctx: BuildContext, out: Path) -> Built:
     ctx.log_metrics({f"{split}_{k}": v for split, s in stats.items() for k, v in s.items()})
     info = {"train": "rows" if train is not None else None, "train_format": TRAIN_FORMATS[config.objective],
             "packed": config.packing != "none", "position_ids": config.packing in ("neat", "plain"),
-            "eval_prompts": config.objective not in ("pt", "rm")}
+            "eval_prompts": config.objective not in ("pt", "rm"), **({"eval_missing": missing} if missing else {})}
     return Built("tokenized", layout, info)
 
 
@@ -187,20 +189,22 @@ def eval_source(ctx: BuildContext, config: TokenizeConfig) -> str:
 
 
 def write_eval(rows, tokenizer, template, config: TokenizeConfig, out: Path, stats: dict[str, Any],
-               source: str) -> dict[str, str]:
+               source: str) -> tuple[dict[str, str], str | None]:
     """Encode and save the evaluation split(s) (from `source`, as errors name it), adding their length statistics;
-    their layout entries."""
-    layout = {}
+    their layout entries, and why there are no rows to score where none are left (evaluate raises it; training
+    does not need them)."""
+    layout, missing = {}, None
     for part, encode in (("eval", encode_eval), ("eval_pairs", encode_eval_pairs)):
         encoded = encode(rows, tokenizer, template, config)
         if encoded is not None and not len(encoded):
-            raise DataError(f"{source}: no desirable rows (kto_tag true), and KTO scores perplexity and generation "
-                            "on the desirable replies" if config.objective == "kto" else f"{source}: no rows to score")
+            missing = (f"{source}: no desirable rows (kto_tag true), and KTO scores perplexity and generation on "
+                       "the desirable replies" if config.objective == "kto" else f"{source}: no rows to score")
+            continue
         if encoded is not None:
             save_rows(encoded, out / part)
             stats[part] = split_stats(encoded)
             layout[part] = part
-    return layout
+    return layout, missing
 
 
 def write_preview(rows, tokenizer, stats: dict[str, Any], ctx: BuildContext, out: Path) -> None:
@@ -243,8 +247,10 @@ def build_stream(config: TokenizeConfig, ctx: BuildContext, out: Path, tokenizer
     (out / "stream.json").write_text(json.dumps(spec, indent=1))
     layout = {"stream": "stream.json", "generation": "generation.json", "stats": "stats.json"}
     stats: dict[str, Any] = {"train": {"streaming": True, "parts": len(spec["parts"])}}
+    missing = None
     if evaluation is not None and len(evaluation):
-        layout |= write_eval(evaluation, tokenizer, template, config, out, stats, eval_source(ctx, config))
+        written, missing = write_eval(evaluation, tokenizer, template, config, out, stats, eval_source(ctx, config))
+        layout |= written
     sample = datasets.Dataset.from_list(list(training_stream(spec, tokenizer, sources).take(3)))
     if len(sample):
         write_preview(sample, tokenizer, stats, ctx, out)
@@ -252,7 +258,7 @@ def build_stream(config: TokenizeConfig, ctx: BuildContext, out: Path, tokenizer
     write_generation(out, tokenizer, template)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     info = {"train": "stream", "train_format": "supervised", "packed": config.packing != "none", "position_ids": False,
-            "eval_prompts": config.objective == "sft"}
+            "eval_prompts": config.objective == "sft", **({"eval_missing": missing} if missing else {})}
     return Built("tokenized", layout, info)
 
 

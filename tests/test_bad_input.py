@@ -141,7 +141,7 @@ CASES = [
          {"mask_history": True, "train_on_prompt": True}),
     Case("train-without-data", "key 'dataset' is required", {"dataset": None}),
     Case("nothing-to-do", "nothing to do", {"do_train": False, "dataset": None, "eval_dataset": None}),
-    Case("predict-without-eval", "nothing to do: do_eval is false, so eval_dataset is not scored",
+    Case("predict-without-eval", "nothing to do: do_eval is false, so the evaluation rows are not scored",
          {"do_train": False, "dataset": None, "do_eval": False, "do_predict": True}),
     Case("unknown-template", "key 'template': unknown template 'chatm'; did you mean 'chatml'?", {"template": "chatm"}),
     Case("lora-target-bundled-model", "key 'lora_target': no module named 'q_projj' in this model",
@@ -276,7 +276,7 @@ CASES = [
     Case("output-dir-is-export-dir", "keys 'output_dir' and 'export_dir': saves and saves/merged overlap",
          {"output_dir": "saves", "export_dir": "saves/merged"}),
     Case("kto-eval-all-undesirable", "dataset 'bad': no desirable rows (kto_tag true)",
-         setup=undesirable_eval_rows, failing="tokenize"),
+         setup=undesirable_eval_rows, failing="evaluate[base]"),
     Case("cutoff-below-template", "key 'cutoff_len': 4 tokens leave no room for a conversation",
          {"cutoff_len": 4}, failing="tokenize"),
 ]
