@@ -77,7 +77,7 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
     model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device, dtype=dtype, **remote)
     tokenizer = AutoTokenizer.from_pretrained(str(source), **remote)
     template = config.template.load(tokenizer)
-    end_at_turns_end(model, stop_token_ids(tokenizer, template))
+    end_at_turns_end(model, tokenizer.eos_token_id, stop_token_ids(tokenizer, template))
     if config.legacy_format:
         save_legacy(model, out / "model", f"{config.shard_size_gb}GB")
     else:
@@ -88,12 +88,19 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
     return Built("exported_model", {"model": "model"}, config.keyed())
 
 
-def end_at_turns_end(model, stop_ids: list[int]) -> None:
-    """The generation config's eos_token_id lists every id that ends a reply (EOS and the template's stop words,
-    llama3's <|eot_id|> with a base model's <|end_of_text|>), so generate(), vLLM and TGI stop at the turn's end as
-    TuneFactory's own chat does, not run on into the next turn."""
-    if stop_ids and getattr(model, "generation_config", None) is not None:
-        model.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+def end_at_turns_end(model, eos_id: int | None, stop_ids: list[int]) -> None:
+    """The generation config's eos_token_id lists every id that ends a reply: EOS first, then the ids the model
+    shipped (Qwen2.5-Instruct's <|endoftext|>), then the template's stop words (llama3's <|eot_id|> with a base
+    model's <|end_of_text|>), so generate(), vLLM and TGI stop at the turn's end as TuneFactory's own chat does,
+    not run on into the next turn."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None:
+        return
+    shipped = generation.eos_token_id
+    shipped = list(shipped) if isinstance(shipped, (list, tuple)) else [shipped]
+    ids = list(dict.fromkeys(i for i in [eos_id, *shipped, *stop_ids] if i is not None))
+    if ids:
+        generation.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
 STAGE = Stage(

@@ -41,7 +41,7 @@ def test_export_merges_the_adapter_with_the_training_template(trained, write_rec
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
     ends = GenerationConfig.from_pretrained(exported).eos_token_id  # generate() stops where a chatml turn ends
-    assert ends == sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]))
+    assert ends == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])  # EOS first
     assert main(["export", str(recipe)]) == 0  # again: every stage cached, the folder rewritten
     assert main(["data", "preview", str(recipe)]) == 0  # the artifact id is looked up in the same store
 
@@ -170,3 +170,17 @@ def test_legacy_format_keeps_a_remote_code_models_own_modules(tmp_path):
                                                                                    (tmp_path / "out").iterdir()}
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)).__name__ == \
         "TinyForCausalLM"
+
+
+def test_the_exported_end_ids_put_eos_first_and_keep_what_the_model_shipped():
+    """Qwen2.5-Instruct ships [<|im_end|>, <|endoftext|>]: the template's stop words replaced that list."""
+    from types import SimpleNamespace
+
+    from tasks.export import end_at_turns_end
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1, 2]))
+    end_at_turns_end(model, 1, [0, 1])
+    assert model.generation_config.eos_token_id == [1, 2, 0]
+    single = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    end_at_turns_end(single, 5, [5])
+    assert single.generation_config.eos_token_id == 5
