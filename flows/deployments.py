@@ -42,9 +42,12 @@ def recipe_files(folder: Path = RECIPES) -> list[Path]:
     return sorted(folder.glob("*.yaml"))
 
 
-def runner_deployments(folder: Path = RECIPES, retune_active: bool | Mapping[str, bool] = False) -> list:
+def runner_deployments(folder: Path = RECIPES, retune_active: bool | Mapping[str, bool] = False,
+                       paused: Mapping[str, bool] | None = None) -> list:
     """Deployments for `tunefactory serve`: finetune/<recipe> and retune/<recipe> for every recipe file, each
-    retune schedule on or off as `retune_active` says (per recipe name when a mapping; absent ones off)."""
+    retune schedule on or off as `retune_active` says (per recipe name when a mapping; absent ones off), and a
+    deployment paused where `paused` says so (by deployment name, finetune/<recipe>)."""
+    paused = paused or {}
     from prefect.schedules import Cron
 
     from flows.finetune import finetune
@@ -55,9 +58,11 @@ def runner_deployments(folder: Path = RECIPES, retune_active: bool | Mapping[str
         recipe, name = recipe_parameters(path), path.stem
         deployments.append(finetune.to_deployment(
             name=name, parameters={"recipe": recipe, "experiment": name}, tags=["tunefactory"],
+            paused=paused.get(f"finetune/{name}", False),
             description=f"Fine-tune as {path.name} says; override keys with the `overrides` parameter."))
         deployments.append(retune.to_deployment(
             name=name, parameters={"recipe": recipe, "model_name": name, "experiment": name}, tags=["tunefactory"],
+            paused=paused.get(f"retune/{name}", False),
             schedules=[Cron(RETUNE_CRON, timezone="UTC", active=retune_active.get(name, False)
                             if isinstance(retune_active, Mapping) else retune_active)],
             description=f"Re-tune {path.name} when its data changed; promote the champion only if it wins."))
@@ -100,28 +105,35 @@ def pin_locations() -> tuple[str, str]:
 
 
 def deployments_to_serve(folder: Path = RECIPES, retune_schedule: str = "keep") -> list:
-    """The deployments `serve` applies. Prefect recreates a deployment's schedules with the state it is sent, so
-    `keep` sends each retune schedule's state on the server now: a schedule a user switched on in the UI stayed
-    on only until serve restarted. `on` / `off` set them all; a new deployment's starts off."""
+    """The deployments `serve` applies. Prefect recreates a deployment's schedules, and its paused flag, with the
+    state it is sent, so each restart switched a retune schedule a user had switched on in the UI off again (and
+    would resume a deployment they paused): `keep` sends the state on the server now. `on` / `off` set every
+    retune schedule; a new deployment's starts off."""
+    names = [path.stem for path in recipe_files(folder)]
+    active, paused = server_states(names)
     if retune_schedule in ("on", "off"):
-        return runner_deployments(folder, retune_schedule == "on")
-    return runner_deployments(folder, schedule_states([path.stem for path in recipe_files(folder)]))
+        return runner_deployments(folder, retune_schedule == "on", paused)
+    return runner_deployments(folder, active, paused)
 
 
-def schedule_states(names: list[str]) -> dict[str, bool]:
-    """Whether each retune/<name> deployment on the Prefect server has a schedule switched on (absent: unknown)."""
+def server_states(names: list[str]) -> tuple[dict[str, bool], dict[str, bool]]:
+    """From the Prefect server: whether each retune/<name> has a schedule switched on (by recipe name), and
+    whether each finetune/<name> and retune/<name> is paused (by deployment name); absent ones are left out."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    states = {}
+    active, paused = {}, {}
     with get_client(sync_client=True) as client:
         for name in names:
-            try:
-                deployment = client.read_deployment_by_name(f"retune/{name}")
-            except ObjectNotFound:
-                continue
-            states[name] = any(schedule.active for schedule in deployment.schedules)
-    return states
+            for flow_name in ("finetune", "retune"):
+                try:
+                    deployment = client.read_deployment_by_name(f"{flow_name}/{name}")
+                except ObjectNotFound:
+                    continue
+                paused[f"{flow_name}/{name}"] = bool(deployment.paused)
+                if flow_name == "retune":
+                    active[name] = any(schedule.active for schedule in deployment.schedules)
+    return active, paused
 
 
 def serve(folder: Path = RECIPES, limit: int | None = None, retune_schedule: str = "keep") -> None:

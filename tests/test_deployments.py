@@ -177,8 +177,9 @@ with get_client(sync_client=True) as client:
     retune = client.read_deployment_by_name("retune/tiny")
     if switch_on:  # as a user does in the UI
         client.update_deployment_schedule(retune.id, retune.schedules[0].id, active=True)
+        client.pause_deployment(retune.id)
         retune = client.read_deployment_by_name("retune/tiny")
-    print([schedule.active for schedule in retune.schedules])
+    print([schedule.active for schedule in retune.schedules], retune.paused)
 """
 
 
@@ -191,7 +192,7 @@ def test_serving_again_keeps_a_retune_schedule_the_user_switched_on(server, proj
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
-    assert serve_once("keep", switch_on=True) == "[True]"  # shipped off, then switched on by the user
-    assert serve_once("keep") == "[True]"  # serve restarted: still on
-    assert serve_once("off") == "[False]"
-    assert serve_once("on") == "[True]"
+    assert serve_once("keep", switch_on=True) == "[True] True"  # shipped off, then switched on (and paused)
+    assert serve_once("keep") == "[True] True"  # serve restarted: as the user left it
+    assert serve_once("off") == "[False] True"
+    assert serve_once("on") == "[True] True"
