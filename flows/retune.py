@@ -188,6 +188,8 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
                                       f"champion's {held:.4f} by the margin {margin}", **outcome)
     if decision.decision == "promoted":
         model_registry.promote(model_name, version.version)
-        copy_outputs(recipe, summary.stages, store)
     model_registry.tag_version(model_name, version.version, {"retune_decision": decision.decision})
-    return record(decision)
+    record(decision)
+    if decision.decision == "promoted":  # after the decision is recorded: a failed copy must not undo it
+        copy_outputs(recipe, summary.stages, store)
+    return decision

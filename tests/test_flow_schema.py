@@ -8,7 +8,7 @@ from flows.retune import retune
 
 def test_finetune_parameters_are_the_typed_recipe():
     schema = parameter_schema(finetune).model_dump()
-    assert set(schema["properties"]) == {"recipe", "overrides", "home", "experiment"}
+    assert set(schema["properties"]) == {"recipe", "overrides", "home", "experiment", "deliver"}
     definitions = schema["definitions"]
     finetuning = definitions["FinetuningSection"]["properties"]
     assert finetuning["lora_rank"]["type"] == "integer" and finetuning["lora_rank"]["default"] == 8
