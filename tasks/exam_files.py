@@ -41,7 +41,8 @@ class ExamData:
 
 
 def is_local_exam(folder: Path) -> bool:
-    return (folder / "mapping.json").is_file() or any((root / "dev").is_dir() for root in (folder, folder / "data"))
+    return (folder / "mapping.json").is_file() or any((root / split).is_dir() for root in (folder, folder / "data")
+                                                      for split in ("dev", "val", "test"))
 
 
 def split_root(folder: Path) -> Path:
@@ -56,14 +57,18 @@ def split_file(folder: Path, subject: str, split: str) -> Path:
 
 
 def read_local_exam(folder: Path, split: str) -> ExamData:
+    listed = (folder / "mapping.json").is_file()
     mapping = (parse_mapping(read_text(folder / "mapping.json"), folder / "mapping.json")
-               if (folder / "mapping.json").is_file() else mapping_from_files(folder, split))
+               if listed else mapping_from_files(folder, split))
     dev, scored = {}, {}
     for subject in sorted(mapping):
         paths = {s: split_file(folder, subject, s) for s in dict.fromkeys(("dev", split))}
         for path in paths.values():
             if not path.is_file():
-                raise DataError(f"{path}: missing (the exam's mapping.json lists subject '{subject}')")
+                why = "the exam's mapping.json lists" if listed else f"the {split} split has questions of"
+                raise DataError(f"{path}: missing ({why} subject '{subject}', and the dev split gives the solved "
+                                "examples)" if path.parent.name == "dev" else f"{path}: missing ({why} subject "
+                                f"'{subject}')")
         dev[subject] = read_csv_questions(paths["dev"])
         scored[subject] = dev[subject] if split == "dev" else read_csv_questions(paths[split])
         check_scored(scored[subject], str(paths[split]))
@@ -79,9 +84,11 @@ def mapping_from_files(folder: Path, split: str) -> dict[str, dict[str, str | No
     return {s: {"name": s.replace("_", " "), "category": None} for s in subjects}
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, newline: str | None = None) -> str:
+    """The file's text (a UTF-8 byte-order mark dropped); newline="" keeps line endings as written, as csv wants."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with path.open(encoding="utf-8-sig", newline=newline) as handle:
+            return handle.read()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})") from None
 
@@ -108,16 +115,17 @@ def read_csv_questions(path: Path) -> list[Question]:
     """A split file's questions, with or without a header row (named columns may come in any order, among others
     such as C-Eval's id and explanation or CMMLU's index; a header without an answer column, as C-Eval's test
     split has, gives blank answers)."""
-    rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
-    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    reader = csv.reader(io.StringIO(read_text(path, newline=""), newline=""))
+    rows = [(number, cells) for number, cells in enumerate(reader, start=1) if cells]  # blank lines skipped
+    header = [cell.strip().lower() for cell in rows[0][1]] if rows else []
     if {"question", "a", "b", "c", "d"} <= set(header):
-        columns, first = [header.index(f.lower()) if f.lower() in header else None for f in FIELDS], 2
+        columns, rows = [header.index(f.lower()) if f.lower() in header else None for f in FIELDS], rows[1:]
     else:
-        columns, first = list(range(6)), 1
+        columns = list(range(6))
     width = 1 + max(c for c in columns if c is not None)
     questions = []
-    for number, cells in enumerate(rows[first - 1 :], start=first):
-        if first == 1 and len(cells) != 6:
+    for number, cells in rows:
+        if columns == list(range(6)) and len(cells) != 6:
             raise DataError(f"{path}, row {number}: expected 6 cells question,A,B,C,D,answer (or a header row naming "
                             f"the columns), found {len(cells)}")
         if len(cells) < width:

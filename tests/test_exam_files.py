@@ -146,3 +146,19 @@ def test_a_hub_exam_is_checked_as_a_local_one(tmp_path, monkeypatch):
         hub_exam(hub_repo(tmp_path / "blank", ["A", "B"], ["", ""]), "test")
     with pytest.raises(DataError, match=r"subject 's', split 'train', row 2, field 'answer': '7' is not one of"):
         hub_exam(hub_repo(tmp_path / "seven", [0, 7], [0, 1]), "test")
+
+
+def test_csv_text_is_read_as_written(tmp_path):
+    """A quoted field's CRLF is kept (LlamaFactory's pandas reader keeps it); blank lines are skipped, as there."""
+    from tasks.exam_files import is_local_exam
+
+    folder = tmp_path / "x"
+    (folder / "test").mkdir(parents=True)
+    (folder / "test" / "s_test.csv").write_bytes(b'"Line one\r\nline two?",1,2,3,4,A\r\n\r\nq2,1,2,3,4,B\r\n\r\n')
+    assert is_local_exam(folder)  # no mapping.json and no dev/: still a local exam, not a hub name
+    with pytest.raises(DataError, match=r"dev/s_dev.csv: missing \(the test split has questions of subject 's', "
+                                        r"and the dev split gives the solved examples\)"):
+        read_local_exam(folder, "test")
+    write_csv(folder / "dev" / "s_dev.csv", [ROW])
+    questions = read_local_exam(folder, "test").scored["s"]
+    assert [q["question"] for q in questions] == ["Line one\r\nline two?", "q2"]
