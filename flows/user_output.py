@@ -2,7 +2,8 @@
 
 TuneFactory records what it writes into such a folder in `tunefactory.json` (before copying, every name
 the copy may leave, marked incomplete; after, the files written). A later run replaces and removes only
-files listed there; any other file is the user's and is never touched, whatever the flags. `overwrite_output_dir: true` only allows writing into a folder of the user's files.
+files listed there; any other file is the user's and is never touched, whatever the flags.
+`overwrite_output_dir: true` only allows writing into a folder of the user's files.
 """
 
 from __future__ import annotations
