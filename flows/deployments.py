@@ -47,11 +47,12 @@ def runner_deployments(folder: Path = RECIPES, retune_active: bool | Mapping[str
     """Deployments for `tunefactory serve`: finetune/<recipe> and retune/<recipe> for every recipe file, each
     retune schedule on or off as `retune_active` says (per recipe name when a mapping; absent ones off), and a
     deployment paused where `paused` says so (by deployment name, finetune/<recipe>)."""
-    paused = paused or {}
     from prefect.schedules import Cron
 
     from flows.finetune import finetune
     from flows.retune import retune
+
+    paused = paused or {}
 
     deployments = []
     for path in recipe_files(folder):
