@@ -172,6 +172,9 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
     # Both scores before registering: a failure must not leave a version without a decision (the next run would
     # not skip, and would register yet another).
     current = model_registry.champion(model_name)
+    if current is not None and current.tags.get("artifact.merge") == merge_key:  # a margin or unkeyed change
+        return record(RetuneDecision(decision="skipped", reason=f"the model trained is the champion itself (version "
+                                     f"{current.version}, merge/{merge_key[:12]}): nothing new to register", **base))
     held = score_champion(current, recipe, plan, summary, store, metric) if current is not None else None
     version = model_registry.register(model_name, Path(summary.where["merged model"]), summary.mlflow_run_id, tags)
     outcome = {**base, "challenger_version": str(version.version), "challenger_score": score,

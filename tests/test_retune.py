@@ -65,6 +65,15 @@ def test_retune_promotes_skips_retrains_and_rejects(write_recipe, workdir):
     assert len(mlflow.tracking.MlflowClient().search_model_versions("name = 'tiny'")) == versions  # none undecided
 
 
+def test_retraining_the_champion_itself_registers_nothing(write_recipe, workdir):
+    """A changed margin changes the fingerprint but not the model: it was registered again and rejected as a tie."""
+    recipe = load_recipe(write_recipe(max_samples=8, max_steps=2, max_new_tokens=2))
+    first = retune(recipe, model_name="same", metric="eval_loss")
+    again = retune(recipe, model_name="same", metric="eval_loss", margin=0.5)
+    assert first.decision == "promoted" and again.decision == "skipped" and "the champion itself" in again.reason
+    assert len(mlflow.tracking.MlflowClient().search_model_versions("name = 'same'")) == 1
+
+
 def test_a_chained_recipes_champion_is_scored_on_the_challengers_data(write_recipe, workdir):
     """A dpo recipe on an sft recipe plans sft's tokenize first: the champion was scored on sft's held-out rows
     while the challenger was scored on dpo's."""
