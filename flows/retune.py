@@ -61,6 +61,16 @@ def fingerprint(plan: Plan, metric: str, margin: float) -> str:
     return stable_hash({"stages": stages, "metric": metric, "margin": margin})
 
 
+REGISTRY_TAG_LIMIT = 100_000  # characters MLflow's registry takes in a model version tag's value
+
+
+def recipe_tag(recipe: Recipe, run_id: str) -> str:
+    """The recipe's keys as JSON, whole (it was cut at 5,000 characters, and was then no longer JSON), or where to
+    find them when a tag cannot hold them."""
+    text = json.dumps(recipe.model_dump(exclude_defaults=True), default=str)
+    return text if len(text) <= REGISTRY_TAG_LIMIT else f"too long for a tag: see the params of MLflow run {run_id}"
+
+
 def last_decision(model_name: str):
     """The newest recorded retune decision for this registered model, or None."""
     client = tracking.client()
@@ -165,7 +175,7 @@ def decide(recipe: Recipe, model_name: str, metric: str, margin: float, store: A
     tuned = summary.metrics["tuned"]
     trained = own_trainer(summary.stages)
     merge_key = next(s.key for s in summary.stages if s.stage == "merge")
-    tags = {"recipe": json.dumps(recipe.model_dump(exclude_defaults=True), default=str)[:5000],
+    tags = {"recipe": recipe_tag(recipe, summary.mlflow_run_id),
             f"artifact.{trained.stage}": trained.key, "artifact.merge": merge_key, "fingerprint": base["fingerprint"],
             "store": str(store.root), **{f"metric.{k}": str(v) for k, v in tuned.items() if isinstance(v, float)}}
     score = tuned[metric]

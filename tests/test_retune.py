@@ -113,3 +113,14 @@ def test_a_tie_is_no_improvement_and_the_decision_rule_is_part_of_the_fingerprin
     plan = plan_run(load_recipe(write_recipe()))
     assert fingerprint(plan, "rougeL", 0.0) != fingerprint(plan, "eval_loss", 0.0)
     assert fingerprint(plan, "rougeL", 0.0) != fingerprint(plan, "rougeL", 0.1)
+
+
+def test_the_registered_recipe_tag_is_whole_json():
+    """It was cut at 5,000 characters, past which it was no longer JSON."""
+    from flows.retune import recipe_tag
+    from tasks.core.recipe import Recipe
+
+    recipe = Recipe.from_flat({"dataset": "pydoc_summaries", "default_system": "Be brief. " * 700})
+    assert json.loads(recipe_tag(recipe, "run1"))["data"]["default_system"] == "Be brief. " * 700
+    huge = recipe.replace(default_system="x" * 200_000)
+    assert recipe_tag(huge, "run1") == "too long for a tag: see the params of MLflow run run1"
