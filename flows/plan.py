@@ -285,7 +285,7 @@ def check_targets(recipe: Recipe) -> None:
     overwrite = recipe.training.overwrite_output_dir
     output_dir = recipe.training.output_dir if recipe.finetuning.do_train else None
     export_dir = recipe.export.export_dir
-    if recipe.export.export_dir and recipe.finetuning.do_train and recipe.finetuning.stage == "rm":
+    if export_dir and recipe.finetuning.do_train and recipe.finetuning.stage == "rm":
         raise RecipeError("key 'export_dir': stage rm trains a reward model, which scores replies: there is no model "
                           "to export")
     if output_dir and export_dir and overlapping(Path(output_dir), Path(export_dir)):

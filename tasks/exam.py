@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,15 +86,22 @@ def plan(recipe: Recipe, scored: Step, role: str) -> Step:
     e = recipe.evaluation
     name, split = task_parts(e.task)
     folder = exam_folder(e.task_dir, name)
-    if folder:
-        read_local_exam(folder, split)  # every file checked now, before any stage runs
     source = tree_digest(folder) if folder else hub_source(e.task_dir, name)
+    if folder:
+        checked_once(folder, split, source)  # every file checked now, before any stage runs
     config = ExamConfig(exam=name, split=split, source=source, lang=e.lang, n_shot=e.n_shot,
                         template=TemplateChoice.of(recipe.data), batch_size=e.batch_size,
                         attn_implementation=attn_implementation(recipe.model.flash_attn),
                         dtype=inference_dtype(recipe))
     locators = {"folder": str(folder) if folder else "", "hub": "" if folder else source, "role": role}
     return STAGE.step(f"exam[{role}]", config, {"model": scored}, locators)
+
+
+@lru_cache(maxsize=8)
+def checked_once(folder: Path, split: str, digest: str) -> None:
+    """Check the exam's files once per content (`digest`): the base and the tuned model each plan an exam step,
+    and a no-op re-run would otherwise read every CSV of MMLU twice before finding everything cached."""
+    read_local_exam(folder, split)
 
 
 def exam_messages(target: dict[str, str], support: list[dict[str, str]], subject: str, lang: str) -> list[dict]:

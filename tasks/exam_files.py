@@ -66,9 +66,8 @@ def read_local_exam(folder: Path, split: str) -> ExamData:
         for path in paths.values():
             if not path.is_file():
                 why = "the exam's mapping.json lists" if listed else f"the {split} split has questions of"
-                raise DataError(f"{path}: missing ({why} subject '{subject}', and the dev split gives the solved "
-                                "examples)" if path.parent.name == "dev" else f"{path}: missing ({why} subject "
-                                f"'{subject}')")
+                also = ", and the dev split gives the solved examples" if path.parent.name == "dev" else ""
+                raise DataError(f"{path}: missing ({why} subject '{subject}'{also})")
         dev[subject] = read_csv_questions(paths["dev"])
         scored[subject] = dev[subject] if split == "dev" else read_csv_questions(paths[split])
         check_scored(scored[subject], str(paths[split]))

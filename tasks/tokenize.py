@@ -196,14 +196,15 @@ def write_eval(rows, tokenizer, template, config: TokenizeConfig, out: Path, sta
     layout, missing = {}, None
     for part, encode in (("eval", encode_eval), ("eval_pairs", encode_eval_pairs)):
         encoded = encode(rows, tokenizer, template, config)
-        if encoded is not None and not len(encoded):
+        if encoded is None:
+            continue
+        if not len(encoded):
             missing = (f"{source}: no desirable rows (kto_tag true), and KTO scores perplexity and generation on "
                        "the desirable replies" if config.objective == "kto" else f"{source}: no rows to score")
             continue
-        if encoded is not None:
-            save_rows(encoded, out / part)
-            stats[part] = split_stats(encoded)
-            layout[part] = part
+        save_rows(encoded, out / part)
+        stats[part] = split_stats(encoded)
+        layout[part] = part
     return layout, missing
 
 
