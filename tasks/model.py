@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from tasks.core.hardware import storage_dtype, torch_dtype
 from tasks.core.hashing import tree_digest
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
+from tasks.gguf_parse import one_gguf_parse
 from tasks.templates import get_template
 from tasks.vocab import grow_vocabulary, read_descriptions, token_list
 
@@ -199,24 +201,25 @@ def load_source(source: dict[str, str], config: ModelConfig):
     elif source["kind"] == "hub":
         kwargs["revision"] = config.source.rsplit("@", 1)[1]
     where = Path(source["path"]) / source["gguf_file"] if source["gguf_file"] else source["path"]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source["path"], split_special_tokens=config.split_special_tokens,
-                                                  **kwargs)
-        model_config = AutoConfig.from_pretrained(source["path"], **kwargs)
-    except Exception as exc:  # a torn weights file, a damaged config: whatever the loader raises
-        message = " ".join(str(exc).split())[:300]
-        raise ModelError(f"cannot load the model at {where}: {type(exc).__name__}: {message}") from None
-    patches = patch_config(model_config, config)
-    try:
-        if config.train_from_scratch:
-            model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype(config.dtype),
-                                                     trust_remote_code=config.trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source["path"], config=model_config,
-                                                         dtype=torch_dtype(config.dtype), **kwargs)
-    except Exception as exc:
-        message = " ".join(str(exc).split())[:300]
-        raise ModelError(f"cannot load the model at {where}: {type(exc).__name__}: {message}") from None
+    with one_gguf_parse() if source["gguf_file"] else nullcontext():  # tokenizer, config, weights: one parse
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source["path"], split_special_tokens=config.split_special_tokens,
+                                                      **kwargs)
+            model_config = AutoConfig.from_pretrained(source["path"], **kwargs)
+        except Exception as exc:  # a torn weights file, a damaged config: whatever the loader raises
+            message = " ".join(str(exc).split())[:300]
+            raise ModelError(f"cannot load the model at {where}: {type(exc).__name__}: {message}") from None
+        patches = patch_config(model_config, config)
+        try:
+            if config.train_from_scratch:
+                model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype(config.dtype),
+                                                         trust_remote_code=config.trust_remote_code)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source["path"], config=model_config,
+                                                             dtype=torch_dtype(config.dtype), **kwargs)
+        except Exception as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise ModelError(f"cannot load the model at {where}: {type(exc).__name__}: {message}") from None
     return model, tokenizer, patches
 
 
@@ -251,7 +254,7 @@ STAGE = Stage(
     name="model",
     plan=plan,
     build=build,
-    code=("tasks.model", "tasks.vocab"),
+    code=("tasks.model", "tasks.vocab", "tasks.gguf_parse"),
     libraries=("torch", "transformers", "gguf", "safetensors", "tokenizers"),
     heavy=True,
 )
