@@ -1,6 +1,7 @@
 """Export stage: the merged model re-saved as the user asks (shard size, legacy .bin format, infer_dtype), for
 `export_dir`, with the training template as its chat template and the template's stop words as its end of
-sequence. Cached like every stage, so a repeated export only copies files.
+sequence, and an Ollama Modelfile (tasks.templates.ollama). Cached like every stage, so a repeated export only
+copies files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unke
 from tasks.templates.choice import TemplateChoice
 from tasks.templates.encode import stop_token_ids
 from tasks.templates.jinja import to_jinja
+from tasks.templates.ollama import modelfile
 
 
 class ExportConfig(StageConfig):
@@ -85,6 +87,9 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
     if not template.jinja:  # apply_chat_template renders what the model learned
         tokenizer.chat_template = to_jinja(template)
     tokenizer.save_pretrained(str(out / "model"))
+    stops = stop_token_ids(tokenizer, template)
+    context = getattr(model.config, "max_position_embeddings", None)
+    (out / "model" / "Modelfile").write_text(modelfile(template, tokenizer, stops, context), encoding="utf-8")
     return Built("exported_model", {"model": "model"}, config.keyed())
 
 

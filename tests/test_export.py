@@ -12,6 +12,7 @@ from flows.cli import main
 from flows.finetune import finetune
 from tasks.core.recipe import load_recipe
 from tasks.templates import format_pairs, get_template
+from tasks.templates.ollama import to_go_template
 
 CONVERSATION = [{"role": "user", "content": "Summarise `abc.abstractmethod`."},
                 {"role": "assistant", "content": "A decorator indicating abstract methods."}]
@@ -42,6 +43,11 @@ def test_export_merges_the_adapter_with_the_training_template(trained, write_rec
         assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
     ends = GenerationConfig.from_pretrained(exported).eos_token_id  # generate() stops where a chatml turn ends
     assert ends == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])  # EOS first
+    ollama = (exported / "Modelfile").read_text()  # Ollama imports the folder with the training template
+    go = to_go_template(get_template("chatml"), tokenizer.bos_token, tokenizer.eos_token)
+    assert f'TEMPLATE """{go}"""' in ollama
+    assert 'PARAMETER stop "<|im_end|>"\n' in ollama and 'PARAMETER stop "<|im_start|>"\n' in ollama
+    assert ollama.endswith("PARAMETER num_ctx 512\n")  # the tiny model's context
     assert main(["export", str(recipe)]) == 0  # again: every stage cached, the folder rewritten
     assert main(["data", "preview", str(recipe)]) == 0  # the artifact id is looked up in the same store
 
