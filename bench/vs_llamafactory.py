@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "recipes" / "demo_sft_lora.yaml"
 LLAMAFACTORY = ["llamafactory==0.9.5", "torch==2.13.0", "transformers==5.6.0", "peft==0.18.1",
                 "jieba", "nltk", "rouge-chinese"]  # the last three: its predict_with_generate metrics
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # TuneFactory's smollm
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # TuneFactory's smollm2 (LlamaFactory's ends with a full stop)
 
 
 def timed(command: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
@@ -99,7 +99,7 @@ def job(rows: int) -> dict:
 def run_tunefactory(work: Path, model: Path, rows: int) -> dict:
     folder = work / "tunefactory"
     folder.mkdir(parents=True, exist_ok=True)
-    recipe = {**job(rows), "model_name_or_path": str(model), "template": "smollm", "save_steps": 1000}
+    recipe = {**job(rows), "model_name_or_path": str(model), "template": "smollm2", "save_steps": 1000}
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     store = folder / f"store-{int(time.time())}"  # fresh: every stage is built
     wall, rss = timed([str(Path(sys.executable).with_name("tunefactory")), "run", "recipe.yaml", "--home", str(store)],

@@ -36,7 +36,7 @@ LLAMA2 = (
 
 
 def test_chatml_with_a_default_system_prompt():
-    assert to_go_template(TEMPLATES["smollm"], "<s>", "</s>") == SMOLLM
+    assert to_go_template(TEMPLATES["smollm2"], "<s>", "</s>") == SMOLLM
 
 
 def test_a_system_block_folded_into_the_first_turn_and_special_tokens_filled_in():
@@ -65,9 +65,9 @@ def test_every_template_is_actions_only(name):
 def test_the_modelfile_names_the_stop_tokens_and_a_context_the_model_has():
     tokenizer = SimpleNamespace(bos_token=None, eos_token="<|im_end|>",
                                 convert_ids_to_tokens=lambda ids: ["<|im_end|>", "<|im_start|>"][:len(ids)])
-    text = modelfile(TEMPLATES["smollm"], tokenizer, [2, 1], 2048)
+    text = modelfile(TEMPLATES["smollm2"], tokenizer, [2, 1], 2048)
     assert "\nFROM .\n" in text and f'\nTEMPLATE """{SMOLLM}"""\n' in text
     assert text.endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\nPARAMETER num_ctx 2048\n')
-    assert modelfile(TEMPLATES["smollm"], tokenizer, [2], 131072).endswith("PARAMETER num_ctx 4096\n")
+    assert modelfile(TEMPLATES["smollm2"], tokenizer, [2], 131072).endswith("PARAMETER num_ctx 4096\n")
     auto = modelfile(TEMPLATES["auto"], tokenizer, [2], None)  # Ollama reads the tokenizer's own template
     assert "TEMPLATE" not in auto and auto.endswith('PARAMETER stop "<|im_end|>"\nPARAMETER num_ctx 4096\n')

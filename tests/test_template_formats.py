@@ -394,7 +394,7 @@ FAMILIES = [
     ("llama2", LLAMA2, SYSTEM, [" Hello. <|im_end|>", " 4. <|im_end|>"]),
     ("qwen", QWEN25, SYSTEM, ["Hello.<|im_end|>\n", "4.<|im_end|>\n"]),
     ("qwen", QWEN25, "", ["Hello.<|im_end|>\n", "4.<|im_end|>\n"]),  # Qwen's default system prompt
-    ("smollm", SMOLLM2, "", ["Hello.<|im_end|>\n", "4.<|im_end|>\n"]),
+    ("smollm2", SMOLLM2, "", ["Hello.<|im_end|>\n", "4.<|im_end|>\n"]),
     ("chatml", CHATML, SYSTEM, ["Hello.<|im_end|>\n", "4.<|im_end|>\n"]),
     ("mistral_v1", MISTRAL_V1, SYSTEM, [" Hello.<|im_end|>", " 4.<|im_end|>"]),
     ("mistral", MISTRAL_V3, "", [" Hello.<|im_end|>", " 4.<|im_end|>"]),

@@ -35,11 +35,7 @@ TEMPLATES = [
         observation=QWEN_OBSERVATION,
         tool_format="qwen",
     ),
-    chatml(
-        "smollm",
-        "SmolLM2 (ChatML with SmolLM's default system prompt)",
-        default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
-    ),
+    chatml("smollm", "SmolLM (ChatML, no default system prompt, as LlamaFactory's smollm)"),
     chatml("yi", "Yi / Yi-1.5 chat (ChatML)"),
     chatml("intern2", "InternLM2 / 2.5 chat (ChatML after BOS)", prefix="{bos_token}"),
     chatml(
