@@ -381,7 +381,7 @@ def test_default_system_and_tool_format_override_the_template(tokenizer):
         "<|im_start|>system\nBe kind.<|im_end|>\n" + text)
 
 
-def test_without_a_template_the_tokenizers_own_is_used_else_default(tokenizer):
+def test_without_a_template_the_tokenizers_own_is_used_else_empty(tokenizer):
     from tasks.core.recipe import Recipe
     from tasks.templates import template_name
     from tasks.templates.choice import TemplateChoice
@@ -390,7 +390,7 @@ def test_without_a_template_the_tokenizers_own_is_used_else_default(tokenizer):
     assert data.template is None  # LlamaFactory's default: no template named
     choice = TemplateChoice.of(data)
     tokenizer.chat_template = None
-    assert template_name(None, tokenizer) == "default" and choice.load(tokenizer).name == "default"
+    assert template_name(None, tokenizer) == "empty" and choice.load(tokenizer).name == "empty"  # as LlamaFactory
     tokenizer.chat_template = CHATML
     assert template_name(None, tokenizer) == "auto" and choice.load(tokenizer).jinja
     assert template_name("llama3", tokenizer) == "llama3"

@@ -61,10 +61,10 @@ def check_template(name: str | None) -> None:
 
 def template_name(name: str | None, tokenizer=None) -> str:
     """The template to use: the one named, else the tokenizer's own chat template ('auto') when it has
-    one, else 'default' (as LlamaFactory does without a `template`)."""
+    one, else 'empty' (as LlamaFactory does without a `template`: its get_template_and_fix_tokenizer)."""
     if name is not None:
         return name
-    return "auto" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "default"
+    return "auto" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "empty"
 
 
 def get_template(name: str | None, tokenizer=None, **options) -> Template:
