@@ -71,7 +71,7 @@ def test_default_system_prompt_is_used_when_row_has_none(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    pairs = encode_pairs(tokenizer, get_template("smollm"), CONVERSATION[:2], "")
+    pairs = encode_pairs(tokenizer, get_template("smollm2"), CONVERSATION[:2], "")
     assert tokenizer.decode(pairs[0][0]).startswith(
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>"
     )
@@ -238,6 +238,27 @@ def test_bare_and_wrapped_tool_definitions_write_the_same_prompt(name):
     wrapped = [{"type": "function", "function": tool} for tool in bare]
     template = get_template(name)
     assert template.system_with_tools("SYS", json.dumps(bare)) == template.system_with_tools("SYS", json.dumps(wrapped))
+
+
+@pytest.mark.parametrize("name", ["qwen", "default", "mistral", "llama3", "glm4"])
+def test_an_empty_tool_list_writes_no_tool_prompt(name):
+    """109 of the 300 rows of LlamaFactory's glaive_toolcall_en_demo offer "tools": "[]"; its ToolFormatter writes
+    nothing for them, as for a row without tools."""
+    template = get_template(name)
+    assert template.system_with_tools("SYS", "[]") == template.system_with_tools("SYS", "") == "SYS"
+
+
+@pytest.mark.parametrize("name", ["ministral", "mistral_small"])
+def test_mistral_tekken_templates_list_tools_and_write_calls_as_mistral(name):
+    """As LlamaFactory's ministral and mistral_small: [AVAILABLE_TOOLS] and a JSON list after [TOOL_CALLS], not the
+    default format's Action: lines inside Mistral's tool tokens."""
+    template = get_template(name)
+    tools = [{"name": "get_weather", "parameters": {}}]
+    assert "[AVAILABLE_TOOLS]" in template.system_with_tools("SYS", json.dumps(tools))
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+    turns = [{"role": "user", "content": "Weather?"}, {"role": "function", "content": call}]
+    reply = format_pairs(template, turns, "", "<s>", "</s>")[0][1]
+    assert reply == '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>'
 
 
 def test_llama3_lists_tools_as_llama_3_1_and_llamafactory_write_them():

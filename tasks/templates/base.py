@@ -71,6 +71,8 @@ class Template:
         if not tools_json:
             return system
         tools = json.loads(tools_json)
+        if not tools:  # "[]": a row of a tool dataset that offers none (a third of glaive_toolcall's)
+            return system
         return fill_tools(self.tools or TOOL_FORMATS[self.tool_format].tools, system,
                           tools if isinstance(tools, list) else [tools])
 

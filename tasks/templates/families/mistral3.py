@@ -5,6 +5,7 @@ from tasks.templates.base import Template
 TOOLS = {
     "observation": '[TOOL_RESULTS]{"content": {content}}[/TOOL_RESULTS]',
     "function": "[TOOL_CALLS]{content}{eos_token}",
+    "tool_format": "mistral",  # [AVAILABLE_TOOLS] and [TOOL_CALLS] lists, as LlamaFactory's ministral/mistral_small
 }
 
 TEMPLATES = [
