@@ -59,6 +59,21 @@ def test_reasoning_templates_render_thinking_as_training_does(tokenizer, name, o
     assert tokenizer.apply_chat_template(COT[:3], tokenize=False) == expected
 
 
+@pytest.mark.parametrize("name", ["qwen3", "deepseekr1", "glm4_moe", "gpt_oss"])
+def test_reasoning_before_a_tool_call_is_written_as_training_writes_it(tokenizer, name):
+    """The reasoning of the exchange in progress is kept, a call's included (its content in OpenAI messages)."""
+    template = TEMPLATES[name]
+    tokenizer.chat_template = to_jinja(template)
+    opening, closing = template.thought_words
+    thought = f"{opening}Ask the tool.{closing}"
+    stored, openai = tool_conversation(CALLS[:1])
+    stored[1] = {**stored[1], "content": thought + stored[1]["content"]}
+    openai[1] = {**openai[1], "content": thought}
+    pairs = format_pairs(template, stored, "", tokenizer.bos_token, tokenizer.eos_token)
+    rendered = tokenizer.apply_chat_template(openai, tokenize=False)
+    assert rendered == "".join(p + r for p, r in pairs) and "Ask the tool." in rendered
+
+
 CALLS = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]
 RESULTS = ['{"temperature": 18}', "noon"]
 

@@ -22,6 +22,9 @@ from tests.test_template_formats import (
     GEMMA3,
     SMOLLM2,
     SYSTEM,
+    TOOL_CALL,
+    TOOL_CHAT,
+    TOOL_CONVERSATION,
     encoded,
     published,
     trained_spans,
@@ -337,6 +340,31 @@ def test_thinking_history_is_dropped_as_qwen3_publishes_and_the_last_block_is_tr
     text, trained = spans(tokenizer, qwen3(), COT)
     assert text == published(tokenizer, QWEN3, COT, SYSTEM)
     assert trained == ["Hello.<|im_end|>\n", "<think>\nAdd them.\n</think>\n\n4.<|im_end|>\n"]
+
+
+AGENT_STEP = [  # reasoning before the call, and before the answer to its result
+    TOOL_CONVERSATION[0],
+    {"role": "function", "content": "<think>\nAsk the tool.\n</think>\n\n" + TOOL_CALL},
+    TOOL_CONVERSATION[2],
+    {"role": "assistant", "content": "<think>\nRead it out.\n</think>\n\nIt is 18 C."},
+]
+
+
+def test_the_reasoning_of_the_exchange_in_progress_is_kept_and_calls_written_after_it(tokenizer):
+    """Qwen3's published template keeps the reasoning of the replies after the last user message (the tool calls
+    of the exchange in progress); a call written after its reasoning is still re-written as <tool_call>, as
+    LlamaFactory's FunctionFormatter writes it (it was written as the stored JSON)."""
+    text, trained = spans(tokenizer, qwen3(), AGENT_STEP)
+    chat = [TOOL_CHAT[0], {**TOOL_CHAT[1], "reasoning_content": "Ask the tool."}, TOOL_CHAT[2],
+            {"role": "assistant", "content": "It is 18 C.", "reasoning_content": "Read it out."}]
+    assert text == published(tokenizer, QWEN3, chat, SYSTEM)
+    assert trained == [f"<think>\nAsk the tool.\n</think>\n\n<tool_call>\n{TOOL_CALL}\n</tool_call><|im_end|>\n",
+                       "<think>\nRead it out.\n</think>\n\nIt is 18 C.<|im_end|>\n"]
+    # a later user message makes it history: its reasoning is dropped, as there
+    later = [*AGENT_STEP, {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "You're welcome."}]
+    text, _ = spans(tokenizer, qwen3(), later)
+    chat += [later[4], later[5]]
+    assert text == published(tokenizer, QWEN3, chat, SYSTEM) and "Ask the tool." not in text
 
 
 def test_preserve_thinking_keeps_history_blocks(tokenizer):

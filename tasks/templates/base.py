@@ -125,8 +125,10 @@ def format_pairs(
                 prompt += system_block
         content = system_block + query["content"] if turn == fold_at else query["content"]
         prompt += fill(template.turn_format(query["role"]), content, bos_token, eos_token)
-        reply_text = reply["content"] if reply["role"] != "function" else write_calls(template.tool_format,
-                                                                                        reply["content"])
+        reply_text = reply["content"]
+        if reply["role"] == "function":  # the calls re-written by the tool format, after any reasoning before them
+            thought, calls = thinking.split_thought(template, reply_text)
+            reply_text = thought + write_calls(template.tool_format, calls)
         response = fill(template.turn_format(reply["role"]), reply_text, bos_token, eos_token)
         if turn == count - 1:
             response += fill(template.suffix, "", bos_token, eos_token)

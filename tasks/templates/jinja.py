@@ -97,10 +97,19 @@ def merge_tool_results() -> list[str]:
 
 def written_calls(template: Template) -> list[str]:
     """`text` set to an assistant message's OpenAI tool_calls as the template's tool format writes them
-    (tasks.templates.tools.write_calls); arguments given as JSON text are written as they are."""
+    (tasks.templates.tools.write_calls), after the reasoning block its content holds, if any (a reasoning
+    template keeps it as for a reply); arguments given as JSON text are written as they are."""
     tool_format = TOOL_FORMATS[template.tool_format]
     brackets = {"": "false", "several": "message['tool_calls'] | length > 1", "always": "true"}
+    thought = []
+    if template.thought_words:
+        closing = template.thought_words[1]
+        mark = closing.strip()
+        after = closing[closing.index(mark) + len(mark):]  # what the closing word writes after its tag
+        thought = [f"{{%- set reasoning = text.split({json.dumps(mark)})[0] ~ {json.dumps(mark + after)} "
+                   f"if {json.dumps(mark)} in text else '' -%}}"]
     return [
+        *thought,
         "{%- set calls = namespace(written=[]) -%}",
         "{%- for call in message['tool_calls'] -%}",
         "{%- set function = call['function'] if call['function'] is defined else call -%}",
@@ -111,6 +120,7 @@ def written_calls(template: Template) -> list[str]:
         "{%- endfor -%}",
         f"{{%- set text = calls.written | join({json.dumps(tool_format.jinja_separator)}) -%}}",
         f"{{%- if {brackets[tool_format.jinja_brackets]} -%}}{{%- set text = '[' ~ text ~ ']' -%}}{{%- endif -%}}",
+        *(["{%- set text = reasoning ~ text -%}"] if thought else []),
     ]
 
 
@@ -120,7 +130,8 @@ def thinking(template: Template) -> list[str]:
     if not template.thought_words:
         return []
     opening, closing = (json.dumps(word.strip()) for word in template.thought_words)
-    drop = "true" if not template.enable_thinking else "false" if template.preserve_thinking else "not loop.last"
+    history = "loop.index0 < found.last_user and not loop.last"  # before the last user message: dropped
+    drop = "true" if not template.enable_thinking else "false" if template.preserve_thinking else history
     every = "true" if template.preserve_thinking else "loop.last"
     return [
         f"{{%- if ({drop}) and {closing} in text -%}}{{%- set text = text.split({closing})[-1].lstrip('\\n') -%}}"

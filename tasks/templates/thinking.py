@@ -3,8 +3,10 @@ templates write them.
 
 A reply's reasoning sits inside the template's `thought_words`, e.g. '<think>\\n' ... '\\n</think>\\n\\n'.
 - Replies in history lose their thinking block, as Qwen3's published template drops them (LlamaFactory
-  drops them only with mask_history); `preserve_thinking` keeps them, and then, as in LlamaFactory,
-  every reply written without a block gets an empty one.
+  drops them only with mask_history), except the replies after the last user message: the steps of the
+  agentic exchange in progress (tool calls and the replies between their results) keep theirs, as there.
+  `preserve_thinking` keeps them all, and then, as in LlamaFactory, every reply written without a block
+  gets an empty one.
 - The last reply keeps its block; written without one, it gets an empty block. With `enable_thinking`
   (the default) that block is trained, so the model learns to open its reasoning; with
   `enable_thinking: false` every block is removed from the replies and the empty block joins the
@@ -31,14 +33,27 @@ def remove_thought(template: Template, content: str) -> str:
     return re.sub(f"{opening}(.*?){closing}", "", content, flags=re.DOTALL).lstrip("\n")
 
 
+def split_thought(template: Template, content: str) -> tuple[str, str]:
+    """(the reply's thinking block as written, the rest): a tool call's JSON can follow its reasoning, as in
+    LlamaFactory's FunctionFormatter, which writes the block and then the formatted calls."""
+    if not template.thought_words:
+        return "", content
+    opening, closing = (re.escape(word) for word in template.thought_words)
+    match = re.search(f"{opening}(.*?){closing}", content, flags=re.DOTALL)
+    return (match.group(0), content.replace(match.group(0), "", 1)) if match else ("", content)
+
+
 def strip_thoughts(template: Template, messages: list[dict]) -> list[dict]:
     """Messages with the thinking blocks removed that this template and its options do not render."""
     if not template.thought_words:
         return messages
     last = len(messages) - 1
+    # the replies from the last user message on (its tool calls, results and answer) keep their reasoning
+    current = max((index for index, message in enumerate(messages) if message["role"] == "user"), default=last)
     kept = []
     for index, message in enumerate(messages):
-        drop = index % 2 == 1 and (not template.enable_thinking or (index != last and not template.preserve_thinking))
+        history = index < current and not template.preserve_thinking
+        drop = index % 2 == 1 and (not template.enable_thinking or (history and index != last))
         kept.append({**message, "content": remove_thought(template, message["content"])} if drop else message)
     return kept
 
