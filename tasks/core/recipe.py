@@ -530,12 +530,25 @@ def check_launch(recipe: Recipe, source: str) -> None:
     if zero is not None and (f.use_galore or f.use_apollo):
         raise RecipeError(f"{source}: keys '{'use_galore' if f.use_galore else 'use_apollo'}' and 'deepspeed' "
                           "cannot be combined")
+    for key in ("use_muon", "use_adam_mini"):  # both read each weight as a matrix; ZeRO and FSDP hand them flat shards
+        if getattr(f, key) and (zero is not None or t.fsdp):
+            raise RecipeError(f"{source}: keys '{key}' and '{'deepspeed' if zero is not None else 'fsdp'}' cannot be "
+                              "combined: its optimizer needs whole weight matrices, and sharding hands it flat pieces")
+    if zero == 3 and f.create_new_adapter:
+        raise RecipeError(f"{source}: keys 'create_new_adapter' and 'deepspeed' (ZeRO-3) cannot be combined: the "
+                          "adapter cannot be merged into a partitioned base")
+    if t.fsdp and m.quantization_bit:
+        raise RecipeError(f"{source}: keys 'fsdp' and 'quantization_bit' cannot be combined (not supported here); use "
+                          "DeepSpeed ZeRO-2 or one device for QLoRA")
     several = t.nnodes > 1 or (t.nproc_per_node or 1) > 1
     if f.stage == "ppo" and (several or zero is not None or t.fsdp):
         raise RecipeError(f"{source}: keys 'deepspeed', 'fsdp', 'nproc_per_node' and 'nnodes' launch stages pt, sft, "
                           "rm, dpo and kto; stage ppo (its own loop, not the Trainer's) trains in one process")
     if several and f.use_badam and (f.badam_mode == "ratio" or zero != 3):
         raise RecipeError(f"{source}: key 'use_badam' on several ranks needs badam_mode: layer with DeepSpeed ZeRO-3")
+    if f.use_badam and f.badam_mode == "layer" and ((zero is not None and zero != 3) or t.fsdp):
+        raise RecipeError(f"{source}: key 'use_badam' (badam_mode: layer) supports DeepSpeed ZeRO-3 only, as "
+                          "LlamaFactory's: drop 'deepspeed'/'fsdp' or use ZeRO-3")
     if f.use_badam and f.badam_mode == "ratio" and (zero is not None or t.fsdp):
         raise RecipeError(f"{source}: key 'badam_mode': ratio runs in one plain process (its sparse gradients are "
                           "clipped by the Trainer, not by DeepSpeed or FSDP); drop 'deepspeed'/'fsdp' or use layer")
