@@ -338,10 +338,10 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
     if config.gradient_checkpointing and config.finetuning_type == "lora":
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     if config.finetuning_type == "lora":
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model
 
-        if config.quantization:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # No prepare_model_for_kbit_training on a quantized base (LlamaFactory calls none): it casts every
+        # unquantized weight (embeddings, head, norms) to fp32; norms are upcast only by upcast_layernorm, above.
         if adapter is not None and config.lora.create_new_adapter:  # the old adapter becomes part of the base
             model = starting_adapter_on(model, adapter, task_type, trainable=False).merge_and_unload()
             adapter = None

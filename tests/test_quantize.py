@@ -86,3 +86,30 @@ def test_4bit_layers_compute_in_the_training_precision(tiny_model_dir):
     recipe = Recipe.from_flat(tiny_recipe_values(tiny_model_dir, quantization_bit=4, pure_bf16=True))
     assert next(s for s in plan_run(recipe) if s.label == "quantize").config.compute_dtype == "pure_bf16"
     assert "train_methods.py" in {path.name for path in module_sources(quantize.STAGE.code)}
+
+
+@pytest.mark.parametrize("upcast_layernorm", [False, True])
+def test_qlora_leaves_the_unquantized_weights_in_the_models_dtype(tiny_model_dir, upcast_layernorm):
+    """As LlamaFactory, which never calls PEFT's prepare_model_for_kbit_training: that cast every embedding, head and
+    norm to fp32 (about 1 GB more for Llama-3-8B's 128k vocabulary) and made upcast_layernorm: false meaningless."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.train import training_values
+    from tasks.train_common import TrainingConfig
+    from tasks.train_methods import attach_trainable, load_base
+
+    recipe = Recipe.from_flat(tiny_recipe_values(tiny_model_dir, quantization_bit=4, bf16=True,
+                                                 upcast_layernorm=upcast_layernorm))
+    config = TrainingConfig(**{**training_values(recipe), "precision": "bf16"})  # as on a CPU or GPU with bf16
+    bf16_copy = tiny_model_dir.parent / f"tiny-bf16-{upcast_layernorm}"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_copy)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bf16_copy)
+    model = attach_trainable(load_base(bf16_copy, config), config)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
+    norm = torch.float32 if upcast_layernorm else torch.bfloat16
+    assert dtypes["base_model.model.model.norm.weight"] == norm
+    assert dtypes["base_model.model.model.layers.0.input_layernorm.weight"] == norm
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # the adapters
