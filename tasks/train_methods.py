@@ -259,9 +259,11 @@ def check_trainable(structure: Callable[[], Any], lora: LoraSettings | None, fre
         if layers == 0:
             raise RecipeError("key 'finetuning_type': freeze tuning needs a stack of decoder layers (a ModuleList), "
                               "which this model does not have")
-        if freeze.trainable_layers == 0 or abs(freeze.trainable_layers) > layers:
+        # 0 trains the freeze_extra_modules alone (the embeddings, say), as LlamaFactory allows
+        if (freeze.trainable_layers == 0 and not freeze.extra_modules) or abs(freeze.trainable_layers) > layers:
             raise RecipeError(f"key 'freeze_trainable_layers': {freeze.trainable_layers} leaves nothing sensible "
-                              f"to train; the model has {layers} layers (use 1..{layers}, or -1..-{layers})")
+                              f"to train; the model has {layers} layers (use 1..{layers}, or -1..-{layers}; 0 "
+                              "with freeze_extra_modules trains those alone)")
         freeze_selection(model(), freeze)  # refuses module names the model does not have
 
 

@@ -72,7 +72,7 @@ def test_freeze_finds_layers_by_structure():
     """Layer discovery follows the decoder's ModuleList, whatever it is called."""
     from torch import nn
 
-    from tasks.train_methods import FreezeSettings, decoder_layers, freeze_selection
+    from tasks.train_methods import FreezeSettings, check_trainable, decoder_layers, freeze_selection
 
     class Block(nn.Module):
         def __init__(self):
@@ -94,6 +94,11 @@ def test_freeze_finds_layers_by_structure():
         freeze_selection(Odd(), FreezeSettings(trainable_layers=1, trainable_modules=("mlp",)))
     with pytest.raises(RecipeError, match="key 'freeze_extra_modules': no 'norm'"):
         freeze_selection(Odd(), FreezeSettings(trainable_layers=1, extra_modules=("norm",)))
+    # no layers, the extra modules alone (LlamaFactory accepts freeze_trainable_layers: 0 so)
+    assert freeze_selection(Odd(), FreezeSettings(trainable_layers=0, extra_modules=("embed",))) == {"embed.weight"}
+    check_trainable(Odd, None, FreezeSettings(trainable_layers=0, extra_modules=("embed",)))
+    with pytest.raises(RecipeError, match="key 'freeze_trainable_layers': 0 leaves nothing sensible to train"):
+        check_trainable(Odd, None, FreezeSettings(trainable_layers=0))
 
 
 def test_lora_additional_target(store, tiny_model_dir):
