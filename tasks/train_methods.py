@@ -184,6 +184,12 @@ def module_names(model) -> dict[str, str]:
     return {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules() if name}
 
 
+def names_a_module(model, target: str) -> bool:
+    """Whether a target names modules as PEFT matches them: a module's name, or its last dotted parts
+    (`self_attn.q_proj`)."""
+    return any(name == target or name.endswith("." + target) for name, _ in model.named_modules())
+
+
 def split_names(value: str | None) -> tuple[str, ...]:
     """A comma-separated recipe value as a tuple of names."""
     return tuple(name.strip() for name in (value or "").split(",") if name.strip())
@@ -243,14 +249,13 @@ def check_trainable(structure: Callable[[], Any], lora: LoraSettings | None, fre
     modeling code, which costs seconds at planning."""
     model = functools.cache(structure)
     if lora is not None and lora.additional_target and model() is not None:
-        names = module_names(model())
-        if missing := [t for t in lora.additional_target if t not in names]:
+        if missing := [t for t in lora.additional_target if not names_a_module(model(), t)]:
             raise RecipeError(f"key 'additional_target': no module named {', '.join(map(repr, missing))} in this "
                               "model")
     if lora is not None and lora.target.strip() != "all" and model() is not None:
         names = module_names(model())
         linear = sorted(n for n, kind in names.items() if kind in ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D"))
-        missing = [t for t in lora_targets(lora.target) if t not in names]
+        missing = [t for t in lora_targets(lora.target) if not names_a_module(model(), t)]
         if missing:
             raise RecipeError(f"key 'lora_target': no module named {', '.join(map(repr, missing))} in this model "
                               f"(linear modules: {', '.join(linear)}; or 'all')")

@@ -396,6 +396,21 @@ def test_plan_time_refusals(tiny_model_dir):
         plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, **FULL, use_apollo=True, optim="sgd")))
 
 
+def test_dotted_targets_name_modules_as_peft_matches_them(tiny_model_dir):
+    """PEFT (and so LlamaFactory) takes a target's last dotted parts: `self_attn.q_proj` wraps every layer's q_proj."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, lora_target="self_attn.q_proj,mlp.up_proj",
+                                                 additional_target="model.norm")))
+    with pytest.raises(RecipeError, match="key 'lora_target': no module named 'mlp.q_proj'"):
+        plan_run(Recipe.from_flat(tiny_recipe_values(tiny_model_dir, lora_target="mlp.q_proj")))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(target_modules=["self_attn.q_proj"]))
+    wrapped = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    assert wrapped == [f"base_model.model.model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+
+
 def test_trainable_checks_make_the_structure_once_and_only_when_they_need_names(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
