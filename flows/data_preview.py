@@ -20,8 +20,9 @@ def data_preview(recipe: Recipe, home: str | None = None) -> str:
     store = ArtifactStore(home)
     full = plan_run(recipe, store)
     plan = Plan(tuple(s for s in full if s.stage.name in DATA_STAGES | {"model"}))
-    parent = tracking.start_parent(recipe.training.run_name, {"template": recipe.data.template},
-                                   {"tunefactory.flow": "data-preview"}, experiment_for(recipe, None))
+    tags = {"tunefactory.flow": "data-preview", "store": str(store.root)}
+    parent = tracking.start_parent(recipe.training.run_name, {"template": recipe.data.template}, tags,
+                                   experiment_for(recipe, None))
     stage_runs = {step.label: tracking.start_stage(parent, step.label, {"stage": step.stage.name}) for step in plan}
     try:
         results = collect(plan, submit_all(plan, store, stage_runs), store, stage_runs)

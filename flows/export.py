@@ -21,8 +21,8 @@ def export_model(recipe: Recipe, home: str | None = None) -> str:
     """Build (or reuse) the exported model and copy it into export_dir; returns that folder."""
     store = ArtifactStore(home)
     plan = plan_export(recipe, store)
-    parent = tracking.start_parent(recipe.training.run_name, recipe.flat(), {"tunefactory.flow": "export"},
-                                   experiment_for(recipe, None))
+    tags = {"tunefactory.flow": "export", "store": str(store.root)}
+    parent = tracking.start_parent(recipe.training.run_name, recipe.flat(), tags, experiment_for(recipe, None))
     stage_runs = {step.label: tracking.start_stage(parent, step.label, {"stage": step.stage.name}) for step in plan}
     try:
         results = collect(plan, submit_all(plan, store, stage_runs), store, stage_runs)

@@ -7,6 +7,7 @@ exactly when the artifact store holds a valid artifact for its key (tasks.core.p
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -131,7 +132,29 @@ def submit_all(plan: Plan, store: ArtifactStore, stage_runs: dict[str, str]) -> 
         # quote(): Prefect must not look inside a step for results of other tasks (a stage name string it
         # shares with an upstream reference would read as a dependency); the inputs carry the real ones.
         futures[step.label] = task.submit(step=quote(step), run=quote(run), inputs=upstream)
+        futures[step.label].add_done_callback(functools.partial(tag_artifact, stage_runs[step.label]))
     return futures
+
+
+def tag_artifact(run_id: str, future) -> None:
+    """Tag a stage's MLflow run with its artifact key as soon as its task is done. `collect` waits in plan order,
+    and until a run's stage runs name their keys gc cannot tell that the run uses them: an evaluation Prefect
+    answered from its cache while training went on could be collected under the run (a build's own inputs are
+    protected from its start by its read record)."""
+    try:
+        ref = future.result(timeout=0)  # the task's own final state (the server's record of it may lag)
+    except BaseException:  # noqa: BLE001 - a failed task's error is raised by collect, where it is handled
+        return
+    tracking.set_tags(run_id, {"artifact_key": ref.key})
+
+
+def ended_well(future) -> bool:
+    """Whether a stage's task has ended with its artifact (now, without waiting)."""
+    try:
+        future.result(timeout=0)
+    except BaseException:  # noqa: BLE001 - failed, cancelled or still going
+        return False
+    return True
 
 
 def collect(plan: Plan, futures: dict[str, Any], store: ArtifactStore, stage_runs: dict[str, str]) -> list[StageResult]:
@@ -142,17 +165,17 @@ def collect(plan: Plan, futures: dict[str, Any], store: ArtifactStore, stage_run
         future, run_id = futures[step.label], stage_runs[step.label]
         try:
             ref: ArtifactRef = future.result()
-        except BaseException:
+            built_by = store.open(ref).manifest.get("mlflow_run_id")
+            cached = built_by != run_id  # this run's stage run built it, or an earlier run did
+            tags = {"artifact_key": ref.key, "prefect_task_run_id": str(future.task_run_id)}
+            if cached:  # often Prefect's cache answered and the stage's task never ran: its run gets the config here
+                tracking.record_stage(run_id, {**tracking.hit_tags(built_by), **tags}, step.config.keyed())
+            else:
+                tracking.set_tags(run_id, tags)
+        except BaseException:  # no stage run is left RUNNING: this one failed, later ones as their tasks ended
             for later in plan.steps[position:]:
-                tracking.finish(stage_runs[later.label], ok=False)
+                tracking.finish(stage_runs[later.label], ok=later is not step and ended_well(futures[later.label]))
             raise
-        built_by = store.open(ref).manifest.get("mlflow_run_id")
-        cached = built_by != run_id  # this run's stage run built it, or an earlier run did
-        tags = {"artifact_key": ref.key, "prefect_task_run_id": str(future.task_run_id)}
-        if cached:  # often Prefect's cache answered and the stage's task never ran: its run gets the config here
-            tracking.record_stage(run_id, {**tracking.hit_tags(built_by), **tags}, step.config.keyed())
-        else:
-            tracking.set_tags(run_id, tags)
         tracking.finish(run_id, ok=True)
         results.append(StageResult(label=step.label, stage=step.stage.name, key=ref.key, cached=cached,
                                    prefect_state=future.state.name, seconds=task_seconds(future.task_run_id)))

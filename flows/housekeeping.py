@@ -38,7 +38,9 @@ def recent_runs(last: int) -> str:
                      f"{run.info.status.lower()}  experiment '{experiment}'  run {run.info.run_id}")
         for stage in tracking.stage_runs(run):
             tags = stage.data.tags
-            outcome = {"hit": "cached", "miss": "built"}.get(tags.get("cache", ""), stage.info.status.lower())
+            status = stage.info.status.lower()  # a build that started (cache: miss) may have failed
+            outcome = status if status != "finished" else {"hit": "cached", "miss": "built"}.get(tags.get("cache"),
+                                                                                                  status)
             lines.append(f"    {stage.info.run_name:<28} {outcome:<9} {tags.get('artifact_key', '-')[:12]}")
     return "\n".join(lines) if lines else f"no runs in {tracking.tracking_uri()}"
 
@@ -46,9 +48,11 @@ def recent_runs(last: int) -> str:
 def roots(store: ArtifactStore, keep_last: int, dry_run: bool = False) -> set[str]:
     """Artifact ids ("stage/key") that runs, builds running now and registered models point at directly."""
     ids = store.read_by_builds(prune=not dry_run)  # inputs of builds running now (a run tags them once done)
-    # The last N of each flow (a row of previews must not push the last fine-tune's artifacts out), and every
-    # run still going, however many ran since it started.
-    runs = [run for flow in tracking.STORE_FLOWS for run in tracking.newest_runs(keep_last, (flow,))]
+    # The last N finished runs of each flow on this store (a row of previews must not push the last fine-tune's
+    # artifacts out; nor failed runs, nor runs on another store sharing the tracking store), and every run still
+    # going, however many ran since it started.
+    runs = [run for flow in tracking.STORE_FLOWS
+            for run in tracking.newest_runs(keep_last, (flow,), store=str(store.root), finished=True)]
     for run in runs + tracking.running_runs(tracking.STORE_FLOWS):
         for stage in tracking.stage_runs(run):
             key = stage.data.tags.get("artifact_key")

@@ -212,8 +212,8 @@ def test_gc_keeps_the_artifacts_of_a_run_still_going_however_many_ran_since(tmp_
     store = ArtifactStore(tmp_path / "store")
     refs = [execute(step(value), {}, RunContext(home=str(store.root))) for value in (1, 2)]
 
-    def finetune_run(ref, ok: bool | None) -> None:
-        parent = tracking.start_parent(None, {}, {"tunefactory.flow": "finetune"}, "gc-test")
+    def finetune_run(ref, ok: bool | None, on: str = str(store.root)) -> None:
+        parent = tracking.start_parent(None, {}, {"tunefactory.flow": "finetune", "store": on}, "gc-test")
         tracking.start_stage(parent, "demo", {"stage": ref.stage, "artifact_key": ref.key})
         if ok is not None:
             tracking.finish(parent, ok)
@@ -222,3 +222,81 @@ def test_gc_keeps_the_artifacts_of_a_run_still_going_however_many_ran_since(tmp_
     finetune_run(refs[1], ok=True)  # finished since
     removed = collect_garbage(store, keep_last=1, dry_run=False).removed
     assert removed == [] and store.lookup(refs[0].stage, refs[0].key) is not None
+
+    # The last N are this store's finished runs: a failed run, or one on another store sharing the tracking store,
+    # does not push refs[1]'s run out of --keep-last 1.
+    tracking.finish(tracking.running_runs(("finetune",))[0].info.run_id, ok=True)
+    finetune_run(refs[0], ok=False)
+    finetune_run(refs[0], ok=True, on=str(tmp_path / "elsewhere"))
+    removed = collect_garbage(store, keep_last=1, dry_run=False).removed
+    assert removed == [f"{refs[0].stage}/{refs[0].key}"] and store.lookup(refs[1].stage, refs[1].key) is not None
+
+
+def test_gc_keeps_what_a_running_run_was_served_while_an_earlier_step_builds(tmp_path, monkeypatch):
+    """A run names a stage's artifact in MLflow when the stage's task ends, not when the run gets to it in plan
+    order: an artifact served at once (an evaluation cached while training went on) was no run's and no build's,
+    gc deleted it, and the run failed reading it after the long step."""
+    import shutil
+    import time
+
+    import pytest
+    from prefect import flow
+
+    from flows.finetune import collect, stage_runner, submit_all
+    from flows.plan import Plan
+    from tasks.core import tracking
+    from tasks.core.stage import Stage
+    from tests.test_store import VALUE, ValueConfig, write_value
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = ArtifactStore(tmp_path / "store")
+    served = execute(step(7), {}, RunContext(home=str(store.root)))  # built before, by no run
+    during = []
+
+    def collect_while_building(config, ctx, out):
+        time.sleep(2)  # the served step's task has long ended
+        during.append(collect_garbage(store, keep_last=1, dry_run=False, force=True))
+        return write_value(config, ctx, out)
+
+    slow = Stage(name="slow", plan=None, build=collect_while_building, code=("tasks.core.store",), libraries=())
+    plan = Plan((slow.step("slow", ValueConfig(value=1)), VALUE.step("served", ValueConfig(value=7))))
+
+    @flow(task_runner=stage_runner(2))
+    def two_steps():
+        parent = tracking.start_parent(None, {}, {"tunefactory.flow": "finetune", "store": str(store.root)}, "race")
+        stage_runs = {s.label: tracking.start_stage(parent, s.label, {"stage": s.stage.name}) for s in plan}
+        results = collect(plan, submit_all(plan, store, stage_runs), store, stage_runs)
+        tracking.finish(parent, ok=True)
+        return results
+
+    results = two_steps()
+    assert served.id not in during[0].removed and store.lookup(served.stage, served.key) is not None
+    assert [r.key for r in results][1] == served.key
+
+    # An artifact gone all the same (deleted by hand): the run fails, and no stage run is left RUNNING in MLflow.
+    def delete_while_building(config, ctx, out):
+        time.sleep(2)
+        shutil.rmtree(store.path(served.stage, served.key))
+        return write_value(config, ctx, out)
+
+    slow = Stage(name="slow", plan=None, build=delete_while_building, code=("tasks.core.store",), libraries=())
+    plan = Plan((slow.step("slow", ValueConfig(value=2)), VALUE.step("served", ValueConfig(value=7))))
+    with pytest.raises(Exception, match="is missing or was replaced"):
+        two_steps()
+    newest = tracking.newest_runs(1)[0]
+    assert {s.info.run_name: s.info.status for s in tracking.stage_runs(newest)} == {"slow": "FINISHED",
+                                                                                     "served": "FAILED"}
+
+
+def test_runs_lists_a_build_that_failed_as_failed(tmp_path, monkeypatch):
+    """`runs` read the cache tag a build sets as it starts ("miss": built) over the run's status."""
+    from flows.housekeeping import recent_runs
+    from tasks.core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracking.start_parent(None, {}, {"tunefactory.flow": "finetune"}, "listing")
+    for label, ok in (("align[bad]", False), ("model", True)):
+        tracking.finish(tracking.start_stage(parent, label, {"stage": label.split("[")[0], "cache": "miss"}), ok)
+    tracking.finish(parent, ok=False)
+    listing = recent_runs(1)
+    assert "align[bad]                   failed" in listing and "model                        built" in listing

@@ -6,6 +6,7 @@ thread Prefect runs a task in.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -45,18 +46,36 @@ FINETUNE_RUNS = flow_runs("finetune")
 STORE_FLOWS = ("finetune", "export", "data-preview")  # the flows whose stage runs build or reuse store artifacts
 
 
-def newest_runs(last: int, flows: tuple[str, ...] = ("finetune",)) -> list:
-    """The newest `last` runs of these flows in all experiments, newest first."""
+def newest_runs(last: int, flows: tuple[str, ...] = ("finetune",), store: str | None = None,
+                finished: bool = False) -> list:
+    """The newest `last` runs of these flows in all experiments, newest first: only those that used `store` (their
+    `store` tag) if given, only those that finished if `finished`."""
     if last <= 0:
         return []
     found = client()
     ids = [e.experiment_id for e in found.search_experiments()]
     if not ids:
         return []
-    runs = [run for name in flows  # one search per flow: MLflow's filter has no IN for tags
-            for run in found.search_runs(ids, flow_runs(name), max_results=last,
-                                         order_by=["attributes.start_time DESC"])]
+    condition = " and attributes.status = 'FINISHED'" if finished else ""
+    runs = []
+    for name in flows:  # one search per flow: MLflow's filter has no IN for tags
+        # the store is compared here, not in the filter: a path may hold a quote
+        matching = (run for run in search_all(found, ids, flow_runs(name) + condition)
+                    if store is None or run.data.tags.get("store") == store)
+        runs += list(itertools.islice(matching, last))
     return sorted(runs, key=lambda run: run.info.start_time, reverse=True)[:last]
+
+
+def search_all(found, experiment_ids: list[str], query: str, page: int = 200):
+    """Runs matching `query`, newest first, a page at a time (so a generator stops reading when it has enough)."""
+    token = None
+    while True:
+        batch = found.search_runs(experiment_ids, query, max_results=page, order_by=["attributes.start_time DESC"],
+                                  page_token=token)
+        yield from batch
+        token = batch.token
+        if not token:
+            return
 
 
 def running_runs(flows: tuple[str, ...]) -> list:
