@@ -174,6 +174,16 @@ def embeddings_as_fp32(module, inputs, output):
     return output.float()
 
 
+def sort_config_sets(model) -> None:
+    """PEFT holds target_modules (all-linear's expansion included) as a set and saves it in the set's order, which
+    changes with each process's string hashing: a rebuilt adapter's adapter_config.json then differed from the one
+    it replaced, so everything made from it was rebuilt. Sorted lists save the same bytes every time."""
+    for settings in getattr(model, "peft_config", {}).values():
+        for name, value in vars(settings).items():
+            if isinstance(value, set):
+                setattr(settings, name, sorted(value))
+
+
 def lora_targets(value: str) -> str | list[str]:
     """PEFT target_modules for the recipe's lora_target: every linear layer but the head, or names."""
     return "all-linear" if value.strip() == "all" else [name.strip() for name in value.split(",") if name.strip()]
@@ -362,6 +372,7 @@ def attach_trainable(model, config, adapter: Path | None = None, task_type: str 
                 keep_pissa_start(model)
         if not keeps_half_precision(config):  # adapters train in fp32 even on a half-precision base
             upcast_trainable(model)
+        sort_config_sets(model)
         return model
     if config.finetuning_type == "freeze":
         trained = freeze_selection(model, config.freeze)

@@ -529,3 +529,22 @@ def test_every_optimizer_decays_the_weights_the_trainer_decays(tiny_model_dir, t
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(decays) == trained
     assert all((value == 0.0) == ("norm" in name or "bias" in name) for name, value in decays.items()), decays
+
+
+def test_a_saved_adapter_config_lists_its_targets_in_one_order(tiny_model_dir, tmp_path):
+    """PEFT saved target_modules in a set's order, which differs between processes (PYTHONHASHSEED): a rebuilt
+    adapter was not byte-identical, and the merge and everything after it were rebuilt too."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from tasks.train_methods import LoraSettings, attach_trainable
+
+    lora = LoraSettings(rank=4, alpha=8, dropout=0.0, target="all", use_dora=False, use_rslora=False)
+    config = SimpleNamespace(finetuning_type="lora", lora=lora, quantization=None, precision="fp32", optimizer=None,
+                             gradient_checkpointing=False, freeze=None)
+    model = attach_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    leaves = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert saved == sorted(saved) and {name.rsplit(".", 1)[-1] for name in saved} == set(leaves)
