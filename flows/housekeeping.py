@@ -158,6 +158,17 @@ def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: 
                     shutil.rmtree(trash, ignore_errors=True)
         except Timeout:
             result.in_use.append(artifact_id)
+    for folder in store.unpublished():  # damaged (verify set its manifest aside) or torn: a run rebuilds it anyway
+        try:
+            with store.lock(folder.parent.name, folder.name).acquire(timeout=0):
+                result.removed.append(f"{folder.parent.name}/{folder.name} (damaged)")
+                result.bytes_freed += size_of(folder)
+                if not dry_run:
+                    trash = folder.with_name(f"{TRASH_PREFIX}{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
+                    folder.rename(trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+        except Timeout:
+            result.in_use.append(f"{folder.parent.name}/{folder.name}")
     if not dry_run:
         for stage_dir in [p for p in store.root.iterdir() if p.is_dir() and not p.name.startswith(".")]:
             for leftover in stage_dir.glob(f"{TEMP_PREFIX}*"):

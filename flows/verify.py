@@ -50,5 +50,10 @@ def verify_store(store: ArtifactStore, recipe: Recipe | None = None) -> Verifica
         if store.lookup(ref.stage, ref.key, full=True) is None:
             result.damaged.append(ref.id)
             (artifact.path / MANIFEST).rename(artifact.path / "manifest.damaged.json")
+    for folder in store.unpublished():  # no run uses these: rebuilt when a run needs the key, or removed by gc
+        name = f"{folder.parent.name}/{folder.name}"
+        if name not in result.damaged:  # not the ones set aside just now
+            why = "set aside earlier" if (folder / "manifest.damaged.json").exists() else "no readable manifest"
+            result.damaged.append(f"{name} ({why})")
     result.seconds = time.monotonic() - started
     return result

@@ -97,3 +97,23 @@ def test_verify_of_a_store_that_is_not_there_is_an_error(tmp_path, capsys):
     assert main(["verify", "--home", str(tmp_path / "artifcats")]) == 1  # a typo passes no check
     expected = f"tunefactory verify: no artifact store at {tmp_path / 'artifcats'} (--home or TUNEFACTORY_HOME)"
     assert capsys.readouterr().err.strip() == f"tunefactory: error: {expected}"
+
+
+def test_folders_without_a_manifest_are_reported_by_verify_and_freed_by_gc(tmp_path):
+    """A damaged artifact set aside, a torn manifest and a lost one: verify said nothing of the last two and gc kept
+    all three (a merged model's worth of disk each) until a run happened to rebuild the same key."""
+    from flows.housekeeping import collect_garbage
+
+    store = ArtifactStore(tmp_path)
+    refs = [execute(step(value), {}, RunContext(home=str(tmp_path))) for value in (1, 2, 3, 4)]
+    folders = [store.path(ref.stage, ref.key) for ref in refs]
+    (folders[0] / "manifest.json").rename(folders[0] / "manifest.damaged.json")  # as verify sets one aside
+    (folders[1] / "manifest.json").write_text("{")
+    (folders[2] / "manifest.json").unlink()
+    assert sorted(verify_store(store).damaged) == sorted([f"{refs[0].id} (set aside earlier)",
+                                                         f"{refs[1].id} (no readable manifest)",
+                                                         f"{refs[2].id} (no readable manifest)"])
+    with store.lock(refs[2].stage, refs[2].key):  # a build of that key is running: left alone
+        removed = collect_garbage(store, keep_last=0, dry_run=False, force=True).removed
+    assert sorted(removed) == sorted([refs[3].id, f"{refs[0].id} (damaged)", f"{refs[1].id} (damaged)"])
+    assert [p.exists() for p in folders] == [False, False, True, False]

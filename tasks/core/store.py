@@ -252,6 +252,18 @@ class ArtifactStore:
                 if manifest is not None:
                     yield Artifact(directory, manifest)
 
+    def unpublished(self) -> Iterator[Path]:
+        """Artifact folders without a valid manifest: set aside as damaged by verify, or whose manifest was lost
+        or torn. Publishing renames a complete folder into place, so none is a build in progress."""
+        if not self.root.is_dir():
+            return
+        for stage_dir in sorted(self.root.iterdir()):
+            if not stage_dir.is_dir() or stage_dir.name.startswith("."):
+                continue
+            for directory in sorted(stage_dir.iterdir()):
+                if directory.is_dir() and not directory.name.startswith(".") and read_manifest(directory) is None:
+                    yield directory
+
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     try:
