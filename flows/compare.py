@@ -58,10 +58,18 @@ def finished_runs(experiment: str, last: int) -> list[Run]:
 
 
 def trainer_run(run: Run) -> Run | None:
-    """The nested run of a finetune run's own training stage (sft's train, rm's reward, dpo and kto's preference,
-    ppo's), not that of a recipe it chains on (labelled 'recipe:stage')."""
-    return next((stage for stage in tracking.stage_runs(run)
-                 if is_own_trainer(stage.data.tags.get("stage", ""), stage.info.run_name or "")), None)
+    """The nested run that trained a finetune run's own model (sft's train, rm's reward, dpo and kto's preference,
+    ppo's; not that of a recipe it chains on, labelled 'recipe:stage'): where the training was a cache hit, the
+    stage run of the run that built it, which holds the loss history and throughput."""
+    stage = next((stage for stage in tracking.stage_runs(run)
+                  if is_own_trainer(stage.data.tags.get("stage", ""), stage.info.run_name or "")), None)
+    built_by = stage.data.tags.get("built_by_run", "") if stage is not None else ""
+    if stage is not None and stage.data.tags.get("cache") == "hit" and built_by not in ("", "unknown"):
+        try:
+            return tracking.client().get_run(built_by)
+        except Exception:  # noqa: BLE001 - that run was deleted from MLflow: nothing more to show
+            return stage
+    return stage
 
 
 def differing_params(runs: list[Run]) -> list[str]:
@@ -124,8 +132,15 @@ def plot(runs: list[Run], metric: str, path: Path) -> Path:
 
 def compare(experiment: str | None, metric: str, last: int, out: Path) -> Compared:
     """Compare the newest `last` runs of an experiment (default: the newest run's experiment)."""
+    if not out.parent.is_dir():
+        raise TuneFactoryError(f"--out {out}: folder {out.parent} does not exist")
     experiment = experiment or latest_experiment()
     runs = finished_runs(experiment, last)
+    scored = sorted({name.split("_", 1)[1] for run in runs for name in run.data.metrics
+                     if name.startswith(("base_", "tuned_"))})
+    if metric not in scored:
+        raise TuneFactoryError(f"--metric {metric}: no run of experiment '{experiment}' scored it (scored: "
+                               f"{', '.join(scored) or 'nothing'})")
     table = describe(runs, metric)
     figure = plot(runs, metric, out)
     client = tracking.client()

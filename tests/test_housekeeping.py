@@ -52,6 +52,20 @@ def test_compare_runs_and_gc(write_recipe, workdir, capsys):
     assert len(collected.in_use) == 1 and collected.bytes_freed > 0  # the locked one is never deleted
     assert store.lookup("tokenize", next(s.key for s in summaries[2].stages if s.stage == "tokenize"))
 
+    # A run whose training was a cache hit (only an evaluation key changed) shows the training that built it:
+    # its throughput and loss curve were '-' and an empty plot.
+    again = run_finetune(recipe.replace(lora_rank=8, max_new_tokens=4), experiment="family")
+    assert next(s for s in again.stages if s.stage == "train").cached
+    capsys.readouterr()
+    assert main(["compare", "--experiment", "family", "--last", "2", "--out", str(workdir / "c2.png")]) == 0
+    throughput = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train tokens/s"))
+    assert "-" not in throughput.split("tokens/s", 1)[1]
+    assert main(["compare", "--experiment", "family", "--metric", "rougel", "--out", str(workdir / "c3.png")]) == 1
+    assert "--metric rougel: no run of experiment 'family' scored it (scored: " in capsys.readouterr().err
+    assert main(["compare", "--out", str(workdir / "nowhere" / "c.png")]) == 1
+    assert f"--out {workdir / 'nowhere' / 'c.png'}: folder {workdir / 'nowhere'} does not exist" in (
+        capsys.readouterr().err)
+
 
 def test_runs_and_gc_count_every_flow_that_uses_the_store(write_recipe, workdir, capsys):
     """A data preview's (or an export's) run is one of the last runs too: gc counted only finetune runs, so it
