@@ -26,8 +26,8 @@ def data_preview(recipe: Recipe, home: str | None = None) -> str:
     stage_runs = {step.label: tracking.start_stage(parent, step.label, {"stage": step.stage.name}) for step in plan}
     try:
         results = collect(plan, submit_all(plan, store, stage_runs), store, stage_runs)
-    except BaseException:
-        tracking.finish(parent, ok=False)
+    except BaseException as exc:
+        tracking.finish(parent, ok=False, interrupted=not isinstance(exc, Exception))
         raise
     tracking.finish(parent, ok=True)
     tokenized = store.lookup("tokenize", next(r.key for r in results if r.stage == "tokenize"))

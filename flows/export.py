@@ -29,8 +29,8 @@ def export_model(recipe: Recipe, home: str | None = None) -> str:
         exported = store.lookup("export", next(r.key for r in results if r.stage == "export"))
         target = Path(recipe.export.export_dir)
         write_into(exported.part("model"), target, exported.ref.id, "export_dir")
-    except BaseException:
-        tracking.finish(parent, ok=False)
+    except BaseException as exc:
+        tracking.finish(parent, ok=False, interrupted=not isinstance(exc, Exception))
         raise
     tracking.finish(parent, ok=True)
     return str(target.resolve())

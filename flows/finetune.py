@@ -172,9 +172,11 @@ def collect(plan: Plan, futures: dict[str, Any], store: ArtifactStore, stage_run
                 tracking.record_stage(run_id, {**tracking.hit_tags(built_by), **tags}, step.config.keyed())
             else:
                 tracking.set_tags(run_id, tags)
-        except BaseException:  # no stage run is left RUNNING: this one failed, later ones as their tasks ended
+        except BaseException as exc:  # no stage run is left RUNNING: this one failed, later ones as their tasks ended
+            interrupted = not isinstance(exc, Exception)
             for later in plan.steps[position:]:
-                tracking.finish(stage_runs[later.label], ok=later is not step and ended_well(futures[later.label]))
+                ok = later is not step and ended_well(futures[later.label])
+                tracking.finish(stage_runs[later.label], ok=ok, interrupted=interrupted)
             raise
         tracking.finish(run_id, ok=True)
         results.append(StageResult(label=step.label, stage=step.stage.name, key=ref.key, cached=cached,
@@ -300,9 +302,9 @@ def run_stages(recipe: Recipe, store: ArtifactStore, experiment: str, deliver: b
         for role, values in metrics.items():
             tracking.log_metrics(parent, {f"{role}_{k}": v for k, v in values.items()})
         where = copy_outputs(recipe, results, store, deliver)
-    except BaseException:
+    except BaseException as exc:
         request_stop()  # builds still running (a training thread) stop at their next step
-        tracking.finish(parent, ok=False)
+        tracking.finish(parent, ok=False, interrupted=not isinstance(exc, Exception))  # Ctrl-C, SIGTERM: KILLED
         raise
     artifacts = {r.label: str(store.path(r.stage, r.key)) for r in results}
     summary = RunSummary(stages=results, metrics=metrics, mlflow_run_id=parent, flow_run_id=str(flow_run.id),

@@ -139,7 +139,8 @@ def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: 
     artifacts = list(store.artifacts())
     keep = reachable(store, roots(store, keep_last, dry_run))
     if artifacts and not force and not keep & {a.ref.id for a in artifacts}:
-        raise TuneFactoryError(f"tunefactory gc: none of the runs or models in {uri} used an artifact of "
+        readers = "registered models (--keep-last 0 reads no runs)" if keep_last == 0 else "runs or models"
+        raise TuneFactoryError(f"tunefactory gc: none of the {readers} in {uri} used an artifact of "
                                f"{store.root}, so it would delete all {len(artifacts)}; is that the tracking "
                                "store these runs logged to? (--force deletes them)")
     result = Collected()

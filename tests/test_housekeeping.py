@@ -314,3 +314,20 @@ def test_runs_lists_a_build_that_failed_as_failed(tmp_path, monkeypatch):
     tracking.finish(parent, ok=False)
     listing = recent_runs(1)
     assert "align[bad]                   failed" in listing and "model                        built" in listing
+
+
+def test_gc_keep_last_0_says_it_read_registered_models_only(tmp_path, monkeypatch):
+    import pytest
+
+    from tasks.core import tracking
+    from tasks.core.errors import TuneFactoryError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = ArtifactStore(tmp_path / "store")
+    ref = execute(step(1), {}, RunContext(home=str(store.root)))
+    parent = tracking.start_parent(None, {}, {"tunefactory.flow": "finetune", "store": str(store.root)}, "zero")
+    tracking.start_stage(parent, "demo", {"stage": ref.stage, "artifact_key": ref.key})
+    tracking.finish(parent, ok=True)
+    assert collect_garbage(store, keep_last=1, dry_run=True).removed == []
+    with pytest.raises(TuneFactoryError, match=r"none of the registered models \(--keep-last 0 reads no runs\)"):
+        collect_garbage(store, keep_last=0, dry_run=True)

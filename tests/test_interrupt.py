@@ -54,3 +54,11 @@ def test_interrupted_run_is_cancelled_and_cleaned_up(write_recipe, workdir, tmp_
     states = subprocess.run([sys.executable, "-c", READ_STATES], env=env, capture_output=True, text=True,
                             timeout=180, check=True).stdout.strip()
     assert states == "CANCELLED"
+    # MLflow tells the interrupted run from a failed one (KILLED), and leaves no stage run RUNNING
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [run.info.status for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    stages = {run.info.run_name: run.info.status for run in runs if "mlflow.parentRunId" in run.data.tags}
+    assert parents == ["KILLED"] and stages["train"] == "KILLED" and "RUNNING" not in stages.values(), stages

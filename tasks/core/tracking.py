@@ -192,8 +192,10 @@ def record_stage(run_id: str, tags: dict[str, str], params: dict[str, Any]) -> N
                            params=[e for e in batch if isinstance(e, Param)])
 
 
-def finish(run_id: str, ok: bool) -> None:
-    client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+def finish(run_id: str, ok: bool, interrupted: bool = False) -> None:
+    """End a run FINISHED, FAILED, or KILLED where it was interrupted (Ctrl-C, SIGTERM): MLflow's own word for it,
+    so interrupted runs can be told from failed ones."""
+    client().set_terminated(run_id, status="FINISHED" if ok else "KILLED" if interrupted else "FAILED")
 
 
 def hit_tags(built_by: str | None) -> dict[str, str]:
