@@ -91,12 +91,18 @@ class Collected:
 
     def summary(self, dry_run: bool) -> str:
         verb = "would free" if dry_run else "freed"
-        line = (f"{verb} {self.bytes_freed / 2**20:.1f} MiB in {len(self.removed)} artifacts; kept {self.kept}"
+        line = (f"{verb} {self.bytes_freed / 2**20:.1f} MiB in {plural(len(self.removed), 'folder')}; "
+                f"kept {plural(self.kept, 'artifact')}"
                 + (f"; {len(self.in_use)} in use by a running build" if self.in_use else ""))
         if self.staged_kept:
-            line += (f"; kept {self.staged_bytes / 2**20:.1f} MiB of checkpoints of {len(self.staged_kept)} "
-                     "interrupted builds for a re-run to resume from (--staging deletes them)")
+            line += (f"; kept {self.staged_bytes / 2**20:.1f} MiB of checkpoints of "
+                     f"{plural(len(self.staged_kept), 'interrupted build')} for a re-run to resume from (--staging "
+                     "deletes them)")
         return line
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def size_of(path: Path) -> int:

@@ -117,3 +117,16 @@ def test_folders_without_a_manifest_are_reported_by_verify_and_freed_by_gc(tmp_p
         removed = collect_garbage(store, keep_last=0, dry_run=False, force=True).removed
     assert sorted(removed) == sorted([refs[3].id, f"{refs[0].id} (damaged)", f"{refs[1].id} (damaged)"])
     assert [p.exists() for p in folders] == [False, False, True, False]
+
+
+def test_a_touched_artifact_file_is_read_once_not_at_every_lookup(tmp_path, reads):
+    store = ArtifactStore(tmp_path / "store")
+    ref = execute(step(7), {}, RunContext(home=str(store.root)))
+    value = store.path(ref.stage, ref.key) / "value.json"
+    past = time.time() - 60
+    os.utime(value, (past, past))  # touched: the same bytes, another mtime than the manifest's
+    assert store.lookup(ref.stage, ref.key) is not None and store.lookup(ref.stage, ref.key) is not None
+    assert reads == ["value.json"]  # hashed once for its new status, then taken from the digest cache
+    value.write_text('{"value": 8}')  # changed bytes, same size: the new status is hashed again, and refused
+    os.utime(value, (past - 60, past - 60))
+    assert store.lookup(ref.stage, ref.key) is None

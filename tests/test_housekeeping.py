@@ -161,7 +161,7 @@ def test_gc_keeps_interrupted_checkpoints_for_a_resume_unless_asked(tmp_path, ca
     (staged / "weights.bin").write_bytes(b"\0" * 2**20)
     kept = collect_garbage(store, keep_last=1, dry_run=False, force=True)
     assert staged.is_dir() and kept.staged_kept == [f"train/{'k' * 64}"]
-    assert "kept 1.0 MiB of checkpoints of 1 interrupted builds" in kept.summary(dry_run=False)
+    assert "kept 1.0 MiB of checkpoints of 1 interrupted build for" in kept.summary(dry_run=False)
     with store.lock("train", "k" * 64):  # a build running now keeps its checkpoints whatever is asked
         assert collect_garbage(store, 1, dry_run=False, force=True, staging=True).in_use and staged.is_dir()
     assert main(["gc", "--home", str(store.root), "--force", "--staging"]) == 0

@@ -22,6 +22,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.digest_cache import source_sha256
 from tasks.core.errors import TuneFactoryError
 from tasks.core.hashing import file_sha256, stable_hash, tree_files
 
@@ -133,7 +134,8 @@ class ArtifactStore:
         """The complete, undamaged artifact for a key, or None.
 
         A file whose size and modification time match the manifest is taken as written; any other is
-        re-hashed. `full=True` re-hashes every file (`tunefactory verify`)."""
+        re-hashed, once for its new status (the digest cache: a touched file is not re-read at every lookup).
+        `full=True` re-hashes every file (`tunefactory verify`)."""
         directory = self.path(stage, key)
         manifest = read_manifest(directory)
         if manifest is None or manifest.get("key") != key or manifest.get("stage") != stage:
@@ -146,7 +148,10 @@ class ArtifactStore:
             stat = (directory / rel).stat()
             if stat.st_size != entry["size"]:
                 return None
-            if (full or stat.st_mtime_ns != entry.get("mtime_ns")) and file_sha256(directory / rel) != entry["sha256"]:
+            if full and file_sha256(directory / rel) != entry["sha256"]:
+                return None
+            changed = stat.st_mtime_ns != entry.get("mtime_ns")
+            if not full and changed and source_sha256(directory / rel) != entry["sha256"]:
                 return None
         return Artifact(directory, manifest)
 
