@@ -81,7 +81,8 @@ def encode_supervised(row: dict[str, Any], tokenizer, template: Template, maskin
 def supervised(row: dict[str, Any], tokenizer, template: Template, masking: Masking) -> dict[str, Any]:
     """input_ids and labels of the row's prompt and first reply (for a preference row: the chosen one)."""
     pairs = row_pairs(row, conversation(row), tokenizer, template)
-    input_ids, labels = supervised_example(pairs, masking.cutoff_len, masking.train_on_prompt, masking.mask_history)
+    input_ids, labels = supervised_example(pairs, masking.cutoff_len, masking.train_on_prompt, masking.mask_history,
+                                           tokenizer.eos_token_id if template.efficient_eos else None)
     return {"input_ids": input_ids, "labels": labels}
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.errors import RecipeError
+from tasks.core.recipe import Recipe
 from tasks.templates import configure, encode_pairs, format_pairs, generation_prompt, get_template, supervised_example
 from tests.test_template_formats import (
     CHATML,
@@ -424,3 +426,26 @@ def test_without_a_template_the_tokenizers_own_is_used_else_empty(tokenizer):
     assert template_name("llama3", tokenizer) == "llama3"
     assert TemplateChoice.of(data, name="qwen3").enable_thinking is True  # options apply to reasoning templates
     assert choice.enable_thinking is None
+
+
+@pytest.mark.parametrize("name", ["glm4", "gemma2", "falcon", "gpt_oss", "glm4_moe"])
+def test_efficient_eos_templates_learn_to_stop_after_every_reply_and_keep_the_closing_eos(tokenizer, name):
+    """LlamaFactory's efficient_eos: a reply ends where the next role token starts, so that token's position is
+    labelled EOS (the model learns to stop after every reply, not only the last), and one token is kept for the
+    closing EOS, which truncation cut off with the end of the reply."""
+    from tasks.encoding import Masking, supervised
+
+    eos = tokenizer.eos_token_id
+    row = {"prompt": CONVERSATION[:3], "response": CONVERSATION[3:], "system": "", "tools": ""}
+    template = get_template(name)
+    encoded_row = supervised(row, tokenizer, template, Masking(cutoff_len=4096))
+    input_ids, labels = encoded_row["input_ids"], encoded_row["labels"]
+    pairs = encode_pairs(tokenizer, template, CONVERSATION, "")
+    second_prompt = len(pairs[0][0]) + len(pairs[0][1])
+    assert labels[second_prompt] == eos != input_ids[second_prompt]  # the stop after the first reply
+    assert input_ids[-1] == labels[-1] == eos and input_ids.count(eos) == 1  # the closing EOS, once
+    assert sum(label == eos for label in labels) == 2
+    cut = supervised(row, tokenizer, template, Masking(cutoff_len=len(input_ids) - 3))
+    assert cut["input_ids"][-1] == cut["labels"][-1] == eos and len(cut["input_ids"]) == len(input_ids) - 3
+    with pytest.raises(RecipeError, match=r"key .train_on_prompt.: template .* \(efficient_eos\)"):
+        Recipe.from_flat({"template": name, "train_on_prompt": True, "dataset": "x"})

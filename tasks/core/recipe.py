@@ -410,6 +410,12 @@ def check_combinations(recipe: Recipe, source: str) -> None:
                           "'new_special_tokens_config' (the token descriptions)")
     if data.mask_history and data.train_on_prompt:
         raise RecipeError(f"{source}: keys 'mask_history' and 'train_on_prompt' cannot both be true")
+    from tasks.templates.registry import TEMPLATES  # the template declarations, not loaded for every recipe key
+
+    if data.train_on_prompt and data.template in TEMPLATES and TEMPLATES[data.template].efficient_eos:
+        raise RecipeError(f"{source}: key 'train_on_prompt': template {data.template} learns to stop from an EOS "
+                          "label where each prompt starts (efficient_eos), which training on prompts would replace "
+                          "(LlamaFactory refuses it too)")
     if training.max_steps == 0 or training.max_steps < -1:
         raise RecipeError(f"{source}: key 'max_steps' must be a positive step count, or -1 to train "
                           f"num_train_epochs (got {training.max_steps})")

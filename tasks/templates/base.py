@@ -54,6 +54,9 @@ class Template:
     thought_words: tuple[str, ...] = ()  # (open, close) of a thinking block: a reasoning template
     enable_thinking: bool = True  # reasoning templates: train on the thinking block (false: drop it, prompt it)
     preserve_thinking: bool = False  # reasoning templates: keep thinking blocks of replies in history
+    # LlamaFactory's efficient_eos: turns end without EOS (the next role token follows), so the first token of each
+    # later prompt is labelled EOS and the closing EOS (the suffix) survives truncation (encode.supervised_example)
+    efficient_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.system_in_user not in SYSTEM_PLACES:

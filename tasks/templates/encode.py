@@ -59,27 +59,38 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
 
 
 def supervised_example(
-    pairs: list[tuple[list[int], list[int]]], cutoff_len: int, train_on_prompt: bool, mask_history: bool
+    pairs: list[tuple[list[int], list[int]]], cutoff_len: int, train_on_prompt: bool, mask_history: bool,
+    efficient_eos: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """input_ids and labels (IGNORE_INDEX where no loss is taken) for one conversation. With mask_history
     only the last reply is trained and it is kept first: turns are cut from the last one backwards, so
-    older turns are truncated (or dropped) before it (LlamaFactory's supervised processor)."""
+    older turns are truncated (or dropped) before it (LlamaFactory's supervised processor).
+
+    `efficient_eos` (the EOS id, for templates whose turns end without it: Template.efficient_eos) trains the stop
+    as LlamaFactory does: the first token of each later prompt is labelled EOS, so the model learns to stop after
+    every reply, and the conversation's closing EOS is kept out of the truncation (one token is kept for it)."""
+    closing: list[int] = []
+    if efficient_eos is not None and pairs and pairs[-1][1][-1:] == [efficient_eos]:
+        closing = [efficient_eos]
+        pairs = [*pairs[:-1], (pairs[-1][0], pairs[-1][1][:-1])]
     input_ids: list[int] = []
     labels: list[int] = []
     order = list(reversed(pairs)) if mask_history else pairs
     for turn, (source, target) in enumerate(order):
-        budget = cutoff_len - len(input_ids)
+        budget = cutoff_len - len(closing) - len(input_ids)
         if budget <= 0:
             break
         source_len, target_len = infer_seqlen(len(source), len(target), budget)
         source, target = source[:source_len], target[:target_len]
         source_labels = source if train_on_prompt else [IGNORE_INDEX] * len(source)
+        if efficient_eos is not None and turn and source and not mask_history:  # the reply before it ends here
+            source_labels = [efficient_eos, *source_labels[1:]]
         target_labels = [IGNORE_INDEX] * len(target) if (mask_history and turn != 0) else target
         if mask_history:  # walking backwards: earlier turns go in front
             input_ids, labels = source + target + input_ids, source_labels + target_labels + labels
         else:
             input_ids, labels = input_ids + source + target, labels + source_labels + target_labels
-    return input_ids, labels
+    return input_ids + closing, labels + closing
 
 
 def generation_prompt(pairs: list[tuple[list[int], list[int]]], cutoff_len: int) -> list[int]:

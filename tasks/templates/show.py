@@ -61,7 +61,8 @@ def render_sample(name: str, tokenizer=None, tools: bool = False, tool_format: s
         pairs = format_pairs(template, messages, system, "<bos>", "<eos>")
         return "".join(mark(prompt, False) + mark(response, True) for prompt, response in pairs)
     pairs = encode_pairs(tokenizer, template, messages, system)
-    input_ids, labels = supervised_example(pairs, cutoff_len=1 << 30, train_on_prompt=False, mask_history=False)
+    input_ids, labels = supervised_example(pairs, cutoff_len=1 << 30, train_on_prompt=False, mask_history=False,
+                                           efficient_eos=tokenizer.eos_token_id if template.efficient_eos else None)
     return mark_trained(tokenizer, input_ids, labels)
 
 

@@ -43,14 +43,15 @@ TEMPLATES = [
         assistant="{content}{eos_token}\n",
         description="Zephyr / TinyLlama-chat '<|user|>' turns closed by EOS",
     ),
-    # Falcon-180B-chat: 'System: / User: / Falcon:' lines; replies end with a newline, so EOS is
-    # trained once after the last one to teach stopping.
+    # Falcon-180B-chat: 'System: / User: / Falcon:' lines; replies end with a newline, so (LlamaFactory's
+    # efficient_eos) EOS is labelled where each later prompt starts and closes the conversation.
     Template(
         name="falcon",
         system="System: {content}\n",
         user="User: {content}\nFalcon:",
         assistant=" {content}\n",
         suffix="{eos_token}",
+        efficient_eos=True,
         description="Falcon chat 'User: / Falcon:' lines",
     ),
     # openchat/openchat-3.5-0106: 'GPT4 Correct <Role>: ' + content + '<|end_of_turn|>'.

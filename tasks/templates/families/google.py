@@ -16,10 +16,10 @@ def gemma(name: str, description: str, **fields) -> Template:
 TEMPLATES = [
     # google/gemma-3-*-it (same turns as Gemma 1/2).
     gemma("gemma", "Gemma 1/2/3 '<start_of_turn>user / model' turns, system text in the first turn"),
-    # google/gemma-2-*-it, as LlamaFactory writes it: tool turns, EOS trained after the last reply (its
-    # efficient_eos) and also stopping generation.
+    # google/gemma-2-*-it, as LlamaFactory writes it: tool turns, its efficient_eos (EOS labelled where each later
+    # prompt starts, and closing the conversation), EOS also stopping generation.
     gemma("gemma2", "Gemma 2 '<start_of_turn>user / model' turns", observation=GEMMA_TOOL, suffix="{eos_token}",
-          stop_words=("<end_of_turn>", "<eos>")),
+          efficient_eos=True, stop_words=("<end_of_turn>", "<eos>")),
     *[
         gemma(name, f"{label} '<start_of_turn>user / model' turns (text only), system text in the first turn",
               observation=GEMMA_TOOL)

@@ -12,6 +12,7 @@ TEMPLATES = [
         user="<|start|>user<|message|>{content}<|end|><|start|>assistant",
         assistant="{content}",
         suffix="{eos_token}",
+        efficient_eos=True,  # as LlamaFactory's: EOS labelled where each later prompt starts
         default_system="You are ChatGPT, a large language model trained by OpenAI.",
         thought_words=("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>"),
         stop_words=("<|return|>", "<|call|>"),

@@ -3,8 +3,8 @@
 from tasks.templates.base import Template
 
 TEMPLATES = [
-    # THUDM/glm-4-9b-chat: a turn ends where the next role token starts, so EOS is trained once at the
-    # end (as LlamaFactory does) for the model to learn to stop.
+    # THUDM/glm-4-9b-chat: a turn ends where the next role token starts; as LlamaFactory's efficient_eos, the
+    # model learns to stop from an EOS label where each later prompt starts, and EOS closes the conversation.
     Template(
         name="glm4",
         prefix="[gMASK]<sop>",
@@ -15,6 +15,7 @@ TEMPLATES = [
         function="{content}",  # GLM-4 writes the tool name right after <|assistant|>, then '\n' and the arguments
         tool_format="glm4",
         suffix="{eos_token}",
+        efficient_eos=True,
         stop_words=("<|user|>", "<|observation|>"),
         description="GLM-4 chat '<|user|> / <|assistant|>' after [gMASK]<sop>",
     ),
@@ -49,6 +50,7 @@ TEMPLATES = [
         function="{content}",
         tool_format="glm4",
         suffix="{eos_token}",
+        efficient_eos=True,
         thought_words=("<think>\n", "\n</think>\n\n"),
         stop_words=("<|user|>", "<|observation|>"),
         description="GLM-4.5 / 4.6 (MoE) chat with <think> blocks (LlamaFactory's rendering)",
