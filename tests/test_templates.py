@@ -172,6 +172,8 @@ def test_show_marks_the_trained_spans(tiny_model_dir):
     assert shown.startswith("<|im_start|>system\nYou are a concise assistant.<|im_end|>\n")
     assert "<|im_start|>assistant\n⟦4.<|im_end|>\n⟧<|im_start|>user" in shown and shown.endswith("⟦8.<|im_end|>\n⟧")
     assert render_sample("llama2").startswith("<bos>[INST] <<SYS>>\nYou are a concise assistant.\n<</SYS>>\n\n")
+    # an efficient_eos template's stop, learnt where the next prompt starts, is shown as the label it is
+    assert "<|assistant|>⟦\n4.⟧⟦<|im_end|>⟧<|user|>" in render_sample("glm4", tokenizer)
     with pytest.raises(RecipeError, match="auto"):
         render_sample("auto")
     names = [name for name, _ in list_templates()]

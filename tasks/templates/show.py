@@ -67,14 +67,18 @@ def render_sample(name: str, tokenizer=None, tools: bool = False, tool_format: s
 
 
 def mark_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
-    """Decoded tokens with the runs that carry loss wrapped in ⟦ ⟧."""
-    runs = [(trained, len(list(run))) for trained, run in groupby(label != IGNORE_INDEX for label in labels)]
+    """Decoded tokens with the runs that carry loss wrapped in ⟦ ⟧. A position labelled with another token than its
+    own (an efficient_eos template's stop, learnt where the next prompt starts) shows that label in ⟦ ⟧ before it."""
+    kinds = ["prompt" if label == IGNORE_INDEX else "trained" if label == token else "other"
+             for token, label in zip(input_ids, labels, strict=True)]
     # Decode growing prefixes and cut the differences, so spaces a tokenizer folds into a token stay visible.
     shown, text, end = [], "", 0
-    for trained, length in runs:
-        end += length
+    for kind, run in groupby(kinds):
+        start, end = end, end + len(list(run))
+        if kind == "other":
+            shown.append(mark(tokenizer.decode(labels[start:end], clean_up_tokenization_spaces=False), True))
         longer = tokenizer.decode(input_ids[:end], clean_up_tokenization_spaces=False)
-        shown.append(mark(longer[len(text) :], trained))
+        shown.append(mark(longer[len(text) :], kind == "trained"))
         text = longer
     return "".join(shown)
 
