@@ -449,3 +449,25 @@ def test_efficient_eos_templates_learn_to_stop_after_every_reply_and_keep_the_cl
     assert cut["input_ids"][-1] == cut["labels"][-1] == eos and len(cut["input_ids"]) == len(input_ids) - 3
     with pytest.raises(RecipeError, match=r"key .train_on_prompt.: template .* \(efficient_eos\)"):
         Recipe.from_flat({"template": name, "train_on_prompt": True, "dataset": "x"})
+
+
+def test_auto_passes_enable_thinking_false_to_the_chat_template(tokenizer):
+    """With no template named, Qwen3's own chat template is used (auto); enable_thinking: false was dropped, so the
+    empty thinking block was trained with the reply. Passed to the template, the block ends the (untrained) prompt,
+    as LlamaFactory's reasoning template writes it."""
+    from tasks.templates.choice import TemplateChoice
+
+    tokenizer.chat_template = QWEN3
+    data = Recipe.from_flat({"dataset": "x", "enable_thinking": False}).data
+    template = TemplateChoice.of(data).load(tokenizer)
+    assert template.jinja and not template.enable_thinking
+    pairs = encode_pairs(tokenizer, template, CONVERSATION, SYSTEM)
+    input_ids, labels = supervised_example(pairs, 4096, train_on_prompt=False, mask_history=False)
+    assert tokenizer.decode(input_ids) == published(tokenizer, QWEN3, CONVERSATION, SYSTEM)
+    assert trained_spans(tokenizer, input_ids, labels)[-1] == "4.<|im_end|>\n"  # the empty block is in the prompt
+    assert tokenizer.decode(pairs[-1][0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    default = TemplateChoice.of(Recipe.from_flat({"dataset": "x"}).data)
+    assert default.enable_thinking is None  # keys of recipes that leave it alone do not change
+    pairs = encode_pairs(tokenizer, default.load(tokenizer), CONVERSATION, SYSTEM)
+    input_ids, labels = supervised_example(pairs, 4096, train_on_prompt=False, mask_history=False)
+    assert trained_spans(tokenizer, input_ids, labels)[-1] == EMPTY_THOUGHT + "4.<|im_end|>\n"

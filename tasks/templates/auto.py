@@ -56,10 +56,12 @@ def with_call_ids(conversation: list[dict]) -> list[dict]:
     return numbered
 
 
-def render_chat(tokenizer, conversation: list[dict], generation: bool) -> str:
-    """The tokenizer's chat_template applied to a conversation, as text."""
+def render_chat(tokenizer, conversation: list[dict], generation: bool, variables: dict | None = None) -> str:
+    """The tokenizer's chat_template applied to a conversation, as text (`variables`: the template's own, such as
+    Qwen3's enable_thinking)."""
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation)
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation,
+                                             **(variables or {}))
     except Exception as error:  # the template's own raise_exception, or jinja errors
         raise RecipeError(
             f"key 'template': the tokenizer's chat_template rejected a conversation ({error}); {PICK_NAMED}"
@@ -90,8 +92,11 @@ def turn_end(tokenizer, full: str, rendered: str, message: dict, start: int) -> 
     return at_full + len(content) + max(cut for cut in token_starts(tokenizer, tail) if cut <= shared)
 
 
-def chat_template_pairs(tokenizer, messages: list[dict], system: str) -> list[tuple[str, str]]:
-    """(prompt text, response text) per exchange, cut from the tokenizer's chat_template rendering."""
+def chat_template_pairs(tokenizer, messages: list[dict], system: str, variables: dict | None = None
+                        ) -> list[tuple[str, str]]:
+    """(prompt text, response text) per exchange, cut from the tokenizer's chat_template rendering. With
+    `enable_thinking: false` among the variables, a template that reads it (Qwen3's) ends each generation prompt
+    with the empty thinking block, which so stays untrained, as LlamaFactory's reasoning template does."""
     if not getattr(tokenizer, "chat_template", None):
         raise RecipeError(f"key 'template': 'auto' needs the tokenizer's chat_template, but it has none; {PICK_NAMED}")
     check_roles(messages)
@@ -102,10 +107,14 @@ def chat_template_pairs(tokenizer, messages: list[dict], system: str) -> list[tu
         conversation += chat_messages(message)
         ends.append(len(conversation))
     conversation = with_call_ids(conversation)
-    full = render_chat(tokenizer, conversation, generation=False)
+    full = render_chat(tokenizer, conversation, generation=False, variables=variables)
     cuts: list[int] = []
     for index, message in enumerate(messages):
-        rendered = render_chat(tokenizer, conversation[: ends[index]], generation=index % 2 == 0)
+        # the variables shape the generation prompt of the reply trained last; history renders without them, as
+        # the full conversation writes it (Qwen3 writes no thinking block in replies before the last)
+        last_prompt = index == len(messages) - 2
+        rendered = render_chat(tokenizer, conversation[: ends[index]], generation=index % 2 == 0,
+                               variables=variables if last_prompt else None)
         cut = turn_end(tokenizer, full, rendered, message, cuts[-1] if cuts else 0)
         if cut is None or (cuts and cut < cuts[-1]):
             raise RecipeError(

@@ -24,8 +24,10 @@ class TemplateChoice(StageConfig):
         name = name or data.template
         check_template(name)
         reasoning = name is not None and bool(TEMPLATES[name].thought_words)
+        # auto (named, or no template with a tokenizer chat template): only a false enable_thinking is passed on
+        auto_thinking = False if name in (None, "auto") and data.enable_thinking is False else None
         return cls(name=name, default_system=data.default_system, tool_format=data.tool_format,
-                   enable_thinking=data.enable_thinking if reasoning else None,
+                   enable_thinking=data.enable_thinking if reasoning else auto_thinking,
                    preserve_thinking=data.preserve_thinking if reasoning else None)
 
     def load(self, tokenizer=None) -> Template:

@@ -38,7 +38,8 @@ def encode_pieces(tokenizer, texts: list[str]) -> list[list[int]]:
 def encode_pairs(tokenizer, template: Template, messages: list[dict], system: str) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per user/assistant exchange; system and prefix go before the first."""
     if template.jinja:
-        texts = auto.chat_template_pairs(tokenizer, messages, system)
+        variables = {} if template.enable_thinking else {"enable_thinking": False}
+        texts = auto.chat_template_pairs(tokenizer, messages, system, variables)
     else:
         texts = format_pairs(template, messages, system, tokenizer.bos_token or "", tokenizer.eos_token or "")
     ids = encode_pieces(tokenizer, [piece for pair in texts for piece in pair])

@@ -82,9 +82,10 @@ def configure(template: Template, default_system: str | None = None, tool_format
         changes["default_system"] = default_system
     if tool_format is not None:  # as LlamaFactory's override: calls written in the template's plain reply format
         changes.update(tool_format=tool_format, tools="", function="")
-    if template.thought_words:
+    if template.thought_words or template.jinja:  # auto: passed to the chat template (Qwen3's reads it)
         if enable_thinking is not None:
             changes["enable_thinking"] = enable_thinking
+    if template.thought_words:
         if preserve_thinking is not None:
             changes["preserve_thinking"] = preserve_thinking
     return replace(template, **changes) if changes else template
