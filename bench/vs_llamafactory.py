@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "recipes" / "demo_sft_lora.yaml"
 LLAMAFACTORY = ["llamafactory==0.9.5", "torch==2.13.0", "transformers==5.6.0", "peft==0.18.1",
                 "jieba", "nltk", "rouge-chinese"]  # the last three: its predict_with_generate metrics
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # TuneFactory's smollm2 (LlamaFactory's ends with a full stop)
+# TuneFactory's smollm2 default system prompt (LlamaFactory's ends with a full stop; the GGUF's template has none)
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def timed(command: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
