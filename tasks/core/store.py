@@ -245,29 +245,24 @@ class ArtifactStore:
         os.rename(tmp, final)
         return Artifact(final, manifest)
 
-    def artifacts(self) -> Iterator[Artifact]:
-        """Every published artifact (a cheap check: manifest present), for listings and housekeeping."""
+    def artifact_folders(self) -> Iterator[Path]:
+        """Every <stage>/<key> folder, published or not (not temporaries, trash or the store's own dot folders)."""
         if not self.root.is_dir():
             return
         for stage_dir in sorted(self.root.iterdir()):
-            if not stage_dir.is_dir() or stage_dir.name.startswith("."):
-                continue
-            for directory in sorted(stage_dir.iterdir()):
-                manifest = None if directory.name.startswith(".") else read_manifest(directory)
-                if manifest is not None:
-                    yield Artifact(directory, manifest)
+            if stage_dir.is_dir() and not stage_dir.name.startswith("."):
+                yield from (d for d in sorted(stage_dir.iterdir()) if d.is_dir() and not d.name.startswith("."))
+
+    def artifacts(self) -> Iterator[Artifact]:
+        """Every published artifact (a cheap check: manifest present), for listings and housekeeping."""
+        for directory in self.artifact_folders():
+            if (manifest := read_manifest(directory)) is not None:
+                yield Artifact(directory, manifest)
 
     def unpublished(self) -> Iterator[Path]:
         """Artifact folders without a valid manifest: set aside as damaged by verify, or whose manifest was lost
         or torn. Publishing renames a complete folder into place, so none is a build in progress."""
-        if not self.root.is_dir():
-            return
-        for stage_dir in sorted(self.root.iterdir()):
-            if not stage_dir.is_dir() or stage_dir.name.startswith("."):
-                continue
-            for directory in sorted(stage_dir.iterdir()):
-                if directory.is_dir() and not directory.name.startswith(".") and read_manifest(directory) is None:
-                    yield directory
+        return (directory for directory in self.artifact_folders() if read_manifest(directory) is None)
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
