@@ -21,5 +21,5 @@ def source_recipe(source: str, overrides: list[str]) -> Recipe:
     if not is_model_folder(path):
         raise RecipeError(f"{source}: neither a recipe file nor a model folder (no config.json)")
     values = {"model_name_or_path": str(path.resolve()), "do_train": False, **dict(map(parse_override, overrides))}
-    # No template: the folder's own chat template (auto) when its tokenizer has one, else default.
+    # No template: the folder's own chat template (auto) when its tokenizer has one, else empty.
     return Recipe.from_flat(values, source=str(path))

@@ -1,6 +1,6 @@
 """Export stage: the merged model re-saved as the user asks (shard size, legacy .bin format, infer_dtype), for
 `export_dir`, with the training template as its chat template and the template's stop words as its end of
-sequence, and an Ollama Modelfile (tasks.templates.ollama). Cached like every stage, so a repeated export only
+sequence, and an Ollama Modelfile (tasks.ollama). Cached like every stage, so a repeated export only
 copies files.
 """
 
@@ -16,7 +16,7 @@ from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unke
 from tasks.templates.choice import TemplateChoice
 from tasks.templates.encode import stop_token_ids
 from tasks.templates.jinja import to_jinja
-from tasks.templates.ollama import modelfile
+from tasks.ollama import modelfile
 
 
 class ExportConfig(StageConfig):
@@ -79,7 +79,8 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
     model = AutoModelForCausalLM.from_pretrained(str(source), device_map=device, dtype=dtype, **remote)
     tokenizer = AutoTokenizer.from_pretrained(str(source), **remote)
     template = config.template.load(tokenizer)
-    end_at_turns_end(model, tokenizer.eos_token_id, stop_token_ids(tokenizer, template))
+    stops = stop_token_ids(tokenizer, template)
+    end_at_turns_end(model, tokenizer.eos_token_id, stops)
     if config.legacy_format:
         save_legacy(model, out / "model", f"{config.shard_size_gb}GB")
     else:
@@ -87,7 +88,6 @@ def build(config: ExportConfig, ctx: BuildContext, out: Path) -> Built:
     if not template.jinja:  # apply_chat_template renders what the model learned
         tokenizer.chat_template = to_jinja(template)
     tokenizer.save_pretrained(str(out / "model"))
-    stops = stop_token_ids(tokenizer, template)
     context = getattr(model.config, "max_position_embeddings", None)
     (out / "model" / "Modelfile").write_text(modelfile(template, tokenizer, stops, context), encoding="utf-8")
     return Built("exported_model", {"model": "model"}, config.keyed())
@@ -112,7 +112,7 @@ STAGE = Stage(
     name="export",
     plan=plan,
     build=build,
-    code=("tasks.export", "tasks.templates"),
+    code=("tasks.export", "tasks.templates", "tasks.ollama"),
     libraries=("torch", "transformers", "safetensors", "huggingface-hub"),
     heavy=True,
 )

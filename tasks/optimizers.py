@@ -155,8 +155,10 @@ class OptimizerFactory:
             from adam_mini import Adam_mini
 
             config = model.config
+            # unsharded: check_launch refuses DeepSpeed and FSDP with it (Adam-mini 1.1.1's model_sharding path
+            # raised IndexError on ZeRO-3's flat partitions, as on ZeRO-2's)
             return Adam_mini(named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
-                             weight_decay=arguments.weight_decay, model_sharding=sharded(), dim=config.hidden_size,
+                             weight_decay=arguments.weight_decay, model_sharding=False, dim=config.hidden_size,
                              n_heads=config.num_attention_heads,
                              n_kv_heads=getattr(config, "num_key_value_heads", None), verbose=False, **adam)
         if settings.kind == "muon":
@@ -164,14 +166,6 @@ class OptimizerFactory:
 
             return MuonAdamW.for_model(model, weight_decay=arguments.weight_decay, **adam)
         return badam_optimizer(model, o, base_cls, base_kwargs, arguments.weight_decay, adam, verbose)
-
-
-def sharded() -> bool:
-    """Whether parameters are partitioned across ranks (DeepSpeed ZeRO-3 or FSDP)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-    from transformers.modeling_utils import is_fsdp_enabled
-
-    return is_deepspeed_zero3_enabled() or is_fsdp_enabled()
 
 
 def badam_optimizer(model, o: dict[str, Any], base_cls, base_kwargs: dict[str, Any], weight_decay: float,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.templates.ollama import modelfile, to_go_template
+from tasks.ollama import modelfile, to_go_template
 from tasks.templates.registry import TEMPLATES
 
 SMOLLM = (

@@ -82,7 +82,7 @@ class DataSection(Section):
         False, "Let dataset_info.json point at files outside dataset_dir (off: paths are confined to it).")
     eval_dataset: str | None = option(None, "Registry dataset names to evaluate on, comma-separated.")
     template: str | None = option(
-        None, "Chat template name; empty: the tokenizer's own chat template (auto) if it has one, else default.")
+        None, "Chat template name; unset: the tokenizer's own chat template (auto) if it has one, else empty.")
     default_system: str | None = option(None, "Replace the template's default system prompt.")
     tool_format: Literal["default", "qwen", "llama3", "mistral", "glm4"] | None = option(
         None, "Write tool definitions and tool calls in this format instead of the template's own.")

@@ -1,5 +1,5 @@
 """The chat template a stage formats with, as a typed config: the recipe's `template` (None: the
-tokenizer's own chat template, else `default`) and its overrides. Stages key it; builds resolve it
+tokenizer's own chat template, else `empty`) and its overrides. Stages key it; builds resolve it
 against the model artifact's tokenizer (whose bytes are in the stage's key)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from tasks.templates.registry import TEMPLATES, check_template, get_template
 
 
 class TemplateChoice(StageConfig):
-    name: str | None  # None: resolved from the tokenizer (auto if it has a chat template, else default)
+    name: str | None  # None: resolved from the tokenizer (auto if it has a chat template, else empty)
     default_system: str | None = None
     tool_format: str | None = None
-    enable_thinking: bool | None = None  # only for reasoning templates
+    enable_thinking: bool | None = None  # reasoning templates; for auto, only false (passed to its chat template)
     preserve_thinking: bool | None = None
 
     @classmethod

@@ -7,8 +7,9 @@ the first turn, or folded into the first or the last user turn), the default sys
 none, user, tool-result and assistant turns, and the empty thinking block that ends a generation prompt when
 `enable_thinking` is false. It is one line of Go template actions, every literal a quoted string, so no
 whitespace next to the text is trimmed or added. Not rendered, as in LlamaFactory's: tool definitions and tool
-calls (Ollama passes them as `.Tools` and `.ToolCalls`, which each family writes its own way). Ollama joins
-consecutive tool results with a blank line itself.
+calls (Ollama passes them as `.Tools` and `.ToolCalls`, which each family writes its own way). The results of
+parallel calls differ: training joins them into one observation turn, while Ollama passes each as its own `tool`
+message (it merges consecutive messages of other roles only), so each is written as a turn of its own.
 
 The model's own chat template (`auto`) gets no TEMPLATE: Ollama reads the tokenizer's when it imports the folder.
 """
