@@ -168,6 +168,8 @@ def collect_garbage(store: ArtifactStore, keep_last: int, dry_run: bool, force: 
     for folder in store.unpublished():  # damaged (verify set its manifest aside) or torn: a run rebuilds it anyway
         try:
             with store.lock(folder.parent.name, folder.name).acquire(timeout=0):
+                if read_manifest(folder) is not None:  # a build of the key published it since it was listed
+                    continue
                 result.removed.append(f"{folder.parent.name}/{folder.name} (damaged)")
                 result.bytes_freed += size_of(folder)
                 if not dry_run:

@@ -13,10 +13,10 @@ from tasks.core.hardware import has_cuda, storage_dtype, torch_dtype
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step, unkeyed
+from tasks.ollama import modelfile
 from tasks.templates.choice import TemplateChoice
 from tasks.templates.encode import stop_token_ids
 from tasks.templates.jinja import to_jinja
-from tasks.ollama import modelfile
 
 
 class ExportConfig(StageConfig):

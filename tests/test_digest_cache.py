@@ -110,6 +110,9 @@ def test_folders_without_a_manifest_are_reported_by_verify_and_freed_by_gc(tmp_p
     (folders[0] / "manifest.json").rename(folders[0] / "manifest.damaged.json")  # as verify sets one aside
     (folders[1] / "manifest.json").write_text("{")
     (folders[2] / "manifest.json").unlink()
+    mine = tmp_path / "outputs" / "run1"  # a user's folder in the store (an output_dir there, say): not an artifact
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
     assert sorted(verify_store(store).damaged) == sorted([f"{refs[0].id} (set aside earlier)",
                                                          f"{refs[1].id} (no readable manifest)",
                                                          f"{refs[2].id} (no readable manifest)"])
@@ -117,6 +120,7 @@ def test_folders_without_a_manifest_are_reported_by_verify_and_freed_by_gc(tmp_p
         removed = collect_garbage(store, keep_last=0, dry_run=False, force=True).removed
     assert sorted(removed) == sorted([refs[3].id, f"{refs[0].id} (damaged)", f"{refs[1].id} (damaged)"])
     assert [p.exists() for p in folders] == [False, False, True, False]
+    assert (mine / "notes.txt").read_text() == "keep"
 
 
 def test_a_touched_artifact_file_is_read_once_not_at_every_lookup(tmp_path, reads):

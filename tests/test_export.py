@@ -11,8 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from flows.cli import main
 from flows.finetune import finetune
 from tasks.core.recipe import load_recipe
-from tasks.templates import format_pairs, get_template
 from tasks.ollama import to_go_template
+from tasks.templates import format_pairs, get_template
 
 CONVERSATION = [{"role": "user", "content": "Summarise `abc.abstractmethod`."},
                 {"role": "assistant", "content": "A decorator indicating abstract methods."}]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -31,6 +32,7 @@ STAGING = ".staging"
 LOCKS = ".locks"
 TEMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+KEY_NAME = re.compile(r"[0-9a-f]{64}")  # an artifact folder's name: its key, a sha256
 
 
 def default_root() -> Path:
@@ -261,8 +263,10 @@ class ArtifactStore:
 
     def unpublished(self) -> Iterator[Path]:
         """Artifact folders without a valid manifest: set aside as damaged by verify, or whose manifest was lost
-        or torn. Publishing renames a complete folder into place, so none is a build in progress."""
-        return (directory for directory in self.artifact_folders() if read_manifest(directory) is None)
+        or torn. Publishing renames a complete folder into place, so none is a build in progress. Only folders named
+        as keys are: a folder of the user's in the store (or a --home that is no store) is not an artifact."""
+        return (directory for directory in self.artifact_folders()
+                if KEY_NAME.fullmatch(directory.name) and read_manifest(directory) is None)
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
