@@ -48,11 +48,11 @@ def recent_runs(last: int) -> str:
 def roots(store: ArtifactStore, keep_last: int, dry_run: bool = False) -> set[str]:
     """Artifact ids ("stage/key") that runs, builds running now and registered models point at directly."""
     ids = store.read_by_builds(prune=not dry_run)  # inputs of builds running now (a run tags them once done)
-    # The last N finished runs of each flow on this store (a row of previews must not push the last fine-tune's
-    # artifacts out; nor failed runs, nor runs on another store sharing the tracking store), and every run still
-    # going, however many ran since it started.
-    runs = [run for flow in tracking.STORE_FLOWS
-            for run in tracking.newest_runs(keep_last, (flow,), store=str(store.root), finished=True)]
+    # Each flow's runs on this store back to its N-th finished one (a row of previews must not push the last
+    # fine-tune's artifacts out; failed runs and runs on another store sharing the tracking store do not count, but
+    # what failed runs since built is kept for their re-run), and every run still going, however many ran since.
+    runs = [run for flow in tracking.STORE_FLOWS for run in tracking.runs_back_to_finished(keep_last, flow,
+                                                                                           str(store.root))]
     for run in runs + tracking.running_runs(tracking.STORE_FLOWS):
         for stage in tracking.stage_runs(run):
             key = stage.data.tags.get("artifact_key")

@@ -238,10 +238,12 @@ def test_gc_keeps_the_artifacts_of_a_run_still_going_however_many_ran_since(tmp_
     assert removed == [] and store.lookup(refs[0].stage, refs[0].key) is not None
 
     # The last N are this store's finished runs: a failed run, or one on another store sharing the tracking store,
-    # does not push refs[1]'s run out of --keep-last 1.
+    # does not push refs[1]'s run out of --keep-last 1; what a run that failed since built is kept for its re-run.
     tracking.finish(tracking.running_runs(("finetune",))[0].info.run_id, ok=True)
     finetune_run(refs[0], ok=False)
     finetune_run(refs[0], ok=True, on=str(tmp_path / "elsewhere"))
+    assert collect_garbage(store, keep_last=1, dry_run=False).removed == []
+    finetune_run(refs[1], ok=True)  # a newer finished run: the failed one is now older than the last N
     removed = collect_garbage(store, keep_last=1, dry_run=False).removed
     assert removed == [f"{refs[0].stage}/{refs[0].key}"] and store.lookup(refs[1].stage, refs[1].key) is not None
 

@@ -6,7 +6,6 @@ thread Prefect runs a task in.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
@@ -46,28 +45,41 @@ FINETUNE_RUNS = flow_runs("finetune")
 STORE_FLOWS = ("finetune", "export", "data-preview")  # the flows whose stage runs build or reuse store artifacts
 
 
-def newest_runs(last: int, flows: tuple[str, ...] = ("finetune",), store: str | None = None,
-                finished: bool = False) -> list:
-    """The newest `last` runs of these flows in all experiments, newest first: only those that used `store` (their
-    `store` tag) if given, only those that finished if `finished`."""
+def newest_runs(last: int, flows: tuple[str, ...] = ("finetune",)) -> list:
+    """The newest `last` runs of these flows in all experiments, newest first."""
     if last <= 0:
         return []
     found = client()
     ids = [e.experiment_id for e in found.search_experiments()]
     if not ids:
         return []
-    condition = " and attributes.status = 'FINISHED'" if finished else ""
-    runs = []
-    for name in flows:  # one search per flow: MLflow's filter has no IN for tags
-        # the store is compared here, not in the filter: a path may hold a quote
-        matching = (run for run in search_all(found, ids, flow_runs(name) + condition)
-                    if store is None or run.data.tags.get("store") == store)
-        runs += list(itertools.islice(matching, last))
+    runs = [run for name in flows  # one search per flow: MLflow's filter has no IN for tags
+            for run in found.search_runs(ids, flow_runs(name), max_results=last,
+                                         order_by=["attributes.start_time DESC"])]
     return sorted(runs, key=lambda run: run.info.start_time, reverse=True)[:last]
+
+
+def runs_back_to_finished(last: int, flow: str, store: str) -> list:
+    """A flow's runs on `store` (their `store` tag), newest first, back to the `last`-th that finished: the last N
+    that finished and every failed or interrupted run since, whose artifacts a re-run resumes from."""
+    if last <= 0:
+        return []
+    found = client()
+    ids = [e.experiment_id for e in found.search_experiments()]
+    runs, finished = [], 0
+    # the store is compared here, not in the filter: a path may hold a quote
+    for run in (run for run in search_all(found, ids, flow_runs(flow)) if run.data.tags.get("store") == store):
+        runs.append(run)
+        finished += run.info.status == "FINISHED"
+        if finished == last:
+            break
+    return runs
 
 
 def search_all(found, experiment_ids: list[str], query: str, page: int = 200):
     """Runs matching `query`, newest first, a page at a time (so a generator stops reading when it has enough)."""
+    if not experiment_ids:
+        return
     token = None
     while True:
         batch = found.search_runs(experiment_ids, query, max_results=page, order_by=["attributes.start_time DESC"],
