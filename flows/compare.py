@@ -138,9 +138,9 @@ def compare(experiment: str | None, metric: str, last: int, out: Path) -> Compar
     runs = finished_runs(experiment, last)
     scored = sorted({name.split("_", 1)[1] for run in runs for name in run.data.metrics
                      if name.startswith(("base_", "tuned_"))})
-    if metric not in scored:
+    if scored and metric not in scored:  # runs that scored nothing (no evaluation) still compare keys and losses
         raise TuneFactoryError(f"--metric {metric}: no run of experiment '{experiment}' scored it (scored: "
-                               f"{', '.join(scored) or 'nothing'})")
+                               f"{', '.join(scored)})")
     table = describe(runs, metric)
     figure = plot(runs, metric, out)
     client = tracking.client()
