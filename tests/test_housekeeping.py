@@ -333,3 +333,16 @@ def test_gc_keep_last_0_says_it_read_registered_models_only(tmp_path, monkeypatc
     assert collect_garbage(store, keep_last=1, dry_run=True).removed == []
     with pytest.raises(TuneFactoryError, match=r"none of the registered models \(--keep-last 0 reads no runs\)"):
         collect_garbage(store, keep_last=0, dry_run=True)
+
+
+def test_compare_of_runs_that_scored_nothing_still_compares(tmp_path, monkeypatch):
+    """A training-only experiment (no evaluation) has no metric to refuse a misspelling against: it compares."""
+    from flows.compare import compare
+    from tasks.core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for rate in ("1e-4", "2e-4"):
+        parent = tracking.start_parent(None, {"learning_rate": rate}, {"tunefactory.flow": "finetune"}, "unscored")
+        tracking.finish(parent, ok=True)
+    compared = compare("unscored", "rougeL", 5, tmp_path / "c.png")
+    assert "learning_rate" in compared.table and compared.figure.is_file()
