@@ -466,6 +466,12 @@ def test_auto_passes_enable_thinking_false_to_the_chat_template(tokenizer):
     assert tokenizer.decode(input_ids) == published(tokenizer, QWEN3, CONVERSATION, SYSTEM)
     assert trained_spans(tokenizer, input_ids, labels)[-1] == "4.<|im_end|>\n"  # the empty block is in the prompt
     assert tokenizer.decode(pairs[-1][0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # replies that hold reasoning lose it, as under the named template (the full rendering kept it and the prompt
+    # ended with the empty block, so the conversation could not be split turn by turn)
+    pairs = encode_pairs(tokenizer, template, COT, SYSTEM)
+    input_ids, labels = supervised_example(pairs, 4096, train_on_prompt=False, mask_history=False)
+    assert trained_spans(tokenizer, input_ids, labels)[-1] == "4.<|im_end|>\n" and "Add them" not in (
+        tokenizer.decode(input_ids))
     default = TemplateChoice.of(Recipe.from_flat({"dataset": "x"}).data)
     assert default.enable_thinking is None  # keys of recipes that leave it alone do not change
     pairs = encode_pairs(tokenizer, default.load(tokenizer), CONVERSATION, SYSTEM)

@@ -8,6 +8,7 @@ what the template writes for each reply.
 from __future__ import annotations
 
 import os
+import re
 
 from tasks.core.errors import RecipeError
 from tasks.templates.base import Template, check_roles
@@ -90,6 +91,15 @@ def turn_end(tokenizer, full: str, rendered: str, message: dict, start: int) -> 
     tail = rendered[at_rendered + len(content) :]
     shared = len(os.path.commonprefix([full[at_full + len(content) :], tail]))
     return at_full + len(content) + max(cut for cut in token_starts(tokenizer, tail) if cut <= shared)
+
+
+THOUGHT = re.compile(r"<think>.*?</think>\s*", re.DOTALL)  # the <think> block Qwen3 and DeepSeek-R1 write
+
+
+def without_thoughts(messages: list[dict]) -> list[dict]:
+    """Messages with the replies' <think> blocks removed (`enable_thinking: false` with a model's own template)."""
+    return [{**m, "content": THOUGHT.sub("", m["content"])} if m["role"] in ("assistant", "function") else m
+            for m in messages]
 
 
 def chat_template_pairs(tokenizer, messages: list[dict], system: str, variables: dict | None = None

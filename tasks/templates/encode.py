@@ -39,6 +39,8 @@ def encode_pairs(tokenizer, template: Template, messages: list[dict], system: st
     """(prompt ids, response ids) per user/assistant exchange; system and prefix go before the first."""
     if template.jinja:
         variables = {} if template.enable_thinking else {"enable_thinking": False}
+        if not template.enable_thinking:  # every thought goes, as LlamaFactory's reasoning template removes them
+            messages = auto.without_thoughts(messages)
         texts = auto.chat_template_pairs(tokenizer, messages, system, variables)
     else:
         texts = format_pairs(template, messages, system, tokenizer.bos_token or "", tokenizer.eos_token or "")
