@@ -447,6 +447,7 @@ def test_efficient_eos_templates_learn_to_stop_after_every_reply_and_keep_the_cl
     assert sum(label == eos for label in labels) == 2
     cut = supervised(row, tokenizer, template, Masking(cutoff_len=len(input_ids) - 3))
     assert cut["input_ids"][-1] == cut["labels"][-1] == eos and len(cut["input_ids"]) == len(input_ids) - 3
+    assert supervised(row, tokenizer, template, Masking(cutoff_len=1)) == {"input_ids": [], "labels": []}
     with pytest.raises(RecipeError, match=r"key .train_on_prompt.: template .* \(efficient_eos\)"):
         Recipe.from_flat({"template": name, "train_on_prompt": True, "dataset": "x"})
 

@@ -70,8 +70,9 @@ def supervised_example(
     older turns are truncated (or dropped) before it (LlamaFactory's supervised processor).
 
     `efficient_eos` (the EOS id, for templates whose turns end without it: Template.efficient_eos) trains the stop
-    as LlamaFactory does: the first token of each later prompt is labelled EOS, so the model learns to stop after
-    every reply, and the conversation's closing EOS is kept out of the truncation (one token is kept for it)."""
+    as LlamaFactory does: the first token of each later prompt is labelled EOS (not with mask_history, which trains
+    the last reply only), so the model learns to stop after every reply, and the conversation's closing EOS is kept
+    out of the truncation (one token is kept for it)."""
     closing: list[int] = []
     if efficient_eos is not None and pairs and pairs[-1][1][-1:] == [efficient_eos]:
         closing = [efficient_eos]
@@ -93,6 +94,8 @@ def supervised_example(
             input_ids, labels = source + target + input_ids, source_labels + target_labels + labels
         else:
             input_ids, labels = input_ids + source + target, labels + source_labels + target_labels
+    if not input_ids:  # no room for the conversation: the closing EOS alone would predict nothing
+        return [], []
     return input_ids + closing, labels + closing
 
 
