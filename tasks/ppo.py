@@ -26,6 +26,7 @@ from tasks.core.hardware import place_on_compute_device
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
+from tasks.quantization import QuantSettings
 from tasks.reward import VALUE_HEAD
 from tasks.rows import load_rows
 from tasks.train_common import (
@@ -38,7 +39,6 @@ from tasks.train_common import (
     write_results,
 )
 from tasks.train_methods import (
-    QuantSettings,
     attach_trainable,
     cast_frozen_weights_for_autocast,
     grown_vocabulary,
@@ -160,8 +160,8 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.ppo", "tasks.ppo_loop", "tasks.ppo_math", "tasks.ppo_checkpoints", "tasks.train_checkpoints",
-          "tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.core.mapped_weights", "tasks.eval_passes",
-          "tasks.lean_training", "tasks.varlen_attention"),
+          "tasks.reward", "tasks.train_common", "tasks.train_methods", "tasks.quantization",
+          "tasks.core.mapped_weights", "tasks.eval_passes", "tasks.lean_training", "tasks.varlen_attention"),
     libraries=("torch", "transformers", "peft", "safetensors"),
     heavy=True,
 )

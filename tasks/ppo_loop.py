@@ -32,7 +32,7 @@ from tasks.ppo_math import (
     normalize_scores,
     ppo_losses,
 )
-from tasks.train_methods import quantized_loading
+from tasks.quantization import quantized_loading
 
 
 def load_reward_adapter(model, reward_dir: Path) -> None:

@@ -20,6 +20,7 @@ from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, Step
 from tasks.optimizers import optimizer_libraries
+from tasks.quantization import QuantSettings
 from tasks.rows import load_rows
 from tasks.train_common import (
     REPORTS,
@@ -33,7 +34,6 @@ from tasks.train_common import (
     write_results,
 )
 from tasks.train_methods import (
-    QuantSettings,
     attach_trainable,
     cast_frozen_weights_for_autocast,
     grown_vocabulary,
@@ -140,8 +140,9 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.preference", "tasks.preference_trainer", "tasks.preference_losses", "tasks.train_common",
-          "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
-          "tasks.muon", "tasks.lean_training", "tasks.varlen_attention", "tasks.eval_passes", "tasks.launch"),
+          "tasks.train_methods", "tasks.quantization", "tasks.core.mapped_weights", "tasks.train_checkpoints",
+          "tasks.optimizers", "tasks.muon", "tasks.lean_training", "tasks.varlen_attention", "tasks.eval_passes",
+          "tasks.launch"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),
     config_libraries=optimizer_libraries,
     heavy=True,

@@ -36,7 +36,7 @@ from tasks.preference_losses import (
     sequence_logps,
     simpo_loss,
 )
-from tasks.train_methods import quantized_loading
+from tasks.quantization import quantized_loading
 
 
 def sequences(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, flat: bool) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from tasks.core.errors import RecipeError
 from tasks.core.loading import remote_code
 from tasks.core.recipe import Recipe
 from tasks.core.stage import BuildContext, Built, Stage, StageConfig, Step
-from tasks.train_methods import QuantSettings, quantization_config
+from tasks.quantization import QuantSettings, quantization_config
 
 
 class QuantizeConfig(StageConfig):
@@ -69,7 +69,7 @@ STAGE = Stage(
     name="quantize",
     plan=plan,
     build=build,
-    code=("tasks.quantize", "tasks.train_methods"),  # train_methods builds the bitsandbytes config
+    code=("tasks.quantize", "tasks.quantization"),
     libraries=("torch", "transformers", "bitsandbytes", "safetensors"),
     heavy=True,
 )

@@ -53,7 +53,8 @@ def load_classifier(model_dir: Path, config: TrainingConfig, pad_token_id: int, 
     """The base as a one-output sequence classifier (a new score head, seeded)."""
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.train_methods import load_dtype, quantized_loading
+    from tasks.quantization import quantized_loading
+    from tasks.train_methods import load_dtype
 
     kwargs = {"num_labels": 1, "attn_implementation": config.attn_implementation,
               "trust_remote_code": trust_remote_code}
@@ -132,8 +133,8 @@ STAGE = Stage(
     plan=plan,
     build=build,
     code=("tasks.reward", "tasks.reward_trainer", "tasks.lean_training", "tasks.varlen_attention", "tasks.train_common",
-          "tasks.train_methods", "tasks.core.mapped_weights", "tasks.train_checkpoints", "tasks.optimizers",
-          "tasks.muon", "tasks.launch"),
+          "tasks.train_methods", "tasks.quantization", "tasks.core.mapped_weights", "tasks.train_checkpoints",
+          "tasks.optimizers", "tasks.muon", "tasks.launch"),
     libraries=("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"),
     config_libraries=optimizer_libraries,
     heavy=True,

@@ -120,7 +120,7 @@ STAGE = Stage(
     name="train",
     plan=plan,
     build=build,
-    code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.core.mapped_weights",
+    code=("tasks.train", "tasks.train_common", "tasks.train_methods", "tasks.quantization", "tasks.core.mapped_weights",
           "tasks.train_checkpoints", "tasks.packing", "tasks.streaming", "tasks.encoding", "tasks.formats",
           "tasks.lean_training", "tasks.varlen_attention", "tasks.optimizers", "tasks.muon", "tasks.launch"),
     libraries=("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"),

@@ -25,8 +25,9 @@ from tasks.core.memory import trim_heap
 from tasks.core.recipe import Recipe, report_targets
 from tasks.core.stage import BuildContext, StageConfig, check_stop, unkeyed
 from tasks.optimizers import OptimizerSettings, low_rank_arguments, optimizer_settings, trainer_optimizer
+from tasks.quantization import QuantSettings
 from tasks.train_checkpoints import checkpoint_problem, latest_usable_checkpoint
-from tasks.train_methods import FreezeSettings, LoraSettings, QuantSettings, split_names
+from tasks.train_methods import FreezeSettings, LoraSettings, split_names
 
 
 class Schedule(BaseModel):
