@@ -141,20 +141,17 @@ def tag_artifact(run_id: str, future) -> None:
     and until a run's stage runs name their keys gc cannot tell that the run uses them: an evaluation Prefect
     answered from its cache while training went on could be collected under the run (a build's own inputs are
     protected from its start by its read record)."""
-    try:
-        ref = future.result(timeout=0)  # the task's own final state (the server's record of it may lag)
-    except BaseException:  # noqa: BLE001 - a failed task's error is raised by collect, where it is handled
-        return
-    tracking.set_tags(run_id, {"artifact_key": ref.key})
+    if (ref := artifact_now(future)) is not None:  # a failed task's error is raised by collect, where it is handled
+        tracking.set_tags(run_id, {"artifact_key": ref.key})
 
 
-def ended_well(future) -> bool:
-    """Whether a stage's task has ended with its artifact (now, without waiting)."""
+def artifact_now(future) -> ArtifactRef | None:
+    """A stage task's artifact if it has ended with one, without waiting: from the task's own final state (the
+    server's record of it may lag); None if it failed, was cancelled or is still going."""
     try:
-        future.result(timeout=0)
+        return future.result(timeout=0)
     except BaseException:  # noqa: BLE001 - failed, cancelled or still going
-        return False
-    return True
+        return None
 
 
 def collect(plan: Plan, futures: dict[str, Any], store: ArtifactStore, stage_runs: dict[str, str]) -> list[StageResult]:
@@ -175,7 +172,7 @@ def collect(plan: Plan, futures: dict[str, Any], store: ArtifactStore, stage_run
         except BaseException as exc:  # no stage run is left RUNNING: this one failed, later ones as their tasks ended
             interrupted = not isinstance(exc, Exception)
             for later in plan.steps[position:]:
-                ok = later is not step and ended_well(futures[later.label])
+                ok = later is not step and artifact_now(futures[later.label]) is not None
                 tracking.finish(stage_runs[later.label], ok=ok, interrupted=interrupted)
             raise
         tracking.finish(run_id, ok=True)
